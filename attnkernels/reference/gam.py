@@ -1,0 +1,62 @@
+"""GAM: global attention mechanism (Liu et al. 2021), with the "gc" group-conv + shuffle variant."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._base import AttentionModule, check_divides, check_odd_kernel, check_positive_int
+from .formulas import channel_shuffle
+
+
+class GAM(AttentionModule):
+    """Global attention: a per-pixel channel MLP gate, then a two-conv spatial gate.
+
+    ```
+    Mc = sigmoid(fc2(relu(fc1(x_nhwc))))     # Linear(C, rd), Linear(rd, C), at every pixel
+    x1 = x * Mc
+    s  = relu(bn1(conv1(x1)))                # Conv2d(C, rd, 7, padding 3, groups=g)
+    s  = channel_shuffle(s, g) if g > 1
+    Ms = sigmoid(bn2(conv2(s)))              # Conv2d(rd, C, 7, padding 3, groups=g)
+    y  = x1 * Ms
+    ```
+    `rd = C // reduction`; `reduction` must divide C and, for g > 1, g must divide rd.
+
+    Args:
+        channels: C, the input's channel count.
+        reduction: r (16).
+        groups: g of the two spatial convs (1; 4 is the paper's "gc" variant).
+        kernel_size: the spatial convs' kernel size (7).
+    """
+
+    def __init__(
+        self, channels: int, reduction: int = 16, groups: int = 1, kernel_size: int = 7
+    ) -> None:
+        super().__init__(channels)
+        check_positive_int(reduction, "reduction", "GAM")
+        check_positive_int(groups, "groups", "GAM")
+        check_odd_kernel(kernel_size, "kernel_size", "GAM")
+        check_divides(reduction, "reduction", channels, "channels", "GAM")
+        rd = channels // reduction
+        check_divides(groups, "groups", rd, "channels // reduction", "GAM")
+        self.groups = groups
+        pad = (kernel_size - 1) // 2
+        self.fc1 = nn.Linear(channels, rd)
+        self.fc2 = nn.Linear(rd, channels)
+        self.conv1 = nn.Conv2d(channels, rd, kernel_size, padding=pad, groups=groups)
+        self.bn1 = nn.BatchNorm2d(rd)
+        self.conv2 = nn.Conv2d(rd, channels, kernel_size, padding=pad, groups=groups)
+        self.bn2 = nn.BatchNorm2d(channels)
+
+    def attend(self, x: torch.Tensor) -> torch.Tensor:
+        x_nhwc = x.permute(0, 2, 3, 1)
+        mc = torch.sigmoid(self.fc2(F.relu(self.fc1(x_nhwc)))).permute(0, 3, 1, 2)
+        x1 = x * mc
+        s = F.relu(self.bn1(self.conv1(x1)))
+        if self.groups > 1:
+            s = channel_shuffle(s, self.groups)
+        ms = torch.sigmoid(self.bn2(self.conv2(s)))
+        return x1 * ms
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}, groups={self.groups}"
