@@ -1,0 +1,199 @@
+"""Smoke tests of the benchmark harness: attnkernels.profiling and benchmarks/throughput.py.
+
+Timings themselves are never asserted (they belong to benchmarks/); these tests check that
+peak memory is measured as a high-water mark, that the malloc re-exec works, and that a
+tiny throughput run writes complete CSV/JSON rows and survives failing modules and variants.
+"""
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from attnkernels.profiling import BENCHMARK_MALLOC_ENV, benchmark_env_ready, peak_memory
+
+REPO = Path(__file__).resolve().parents[1]
+MIB = 1 << 20
+# Allocations besides the tensors under test (none expected on CPU) may add a little.
+TOLERANCE = 64 * 1024
+
+
+def _load_throughput():
+    """Import benchmarks/throughput.py as a module (benchmarks/ is not a package)."""
+    path = REPO / "benchmarks" / "throughput.py"
+    spec = importlib.util.spec_from_file_location("throughput_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while it executes
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def throughput():
+    return _load_throughput()
+
+
+# --------------------------------------------------------------------------- peak_memory
+
+
+def _alloc(nbytes: int) -> torch.Tensor:
+    t = torch.empty(nbytes, dtype=torch.uint8)
+    t.fill_(1)
+    return t
+
+
+def test_peak_memory_is_high_water_mark_not_total():
+    def fn():
+        big = _alloc(4 * MIB)
+        del big
+        return _alloc(1 * MIB)
+
+    peak = peak_memory(fn, "cpu")
+    assert 4 * MIB <= peak <= 4 * MIB + TOLERANCE  # not 5 MiB: the 4 MiB were freed first
+
+
+def test_peak_memory_counts_live_tensors_together_and_outputs():
+    def fn():
+        a = _alloc(4 * MIB)
+        b = _alloc(1 * MIB)
+        return a, b
+
+    peak = peak_memory(fn, torch.device("cpu"))
+    assert 5 * MIB <= peak <= 5 * MIB + TOLERANCE
+
+
+def test_peak_memory_ignores_memory_held_before_the_call():
+    held = _alloc(8 * MIB)
+    peak = peak_memory(lambda: _alloc(2 * MIB), "cpu")
+    assert 2 * MIB <= peak <= 2 * MIB + TOLERANCE
+    del held
+
+
+def test_peak_memory_of_autograd_step():
+    x = torch.randn(256, 1024, requires_grad=True)  # 1 MiB
+    def fn():
+        y = x * 2.0  # 1 MiB, freed once backward has run
+        y.backward(torch.ones_like(y))  # grad_output 1 MiB, x.grad 1 MiB (kept)
+        return x.grad
+
+    peak = peak_memory(fn, "cpu")
+    assert 2 * MIB <= peak <= 3 * MIB + TOLERANCE
+
+
+def test_peak_memory_rejects_unknown_device():
+    with pytest.raises(RuntimeError, match="cpu and cuda"):
+        peak_memory(lambda: None, "meta")
+
+
+# --------------------------------------------------------------------------- malloc environment
+
+
+def test_benchmark_env_ready_reads_the_environment():
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the glibc settings only matter on Linux")
+    assert benchmark_env_ready(dict(BENCHMARK_MALLOC_ENV))
+    assert not benchmark_env_ready({"MALLOC_MMAP_THRESHOLD_": "1"})
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the re-exec only happens on Linux")
+def test_ensure_benchmark_env_reexecutes_once_with_the_settings(tmp_path):
+    script = tmp_path / "child.py"
+    script.write_text(
+        "import os\n"
+        "from attnkernels.profiling import ensure_benchmark_env\n"
+        "ensure_benchmark_env()\n"
+        "print('child', os.environ['MALLOC_MMAP_THRESHOLD_'], os.environ['MALLOC_TRIM_THRESHOLD_'])\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in BENCHMARK_MALLOC_ENV}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["child 33554432 1073741824"]
+    announced = [ln for ln in done.stderr.splitlines() if ln.startswith("re-executing with")]
+    assert len(announced) == 1 and "MALLOC_MMAP_THRESHOLD_=33554432" in announced[0]
+
+
+# --------------------------------------------------------------------------- throughput.py
+
+
+def _run(throughput, tmp_path, *args: str):
+    """Run throughput.main in-process; return (rc, CSV rows as dicts, JSON document)."""
+    rc = throughput.main([*args, "--repeats", "2", "--out", str(tmp_path)])
+    with open(tmp_path / "throughput.csv", newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        header, rows = reader.fieldnames, list(reader)
+    doc = json.loads((tmp_path / "throughput.json").read_text(encoding="utf-8"))
+    return rc, header, rows, doc
+
+
+def test_throughput_writes_complete_rows(throughput, tmp_path, capsys):
+    rc, header, rows, doc = _run(
+        throughput, tmp_path, "--modules", "se,bridge", "--shapes", "2x16x8x8", "--no-compile", "--device",
+        "cpu",
+    )
+    assert rc == 0
+    assert header == [
+        "module", "shape", "dtype", "device", "variant", "fwd_ms", "fwd_bwd_ms", "fwd_vs_memcpy",
+        "fwd_bwd_vs_memcpy", "gbps", "peak_fwd_mb", "peak_fwd_bwd_mb", "fwd_speedup",
+        "fwd_bwd_speedup", "first_call_s", "error",
+    ]
+    assert [(r["module"], r["variant"]) for r in rows] == [
+        ("se", "memcpy"), ("se", "eager"), ("bridge", "memcpy"), ("bridge", "eager"),
+    ]
+    for r in rows:
+        assert (r["shape"], r["dtype"], r["device"], r["error"]) == ("2x16x8x8", "float32", "cpu", "")
+        for col in ("fwd_ms", "fwd_bwd_ms", "gbps", "peak_fwd_mb", "peak_fwd_bwd_mb"):
+            assert float(r[col]) > 0, (r["module"], r["variant"], col)
+        # x is 2*16*8*8 fp32 = 8 KiB; memcpy writes one copy forward, x.grad one more backward.
+        if r["variant"] == "memcpy":
+            assert float(r["fwd_vs_memcpy"]) == 1.0
+            assert float(r["peak_fwd_mb"]) * MIB == 8192
+        else:
+            assert float(r["fwd_speedup"]) == 1.0 and float(r["fwd_bwd_speedup"]) == 1.0
+    assert doc["meta"]["dtype"] == "float32" and doc["meta"]["repeats"] == 2
+    assert len(doc["rows"]) == 4 and doc["rows"][1]["fwd_ms"] > 0
+    printed = capsys.readouterr().out
+    assert "threads" in printed and "bridge" in printed and "eager" in printed
+
+
+def test_throughput_records_failures_and_goes_on(throughput, tmp_path, monkeypatch):
+    def broken_compile(module, **kwargs):
+        def call(*args):
+            raise RuntimeError("inductor exploded\nlong traceback")
+        return call
+
+    monkeypatch.setattr(throughput.torch, "compile", broken_compile)
+    # GAM needs C % 16 == 0: building it at C = 8 fails; ECA then still runs.
+    rc, _, rows, _ = _run(
+        throughput, tmp_path, "--modules", "gam,eca", "--shapes", "2x8x4x4", "--device", "cpu"
+    )
+    assert rc == 0
+    by_key = {(r["module"], r["variant"]): r for r in rows}
+    assert set(by_key) == {
+        ("gam", "eager"), ("gam", "compile"), ("eca", "memcpy"), ("eca", "eager"), ("eca", "compile"),
+    }
+    assert "ValueError" in by_key["gam", "eager"]["error"] and by_key["gam", "eager"]["fwd_ms"] == ""
+    failed = by_key["eca", "compile"]
+    assert "RuntimeError: inductor exploded" in failed["error"] and "long traceback" not in failed["error"]
+    assert failed["fwd_ms"] == "" and failed["fwd_bwd_ms"] == ""
+    assert float(by_key["eca", "eager"]["fwd_ms"]) > 0 and by_key["eca", "eager"]["error"] == ""
+
+
+def test_parse_shape(throughput):
+    assert throughput.parse_shape("32x256x56X56") == (32, 256, 56, 56)
+    for bad in ("32x256x56", "2x0x4x4", "axbxcxd"):
+        with pytest.raises(ValueError, match="N x C x H x W"):
+            throughput.parse_shape(bad)
+
+
+def test_bad_arguments_exit_with_a_message(throughput, capsys):
+    with pytest.raises(SystemExit):
+        throughput.main(["--modules", "nonesuch", "--out", ""])
+    assert "unknown module" in capsys.readouterr().err
