@@ -1,11 +1,14 @@
 """attnkernels: fused kernels for the attention modules of convolutional networks.
 
 `attnkernels.reference` holds the pure-PyTorch modules that define the math (SPEC.md);
-`attnkernels.models` holds backbones that take an `attention=` argument.
+`attnkernels.nn` the fused modules with the same constructors and weights;
+`attnkernels.functional` the fused ops, run on the backend `attnkernels.backend` picks;
+`attnkernels.models` backbones that take an `attention=` argument. Importing builds
+nothing: the compiled ops build on first use.
 """
-from . import models, reference
+from . import backend, functional, models, nn, reference
 from .reference import create
 
 __version__ = "0.1.0"
 
-__all__ = ["reference", "models", "create", "__version__"]
+__all__ = ["backend", "functional", "models", "nn", "reference", "create", "__version__"]

@@ -77,6 +77,8 @@ from attnkernels.profiling import (  # noqa: E402
     ensure_benchmark_env,
     peak_memory,
 )
+from attnkernels import backend  # noqa: E402
+from attnkernels.nn import FUSED, as_fused, fused_class  # noqa: E402
 from attnkernels.reference import create, names  # noqa: E402
 
 Shape = Tuple[int, int, int, int]
@@ -196,8 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--variants",
-        default=",".join(VARIANT_NAMES),
-        help=f"comma list of variants to run, from {', '.join(VARIANT_NAMES)} (default all)",
+        default="auto",
+        help=f"comma list of variants to run, from {', '.join(VARIANT_NAMES)} (default auto: memcpy, "
+        "eager, compile and the fused backends available on the device)",
     )
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
     parser.add_argument(
@@ -234,7 +237,8 @@ def resolve_config(args: argparse.Namespace) -> Config:
         if args.batch < 1:
             raise ValueError("--batch must be >= 1")
         shapes = [(args.batch, c, h, w) for (_, c, h, w) in shapes]
-    variants = split_list(args.variants)
+    auto = args.variants.strip().lower() == "auto"
+    variants = default_variants(device) if auto else split_list(args.variants)
     bad = [v for v in variants if v not in VARIANT_NAMES]
     if bad or not variants:
         raise ValueError(f"unknown variant(s) {bad or args.variants!r}; choose from {', '.join(VARIANT_NAMES)}")
@@ -310,14 +314,39 @@ def compile_module(module: nn.Module) -> Callable[..., torch.Tensor]:
     return torch.compile(module, dynamic=False)
 
 
+def fused_variant(module: nn.Module, backend_name: str) -> Callable[..., torch.Tensor]:
+    """The module's fused version (``attnkernels.nn``) forced onto one backend."""
+    fused = as_fused(module)
+
+    def run(x: torch.Tensor, *bridges: torch.Tensor) -> torch.Tensor:
+        with backend.use_backend(backend_name):
+            return fused(x, *bridges)
+
+    return run
+
+
+FUSED_BACKENDS: Tuple[str, ...] = ("cpu", "cuda", "triton")
+
 # How each variant turns the reference module into a callable ``f(x, *bridges)``; compiled
-# (and, later, fused) variants wrap the same module object, so they share its weights and mode.
+# and fused variants wrap the same module object, so they share its weights and mode.
 VARIANT_BUILDERS: Dict[str, Callable[[nn.Module], Callable[..., torch.Tensor]]] = {
     "memcpy": lambda module: memcpy_fn,
     "eager": lambda module: module,
     "compile": compile_module,
+    **{f"fused-{b}": (lambda module, b=b: fused_variant(module, b)) for b in FUSED_BACKENDS},
 }
 VARIANT_NAMES: Tuple[str, ...] = tuple(VARIANT_BUILDERS)
+
+
+def default_variants(device: torch.device) -> List[str]:
+    """memcpy, eager, compile, and every fused backend that runs on ``device`` (Triton on
+    CPU is its interpreter, a test tool, so it is left out there)."""
+    fused = [
+        f"fused-{b}"
+        for b in FUSED_BACKENDS
+        if not (b == "triton" and device.type == "cpu") and backend.why_unavailable(b, "channel_gate", device) is None
+    ]
+    return ["memcpy", "eager", "compile", *fused]
 
 
 def build_variant(variant: str, module: nn.Module) -> Callable[..., torch.Tensor]:
@@ -476,6 +505,8 @@ class Row:
     peak_fwd_bwd_mb: Optional[float] = None
     fwd_speedup: Optional[float] = None
     fwd_bwd_speedup: Optional[float] = None
+    fwd_vs_compile: Optional[float] = None
+    fwd_bwd_vs_compile: Optional[float] = None
     first_call_s: Optional[float] = None
     error: str = ""
 
@@ -520,6 +551,8 @@ def make_rows(
     memcpy_b = bwd["memcpy"].median_ms if "memcpy" in bwd else None
     eager_f = fwd["eager"].median_ms if "eager" in fwd else None
     eager_b = bwd["eager"].median_ms if "eager" in bwd else None
+    compile_f = fwd["compile"].median_ms if "compile" in fwd else None
+    compile_b = bwd["compile"].median_ms if "compile" in bwd else None
     rows = []
     for variant in fwd:
         f, b = fwd[variant], bwd[variant]
@@ -537,6 +570,8 @@ def make_rows(
                 peak_fwd_bwd_mb=mb(b.peak_bytes) if b.error is None else None,
                 fwd_speedup=ratio(eager_f, f.median_ms),
                 fwd_bwd_speedup=ratio(eager_b, b.median_ms),
+                fwd_vs_compile=ratio(compile_f, f.median_ms),
+                fwd_bwd_vs_compile=ratio(compile_b, b.median_ms),
                 first_call_s=f.first_call_s + b.first_call_s,
                 error="; ".join(e for e in errors if e),
             )
@@ -547,7 +582,11 @@ def make_rows(
 def failed_rows(name: str, shape: Shape, cfg: Config, err: BaseException) -> List[Row]:
     """Rows for a case whose module could not be built: one per non-memcpy variant."""
     base = row_key(name, shape, cfg)
-    return [Row(**base, variant=v, error=error_text(err)) for v in cfg.variants if v != "memcpy"]
+    return [
+        Row(**base, variant=v, error=error_text(err))
+        for v in cfg.variants
+        if v != "memcpy" and (not v.startswith("fused-") or name in FUSED)
+    ]
 
 
 def reset_compiler() -> None:
@@ -570,6 +609,8 @@ def run_case(name: str, shape: Shape, cfg: Config, timer: Callable[[Step], float
     fns: Dict[str, Callable[..., torch.Tensor]] = {}
     build_errors: Dict[str, str] = {}
     for variant in cfg.variants:
+        if variant.startswith("fused-") and fused_class(module) is None:
+            continue  # no fused version of this module yet: no row, rather than an error row
         try:
             fns[variant] = build_variant(variant, module)
         except Exception as err:
@@ -669,6 +710,8 @@ TABLE: Tuple[Tuple[str, str, int, str], ...] = (
     ("pk f+b MB", "peak_fwd_bwd_mb", 10, ".1f"),
     ("spd fwd", "fwd_speedup", 8, ".2f"),
     ("spd f+b", "fwd_bwd_speedup", 8, ".2f"),
+    ("vs cmp", "fwd_vs_compile", 7, ".2f"),
+    ("vs cmp f+b", "fwd_bwd_vs_compile", 11, ".2f"),
 )
 
 
@@ -690,7 +733,7 @@ def table_header(meta: Dict[str, Any]) -> str:
     modes = f"fwd: {meta['forward_mode']}; f+b: {meta['fwd_bwd_mode']}"
     legend = (
         "cpy: memcpy (x.clone()) time; GB/s: 2*x.nbytes / fwd time; pk: peak memory above the "
-        "start, outputs and grads included; spd: eager time / variant time"
+        "start, outputs and grads included; spd: eager time / variant time; vs cmp: compile time / variant time"
     )
     cols = " ".join(format_cell(h, w, "s") if f == "s" else f"{h:>{w}}" for h, _, w, f in TABLE)
     return "\n".join([title, modes, legend, cols, "-" * len(cols)])

@@ -1,10 +1,16 @@
 """Shared test fixtures: seeded randomness and module builders for every registry name."""
 from __future__ import annotations
 
-import pytest
-import torch
+import os
 
-from attnkernels import reference as R
+# Triton kernels run on CPU tensors under the interpreter, which must be switched on before
+# triton is first imported. A GPU run (scripts/gpu_check.sh) sets TRITON_INTERPRET=0.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from attnkernels import reference as R  # noqa: E402
 
 # (N, C, H, W): C not a power of two, H != W, HW = 1, N = 1.
 SHAPES = [(2, 24, 7, 5), (1, 40, 3, 4), (3, 16, 1, 1), (2, 8, 6, 6)]

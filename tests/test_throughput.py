@@ -142,10 +142,11 @@ def test_throughput_writes_complete_rows(throughput, tmp_path, capsys):
     assert header == [
         "module", "shape", "dtype", "device", "variant", "fwd_ms", "fwd_bwd_ms", "fwd_vs_memcpy",
         "fwd_bwd_vs_memcpy", "gbps", "peak_fwd_mb", "peak_fwd_bwd_mb", "fwd_speedup",
-        "fwd_bwd_speedup", "first_call_s", "error",
+        "fwd_bwd_speedup", "fwd_vs_compile", "fwd_bwd_vs_compile", "first_call_s", "error",
     ]
+    # SE has a fused version (the C++ backend runs it on CPU); Bridge has none yet: no row.
     assert [(r["module"], r["variant"]) for r in rows] == [
-        ("se", "memcpy"), ("se", "eager"), ("bridge", "memcpy"), ("bridge", "eager"),
+        ("se", "memcpy"), ("se", "eager"), ("se", "fused-cpu"), ("bridge", "memcpy"), ("bridge", "eager"),
     ]
     for r in rows:
         assert (r["shape"], r["dtype"], r["device"], r["error"]) == ("2x16x8x8", "float32", "cpu", "")
@@ -155,10 +156,10 @@ def test_throughput_writes_complete_rows(throughput, tmp_path, capsys):
         if r["variant"] == "memcpy":
             assert float(r["fwd_vs_memcpy"]) == 1.0
             assert float(r["peak_fwd_mb"]) * MIB == 8192
-        else:
+        elif r["variant"] == "eager":
             assert float(r["fwd_speedup"]) == 1.0 and float(r["fwd_bwd_speedup"]) == 1.0
     assert doc["meta"]["dtype"] == "float32" and doc["meta"]["repeats"] == 2
-    assert len(doc["rows"]) == 4 and doc["rows"][1]["fwd_ms"] > 0
+    assert len(doc["rows"]) == 5 and doc["rows"][1]["fwd_ms"] > 0
     printed = capsys.readouterr().out
     assert "threads" in printed and "bridge" in printed and "eager" in printed
 
@@ -177,8 +178,10 @@ def test_throughput_records_failures_and_goes_on(throughput, tmp_path, monkeypat
     assert rc == 0
     by_key = {(r["module"], r["variant"]): r for r in rows}
     assert set(by_key) == {
-        ("gam", "eager"), ("gam", "compile"), ("eca", "memcpy"), ("eca", "eager"), ("eca", "compile"),
+        ("gam", "eager"), ("gam", "compile"),
+        ("eca", "memcpy"), ("eca", "eager"), ("eca", "compile"), ("eca", "fused-cpu"),
     }
+    assert float(by_key["eca", "fused-cpu"]["fwd_ms"]) > 0 and by_key["eca", "fused-cpu"]["error"] == ""
     assert "ValueError" in by_key["gam", "eager"]["error"] and by_key["gam", "eager"]["fwd_ms"] == ""
     failed = by_key["eca", "compile"]
     assert "RuntimeError: inductor exploded" in failed["error"] and "long traceback" not in failed["error"]

@@ -1,0 +1,165 @@
+"""Which backend runs a fused op, and why the others do not.
+
+Backends: `cpu` (C++ kernels), `cuda` (CUDA C++ kernels), `triton`, and `reference`
+(plain PyTorch, always available). For each hot path and device:
+
+* an explicit choice wins: `with use_backend("triton"): ...`, else the environment
+  variable `ATTNKERNELS_BACKEND`; it raises if that backend cannot run there;
+* otherwise (`auto`), the first available of the device's preference order: on CPU the
+  C++ kernels, then the reference (Triton on CPU is the interpreter: a test tool, never
+  picked automatically); on CUDA the CUDA kernels, then Triton, then the reference.
+
+A compiled backend that cannot be built or loaded is reported once, with the reason and
+the fix, and the next backend runs; results are never silently wrong. `explain()` prints,
+per hot path and device, which backend runs and why each other one does not.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import importlib
+import os
+import warnings
+from collections.abc import Iterator
+
+import torch
+
+BACKENDS = ("cpu", "cuda", "triton", "reference")
+HOT_PATHS = ("channel_gate",)
+ENV_VAR = "ATTNKERNELS_BACKEND"
+# The auto order per device type; the reference closes every list.
+PREFERENCE = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
+
+_forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("attnkernels_backend", default=None)
+
+
+@contextlib.contextmanager
+def use_backend(name: str | None) -> Iterator[None]:
+    """Run the fused ops in this block on backend `name`.
+
+    "auto" (or None) chooses automatically, overriding ATTNKERNELS_BACKEND in the block.
+    """
+    token = _forced.set(_check_name(name, "use_backend(name)") or "auto")
+    try:
+        yield
+    finally:
+        _forced.reset(token)
+
+
+def requested() -> str | None:
+    """The explicit choice in force (context manager, then ATTNKERNELS_BACKEND), or None for auto."""
+    forced = _forced.get()
+    if forced is not None:
+        return None if forced == "auto" else forced
+    return _check_name(os.environ.get(ENV_VAR), ENV_VAR)
+
+
+def _check_name(name: str | None, where: str) -> str | None:
+    if name is None or name.strip().lower() in ("", "auto"):
+        return None
+    name = name.strip().lower()
+    if name not in BACKENDS:
+        raise ValueError(f"{where} must be one of auto, {', '.join(BACKENDS)}; got {name!r}")
+    return name
+
+
+def why_unavailable(backend: str, hot_path: str, device: torch.device | str) -> str | None:
+    """None if `backend` can run `hot_path` on `device`, else the reason it cannot."""
+    device = torch.device(device)
+    if hot_path not in HOT_PATHS:
+        raise ValueError(f"unknown hot path {hot_path!r}; expected one of {', '.join(HOT_PATHS)}")
+    if backend == "reference":
+        return None
+    if backend in ("cpu", "cuda"):
+        if device.type != backend:
+            return f"runs {backend.upper()} tensors only"
+        return _compiled_ops_problem(backend)
+    if backend == "triton":
+        return _triton_problem(hot_path, device)
+    raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+
+
+def _compiled_ops_problem(backend: str) -> str | None:
+    from . import _ext
+
+    try:
+        _ext.load()
+    except _ext.ExtensionUnavailable as err:
+        return str(err)
+    if backend == "cuda" and not _ext.cuda_compiled():
+        return "the compiled ops were built without CUDA kernels (CPU-only torch, or no nvcc at build time)"
+    from .ops import channel_gate as ops
+
+    ops.register("attnkernels")
+    return None
+
+
+def _triton_problem(hot_path: str, device: torch.device) -> str | None:
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        return "Triton runs CPU tensors only under its interpreter (TRITON_INTERPRET=1 before import)"
+    if device.type not in ("cpu", "cuda"):
+        return f"Triton does not run on {device.type}"
+    try:
+        importlib.import_module(f"attnkernels.triton.{hot_path}")
+    except ImportError as err:
+        return f"Triton is not importable: {err}"
+    from .ops import channel_gate as ops
+
+    ops.register("attnkernels_triton", with_fakes=False)
+    return None
+
+
+def select(hot_path: str, device: torch.device) -> str:
+    """The backend that runs `hot_path` on `device` now.
+
+    Under torch.compile the choice is made once, while tracing, and baked into the graph
+    (call `torch._dynamo.reset()` after changing backends).
+    """
+    return _select(hot_path, torch.device(device).type, requested())
+
+
+# What torch.compiler.assume_constant_result(select) does (dynamo calls `select` while
+# tracing and keeps its string result as a constant), without importing dynamo, which would
+# double the import time of attnkernels. tests/test_channel_gate.py's fullgraph compile
+# tests fail if torch ever changes this mechanism.
+select._dynamo_marked_constant = True
+
+
+@functools.lru_cache(maxsize=None)
+def _select(hot_path: str, device_type: str, forced: str | None) -> str:
+    device = torch.device(device_type)
+    if forced is not None:
+        problem = why_unavailable(forced, hot_path, device)
+        if problem is not None:
+            raise RuntimeError(
+                f"attnkernels: backend {forced!r} was requested for {hot_path} on {device_type} but {problem}"
+            )
+        return forced
+    for backend in PREFERENCE.get(device_type, ("reference",)):
+        problem = why_unavailable(backend, hot_path, device)
+        if problem is None:
+            return backend
+        if backend in ("cpu", "cuda"):  # a compiled backend that should have run: say so once
+            warnings.warn(f"attnkernels: the {backend} backend is unavailable: {problem} Falling back.", stacklevel=4)
+    return "reference"
+
+
+def explain(device: torch.device | str | None = None) -> str:
+    """A report, per hot path and device, of the backend that runs and why the others do not."""
+    devices = [torch.device(device)] if device is not None else [torch.device("cpu")]
+    if device is None and torch.cuda.is_available():
+        devices.append(torch.device("cuda"))
+    lines = [f"attnkernels backends (requested: {requested() or 'auto'})"]
+    for dev in devices:
+        for hot_path in HOT_PATHS:
+            try:
+                chosen = select(hot_path, dev)
+            except RuntimeError as err:
+                chosen = f"none ({err})"
+            lines.append(f"{hot_path} on {dev.type}: runs {chosen}")
+            for backend in BACKENDS:
+                problem = why_unavailable(backend, hot_path, dev)
+                state = "available" if problem is None else f"unavailable: {problem}"
+                lines.append(f"  {backend:<9} {state}")
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""torch.library registrations (fake implementations, autograd) of each hot path's ops."""

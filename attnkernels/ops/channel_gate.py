@@ -1,0 +1,130 @@
+"""channel_gate ops: fake implementations and autograd, for every backend's namespace.
+
+The C++/CUDA ops are `torch.ops.attnkernels.<name>` (schemas in csrc/attnkernels.cpp);
+the Triton ops are `torch.ops.attnkernels_triton.<name>` (attnkernels/triton/channel_gate.py),
+with the same names, signatures and math. `register(namespace)` gives a namespace's forward
+ops their autograd, whose backward is that namespace's registered backward op, and (for the
+C++ namespace) fake implementations for torch.compile. Saved for backward: x and the (N, C)
+pooled maps and gate only; no full-size intermediate.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+FORWARD_OPS = ("channel_pool", "channel_gate", "channel_rescale")
+BACKWARD_OPS = ("channel_pool_backward", "channel_gate_backward", "channel_rescale_backward")
+
+_registered: set[str] = set()
+
+
+def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """SPEC's accumulation dtype: float64 for float64, float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def layout_of(x: torch.Tensor) -> torch.memory_format:
+    """The memory format of a kernel's full-size output for input x (csrc common.h layout_of)."""
+    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _per_channel(x: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[:2], dtype=accumulate_dtype(x.dtype))
+
+
+def _fake_channel_pool(x):
+    return _per_channel(x), _per_channel(x)
+
+
+def _fake_channel_pool_backward(grad_avg, grad_max, x, max):
+    return torch.empty_like(x, memory_format=layout_of(x))
+
+
+def _fake_channel_gate(avg, max, weight, alpha, beta, mode):
+    return torch.empty_like(avg)
+
+
+def _fake_channel_gate_backward(grad_gate, gate, avg, max, weight, alpha, beta, mode):
+    ab_dtype = alpha.dtype if mode == 2 else avg.dtype
+    scalar = avg.new_empty((), dtype=ab_dtype)
+    return torch.empty_like(avg), torch.empty_like(avg), torch.empty_like(weight), scalar, scalar.clone()
+
+
+def _fake_channel_rescale(x, gate):
+    return torch.empty_like(x, memory_format=layout_of(x))
+
+
+def _fake_channel_rescale_backward(grad_y, x, gate):
+    return torch.empty_like(x, memory_format=layout_of(x)), torch.empty_like(gate)
+
+
+_FAKES = {
+    "channel_pool": _fake_channel_pool,
+    "channel_pool_backward": _fake_channel_pool_backward,
+    "channel_gate": _fake_channel_gate,
+    "channel_gate_backward": _fake_channel_gate_backward,
+    "channel_rescale": _fake_channel_rescale,
+    "channel_rescale_backward": _fake_channel_rescale_backward,
+}
+
+
+def _register_autograd(namespace: str) -> None:
+    ops = getattr(torch.ops, namespace)
+
+    def setup_pool(ctx: Any, inputs: tuple, output: tuple) -> None:
+        (x,) = inputs
+        ctx.save_for_backward(x, output[1])
+        ctx.set_materialize_grads(False)  # an unused max then costs no tie-counting pass
+
+    def backward_pool(ctx: Any, grad_avg: torch.Tensor | None, grad_max: torch.Tensor | None):
+        x, max_ = ctx.saved_tensors
+        if grad_avg is None:
+            grad_avg = torch.zeros_like(max_)
+        return ops.channel_pool_backward(grad_avg, grad_max, x, max_)
+
+    def setup_gate(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+        avg, max_, weight, alpha, beta, mode = inputs
+        ctx.mode = mode
+        ctx.has_mix = alpha is not None and beta is not None
+        ctx.save_for_backward(avg, max_, weight, alpha, beta, output)
+
+    def backward_gate(ctx: Any, grad_gate: torch.Tensor):
+        avg, max_, weight, alpha, beta, gate = ctx.saved_tensors
+        grads = ops.channel_gate_backward(grad_gate, gate, avg, max_, weight, alpha, beta, ctx.mode)
+        grad_avg, grad_max, grad_weight, grad_alpha, grad_beta = grads
+        if not ctx.has_mix:
+            grad_alpha = grad_beta = None
+        return grad_avg, grad_max, grad_weight, grad_alpha, grad_beta, None
+
+    def setup_rescale(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+        x, gate = inputs
+        ctx.save_for_backward(x, gate)
+
+    def backward_rescale(ctx: Any, grad_y: torch.Tensor):
+        x, gate = ctx.saved_tensors
+        return ops.channel_rescale_backward(grad_y, x, gate)
+
+    for name, backward, setup in (
+        ("channel_pool", backward_pool, setup_pool),
+        ("channel_gate", backward_gate, setup_gate),
+        ("channel_rescale", backward_rescale, setup_rescale),
+    ):
+        torch.library.register_autograd(f"{namespace}::{name}", backward, setup_context=setup)
+
+
+def register(namespace: str, with_fakes: bool = True) -> None:
+    """Give `namespace`'s channel_gate ops autograd (and fake impls); idempotent.
+
+    Triton ops (torch.library.triton_op) trace their own fake implementation, so they
+    take `with_fakes=False`.
+    """
+    if namespace in _registered:
+        return
+    if with_fakes:
+        for name, fake in _FAKES.items():
+            torch.library.register_fake(f"{namespace}::{name}")(fake)
+    _register_autograd(namespace)
+    _registered.add(namespace)

@@ -1,0 +1,7 @@
+"""Triton kernels, one module per hot path (`channel_gate`, ...).
+
+Each module registers its ops with `torch.library.triton_op` under the namespace
+`attnkernels_triton` when it is imported; nothing is imported here, so importing
+`attnkernels.triton` never pulls in Triton. On a machine without a GPU, set
+`TRITON_INTERPRET=1` before importing a kernel module to run it on CPU tensors.
+"""

@@ -1,0 +1,722 @@
+"""Triton kernels of the channel_gate hot path (ECA, SE's pooling, HAM's channel half).
+
+Registers six ops under `torch.ops.attnkernels_triton` with the schemas and the math of
+`csrc/attnkernels.cpp` (the contract; SPEC.md for accumulation, NaN and tie rules):
+
+    channel_pool(x) -> (avg, max)
+    channel_pool_backward(grad_avg, grad_max?, x, max) -> grad_x
+    channel_gate(avg, max, weight, alpha?, beta?, mode) -> gate
+    channel_gate_backward(grad_gate, gate, avg, max, weight, alpha?, beta?, mode)
+        -> (grad_avg, grad_max, grad_weight, grad_alpha, grad_beta)
+    channel_rescale(x, gate) -> y
+    channel_rescale_backward(grad_y, x, gate) -> (grad_x, grad_gate)
+
+x is (N, C, H, W) with any strides: the kernels take every stride, so NCHW, channels_last
+and sliced views run without a copy. Outputs shaped like x are channels_last when x is
+channels_last-dense and not NCHW-contiguous, NCHW-contiguous otherwise. (N, C) tensors are
+contiguous in the accumulation dtype acc(x): float64 for float64 x, float32 otherwise.
+
+Kernels (all deterministic: no atomics, every reduction in a fixed order):
+  * pooling, rescale, rescale backward, pool backward: one program per (n, block of
+    BLOCK_C channels), looping over H*W in tiles of BLOCK_HW; reductions accumulate
+    elementwise in a [BLOCK_C, BLOCK_HW] tile and are summed once at the end.
+  * gate forward/backward: one program per sample n holding all C channels; the 1-D conv
+    is a static loop over the k taps with shifted, masked loads (zero padding).
+    grad_weight/grad_alpha/grad_beta: per-sample partials, then one program sums them
+    over n in a fixed order.
+
+On a machine without a GPU set TRITON_INTERPRET=1 before importing this module; the ops
+then run on CPU tensors under the Triton interpreter.
+"""
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+__all__ = [
+    "channel_pool",
+    "channel_pool_backward",
+    "channel_gate",
+    "channel_gate_backward",
+    "channel_rescale",
+    "channel_rescale_backward",
+]
+
+_FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+_MODES = (0, 1, 2)
+
+
+# ----------------------------------------------------------------------------------------
+# Input checks
+# ----------------------------------------------------------------------------------------
+def _check_tensor(op: str, name: str, t) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(
+            f"{op}: {name} must be a floating-point tensor (float64, float32, float16 or bfloat16), "
+            f"got {t.dtype}"
+        )
+
+
+def _check_x(op: str, name: str, x) -> None:
+    _check_tensor(op, name, x)
+    if x.dim() != 4:
+        raise ValueError(f"{op}: {name} must be 4-D (N, C, H, W), got {x.dim()}-D")
+    if x.numel() == 0:
+        raise ValueError(f"{op}: {name} must not be empty, got shape {tuple(x.shape)}")
+
+
+def _check_same_shape(op: str, name: str, t, ref_name: str, ref: torch.Tensor) -> None:
+    _check_tensor(op, name, t)
+    if t.shape != ref.shape:
+        raise ValueError(
+            f"{op}: {name} must have the shape of {ref_name} {tuple(ref.shape)}, got {tuple(t.shape)}"
+        )
+
+
+def _check_nc(op: str, name: str, t, n: int, c: int) -> None:
+    _check_tensor(op, name, t)
+    if tuple(t.shape) != (n, c):
+        raise ValueError(f"{op}: {name} must have shape (N, C) = ({n}, {c}), got {tuple(t.shape)}")
+
+
+def _check_device(op: str, ref_name: str, ref: torch.Tensor, **tensors) -> None:
+    for name, t in tensors.items():
+        if t is not None and t.device != ref.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but {ref_name} is on {ref.device}")
+
+
+def _check_gate_params(op: str, weight, alpha, beta, mode) -> int:
+    _check_tensor(op, "weight", weight)
+    k = weight.numel()
+    if k % 2 == 0:
+        raise ValueError(
+            f"{op}: weight must hold an odd number k of elements (the 1-D conv kernel size), got {k}"
+        )
+    if isinstance(mode, bool) or not isinstance(mode, int) or mode not in _MODES:
+        raise ValueError(f"{op}: mode must be 0 (avg), 1 (max) or 2 (adaptive mix), got {mode!r}")
+    for name, t in (("alpha", alpha), ("beta", beta)):
+        if t is None:
+            if mode == 2:
+                raise ValueError(f"{op}: {name} is required when mode == 2")
+            continue
+        _check_tensor(op, name, t)
+        if mode == 2 and t.numel() != 1:
+            raise ValueError(f"{op}: {name} must hold exactly one element, got shape {tuple(t.shape)}")
+    return k
+
+
+def _check_avg_max(op: str, avg, max) -> tuple[int, int]:
+    _check_tensor(op, "avg", avg)
+    if avg.dim() != 2:
+        raise ValueError(f"{op}: avg must be 2-D (N, C), got {avg.dim()}-D")
+    if avg.numel() == 0:
+        raise ValueError(f"{op}: avg must not be empty, got shape {tuple(avg.shape)}")
+    n, c = avg.shape
+    _check_nc(op, "max", max, n, c)
+    return n, c
+
+
+# ----------------------------------------------------------------------------------------
+# Host-side helpers: dtypes, layouts, tiles
+# ----------------------------------------------------------------------------------------
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _nc(t: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """An (N, C) input as a contiguous tensor of the accumulation dtype (no copy if it is one)."""
+    return t.to(acc).contiguous()
+
+
+def _empty_like_x(x: torch.Tensor) -> torch.Tensor:
+    """x's shape and dtype; channels_last if x is channels_last-dense and not NCHW-contiguous."""
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt)
+
+
+def _pow2(v) -> int:
+    """Smallest power of two >= v. Block sizes are compile-time constants: under
+    torch.compile a symbolic size is specialized here (int())."""
+    return 1 << max(int(v) - 1, 0).bit_length()
+
+
+def _gate_warps(block_c: int) -> int:
+    return 4 if block_c <= 1024 else 8
+
+
+def _flat_hw_stride(t: torch.Tensor) -> Optional[int]:
+    """The stride of the flattened h*W + w index if (h, w) -> offset is linear in it, else None."""
+    _, _, h, w = t.shape
+    s_h, s_w = t.stride(2), t.stride(3)
+    if w == 1:
+        return s_h
+    if h == 1 or s_h == w * s_w:
+        return s_w
+    return None
+
+
+def _hw_strides(*ts: torch.Tensor) -> tuple[bool, list[int]]:
+    """FLAT (every tensor's H*W plane is addressed by one stride) and those strides."""
+    flat = [_flat_hw_stride(t) for t in ts]
+    if all(s is not None for s in flat):
+        return True, flat
+    return False, [0] * len(ts)
+
+
+# Elements of one [BLOCK_C, BLOCK_HW] tile, per accumulation dtype (registers per thread stay
+# modest at 4 warps). Module attributes, so tests can force many small tiles and blocks.
+_TILE_ELEMENTS = {torch.float32: 2048, torch.float64: 1024}
+# Widest channel block when channels are x's contiguous dimension (channels_last).
+_MAX_BLOCK_C_CHANNELS_LAST = 64
+_SM_COUNT: dict = {}
+
+
+def _min_programs(device: torch.device) -> int:
+    """Programs a launch should have to fill the device: 2 per SM on a GPU, 1 elsewhere."""
+    if device.type != "cuda":
+        return 1
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNT:
+        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return 2 * _SM_COUNT[index]
+
+
+def _tiles(x: torch.Tensor, acc: torch.dtype) -> tuple[int, int]:
+    """(BLOCK_C, BLOCK_HW) for the per-(n, channel block) kernels.
+
+    The tile's long side follows x's contiguous dimension (H*W for NCHW, C for
+    channels_last) so loads coalesce; the channel block shrinks while the grid has fewer
+    programs than the device can run at once.
+    """
+    n, c, h, w = x.shape
+    hw = h * w
+    tile = _TILE_ELEMENTS[acc]
+    min_programs = _min_programs(x.device)
+    if c > 1 and hw > 1 and x.stride(1) == 1:  # channels are contiguous
+        block_c = min(_pow2(c), _MAX_BLOCK_C_CHANNELS_LAST, tile)
+        while block_c > 16 and n * triton.cdiv(c, block_c) < min_programs:
+            block_c //= 2
+        block_hw = min(_pow2(hw), max(1, tile // block_c))
+    else:
+        block_hw = min(_pow2(hw), tile)
+        block_c = min(_pow2(c), max(1, tile // block_hw))
+        while block_c > 1 and n * triton.cdiv(c, block_c) < min_programs:
+            block_c //= 2
+    return block_c, block_hw
+
+
+# ----------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------
+@triton.jit
+def _hw_offsets(hw, W, s_h, s_w, s_hw, FLAT: tl.constexpr):
+    """Element offsets (int64) of flattened spatial indices hw = h*W + w."""
+    hw = hw.to(tl.int64)
+    if FLAT:
+        off = hw * s_hw
+    else:
+        off = (hw // W) * s_h + (hw % W) * s_w
+    return off
+
+
+@triton.jit
+def _div(a, b):
+    """a / b correctly rounded, b broadcast to a's dtype. (fp32 `/` compiles to an
+    approximate division on NVIDIA GPUs; these divisions run once per channel.)"""
+    b = tl.zeros_like(a) + b
+    if a.dtype == tl.float32:
+        q = tl.div_rn(a, b)
+    else:
+        q = a / b
+    return q
+
+
+@triton.jit
+def _pool_kernel(
+    x_ptr, avg_ptr, max_ptr,
+    C, HW, W, num_cb,
+    sx_n, sx_c, sx_h, sx_w, sx_hw,
+    FLAT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+):
+    ACC = avg_ptr.dtype.element_ty
+    pid = tl.program_id(0)
+    n = (pid // num_cb).to(tl.int64)
+    c = (pid % num_cb) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    x_row = n * sx_n + c.to(tl.int64) * sx_c
+
+    acc_sum = tl.zeros([BLOCK_C, BLOCK_HW], dtype=ACC)
+    acc_max = tl.full([BLOCK_C, BLOCK_HW], float("-inf"), dtype=ACC)
+    for start in range(0, HW, BLOCK_HW):
+        hw = start + tl.arange(0, BLOCK_HW)
+        mask = c_mask[:, None] & (hw < HW)[None, :]
+        offs = x_row[:, None] + _hw_offsets(hw, W, sx_h, sx_w, sx_hw, FLAT)[None, :]
+        v = tl.load(x_ptr + offs, mask=mask, other=float("-inf")).to(ACC)
+        acc_sum += tl.where(mask, v, 0.0)
+        # NaN-propagating running max: a NaN, once in, stays (NaN > y and y > NaN are false).
+        acc_max = tl.where((v > acc_max) | (v != v), v, acc_max)
+
+    total = tl.sum(acc_sum, axis=1)
+    # tl.max does not promise NaN propagation: put the NaN back explicitly.
+    mx = tl.max(acc_max, axis=1)
+    has_nan = tl.max((acc_max != acc_max).to(tl.int32), axis=1) > 0
+    mx = tl.where(has_nan, float("nan"), mx)
+    out = n * C + c
+    tl.store(avg_ptr + out, _div(total, HW), mask=c_mask)
+    tl.store(max_ptr + out, mx, mask=c_mask)
+
+
+@triton.jit
+def _pool_backward_kernel(
+    gavg_ptr, gmax_ptr, x_ptr, max_ptr, gx_ptr,
+    C, HW, W, num_cb,
+    sx_n, sx_c, sx_h, sx_w, sx_hw,
+    so_n, so_c, so_h, so_w, so_hw,
+    HAS_MAX: tl.constexpr, FLAT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+):
+    ACC = gavg_ptr.dtype.element_ty
+    pid = tl.program_id(0)
+    n = (pid // num_cb).to(tl.int64)
+    c = (pid % num_cb) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    nc = n * C + c
+    x_row = n * sx_n + c.to(tl.int64) * sx_c
+    o_row = n * so_n + c.to(tl.int64) * so_c
+
+    share_avg = _div(tl.load(gavg_ptr + nc, mask=c_mask, other=0.0), HW)
+    if HAS_MAX:
+        mx = tl.load(max_ptr + nc, mask=c_mask, other=0.0)
+        # Pass 1: count the ties x == max per channel.
+        ties = tl.zeros([BLOCK_C, BLOCK_HW], dtype=tl.int32)
+        for start in range(0, HW, BLOCK_HW):
+            hw = start + tl.arange(0, BLOCK_HW)
+            mask = c_mask[:, None] & (hw < HW)[None, :]
+            offs = x_row[:, None] + _hw_offsets(hw, W, sx_h, sx_w, sx_hw, FLAT)[None, :]
+            v = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
+            ties += (mask & (v == mx[:, None])).to(tl.int32)
+        count = tl.sum(ties, axis=1)
+        # count == 0 only when max is NaN: the share is then NaN (or inf) and, multiplied in
+        # below, makes the whole plane's gradient NaN, exactly as torch.amax's backward.
+        share_max = _div(tl.load(gmax_ptr + nc, mask=c_mask, other=0.0), count.to(ACC))
+
+    # Pass 2: write grad_x.
+    for start in range(0, HW, BLOCK_HW):
+        hw = start + tl.arange(0, BLOCK_HW)
+        mask = c_mask[:, None] & (hw < HW)[None, :]
+        g = tl.zeros([BLOCK_C, BLOCK_HW], dtype=ACC) + share_avg[:, None]
+        if HAS_MAX:
+            offs = x_row[:, None] + _hw_offsets(hw, W, sx_h, sx_w, sx_hw, FLAT)[None, :]
+            v = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
+            g += (v == mx[:, None]).to(ACC) * share_max[:, None]
+        o_offs = o_row[:, None] + _hw_offsets(hw, W, so_h, so_w, so_hw, FLAT)[None, :]
+        tl.store(gx_ptr + o_offs, g.to(gx_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rescale_kernel(
+    x_ptr, gate_ptr, y_ptr,
+    C, HW, W, num_cb,
+    sx_n, sx_c, sx_h, sx_w, sx_hw,
+    so_n, so_c, so_h, so_w, so_hw,
+    FLAT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+):
+    ACC = gate_ptr.dtype.element_ty
+    pid = tl.program_id(0)
+    n = (pid // num_cb).to(tl.int64)
+    c = (pid % num_cb) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    x_row = n * sx_n + c.to(tl.int64) * sx_c
+    o_row = n * so_n + c.to(tl.int64) * so_c
+    gate = tl.load(gate_ptr + n * C + c, mask=c_mask, other=0.0)
+    for start in range(0, HW, BLOCK_HW):
+        hw = start + tl.arange(0, BLOCK_HW)
+        mask = c_mask[:, None] & (hw < HW)[None, :]
+        x_offs = x_row[:, None] + _hw_offsets(hw, W, sx_h, sx_w, sx_hw, FLAT)[None, :]
+        o_offs = o_row[:, None] + _hw_offsets(hw, W, so_h, so_w, so_hw, FLAT)[None, :]
+        v = tl.load(x_ptr + x_offs, mask=mask, other=0.0).to(ACC)
+        tl.store(y_ptr + o_offs, (v * gate[:, None]).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rescale_backward_kernel(
+    gy_ptr, x_ptr, gate_ptr, gx_ptr, ggate_ptr,
+    C, HW, W, num_cb,
+    sg_n, sg_c, sg_h, sg_w, sg_hw,
+    sx_n, sx_c, sx_h, sx_w, sx_hw,
+    so_n, so_c, so_h, so_w, so_hw,
+    FLAT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+):
+    ACC = gate_ptr.dtype.element_ty
+    pid = tl.program_id(0)
+    n = (pid // num_cb).to(tl.int64)
+    c = (pid % num_cb) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    nc = n * C + c
+    g_row = n * sg_n + c.to(tl.int64) * sg_c
+    x_row = n * sx_n + c.to(tl.int64) * sx_c
+    o_row = n * so_n + c.to(tl.int64) * so_c
+    gate = tl.load(gate_ptr + nc, mask=c_mask, other=0.0)
+    acc = tl.zeros([BLOCK_C, BLOCK_HW], dtype=ACC)
+    for start in range(0, HW, BLOCK_HW):
+        hw = start + tl.arange(0, BLOCK_HW)
+        mask = c_mask[:, None] & (hw < HW)[None, :]
+        g_offs = g_row[:, None] + _hw_offsets(hw, W, sg_h, sg_w, sg_hw, FLAT)[None, :]
+        x_offs = x_row[:, None] + _hw_offsets(hw, W, sx_h, sx_w, sx_hw, FLAT)[None, :]
+        o_offs = o_row[:, None] + _hw_offsets(hw, W, so_h, so_w, so_hw, FLAT)[None, :]
+        gy = tl.load(gy_ptr + g_offs, mask=mask, other=0.0).to(ACC)
+        v = tl.load(x_ptr + x_offs, mask=mask, other=0.0).to(ACC)
+        tl.store(gx_ptr + o_offs, (gy * gate[:, None]).to(gx_ptr.dtype.element_ty), mask=mask)
+        acc += gy * v  # masked lanes load 0 * 0
+    tl.store(ggate_ptr + nc, tl.sum(acc, axis=1), mask=c_mask)
+
+
+@triton.jit
+def _sigmoid(z):
+    # exp of a non-positive argument only: no overflow; NaN stays NaN.
+    e = tl.exp(-tl.abs(z))
+    return _div(tl.where(z >= 0, 1.0, e), 1.0 + e)
+
+
+@triton.jit
+def _gate_input(avg_ptr, max_ptr, base, idx, C, alpha, beta, MODE: tl.constexpr):
+    """f[n, idx] of the gate's mode, 0 outside 0 <= idx < C (the conv's zero padding)."""
+    inside = (idx >= 0) & (idx < C)
+    if MODE == 0:
+        f = tl.load(avg_ptr + base + idx, mask=inside, other=0.0)
+    elif MODE == 1:
+        f = tl.load(max_ptr + base + idx, mask=inside, other=0.0)
+    else:
+        a = tl.load(avg_ptr + base + idx, mask=inside, other=0.0)
+        m = tl.load(max_ptr + base + idx, mask=inside, other=0.0)
+        f = 0.5 * (a + m) + alpha * a + beta * m
+    return tl.where(inside, f, 0.0)
+
+
+@triton.jit
+def _gate_dz(gg_ptr, gate_ptr, base, idx, C):
+    """dz[n, idx] = grad_gate * gate * (1 - gate), 0 outside 0 <= idx < C."""
+    inside = (idx >= 0) & (idx < C)
+    gg = tl.load(gg_ptr + base + idx, mask=inside, other=0.0)
+    g = tl.load(gate_ptr + base + idx, mask=inside, other=0.0)
+    return tl.where(inside, gg * g * (1.0 - g), 0.0)
+
+
+@triton.jit
+def _gate_kernel(
+    avg_ptr, max_ptr, w_ptr, alpha_ptr, beta_ptr, gate_ptr,
+    C,
+    K: tl.constexpr, PAD: tl.constexpr, MODE: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    ACC = gate_ptr.dtype.element_ty
+    n = tl.program_id(0).to(tl.int64)
+    base = n * C
+    c = tl.arange(0, BLOCK_C)
+    if MODE == 2:
+        alpha = tl.load(alpha_ptr)
+        beta = tl.load(beta_ptr)
+    else:
+        alpha = 0.0
+        beta = 0.0
+    z = tl.zeros([BLOCK_C], dtype=ACC)
+    for j in tl.static_range(K):
+        w = tl.load(w_ptr + j)
+        z += w * _gate_input(avg_ptr, max_ptr, base, c + (j - PAD), C, alpha, beta, MODE)
+    tl.store(gate_ptr + base + c, _sigmoid(z), mask=c < C)
+
+
+@triton.jit
+def _gate_backward_kernel(
+    gg_ptr, gate_ptr, avg_ptr, max_ptr, w_ptr, alpha_ptr, beta_ptr,
+    gavg_ptr, gmax_ptr, part_ptr,
+    C,
+    K: tl.constexpr, PAD: tl.constexpr, MODE: tl.constexpr, NPART: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    ACC = gavg_ptr.dtype.element_ty
+    n = tl.program_id(0).to(tl.int64)
+    base = n * C
+    c = tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    if MODE == 2:
+        alpha = tl.load(alpha_ptr)
+        beta = tl.load(beta_ptr)
+    else:
+        alpha = 0.0
+        beta = 0.0
+    part_row = part_ptr + n * NPART
+
+    dz = _gate_dz(gg_ptr, gate_ptr, base, c, C)
+    df = tl.zeros([BLOCK_C], dtype=ACC)
+    for j in tl.static_range(K):
+        w = tl.load(w_ptr + j)
+        # df[c] = sum_j w[j] dz[c - j + PAD]
+        df += w * _gate_dz(gg_ptr, gate_ptr, base, c + (PAD - j), C)
+        # grad_weight[j] partial of sample n = sum_c dz[c] f[c + j - PAD]
+        f_j = _gate_input(avg_ptr, max_ptr, base, c + (j - PAD), C, alpha, beta, MODE)
+        tl.store(part_row + j, tl.sum(dz * f_j, axis=0))
+    df = tl.where(c_mask, df, 0.0)
+
+    if MODE == 0:
+        tl.store(gavg_ptr + base + c, df, mask=c_mask)
+        tl.store(gmax_ptr + base + c, tl.zeros([BLOCK_C], dtype=ACC), mask=c_mask)
+    elif MODE == 1:
+        tl.store(gavg_ptr + base + c, tl.zeros([BLOCK_C], dtype=ACC), mask=c_mask)
+        tl.store(gmax_ptr + base + c, df, mask=c_mask)
+    else:
+        a = tl.load(avg_ptr + base + c, mask=c_mask, other=0.0)
+        m = tl.load(max_ptr + base + c, mask=c_mask, other=0.0)
+        tl.store(gavg_ptr + base + c, df * (0.5 + alpha), mask=c_mask)
+        tl.store(gmax_ptr + base + c, df * (0.5 + beta), mask=c_mask)
+        tl.store(part_row + K, tl.sum(tl.where(c_mask, df * a, 0.0), axis=0))
+        tl.store(part_row + K + 1, tl.sum(tl.where(c_mask, df * m, 0.0), axis=0))
+
+
+@triton.jit
+def _sum_rows_kernel(part_ptr, out_ptr, N, NPART: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr):
+    """out[p] = sum_n part[n, p], one program, a fixed order: deterministic."""
+    p = tl.arange(0, BLOCK_P)
+    p_mask = p < NPART
+    acc = tl.zeros([BLOCK_N, BLOCK_P], dtype=out_ptr.dtype.element_ty)
+    for start in range(0, N, BLOCK_N):
+        rows = start + tl.arange(0, BLOCK_N)
+        mask = (rows < N)[:, None] & p_mask[None, :]
+        offs = rows.to(tl.int64)[:, None] * NPART + p[None, :]
+        acc += tl.load(part_ptr + offs, mask=mask, other=0.0)
+    tl.store(out_ptr + p, tl.sum(acc, axis=0), mask=p_mask)
+
+
+# ----------------------------------------------------------------------------------------
+# Ops
+# ----------------------------------------------------------------------------------------
+# Schemas of csrc/attnkernels.cpp, verbatim (torch < 2.7 ignores them and infers an
+# equivalent one from the annotations, with SymInt for int).
+_SCHEMAS = {
+    "channel_pool": "(Tensor x) -> (Tensor avg, Tensor max)",
+    "channel_pool_backward": "(Tensor grad_avg, Tensor? grad_max, Tensor x, Tensor max) -> Tensor",
+    "channel_gate": (
+        "(Tensor avg, Tensor max, Tensor weight, Tensor? alpha, Tensor? beta, int mode) -> Tensor"
+    ),
+    "channel_gate_backward": (
+        "(Tensor grad_gate, Tensor gate, Tensor avg, Tensor max, Tensor weight, "
+        "Tensor? alpha, Tensor? beta, int mode) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+    ),
+    "channel_rescale": "(Tensor x, Tensor gate) -> Tensor",
+    "channel_rescale_backward": "(Tensor grad_y, Tensor x, Tensor gate) -> (Tensor, Tensor)",
+}
+
+
+def _op(name: str):
+    """Register the decorated function as the triton_op attnkernels_triton::<name>."""
+    return triton_op(f"attnkernels_triton::{name}", mutates_args=(), schema=_SCHEMAS[name])
+
+
+@_op("channel_pool")
+def channel_pool(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(avg, max) over H*W: (N, C) each, contiguous, acc(x); max propagates NaN."""
+    op = "channel_pool"
+    _check_x(op, "x", x)
+    n, c, h, w = x.shape
+    acc = _acc_dtype(x.dtype)
+    avg = torch.empty((n, c), dtype=acc, device=x.device)
+    mx = torch.empty((n, c), dtype=acc, device=x.device)
+    flat, (sx_hw,) = _hw_strides(x)
+    block_c, block_hw = _tiles(x, acc)
+    num_cb = triton.cdiv(c, block_c)
+    wrap_triton(_pool_kernel)[(n * num_cb,)](
+        x, avg, mx,
+        c, h * w, w, num_cb,
+        *x.stride(), sx_hw,
+        FLAT=flat, BLOCK_C=block_c, BLOCK_HW=block_hw,
+    )
+    return avg, mx
+
+
+@_op("channel_pool_backward")
+def channel_pool_backward(
+    grad_avg: torch.Tensor, grad_max: Optional[torch.Tensor], x: torch.Tensor, max: torch.Tensor
+) -> torch.Tensor:
+    """grad_x = grad_avg/(H*W) + [x == max] * grad_max/count (ties share evenly; a NaN max gives NaN, as torch.amax)."""
+    op = "channel_pool_backward"
+    _check_x(op, "x", x)
+    n, c, h, w = x.shape
+    _check_nc(op, "grad_avg", grad_avg, n, c)
+    _check_nc(op, "max", max, n, c)
+    if grad_max is not None:
+        _check_nc(op, "grad_max", grad_max, n, c)
+    _check_device(op, "x", x, grad_avg=grad_avg, grad_max=grad_max, max=max)
+    acc = _acc_dtype(x.dtype)
+    gavg = _nc(grad_avg, acc)
+    has_max = grad_max is not None
+    gmax = _nc(grad_max, acc) if has_max else gavg
+    mx = _nc(max, acc) if has_max else gavg
+    grad_x = _empty_like_x(x)
+    flat, (sx_hw, so_hw) = _hw_strides(x, grad_x)
+    block_c, block_hw = _tiles(x, acc)
+    num_cb = triton.cdiv(c, block_c)
+    wrap_triton(_pool_backward_kernel)[(n * num_cb,)](
+        gavg, gmax, x, mx, grad_x,
+        c, h * w, w, num_cb,
+        *x.stride(), sx_hw,
+        *grad_x.stride(), so_hw,
+        HAS_MAX=has_max, FLAT=flat, BLOCK_C=block_c, BLOCK_HW=block_hw,
+    )
+    return grad_x
+
+
+# Elements of the [BLOCK_N, BLOCK_P] tile that sums the per-sample partials (test hook).
+_SUM_ROWS_ELEMENTS = 4096
+
+
+def _sum_rows_blocks(npart: int) -> tuple[int, int]:
+    """(BLOCK_N, BLOCK_P) of the fixed-order sum of an (N, npart) partials buffer.
+
+    Independent of N, so a new batch size compiles nothing new."""
+    block_p = _pow2(npart)
+    return max(1, _SUM_ROWS_ELEMENTS // block_p), block_p
+
+
+def _gate_scalars(alpha, beta, mode: int, acc: torch.dtype, dummy: torch.Tensor):
+    if mode != 2:
+        return dummy, dummy
+    return alpha.reshape(1).to(acc).contiguous(), beta.reshape(1).to(acc).contiguous()
+
+
+@_op("channel_gate")
+def channel_gate(
+    avg: torch.Tensor,
+    max: torch.Tensor,
+    weight: torch.Tensor,
+    alpha: Optional[torch.Tensor],
+    beta: Optional[torch.Tensor],
+    mode: int,
+) -> torch.Tensor:
+    """gate = sigmoid(conv1d_over_C(f)), f by mode (0 avg, 1 max, 2 adaptive mix); (N, C) acc."""
+    op = "channel_gate"
+    n, c = _check_avg_max(op, avg, max)
+    k = _check_gate_params(op, weight, alpha, beta, mode)
+    _check_device(op, "avg", avg, max=max, weight=weight, alpha=alpha, beta=beta)
+    acc = _acc_dtype(avg.dtype)
+    a = _nc(avg, acc)
+    m = _nc(max, acc)
+    wt = weight.reshape(-1).to(acc).contiguous()
+    al, be = _gate_scalars(alpha, beta, mode, acc, wt)
+    gate = torch.empty((n, c), dtype=acc, device=avg.device)
+    block_c = _pow2(c)
+    wrap_triton(_gate_kernel)[(n,)](
+        a, m, wt, al, be, gate,
+        c,
+        K=k, PAD=(k - 1) // 2, MODE=mode, BLOCK_C=block_c, num_warps=_gate_warps(block_c),
+    )
+    return gate
+
+
+@_op("channel_gate_backward")
+def channel_gate_backward(
+    grad_gate: torch.Tensor,
+    gate: torch.Tensor,
+    avg: torch.Tensor,
+    max: torch.Tensor,
+    weight: torch.Tensor,
+    alpha: Optional[torch.Tensor],
+    beta: Optional[torch.Tensor],
+    mode: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_avg, grad_max, grad_weight, grad_alpha, grad_beta) of channel_gate."""
+    op = "channel_gate_backward"
+    n, c = _check_avg_max(op, avg, max)
+    _check_nc(op, "grad_gate", grad_gate, n, c)
+    _check_nc(op, "gate", gate, n, c)
+    k = _check_gate_params(op, weight, alpha, beta, mode)
+    _check_device(
+        op, "avg", avg, grad_gate=grad_gate, gate=gate, max=max, weight=weight, alpha=alpha, beta=beta
+    )
+    acc = _acc_dtype(avg.dtype)
+    gg = _nc(grad_gate, acc)
+    g = _nc(gate, acc)
+    a = _nc(avg, acc)
+    m = _nc(max, acc)
+    wt = weight.reshape(-1).to(acc).contiguous()
+    al, be = _gate_scalars(alpha, beta, mode, acc, wt)
+
+    npart = k + 2 if mode == 2 else k
+    grad_avg = torch.empty((n, c), dtype=acc, device=avg.device)
+    grad_max = torch.empty((n, c), dtype=acc, device=avg.device)
+    partials = torch.empty((n, npart), dtype=acc, device=avg.device)
+    sums = torch.empty((npart,), dtype=acc, device=avg.device)
+    block_c = _pow2(c)
+    wrap_triton(_gate_backward_kernel)[(n,)](
+        gg, g, a, m, wt, al, be,
+        grad_avg, grad_max, partials,
+        c,
+        K=k, PAD=(k - 1) // 2, MODE=mode, NPART=npart, BLOCK_C=block_c,
+        num_warps=_gate_warps(block_c),
+    )
+    block_n, block_p = _sum_rows_blocks(npart)
+    wrap_triton(_sum_rows_kernel)[(1,)](partials, sums, n, NPART=npart, BLOCK_N=block_n, BLOCK_P=block_p)
+
+    grad_weight = sums[:k].reshape(weight.shape).to(weight.dtype, copy=True)
+    if mode == 2:
+        grad_alpha = sums[k].to(alpha.dtype, copy=True)
+        grad_beta = sums[k + 1].to(beta.dtype, copy=True)
+    else:
+        grad_alpha = torch.zeros((), dtype=acc, device=avg.device)
+        grad_beta = torch.zeros((), dtype=acc, device=avg.device)
+    return grad_avg, grad_max, grad_weight, grad_alpha, grad_beta
+
+
+@_op("channel_rescale")
+def channel_rescale(x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """y = x * gate[:, :, None, None], multiplied in acc(x), x's dtype and layout."""
+    op = "channel_rescale"
+    _check_x(op, "x", x)
+    n, c, h, w = x.shape
+    _check_nc(op, "gate", gate, n, c)
+    _check_device(op, "x", x, gate=gate)
+    acc = _acc_dtype(x.dtype)
+    gt = _nc(gate, acc)
+    y = _empty_like_x(x)
+    flat, (sx_hw, so_hw) = _hw_strides(x, y)
+    block_c, block_hw = _tiles(x, acc)
+    num_cb = triton.cdiv(c, block_c)
+    wrap_triton(_rescale_kernel)[(n * num_cb,)](
+        x, gt, y,
+        c, h * w, w, num_cb,
+        *x.stride(), sx_hw,
+        *y.stride(), so_hw,
+        FLAT=flat, BLOCK_C=block_c, BLOCK_HW=block_hw,
+    )
+    return y
+
+
+@_op("channel_rescale_backward")
+def channel_rescale_backward(
+    grad_y: torch.Tensor, x: torch.Tensor, gate: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """grad_x = grad_y * gate (x's dtype and layout); grad_gate = sum_hw grad_y * x ((N, C) acc)."""
+    op = "channel_rescale_backward"
+    _check_x(op, "x", x)
+    n, c, h, w = x.shape
+    _check_same_shape(op, "grad_y", grad_y, "x", x)
+    _check_nc(op, "gate", gate, n, c)
+    _check_device(op, "x", x, grad_y=grad_y, gate=gate)
+    acc = _acc_dtype(x.dtype)
+    gt = _nc(gate, acc)
+    grad_x = _empty_like_x(x)
+    grad_gate = torch.empty((n, c), dtype=acc, device=x.device)
+    flat, (sg_hw, sx_hw, so_hw) = _hw_strides(grad_y, x, grad_x)
+    block_c, block_hw = _tiles(x, acc)
+    num_cb = triton.cdiv(c, block_c)
+    wrap_triton(_rescale_backward_kernel)[(n * num_cb,)](
+        grad_y, x, gt, grad_x, grad_gate,
+        c, h * w, w, num_cb,
+        *grad_y.stride(), sg_hw,
+        *x.stride(), sx_hw,
+        *grad_x.stride(), so_hw,
+        FLAT=flat, BLOCK_C=block_c, BLOCK_HW=block_hw,
+    )
+    return grad_x, grad_gate

@@ -1,0 +1,50 @@
+// attnkernels: every operator schema, in one place (extension-cpp pattern).
+// Kernels live in cpu/<path>.cpp and cuda/<path>.cu and register with TORCH_LIBRARY_IMPL.
+//
+// channel_gate hot path (SPEC.md: ECA, SE's pooling, HAM's channel half). Shapes: x is
+// (N, C, H, W) with any strides; pooled maps and gates are (N, C) contiguous in the
+// accumulation dtype acc(x) = float64 for float64 x, float32 otherwise.
+//
+//   channel_pool(x) -> (avg, max)
+//     avg[n,c] = sum_hw x / (H*W);  max[n,c] = amax_hw x (NaN propagates).
+//   channel_pool_backward(grad_avg, grad_max?, x, max) -> grad_x
+//     grad_x = grad_avg / (H*W) + [x == max] * grad_max / count,  count = #{hw : x == max}
+//     (ties share the gradient evenly, and a NaN max, count 0, gives NaN, as torch.amax);
+//     grad_x has x's dtype and layout.
+//   channel_gate(avg, max, weight, alpha?, beta?, mode) -> gate
+//     mode 0: f = avg;  1: f = max;  2: f = 0.5*(avg + max) + alpha*avg + beta*max
+//     z[n,c] = sum_j weight[j] * f[n, c + j - (k-1)/2]   (zero padding; k = weight.numel(), odd)
+//     gate = sigmoid(z)
+//   channel_gate_backward(grad_gate, gate, avg, max, weight, alpha?, beta?, mode)
+//       -> (grad_avg, grad_max, grad_weight, grad_alpha, grad_beta)
+//     dz = grad_gate * gate * (1 - gate);  df[n,c] = sum_j weight[j] * dz[n, c - j + (k-1)/2]
+//     grad_weight[j] = sum_{n,c} dz[n,c] * f[n, c + j - (k-1)/2]   (weight's shape and dtype)
+//     mode 0: grad_avg = df, grad_max = 0;  1: grad_avg = 0, grad_max = df
+//     mode 2: grad_avg = df*(0.5+alpha), grad_max = df*(0.5+beta),
+//             grad_alpha = sum df*avg, grad_beta = sum df*max (0-dim, alpha's dtype); else 0-dim zeros.
+//   channel_rescale(x, gate) -> y
+//     y = x * gate[:, :, None, None], multiplied in acc(x), rounded to x's dtype, in x's layout.
+//   channel_rescale_backward(grad_y, x, gate) -> (grad_x, grad_gate)
+//     grad_x = grad_y * gate (x's dtype and layout);  grad_gate[n,c] = sum_hw grad_y * x (acc).
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
+#include <torch/library.h>
+
+
+TORCH_LIBRARY(attnkernels, m) {
+  m.def("channel_pool(Tensor x) -> (Tensor avg, Tensor max)");
+  m.def("channel_pool_backward(Tensor grad_avg, Tensor? grad_max, Tensor x, Tensor max) -> Tensor");
+  m.def("channel_gate(Tensor avg, Tensor max, Tensor weight, Tensor? alpha, Tensor? beta, int mode) -> Tensor");
+  m.def(
+      "channel_gate_backward(Tensor grad_gate, Tensor gate, Tensor avg, Tensor max, Tensor weight, "
+      "Tensor? alpha, Tensor? beta, int mode) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("channel_rescale(Tensor x, Tensor gate) -> Tensor");
+  m.def("channel_rescale_backward(Tensor grad_y, Tensor x, Tensor gate) -> (Tensor, Tensor)");
+}
+
+// The backward ops are not differentiable again: a double backward through them raises
+// a clear "not implemented" instead of silently returning no gradient.
+TORCH_LIBRARY_IMPL(attnkernels, Autograd, m) {
+  for (const char* op : {"channel_pool_backward", "channel_gate_backward", "channel_rescale_backward"}) {
+    m.impl(op, torch::autograd::autogradNotImplementedFallback());
+  }
+}

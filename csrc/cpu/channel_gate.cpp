@@ -1,0 +1,536 @@
+// CPU kernels of the channel_gate hot path; the math is in csrc/attnkernels.cpp.
+//
+// Layouts: NCHW walks each (n, c) plane of H*W contiguous values, one plane per task;
+// channels_last walks pixel rows of C contiguous values, one (n, channel block) per task,
+// so both formats are read in place. Every reduction runs in one task in a fixed order:
+// results are bitwise identical run to run, whatever the thread count.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "attnkernels/common.h"
+
+namespace attnkernels {
+namespace {
+
+using at::vec::Vectorized;
+
+// One vector step over scalar_t values, held as accumulation-type vectors: one vector for
+// float/double, two float vectors for half/bfloat16 (a Vectorized<Half> holds twice as many).
+template <typename scalar_t>
+struct Step {
+  using acc_t = at::opmath_type<scalar_t>;
+  using AccVec = Vectorized<acc_t>;
+  static constexpr bool kSame = std::is_same_v<scalar_t, acc_t>;
+  static constexpr int kVecs = kSame ? 1 : 2;
+  static constexpr int64_t kWidth = Vectorized<scalar_t>::size();
+
+  static void load(const scalar_t* p, AccVec (&v)[kVecs]) {
+    if constexpr (kSame) {
+      v[0] = AccVec::loadu(p);
+    } else {
+      at::vec::load_to_float<scalar_t>(p, v[0], v[1]);
+    }
+  }
+  static void store(scalar_t* p, const AccVec (&v)[kVecs]) {
+    if constexpr (kSame) {
+      v[0].store(p);
+    } else {
+      at::vec::convert_from_float<scalar_t>(v[0], v[1]).store(p);
+    }
+  }
+  // kWidth consecutive accumulation-type values (a gate row, a partial-sum buffer).
+  static void load_acc(const acc_t* p, AccVec (&v)[kVecs]) {
+    for (int i = 0; i < kVecs; ++i) v[i] = AccVec::loadu(p + i * AccVec::size());
+  }
+  static void store_acc(acc_t* p, const AccVec (&v)[kVecs]) {
+    for (int i = 0; i < kVecs; ++i) v[i].store(p + i * AccVec::size());
+  }
+};
+
+// max that propagates NaN from either side, as torch.amax.
+template <typename acc_t>
+inline acc_t nan_max(acc_t m, acc_t v) {
+  return (std::isnan(v) || v > m) ? v : m;
+}
+
+// Channels per channels_last task: a multiple of every vector width, small enough that
+// the task's partial sums stay in L1.
+constexpr int64_t kChannelBlock = 256;
+
+// Calls f(n, c0, c1) for every (sample, channel block), in parallel.
+template <typename F>
+void for_channel_blocks(int64_t N, int64_t C, const F& f) {
+  const int64_t blocks = (C + kChannelBlock - 1) / kChannelBlock;
+  at::parallel_for(0, N * blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n = t / blocks, c0 = (t % blocks) * kChannelBlock;
+      f(n, c0, std::min(C, c0 + kChannelBlock));
+    }
+  });
+}
+
+// Grain for tasks over planes: about 32K elements, so tiny planes are batched.
+inline int64_t plane_grain(int64_t hw) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(hw, 1)); }
+
+// ---------------------------------------------------------------- channel_pool
+
+template <typename scalar_t>
+void pool_nchw(const scalar_t* x, int64_t planes, int64_t hw, at::opmath_type<scalar_t>* avg,
+               at::opmath_type<scalar_t>* max) {
+  using S = Step<scalar_t>;
+  using acc_t = typename S::acc_t;
+  using AccVec = typename S::AccVec;
+  at::parallel_for(0, planes, plane_grain(hw), [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const scalar_t* xp = x + p * hw;
+      AccVec vsum[S::kVecs], vmax[S::kVecs], v[S::kVecs];
+      for (int i = 0; i < S::kVecs; ++i) {
+        vsum[i] = AccVec(0);
+        vmax[i] = AccVec(-std::numeric_limits<acc_t>::infinity());
+      }
+      int64_t i = 0;
+      for (; i + S::kWidth <= hw; i += S::kWidth) {
+        S::load(xp + i, v);
+        for (int k = 0; k < S::kVecs; ++k) {
+          vsum[k] += v[k];
+          vmax[k] = at::vec::maximum(vmax[k], v[k]);
+        }
+      }
+      acc_t sum = 0, m = -std::numeric_limits<acc_t>::infinity();
+      for (int k = 0; k < S::kVecs; ++k) {
+        sum += at::vec::vec_reduce_all<acc_t>([](AccVec& a, AccVec& b) { return a + b; }, vsum[k]);
+        m = nan_max(m, at::vec::vec_reduce_all<acc_t>(
+                           [](AccVec& a, AccVec& b) { return at::vec::maximum(a, b); }, vmax[k]));
+      }
+      for (; i < hw; ++i) {
+        const acc_t xv = static_cast<acc_t>(xp[i]);
+        sum += xv;
+        m = nan_max(m, xv);
+      }
+      avg[p] = sum / static_cast<acc_t>(hw);
+      max[p] = m;
+    }
+  });
+}
+
+template <typename scalar_t>
+void pool_channels_last(const scalar_t* x, int64_t N, int64_t C, int64_t hw,
+                        at::opmath_type<scalar_t>* avg, at::opmath_type<scalar_t>* max) {
+  using S = Step<scalar_t>;
+  using acc_t = typename S::acc_t;
+  for_channel_blocks(N, C, [&](int64_t n, int64_t c0, int64_t c1) {
+    std::vector<acc_t> sum(c1 - c0, 0), m(c1 - c0, -std::numeric_limits<acc_t>::infinity());
+    const int64_t vec_end = c0 + (c1 - c0) / S::kWidth * S::kWidth;
+    typename S::AccVec v[S::kVecs], s[S::kVecs], mv[S::kVecs];
+    for (int64_t p = 0; p < hw; ++p) {
+      const scalar_t* row = x + (n * hw + p) * C;
+      int64_t c = c0;
+      for (; c < vec_end; c += S::kWidth) {
+        S::load(row + c, v);
+        S::load_acc(sum.data() + (c - c0), s);
+        S::load_acc(m.data() + (c - c0), mv);
+        for (int k = 0; k < S::kVecs; ++k) {
+          s[k] += v[k];
+          mv[k] = at::vec::maximum(mv[k], v[k]);
+        }
+        S::store_acc(sum.data() + (c - c0), s);
+        S::store_acc(m.data() + (c - c0), mv);
+      }
+      for (; c < c1; ++c) {
+        const acc_t xv = static_cast<acc_t>(row[c]);
+        sum[c - c0] += xv;
+        m[c - c0] = nan_max(m[c - c0], xv);
+      }
+    }
+    for (int64_t c = c0; c < c1; ++c) {
+      avg[n * C + c] = sum[c - c0] / static_cast<acc_t>(hw);
+      max[n * C + c] = m[c - c0];
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> channel_pool_cpu(const at::Tensor& x_in) {
+  check_feature_map(x_in, "channel_pool", "x");
+  const at::Tensor x = dense(x_in);
+  const int64_t N = x.size(0), C = x.size(1), hw = x.size(2) * x.size(3);
+  TORCH_CHECK_VALUE(hw > 0, "channel_pool: x must have H*W > 0, got shape ", x.sizes());
+  auto opts = x.options().dtype(acc_type(x.scalar_type()));
+  at::Tensor avg = at::empty({N, C}, opts), max = at::empty({N, C}, opts);
+  if (N * C == 0) return {avg, max};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "channel_pool_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    if (layout_of(x) == Layout::ChannelsLast) {
+      pool_channels_last(x.const_data_ptr<scalar_t>(), N, C, hw, avg.data_ptr<acc_t>(), max.data_ptr<acc_t>());
+    } else {
+      pool_nchw(x.const_data_ptr<scalar_t>(), N * C, hw, avg.data_ptr<acc_t>(), max.data_ptr<acc_t>());
+    }
+  });
+  return {avg, max};
+}
+
+// ---------------------------------------------------------------- channel_pool_backward
+
+// grad_x = a + [x == max] * b per (n, c), with a = grad_avg / hw and b = grad_max / count.
+// A plane whose max is NaN has count 0, so b and then its whole gradient are NaN, exactly
+// as torch.amax's backward (mask * grad / mask.sum()) gives.
+
+template <typename scalar_t>
+void pool_backward_nchw(const scalar_t* x, scalar_t* gx, int64_t planes, int64_t hw, const at::opmath_type<scalar_t>* grad_avg,
+                        const at::opmath_type<scalar_t>* grad_max, const at::opmath_type<scalar_t>* max) {
+  using S = Step<scalar_t>;
+  using acc_t = typename S::acc_t;
+  using AccVec = typename S::AccVec;
+  at::parallel_for(0, planes, plane_grain(hw), [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const scalar_t* xp = x + p * hw;
+      scalar_t* gp = gx + p * hw;
+      const acc_t a = grad_avg[p] / static_cast<acc_t>(hw);
+      acc_t b = 0;
+      if (grad_max != nullptr) {
+        int64_t count = 0;  // the tied maxima share grad_max evenly
+        for (int64_t i = 0; i < hw; ++i) count += static_cast<acc_t>(xp[i]) == max[p];
+        b = grad_max[p] / static_cast<acc_t>(count);  // count 0 (a NaN max): NaN, as torch.amax
+      }
+      const AccVec va(a), vb(b), vm(max[p]);
+      AccVec v[S::kVecs];
+      int64_t i = 0;
+      for (; i + S::kWidth <= hw; i += S::kWidth) {
+        S::load(xp + i, v);
+        for (int k = 0; k < S::kVecs; ++k) v[k] = va + v[k].eq(vm) * vb;
+        S::store(gp + i, v);
+      }
+      for (; i < hw; ++i) gp[i] = static_cast<scalar_t>(a + acc_t(static_cast<acc_t>(xp[i]) == max[p]) * b);
+    }
+  });
+}
+
+template <typename scalar_t>
+void pool_backward_channels_last(const scalar_t* x, scalar_t* gx, int64_t N, int64_t C, int64_t hw,
+                                 const at::opmath_type<scalar_t>* grad_avg, const at::opmath_type<scalar_t>* grad_max,
+                                 const at::opmath_type<scalar_t>* max) {
+  using S = Step<scalar_t>;
+  using acc_t = typename S::acc_t;
+  for_channel_blocks(N, C, [&](int64_t n, int64_t c0, int64_t c1) {
+    const acc_t* m = max + n * C;
+    std::vector<acc_t> a(c1 - c0), b(c1 - c0, 0);
+    std::vector<int64_t> count(c1 - c0, 0);
+    if (grad_max != nullptr) {
+      for (int64_t p = 0; p < hw; ++p) {
+        const scalar_t* row = x + (n * hw + p) * C;
+        for (int64_t c = c0; c < c1; ++c) count[c - c0] += static_cast<acc_t>(row[c]) == m[c];
+      }
+    }
+    for (int64_t c = c0; c < c1; ++c) {
+      a[c - c0] = grad_avg[n * C + c] / static_cast<acc_t>(hw);
+      if (grad_max != nullptr) b[c - c0] = grad_max[n * C + c] / static_cast<acc_t>(count[c - c0]);
+    }
+    const int64_t vec_end = c0 + (c1 - c0) / S::kWidth * S::kWidth;
+    typename S::AccVec v[S::kVecs], va[S::kVecs], vb[S::kVecs], vm[S::kVecs];
+    for (int64_t p = 0; p < hw; ++p) {
+      const scalar_t* row = x + (n * hw + p) * C;
+      scalar_t* grow = gx + (n * hw + p) * C;
+      int64_t c = c0;
+      for (; c < vec_end; c += S::kWidth) {
+        S::load(row + c, v);
+        S::load_acc(a.data() + (c - c0), va);
+        S::load_acc(b.data() + (c - c0), vb);
+        S::load_acc(m + c, vm);
+        for (int k = 0; k < S::kVecs; ++k) v[k] = va[k] + v[k].eq(vm[k]) * vb[k];
+        S::store(grow + c, v);
+      }
+      for (; c < c1; ++c) grow[c] = static_cast<scalar_t>(a[c - c0] + acc_t(static_cast<acc_t>(row[c]) == m[c]) * b[c - c0]);
+    }
+  });
+}
+
+at::Tensor channel_pool_backward_cpu(const at::Tensor& grad_avg, const c10::optional<at::Tensor>& grad_max,
+                                     const at::Tensor& x_in, const at::Tensor& max) {
+  const char* op = "channel_pool_backward";
+  check_feature_map(x_in, op, "x");
+  const at::Tensor x = dense(x_in);
+  check_per_channel(grad_avg, x, op, "grad_avg");
+  check_per_channel(max, x, op, "max");
+  if (grad_max.has_value()) check_per_channel(*grad_max, x, op, "grad_max");
+  const int64_t N = x.size(0), C = x.size(1), hw = x.size(2) * x.size(3);
+  at::Tensor gx = empty_like_layout(x);
+  if (x.numel() == 0) return gx;
+  const at::Tensor ga = grad_avg.contiguous(), m = max.contiguous();
+  const at::Tensor gm = grad_max.has_value() ? grad_max->contiguous() : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "channel_pool_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t* gm_ptr = gm.defined() ? gm.const_data_ptr<acc_t>() : nullptr;
+    if (layout_of(x) == Layout::ChannelsLast) {
+      pool_backward_channels_last(x.const_data_ptr<scalar_t>(), gx.data_ptr<scalar_t>(), N, C, hw,
+                                  ga.const_data_ptr<acc_t>(), gm_ptr, m.const_data_ptr<acc_t>());
+    } else {
+      pool_backward_nchw(x.const_data_ptr<scalar_t>(), gx.data_ptr<scalar_t>(), N * C, hw,
+                         ga.const_data_ptr<acc_t>(), gm_ptr, m.const_data_ptr<acc_t>());
+    }
+  });
+  return gx;
+}
+
+// ---------------------------------------------------------------- channel_rescale (+ backward)
+
+// y = x * gate; with `grad_gate`, also grad_gate[n,c] = sum_hw x * other (the backward:
+// x is grad_y, other is the forward input, y is grad_x).
+template <typename scalar_t>
+void rescale_nchw(const scalar_t* x, const scalar_t* other, scalar_t* y, int64_t planes, int64_t hw,
+                  const at::opmath_type<scalar_t>* gate, at::opmath_type<scalar_t>* grad_gate) {
+  using S = Step<scalar_t>;
+  using acc_t = typename S::acc_t;
+  using AccVec = typename S::AccVec;
+  at::parallel_for(0, planes, plane_grain(hw), [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const scalar_t* xp = x + p * hw;
+      scalar_t* yp = y + p * hw;
+      const AccVec vg(gate[p]);
+      AccVec v[S::kVecs], o[S::kVecs], vsum[S::kVecs];
+      for (int k = 0; k < S::kVecs; ++k) vsum[k] = AccVec(0);
+      int64_t i = 0;
+      for (; i + S::kWidth <= hw; i += S::kWidth) {
+        S::load(xp + i, v);
+        if (grad_gate != nullptr) {
+          S::load(other + p * hw + i, o);
+          for (int k = 0; k < S::kVecs; ++k) vsum[k] += v[k] * o[k];
+        }
+        for (int k = 0; k < S::kVecs; ++k) v[k] = v[k] * vg;
+        S::store(yp + i, v);
+      }
+      acc_t sum = 0;
+      for (int k = 0; k < S::kVecs; ++k) {
+        sum += at::vec::vec_reduce_all<acc_t>([](AccVec& a, AccVec& b) { return a + b; }, vsum[k]);
+      }
+      for (; i < hw; ++i) {
+        const acc_t xv = static_cast<acc_t>(xp[i]);
+        if (grad_gate != nullptr) sum += xv * static_cast<acc_t>(other[p * hw + i]);
+        yp[i] = static_cast<scalar_t>(xv * gate[p]);
+      }
+      if (grad_gate != nullptr) grad_gate[p] = sum;
+    }
+  });
+}
+
+template <typename scalar_t>
+void rescale_channels_last(const scalar_t* x, const scalar_t* other, scalar_t* y, int64_t N, int64_t C, int64_t hw,
+                           const at::opmath_type<scalar_t>* gate, at::opmath_type<scalar_t>* grad_gate) {
+  using S = Step<scalar_t>;
+  using acc_t = typename S::acc_t;
+  for_channel_blocks(N, C, [&](int64_t n, int64_t c0, int64_t c1) {
+    const acc_t* g = gate + n * C;
+    std::vector<acc_t> sum(grad_gate != nullptr ? c1 - c0 : 0, 0);
+    const int64_t vec_end = c0 + (c1 - c0) / S::kWidth * S::kWidth;
+    typename S::AccVec v[S::kVecs], o[S::kVecs], vg[S::kVecs], s[S::kVecs];
+    for (int64_t p = 0; p < hw; ++p) {
+      const int64_t row = (n * hw + p) * C;
+      int64_t c = c0;
+      for (; c < vec_end; c += S::kWidth) {
+        S::load(x + row + c, v);
+        if (grad_gate != nullptr) {
+          S::load(other + row + c, o);
+          S::load_acc(sum.data() + (c - c0), s);
+          for (int k = 0; k < S::kVecs; ++k) s[k] += v[k] * o[k];
+          S::store_acc(sum.data() + (c - c0), s);
+        }
+        S::load_acc(g + c, vg);
+        for (int k = 0; k < S::kVecs; ++k) v[k] = v[k] * vg[k];
+        S::store(y + row + c, v);
+      }
+      for (; c < c1; ++c) {
+        const acc_t xv = static_cast<acc_t>(x[row + c]);
+        if (grad_gate != nullptr) sum[c - c0] += xv * static_cast<acc_t>(other[row + c]);
+        y[row + c] = static_cast<scalar_t>(xv * g[c]);
+      }
+    }
+    if (grad_gate != nullptr) {
+      for (int64_t c = c0; c < c1; ++c) grad_gate[n * C + c] = sum[c - c0];
+    }
+  });
+}
+
+// The shared driver of channel_rescale (other undefined) and its backward.
+template <typename scalar_t>
+void rescale(const at::Tensor& x, const at::Tensor& other, const at::Tensor& y, const at::Tensor& gate,
+             const at::Tensor& grad_gate) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t N = x.size(0), C = x.size(1), hw = x.size(2) * x.size(3);
+  const scalar_t* other_ptr = other.defined() ? other.const_data_ptr<scalar_t>() : nullptr;
+  acc_t* gg_ptr = grad_gate.defined() ? grad_gate.data_ptr<acc_t>() : nullptr;
+  if (layout_of(x) == Layout::ChannelsLast) {
+    rescale_channels_last(x.const_data_ptr<scalar_t>(), other_ptr, y.data_ptr<scalar_t>(), N, C, hw,
+                          gate.const_data_ptr<acc_t>(), gg_ptr);
+  } else {
+    rescale_nchw(x.const_data_ptr<scalar_t>(), other_ptr, y.data_ptr<scalar_t>(), N * C, hw,
+                 gate.const_data_ptr<acc_t>(), gg_ptr);
+  }
+}
+
+at::Tensor channel_rescale_cpu(const at::Tensor& x_in, const at::Tensor& gate) {
+  check_feature_map(x_in, "channel_rescale", "x");
+  const at::Tensor x = dense(x_in);
+  check_per_channel(gate, x, "channel_rescale", "gate");
+  at::Tensor y = empty_like_layout(x);
+  if (x.numel() == 0) return y;
+  const at::Tensor g = gate.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "channel_rescale_cpu",
+                                  [&] { rescale<scalar_t>(x, at::Tensor(), y, g, at::Tensor()); });
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor> channel_rescale_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x_in,
+                                                                const at::Tensor& gate) {
+  const char* op = "channel_rescale_backward";
+  check_feature_map(x_in, op, "x");
+  const at::Tensor x = dense(x_in);
+  check_per_channel(gate, x, op, "gate");
+  TORCH_CHECK_VALUE(grad_y.sizes() == x.sizes() && grad_y.scalar_type() == x.scalar_type(), op,
+              ": grad_y must match x's shape ", x.sizes(), " and dtype ", x.scalar_type());
+  // Walk grad_y in x's layout so one index serves both.
+  const at::Tensor gy = grad_y.contiguous(memory_format_of(layout_of(x)));
+  at::Tensor gx = empty_like_layout(x);
+  at::Tensor grad_gate = at::empty_like(gate, at::MemoryFormat::Contiguous);
+  if (x.numel() == 0) return {gx, grad_gate.zero_()};
+  const at::Tensor g = gate.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "channel_rescale_backward_cpu",
+                                  [&] { rescale<scalar_t>(gy, x, gx, g, grad_gate); });
+  return {gx, grad_gate};
+}
+
+// ---------------------------------------------------------------- channel_gate (+ backward)
+
+// f[n, c] of the gate's pooling mode, in acc_t.
+template <typename acc_t>
+struct Mix {
+  const acc_t* avg;
+  const acc_t* max;
+  int64_t mode;
+  acc_t alpha, beta;
+  acc_t operator()(int64_t i) const {
+    switch (mode) {
+      case kAvg: return avg[i];
+      case kMax: return max[i];
+      default: return acc_t(0.5) * (avg[i] + max[i]) + alpha * avg[i] + beta * max[i];
+    }
+  }
+};
+
+template <typename acc_t>
+Mix<acc_t> make_mix(const at::Tensor& avg, const at::Tensor& max, const c10::optional<at::Tensor>& alpha,
+                    const c10::optional<at::Tensor>& beta, int64_t mode) {
+  const bool mix = mode == kMix;
+  return {avg.const_data_ptr<acc_t>(), max.const_data_ptr<acc_t>(), mode,
+          mix ? alpha->item().to<acc_t>() : acc_t(0), mix ? beta->item().to<acc_t>() : acc_t(0)};
+}
+
+at::Tensor channel_gate_cpu(const at::Tensor& avg_in, const at::Tensor& max_in, const at::Tensor& weight,
+                            const c10::optional<at::Tensor>& alpha, const c10::optional<at::Tensor>& beta,
+                            int64_t mode) {
+  check_gate_args(avg_in, max_in, weight, alpha, beta, mode, "channel_gate");
+  const at::Tensor avg = avg_in.contiguous(), max = max_in.contiguous();
+  const int64_t N = avg.size(0), C = avg.size(1), k = weight.numel(), pad = (k - 1) / 2;
+  at::Tensor gate = at::empty_like(avg);
+  AT_DISPATCH_FLOATING_TYPES(avg.scalar_type(), "channel_gate_cpu", [&] {
+    using acc_t = scalar_t;
+    const at::Tensor w_acc = weight.reshape(-1).to(avg.scalar_type()).contiguous();
+    const acc_t* w = w_acc.const_data_ptr<acc_t>();
+    const Mix<acc_t> f = make_mix<acc_t>(avg, max, alpha, beta, mode);
+    acc_t* g = gate.data_ptr<acc_t>();
+    at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n) {
+        for (int64_t c = 0; c < C; ++c) {
+          acc_t z = 0;  // zero padding: taps outside [0, C) contribute nothing
+          for (int64_t j = std::max<int64_t>(0, pad - c); j < std::min(k, C + pad - c); ++j) {
+            z += w[j] * f(n * C + c + j - pad);
+          }
+          g[n * C + c] = acc_t(1) / (acc_t(1) + std::exp(-z));
+        }
+      }
+    });
+  });
+  return gate;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> channel_gate_backward_cpu(
+    const at::Tensor& grad_gate_in, const at::Tensor& gate_in, const at::Tensor& avg_in, const at::Tensor& max_in,
+    const at::Tensor& weight, const c10::optional<at::Tensor>& alpha, const c10::optional<at::Tensor>& beta,
+    int64_t mode) {
+  const char* op = "channel_gate_backward";
+  check_gate_args(avg_in, max_in, weight, alpha, beta, mode, op);
+  TORCH_CHECK_VALUE(grad_gate_in.sizes() == avg_in.sizes() && gate_in.sizes() == avg_in.sizes() &&
+                  grad_gate_in.scalar_type() == avg_in.scalar_type() && gate_in.scalar_type() == avg_in.scalar_type(),
+              op, ": grad_gate and gate must match avg's shape ", avg_in.sizes(), " and dtype ", avg_in.scalar_type());
+  const at::Tensor avg = avg_in.contiguous(), max = max_in.contiguous();
+  const at::Tensor grad_gate = grad_gate_in.contiguous(), gate = gate_in.contiguous();
+  const int64_t N = avg.size(0), C = avg.size(1), k = weight.numel(), pad = (k - 1) / 2;
+  at::Tensor grad_avg = at::zeros_like(avg), grad_max = at::zeros_like(avg);
+  // Per-sample partial sums of the shared parameters, summed over n in order afterwards.
+  at::Tensor grad_w_partial = at::zeros({N, k}, avg.options());
+  at::Tensor grad_ab_partial = at::zeros({N, 2}, avg.options());
+  AT_DISPATCH_FLOATING_TYPES(avg.scalar_type(), "channel_gate_backward_cpu", [&] {
+    using acc_t = scalar_t;
+    const at::Tensor w_acc = weight.reshape(-1).to(avg.scalar_type()).contiguous();
+    const acc_t* w = w_acc.const_data_ptr<acc_t>();
+    const Mix<acc_t> f = make_mix<acc_t>(avg, max, alpha, beta, mode);
+    const acc_t *gg = grad_gate.const_data_ptr<acc_t>(), *g = gate.const_data_ptr<acc_t>();
+    const acc_t *a = avg.const_data_ptr<acc_t>(), *m = max.const_data_ptr<acc_t>();
+    acc_t *ga = grad_avg.data_ptr<acc_t>(), *gm = grad_max.data_ptr<acc_t>();
+    acc_t *gw = grad_w_partial.data_ptr<acc_t>(), *gab = grad_ab_partial.data_ptr<acc_t>();
+    at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> dz(C);
+      for (int64_t n = begin; n < end; ++n) {
+        const int64_t row = n * C;
+        for (int64_t c = 0; c < C; ++c) dz[c] = gg[row + c] * g[row + c] * (acc_t(1) - g[row + c]);
+        for (int64_t j = 0; j < k; ++j) {  // grad_weight[j] += sum_c dz[c] * f[c + j - pad]
+          acc_t s = 0;
+          for (int64_t c = std::max<int64_t>(0, pad - j); c < std::min(C, C + pad - j); ++c) s += dz[c] * f(row + c + j - pad);
+          gw[n * k + j] = s;
+        }
+        acc_t dalpha = 0, dbeta = 0;
+        for (int64_t c = 0; c < C; ++c) {
+          acc_t df = 0;  // df[c] = sum_j weight[j] * dz[c - j + pad]
+          for (int64_t j = std::max<int64_t>(0, c + pad - (C - 1)); j < std::min(k, c + pad + 1); ++j) {
+            df += w[j] * dz[c - j + pad];
+          }
+          switch (mode) {
+            case kAvg: ga[row + c] = df; break;
+            case kMax: gm[row + c] = df; break;
+            default:
+              ga[row + c] = df * (acc_t(0.5) + f.alpha);
+              gm[row + c] = df * (acc_t(0.5) + f.beta);
+              dalpha += df * a[row + c];
+              dbeta += df * m[row + c];
+          }
+        }
+        gab[n * 2] = dalpha;
+        gab[n * 2 + 1] = dbeta;
+      }
+    });
+  });
+  // Fixed-order sums over samples keep the parameter gradients deterministic.
+  at::Tensor grad_weight = grad_w_partial.sum(0).to(weight.scalar_type()).view(weight.sizes());
+  at::Tensor grad_ab = grad_ab_partial.sum(0);
+  const at::ScalarType ab_type = mode == kMix ? alpha->scalar_type() : avg.scalar_type();
+  // Copies, so the two 0-dim results never alias one buffer (opcheck's schema check).
+  return {grad_avg, grad_max, grad_weight, grad_ab[0].to(ab_type, false, true), grad_ab[1].to(ab_type, false, true)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(attnkernels, CPU, m) {
+  m.impl("channel_pool", &channel_pool_cpu);
+  m.impl("channel_pool_backward", &channel_pool_backward_cpu);
+  m.impl("channel_gate", &channel_gate_cpu);
+  m.impl("channel_gate_backward", &channel_gate_backward_cpu);
+  m.impl("channel_rescale", &channel_rescale_cpu);
+  m.impl("channel_rescale_backward", &channel_rescale_backward_cpu);
+}
+
+}  // namespace attnkernels

@@ -1,0 +1,89 @@
+// Host-side helpers every kernel file shares: argument checks, layouts, accumulation types.
+// Checks raise c10::ValueError / c10::TypeError, which Python sees as ValueError / TypeError.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+
+namespace attnkernels {
+
+// acc(x) of SPEC.md: float64 for float64 inputs, float32 for every other floating dtype.
+// Device code uses at::opmath_type<scalar_t>, which is the same mapping.
+inline at::ScalarType acc_type(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// How a kernel walks an (N, C, H, W) tensor: NCHW planes of H*W, or channels_last rows of C.
+enum class Layout { NCHW, ChannelsLast };
+
+// channels_last when x is channels_last-dense and not also NCHW-dense (C == 1 or H*W == 1
+// make both true, and NCHW is then the natural walk).
+inline Layout layout_of(const at::Tensor& x) {
+  if (!x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast)) {
+    return Layout::ChannelsLast;
+  }
+  return Layout::NCHW;
+}
+
+inline at::MemoryFormat memory_format_of(Layout layout) {
+  return layout == Layout::ChannelsLast ? at::MemoryFormat::ChannelsLast
+                                        : at::MemoryFormat::Contiguous;
+}
+
+// x itself when it is NCHW- or channels_last-dense; otherwise (a sliced view) a dense copy,
+// the one case where a kernel copies its input.
+inline at::Tensor dense(const at::Tensor& x) {
+  if (x.is_contiguous() || x.is_contiguous(at::MemoryFormat::ChannelsLast)) {
+    return x;
+  }
+  return x.contiguous();
+}
+
+// An empty tensor shaped like dense x, in x's layout.
+inline at::Tensor empty_like_layout(const at::Tensor& x) {
+  return at::empty_like(x, x.options(), memory_format_of(layout_of(x)));
+}
+
+inline void check_feature_map(const at::Tensor& x, const char* op, const char* name) {
+  TORCH_CHECK_VALUE(x.dim() == 4, op, ": ", name, " must be 4-D (N, C, H, W), got ", x.dim(), "-D");
+  TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()), op, ": ", name,
+              " must be a floating-point tensor, got ", x.scalar_type());
+}
+
+// A per-(n, c) map such as avg, max, gate or their gradients: (N, C), acc(x), on x's device.
+inline void check_per_channel(const at::Tensor& t, const at::Tensor& x, const char* op,
+                              const char* name) {
+  TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == x.size(0) && t.size(1) == x.size(1), op, ": ", name,
+              " must have shape (N, C) = (", x.size(0), ", ", x.size(1), "), got ", t.sizes());
+  TORCH_CHECK_TYPE(t.scalar_type() == acc_type(x.scalar_type()), op, ": ", name, " must be ",
+              acc_type(x.scalar_type()), " (the accumulation dtype of x, ", x.scalar_type(),
+              "), got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.device() == x.device(), op, ": ", name, " must be on ", x.device(), ", got ",
+              t.device());
+}
+
+// channel_gate's pooling mix (SPEC HAM: f = 0.5*(a + m) + alpha*a + beta*m).
+enum GateMode : int64_t { kAvg = 0, kMax = 1, kMix = 2 };
+
+inline void check_gate_args(const at::Tensor& avg, const at::Tensor& max, const at::Tensor& weight,
+                            const c10::optional<at::Tensor>& alpha,
+                            const c10::optional<at::Tensor>& beta, int64_t mode, const char* op) {
+  TORCH_CHECK_VALUE(mode == kAvg || mode == kMax || mode == kMix, op,
+              ": mode must be 0 (avg), 1 (max) or 2 (avg+max mix), got ", mode);
+  TORCH_CHECK_VALUE(avg.dim() == 2, op, ": avg must be (N, C), got ", avg.sizes());
+  TORCH_CHECK_VALUE(max.sizes() == avg.sizes() && max.scalar_type() == avg.scalar_type(), op,
+              ": max must match avg's shape ", avg.sizes(), " and dtype ", avg.scalar_type(),
+              ", got ", max.sizes(), " ", max.scalar_type());
+  TORCH_CHECK_TYPE(avg.scalar_type() == at::kFloat || avg.scalar_type() == at::kDouble, op,
+              ": avg must be float32 or float64 (an accumulation dtype), got ", avg.scalar_type());
+  TORCH_CHECK_VALUE(weight.numel() % 2 == 1, op, ": weight must hold an odd number of taps, got ",
+              weight.numel());
+  TORCH_CHECK_VALUE(weight.device() == avg.device(), op, ": weight must be on ", avg.device());
+  if (mode == kMix) {
+    TORCH_CHECK_VALUE(alpha.has_value() && beta.has_value(), op, ": mode 2 needs alpha and beta");
+    TORCH_CHECK_VALUE(alpha->numel() == 1 && beta->numel() == 1, op,
+                ": alpha and beta must hold one value each");
+  }
+}
+
+}  // namespace attnkernels

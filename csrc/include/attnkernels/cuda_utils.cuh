@@ -1,0 +1,97 @@
+// Device helpers shared by the CUDA kernels: wide loads, NaN-propagating max, and warp/block
+// reductions with a fixed combination order (SPEC.md: bitwise deterministic run to run).
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+namespace attnkernels {
+namespace cuda {
+
+constexpr int kWarpSize = 32;
+
+// V elements moved as one 16-byte (or narrower) load/store.
+template <typename T, int V>
+struct alignas(sizeof(T) * V) Vec {
+  T val[V];
+};
+
+template <int V, typename T>
+__device__ __forceinline__ Vec<T, V> load_vec(const T* p) {
+  return *reinterpret_cast<const Vec<T, V>*>(p);
+}
+
+template <int V, typename T>
+__device__ __forceinline__ void store_vec(T* p, const Vec<T, V>& v) {
+  *reinterpret_cast<Vec<T, V>*>(p) = v;
+}
+
+// How many leading elements of p to take one by one before p + head is aligned for a
+// V-wide vector load. p itself is aligned to sizeof(T), so the answer is exact.
+template <int V, typename T>
+__device__ __forceinline__ int64_t elements_to_alignment(const T* p) {
+  constexpr uintptr_t kBytes = sizeof(T) * V;
+  const uintptr_t misaligned = reinterpret_cast<uintptr_t>(p) % kBytes;
+  return misaligned == 0 ? 0 : static_cast<int64_t>((kBytes - misaligned) / sizeof(T));
+}
+
+// max that propagates NaN, as torch.amax: NaN if either operand is NaN.
+template <typename T>
+__device__ __forceinline__ T nan_max(T a, T b) {
+  return (a != a || a > b) ? a : b;
+}
+
+// __shfl_xor_sync for any trivially copyable value (a float, or a struct of running sums),
+// moved 32 bits at a time. All 32 lanes must call it.
+template <typename T>
+__device__ __forceinline__ T shfl_xor_any(T v, int lane_mask) {
+  static_assert(std::is_trivially_copyable<T>::value, "shfl_xor_any needs a trivially copyable type");
+  static_assert(sizeof(T) % sizeof(unsigned) == 0, "shfl_xor_any moves whole 32-bit words");
+  constexpr int kWords = sizeof(T) / sizeof(unsigned);
+  unsigned words[kWords];
+  memcpy(words, &v, sizeof(T));
+#pragma unroll
+  for (int i = 0; i < kWords; ++i) {
+    words[i] = __shfl_xor_sync(0xffffffffu, words[i], lane_mask);
+  }
+  memcpy(&v, words, sizeof(T));
+  return v;
+}
+
+// Butterfly over the 32 lanes of a warp (all lanes call it); every lane ends with the result.
+// The pairing is fixed, so equal inputs give equal bits.
+template <typename T, typename Combine>
+__device__ __forceinline__ T warp_allreduce(T v, Combine combine) {
+#pragma unroll
+  for (int mask = kWarpSize / 2; mask > 0; mask >>= 1) {
+    v = combine(v, shfl_xor_any(v, mask));
+  }
+  return v;
+}
+
+// Reduction over a whole block; blockDim.x * blockDim.y * blockDim.z must be a multiple of 32
+// and every thread must call it (it synchronises). The result is valid in thread 0 only.
+// smem holds at least (threads / 32) values; the leading __syncthreads makes back-to-back calls
+// with the same smem safe.
+template <typename T, typename Combine>
+__device__ __forceinline__ T block_reduce(T v, T identity, Combine combine, T* smem) {
+  const int tid = threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
+  const int nwarps = blockDim.x * blockDim.y * blockDim.z / kWarpSize;
+  const int lane = tid % kWarpSize;
+  const int warp = tid / kWarpSize;
+  v = warp_allreduce(v, combine);
+  __syncthreads();
+  if (lane == 0) {
+    smem[warp] = v;
+  }
+  __syncthreads();
+  if (warp == 0) {
+    v = lane < nwarps ? smem[lane] : identity;
+    v = warp_allreduce(v, combine);
+  }
+  return v;
+}
+
+}  // namespace cuda
+}  // namespace attnkernels

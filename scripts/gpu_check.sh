@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# One command for a GPU machine with torch preinstalled and no network (DESIGN.md):
+#   scripts/gpu_check.sh [--out DIR]       (or OUT=DIR scripts/gpu_check.sh)
+# 1. the CUDA and Triton tests of the fused ops (the JIT build compiles csrc/ for this GPU),
+# 2. compute-sanitizer memcheck over every CUDA op on a small case,
+# 3. the benchmark table (fp32 and bf16) of the modules with fused kernels.
+# Logs and CSVs go to the output folder; the exit code is non-zero if any step failed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out="${OUT:-gpu_check_out}"
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --out) out="$2"; shift 2 ;;
+    *) echo "usage: $0 [--out DIR]" >&2; exit 2 ;;
+  esac
+done
+mkdir -p "$out"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export TRITON_INTERPRET=0  # real Triton on the GPU, not the interpreter
+python=${PYTHON:-python3}
+status=0
+step() {  # step NAME COMMAND...: run, log to $out/NAME.log, remember failure
+  local name="$1"; shift
+  echo "== $name: $*" | tee "$out/$name.log"
+  local start=$SECONDS
+  "$@" 2>&1 | tee -a "$out/$name.log"
+  local rc=${PIPESTATUS[0]}
+  echo "== $name: exit $rc after $((SECONDS - start)) s" | tee -a "$out/$name.log"
+  [ "$rc" -eq 0 ] || status=1
+}
+
+step environment "$python" -c "import torch, attnkernels.backend as b; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name()); print(b.explain())"
+if "$python" -c "import pytest" 2>/dev/null; then
+  step tests "$python" -m pytest -q -rs -m "not slow" tests/test_channel_gate.py tests/test_channel_gate_triton.py tests/test_backend.py tests/test_build.py
+else
+  echo "pytest is not installed here: carry its wheel (see the device tool's README)" | tee "$out/tests.log"
+  status=1
+fi
+sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)
+if [ -n "$sanitizer" ]; then
+  step memcheck "$sanitizer" --tool memcheck --error-exitcode 1 "$python" scripts/gpu_sanitizer_case.py
+else
+  echo "compute-sanitizer not found" | tee "$out/memcheck.log"; status=1
+fi
+for dtype in float32 bfloat16; do
+  step "throughput_$dtype" "$python" benchmarks/throughput.py --device cuda --dtype "$dtype" \
+    --modules eca,se,ham,cbam --out "$out/throughput_$dtype"
+done
+echo "gpu_check: $([ $status -eq 0 ] && echo all steps passed || echo some step FAILED) (logs in $out)"
+exit $status

@@ -1,0 +1,311 @@
+"""channel_gate on every backend: fused modules and ops against the reference modules.
+
+Backends under test: the C++ kernels (`cpu`), Triton under the interpreter (`triton`, tiny
+shapes: the interpreter is slow), the plain-PyTorch `reference` path, and on a GPU the CUDA
+kernels and Triton. A backend that should be available here and is not fails the test (the
+selection raises); only CUDA skips, on machines without a GPU.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import randomize
+
+from attnkernels import backend
+from attnkernels import functional as AF
+from attnkernels import nn as fused
+from attnkernels import reference as R
+
+CPU_BACKENDS = ["cpu", "triton", "reference"]
+CUDA_BACKENDS = ["cuda", "triton", "reference"]
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA tests need a GPU")
+
+CASES = [pytest.param(b, "cpu", id=f"{b}-cpu") for b in CPU_BACKENDS] + [
+    pytest.param(b, "cuda", id=f"{b}-cuda", marks=needs_gpu) for b in CUDA_BACKENDS
+]
+
+# The interpreter runs Triton one program at a time in Python: small shapes only there.
+SHAPES = {
+    "small": [(2, 24, 7, 5), (1, 40, 3, 4), (3, 16, 1, 1), (2, 3, 6, 6)],
+    "tiny": [(2, 12, 5, 3), (1, 5, 1, 1), (2, 3, 4, 4)],
+}
+LAYOUTS = ["nchw", "channels_last", "sliced"]
+MODULES = {"eca": (fused.ECA, R.ECA), "se": (fused.SE, R.SE)}
+
+
+def shapes_for(backend_name: str, device: str) -> list[tuple]:
+    return SHAPES["tiny" if backend_name == "triton" and device == "cpu" else "small"]
+
+
+def make_input(shape: tuple, layout: str, dtype: torch.dtype, device: str) -> torch.Tensor:
+    """Random x in the given layout; `sliced` is a strided view dense in neither format."""
+    if layout == "sliced":
+        n, c, h, w = shape
+        return torch.randn(n, c, h + 2, 2 * w, dtype=dtype, device=device)[:, :, 1 : h + 1, ::2]
+    x = torch.randn(shape, dtype=dtype, device=device)
+    return x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x
+
+
+def fused_and_reference(name: str, channels: int, dtype: torch.dtype, device: str, **kwargs):
+    fused_cls, ref_cls = MODULES[name]
+    ref = randomize(ref_cls(channels, **kwargs)).to(device, dtype)
+    f = fused_cls(channels, **kwargs).to(device, dtype)
+    f.load_state_dict(ref.state_dict())
+    return f, ref
+
+
+def forward_backward(module, x: torch.Tensor, g: torch.Tensor, backend_name: str | None = None):
+    """Output, x's gradient and every parameter gradient, optionally on a forced backend."""
+    module.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_()
+    with backend.use_backend(backend_name):
+        y = module(x)
+    y.backward(g)
+    return y.detach(), [x.grad] + [p.grad for p in module.parameters()]
+
+
+def assert_matches(fused_out, ref_out, dtype: torch.dtype) -> None:
+    tol = {"rtol": 1e-12, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 2e-5, "atol": 2e-6}
+    (y_f, grads_f), (y_r, grads_r) = fused_out, ref_out
+    torch.testing.assert_close(y_f, y_r, **tol)
+    assert len(grads_f) == len(grads_r)
+    for a, b in zip(grads_f, grads_r):
+        torch.testing.assert_close(a, b, **tol)
+
+
+@pytest.mark.parametrize("backend_name,device", CASES)
+@pytest.mark.parametrize("name", list(MODULES))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_fused_module_matches_reference(backend_name, device, name, dtype, layout) -> None:
+    for shape in shapes_for(backend_name, device):
+        f, ref = fused_and_reference(name, shape[1], dtype, device)
+        x = make_input(shape, layout, dtype, device)
+        g = torch.randn(shape, dtype=dtype, device=device)
+        out_f = forward_backward(f, x, g, backend_name)
+        assert_matches(out_f, forward_backward(ref, x, g), dtype)
+        if layout == "channels_last" and shape[1] > 1 and shape[2] * shape[3] > 1:
+            assert out_f[0].is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("backend_name,device", CASES)
+@pytest.mark.parametrize("k", [1, 3, 5, 7, 9])
+def test_eca_kernel_sizes(backend_name, device, k) -> None:
+    shape = (2, 6, 4, 3) if backend_name == "triton" else (2, 19, 5, 6)
+    f, ref = fused_and_reference("eca", shape[1], torch.float64, device, kernel_size=k)
+    x = torch.randn(shape, dtype=torch.float64, device=device)
+    g = torch.randn_like(x)
+    assert_matches(forward_backward(f, x, g, backend_name), forward_backward(ref, x, g), torch.float64)
+
+
+def gate_reference(x, weight, alpha, beta, mode: str) -> torch.Tensor:
+    """SPEC's gate in plain torch: ECA's pooling (avg), max pooling, or HAM's mix."""
+    a, m = x.mean((2, 3)), x.amax((2, 3))
+    pooled = {"avg": a, "max": m, "mix": 0.5 * (a + m) + alpha * a + beta * m}[mode]
+    k = weight.numel()
+    z = torch.nn.functional.conv1d(pooled[:, None], weight.view(1, 1, k), padding=(k - 1) // 2)
+    return torch.sigmoid(z[:, 0])
+
+
+@pytest.mark.parametrize("backend_name,device", CASES)
+@pytest.mark.parametrize("mode", ["avg", "max", "mix"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_gate_modes_and_all_gradients(backend_name, device, mode, layout) -> None:
+    """channel_pool + channel_gate + channel_rescale vs the reference, with gradients to
+    x, the conv weight, and (mix) alpha and beta."""
+    shape = (2, 7, 3, 5) if backend_name == "triton" else (3, 33, 6, 5)
+    x = make_input(shape, layout, torch.float64, device)
+    params = [torch.randn(5, dtype=torch.float64, device=device), torch.tensor(0.3, dtype=torch.float64), torch.tensor(0.8, dtype=torch.float64)]
+    params = [p.to(device).requires_grad_() for p in params]
+    g = torch.randn(shape, dtype=torch.float64, device=device)
+
+    def run(fn):
+        xx = x.detach().clone().requires_grad_()
+        for p in params:
+            p.grad = None
+        y = fn(xx)
+        y.backward(g)
+        used = params if mode == "mix" else params[:1]
+        return y.detach(), [xx.grad] + [p.grad for p in used]
+
+    w, alpha, beta = params
+    with backend.use_backend(backend_name):
+        out_fused = run(lambda xx: AF.channel_attention(xx, w, alpha, beta, mode))
+    out_ref = run(lambda xx: xx * gate_reference(xx, w, alpha, beta, mode)[:, :, None, None])
+    assert_matches(out_fused, out_ref, torch.float64)
+
+
+@pytest.mark.parametrize("backend_name,device", CASES)
+def test_max_pool_ties_share_the_gradient(backend_name, device) -> None:
+    """Repeated maxima (integers, ReLU zeros) split grad_max evenly, as torch.amax."""
+    shape = (2, 5, 4, 3)
+    x = torch.randint(-2, 3, shape, device=device).double().relu()
+    x[0, 1] = 1.0  # a whole plane tied
+    grad_avg = torch.randn(shape[:2], dtype=torch.float64, device=device)
+    grad_max = torch.randn(shape[:2], dtype=torch.float64, device=device)
+
+    def grads(pool):
+        xx = x.clone().requires_grad_()
+        avg, mx = pool(xx)
+        (avg * grad_avg + mx * grad_max).sum().backward()
+        return avg.detach(), mx.detach(), xx.grad
+
+    with backend.use_backend(backend_name):
+        got = grads(AF.channel_pool)
+    expected = grads(lambda t: (t.mean((2, 3)), t.amax((2, 3))))
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend_name,device", CASES)
+def test_max_pool_propagates_nan(backend_name, device) -> None:
+    """A NaN makes its plane's avg and max NaN, and (as torch.amax) its max gradient NaN."""
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64, device=device)
+    x[1, 2, 3, 1] = float("nan")
+    g_avg, g_max = torch.randn(2, 3, dtype=torch.float64, device=device), torch.randn(2, 3, dtype=torch.float64, device=device)
+
+    def run(pool):
+        xx = x.clone().requires_grad_()
+        avg, mx = pool(xx)
+        (avg * g_avg + mx * g_max).sum().backward()
+        return avg.detach(), mx.detach(), xx.grad
+
+    with backend.use_backend(backend_name):
+        avg, mx, grad = run(AF.channel_pool)
+    assert torch.isnan(mx[1, 2]) and torch.isnan(avg[1, 2])
+    assert torch.isfinite(mx[0]).all() and torch.isfinite(mx[1, :2]).all()
+    expected = run(lambda t: (t.mean((2, 3)), t.amax((2, 3))))
+    for got, want in zip((avg, mx, grad), expected):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, equal_nan=True)
+    assert torch.isnan(grad[1, 2]).all() and torch.isfinite(grad[0]).all()
+
+
+@pytest.mark.parametrize("backend_name,device", CASES)
+@pytest.mark.parametrize("mode", ["avg", "max", "mix"])
+def test_gradcheck(backend_name, device, mode) -> None:
+    x = torch.randn(2, 5, 3, 2, dtype=torch.float64, device=device, requires_grad=True)
+    w = torch.randn(3, dtype=torch.float64, device=device, requires_grad=True)
+    alpha = torch.tensor(0.4, dtype=torch.float64, device=device, requires_grad=True)
+    beta = torch.tensor(0.7, dtype=torch.float64, device=device, requires_grad=True)
+    with backend.use_backend(backend_name):
+        assert torch.autograd.gradcheck(
+            lambda x, w, a, b: AF.channel_attention(x, w, a, b, mode), (x, w, alpha, beta), eps=1e-6, atol=1e-7
+        )
+
+
+@pytest.mark.parametrize("backend_name,device", CASES)
+@pytest.mark.parametrize("name", list(MODULES))
+def test_deterministic(backend_name, device, name) -> None:
+    shape = (2, 12, 5, 3) if backend_name == "triton" else (4, 64, 9, 11)
+    f, _ = fused_and_reference(name, shape[1], torch.float32, device)
+    x = torch.randn(shape, device=device)
+    g = torch.randn_like(x)
+    y1, grads1 = forward_backward(f, x, g, backend_name)
+    y2, grads2 = forward_backward(f, x, g, backend_name)
+    assert torch.equal(y1, y2) and all(torch.equal(a, b) for a, b in zip(grads1, grads2))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_gpu)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", list(MODULES))
+def test_half_precision_error_like_eager(device, dtype, name) -> None:
+    """In fp16/bf16 the fused module's error against an fp64 reference is no worse than
+    twice the eager same-precision module's error (flash-attention's criterion)."""
+    shape = (4, 96, 14, 14)
+    f, ref = fused_and_reference(name, shape[1], torch.float64, device)
+    x = torch.randn(shape, dtype=torch.float64, device=device)
+    g = torch.randn_like(x)
+    exact = forward_backward(ref, x, g)
+    low = forward_backward(copy.deepcopy(f).to(dtype), x.to(dtype), g.to(dtype), device)
+    eager = forward_backward(copy.deepcopy(ref).to(dtype), x.to(dtype), g.to(dtype))
+    for got, base, truth in zip([low[0], *low[1]], [eager[0], *eager[1]], [exact[0], *exact[1]]):
+        err_fused = (got.double() - truth).abs().max().item()
+        err_eager = (base.double() - truth).abs().max().item()
+        assert err_fused <= 2 * err_eager + 1e-6 * truth.abs().max().item(), (err_fused, err_eager)
+
+
+@pytest.mark.parametrize("name", list(MODULES))
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_compile_fullgraph_on_cpu(name, layout) -> None:
+    """torch.compile(fullgraph=True) over the fused module: no graph break, same numbers."""
+    torch._dynamo.reset()
+    f, _ = fused_and_reference(name, 24, torch.float32, "cpu")
+    compiled = torch.compile(f, fullgraph=True)
+    x = make_input((2, 24, 7, 5), layout, torch.float32, "cpu")
+    g = torch.randn(2, 24, 7, 5)
+    with backend.use_backend("cpu"):
+        eager = forward_backward(f, x, g)
+        got = forward_backward(compiled, x, g)
+    assert_matches(got, eager, torch.float32)
+
+
+def _op_samples():
+    """Inputs per op; each a fresh tensor, so requires_grad on one sample leaks into no other.
+    Backward ops get inputs that do not require grad: they are not differentiable again."""
+    x = torch.randn(2, 6, 5, 3, dtype=torch.float64)
+    avg, mx = x.mean((2, 3)), x.amax((2, 3))
+    gate = torch.rand(2, 6, dtype=torch.float64)
+    w = torch.randn(1, 1, 3, dtype=torch.float64)
+    alpha, beta = torch.tensor(0.5, dtype=torch.float64), torch.tensor(0.25, dtype=torch.float64)
+
+    def leaf(t: torch.Tensor, grad: bool = False) -> torch.Tensor:
+        return t.detach().clone().requires_grad_(grad)
+
+    return {
+        "channel_pool": [(leaf(x, True),), (leaf(x).contiguous(memory_format=torch.channels_last),)],
+        "channel_pool_backward": [(leaf(avg), leaf(mx), leaf(x), leaf(mx)), (leaf(avg), None, leaf(x), leaf(mx))],
+        "channel_gate": [
+            (leaf(avg, True), leaf(mx), leaf(w, True), None, None, 0),
+            (leaf(avg), leaf(mx, True), leaf(w), leaf(alpha, True), leaf(beta, True), 2),
+        ],
+        "channel_gate_backward": [(leaf(gate), leaf(gate), leaf(avg), leaf(mx), leaf(w), leaf(alpha), leaf(beta), 2)],
+        "channel_rescale": [(leaf(x, True), leaf(gate, True))],
+        "channel_rescale_backward": [(torch.randn_like(x), leaf(x), leaf(gate))],
+    }
+
+
+@pytest.mark.parametrize("op_name", list(_op_samples()))
+def test_opcheck(op_name) -> None:
+    """Schema, fake implementation, autograd registration and AOT dispatch of each C++ op."""
+    backend.select("channel_gate", torch.device("cpu"))  # builds and registers the ops
+    op = getattr(torch.ops.attnkernels, op_name).default
+    for args in _op_samples()[op_name]:
+        torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("backend_name", ["cpu", "triton"])
+def test_op_input_errors(backend_name) -> None:
+    """Every backend's ops name the argument and raise ValueError/TypeError as Python does."""
+    with backend.use_backend(backend_name):
+        backend.select("channel_gate", torch.device("cpu"))  # builds and registers the ops
+    ns = torch.ops.attnkernels if backend_name == "cpu" else torch.ops.attnkernels_triton
+    with pytest.raises(ValueError, match=r"channel_pool: x must be 4-D"):
+        ns.channel_pool(torch.randn(2, 3, 4))
+    with pytest.raises(TypeError, match=r"channel_pool: x must be a floating-point tensor"):
+        ns.channel_pool(torch.ones(2, 3, 4, 4, dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"gate must have shape \(N, C\)"):
+        ns.channel_rescale(torch.randn(2, 3, 4, 4), torch.rand(2, 4))
+    with pytest.raises(ValueError, match=r"mode must be 0 \(avg\), 1 \(max\) or 2"):
+        ns.channel_gate(torch.rand(2, 3), torch.rand(2, 3), torch.randn(3), None, None, 5)
+
+
+def test_functional_argument_errors() -> None:
+    avg = torch.rand(2, 3)
+    with pytest.raises(ValueError, match=r"mode must be one of avg, max, mix"):
+        AF.channel_gate(avg, avg, torch.randn(3), mode="sum")
+    with pytest.raises(ValueError, match=r"mode 'mix' needs alpha and beta"):
+        AF.channel_gate(avg, avg, torch.randn(3), mode="mix")
+    with pytest.raises(ValueError, match=r"odd number of taps"):
+        AF.channel_gate(avg, avg, torch.randn(4))
+
+
+def test_fused_modules_keep_reference_interface() -> None:
+    for name, (fused_cls, ref_cls) in MODULES.items():
+        f, r = fused_cls(64), ref_cls(64)
+        assert f.state_dict().keys() == r.state_dict().keys(), name
+        r.load_state_dict(f.state_dict())
+        assert isinstance(f, ref_cls)
+        with pytest.raises(ValueError, match=r"x must have 64 channels"):
+            f(torch.randn(2, 32, 4, 4))
