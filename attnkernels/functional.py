@@ -48,14 +48,7 @@ def channel_gate(
     `weight` holds the k taps of the zero-padded 1-D conv (k odd, any shape with k
     elements, e.g. a Conv1d(1, 1, k) weight); "mix" needs the scalars alpha and beta.
     """
-    if mode not in GATE_MODES:
-        raise ValueError(f"channel_gate: mode must be one of {', '.join(GATE_MODES)}; got {mode!r}")
-    if mode == "mix" and (alpha is None or beta is None):
-        raise ValueError("channel_gate: mode 'mix' needs alpha and beta")
-    if weight.numel() % 2 == 0:
-        raise ValueError(f"channel_gate: weight must hold an odd number of taps, got {weight.numel()}")
-    if mode != "mix":
-        alpha = beta = None
+    alpha, beta = _check_gate_args("channel_gate", weight, alpha, beta, mode)
     backend = select("channel_gate", avg.device)
     if backend == "reference":
         return _reference_gate(avg, max, weight, alpha, beta, mode)
@@ -82,9 +75,28 @@ def channel_attention(
     beta: torch.Tensor | None = None,
     mode: str = "avg",
 ) -> torch.Tensor:
-    """The whole ECA-style gate: `channel_rescale(x, channel_gate(*channel_pool(x), ...))`."""
+    """The whole ECA-style gate: `channel_rescale(x, channel_gate(*channel_pool(x), ...))`.
+
+    On the C++/CUDA backends this is one op (the CPU kernel pools, gates and rescales each
+    sample while it is in cache); elsewhere the three ops run in turn.
+    """
+    backend = select("channel_gate", x.device)
+    if backend in ("cpu", "cuda"):
+        alpha, beta = _check_gate_args("channel_attention", weight, alpha, beta, mode)
+        return torch.ops.attnkernels.channel_attention(x, weight, alpha, beta, GATE_MODES[mode])[0]
     avg, max_ = channel_pool(x)
     return channel_rescale(x, channel_gate(avg, max_, weight, alpha, beta, mode))
+
+
+def _check_gate_args(op: str, weight, alpha, beta, mode: str):
+    """Validate the gate's mode and taps; return (alpha, beta), None unless mode is "mix"."""
+    if mode not in GATE_MODES:
+        raise ValueError(f"{op}: mode must be one of {', '.join(GATE_MODES)}; got {mode!r}")
+    if mode == "mix" and (alpha is None or beta is None):
+        raise ValueError(f"{op}: mode 'mix' needs alpha and beta")
+    if weight.numel() % 2 == 0:
+        raise ValueError(f"{op}: weight must hold an odd number of taps, got {weight.numel()}")
+    return (alpha, beta) if mode == "mix" else (None, None)
 
 
 def _reference_gate(avg, max_, weight, alpha, beta, mode: str) -> torch.Tensor:

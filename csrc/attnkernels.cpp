@@ -26,7 +26,12 @@
 //     y = x * gate[:, :, None, None], multiplied in acc(x), rounded to x's dtype, in x's layout.
 //   channel_rescale_backward(grad_y, x, gate) -> (grad_x, grad_gate)
 //     grad_x = grad_y * gate (x's dtype and layout);  grad_gate[n,c] = sum_hw grad_y * x (acc).
+//   channel_attention(x, weight, alpha?, beta?, mode) -> (y, avg, max, gate)
+//     the three forward ops in one: avg, max = channel_pool(x); gate = channel_gate(...);
+//     y = channel_rescale(x, gate). The CPU kernel runs them sample by sample, so the second
+//     read of x[n] hits the cache; elsewhere the composite below calls the three ops.
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 
@@ -39,6 +44,37 @@ TORCH_LIBRARY(attnkernels, m) {
       "Tensor? alpha, Tensor? beta, int mode) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("channel_rescale(Tensor x, Tensor gate) -> Tensor");
   m.def("channel_rescale_backward(Tensor grad_y, Tensor x, Tensor gate) -> (Tensor, Tensor)");
+  m.def(
+      "channel_attention(Tensor x, Tensor weight, Tensor? alpha, Tensor? beta, int mode) "
+      "-> (Tensor y, Tensor avg, Tensor max, Tensor gate)");
+}
+
+namespace {
+
+// channel_attention on any device: the three ops through the dispatcher, one after another.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> channel_attention_composite(
+    const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& alpha,
+    const c10::optional<at::Tensor>& beta, int64_t mode) {
+  static auto pool = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("attnkernels::channel_pool", "")
+                         .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&)>();
+  static auto gate_op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("attnkernels::channel_gate", "")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                            const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&, int64_t)>();
+  static auto rescale = c10::Dispatcher::singleton()
+                            .findSchemaOrThrow("attnkernels::channel_rescale", "")
+                            .typed<at::Tensor(const at::Tensor&, const at::Tensor&)>();
+  auto [avg, max] = pool.call(x);
+  at::Tensor gate = gate_op.call(avg, max, weight, alpha, beta, mode);
+  return {rescale.call(x, gate), avg, max, gate};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(attnkernels, CompositeExplicitAutograd, m) {
+  m.impl("channel_attention", &channel_attention_composite);
 }
 
 // The backward ops are not differentiable again: a double backward through them raises

@@ -263,6 +263,10 @@ def _op_samples():
         "channel_gate_backward": [(leaf(gate), leaf(gate), leaf(avg), leaf(mx), leaf(w), leaf(alpha), leaf(beta), 2)],
         "channel_rescale": [(leaf(x, True), leaf(gate, True))],
         "channel_rescale_backward": [(torch.randn_like(x), leaf(x), leaf(gate))],
+        "channel_attention": [
+            (leaf(x, True), leaf(w, True), None, None, 0),  # N = 2: the per-sample CPU kernel
+            (leaf(x[:1], True), leaf(w), leaf(alpha, True), leaf(beta, True), 2),  # N = 1: composed
+        ],
     }
 
 

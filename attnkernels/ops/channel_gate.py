@@ -61,6 +61,10 @@ def _fake_channel_rescale_backward(grad_y, x, gate):
     return torch.empty_like(x, memory_format=layout_of(x)), torch.empty_like(gate)
 
 
+def _fake_channel_attention(x, weight, alpha, beta, mode):
+    return _fake_channel_rescale(x, None), _per_channel(x), _per_channel(x), _per_channel(x)
+
+
 _FAKES = {
     "channel_pool": _fake_channel_pool,
     "channel_pool_backward": _fake_channel_pool_backward,
@@ -68,6 +72,7 @@ _FAKES = {
     "channel_gate_backward": _fake_channel_gate_backward,
     "channel_rescale": _fake_channel_rescale,
     "channel_rescale_backward": _fake_channel_rescale_backward,
+    "channel_attention": _fake_channel_attention,
 }
 
 
@@ -107,6 +112,33 @@ def _register_autograd(namespace: str) -> None:
         x, gate = ctx.saved_tensors
         return ops.channel_rescale_backward(grad_y, x, gate)
 
+    def setup_attention(ctx: Any, inputs: tuple, output: tuple) -> None:
+        x, weight, alpha, beta, mode = inputs
+        _, avg, max_, gate = output
+        ctx.mode = mode
+        ctx.has_mix = alpha is not None and beta is not None
+        ctx.save_for_backward(x, weight, alpha, beta, avg, max_, gate)
+        ctx.set_materialize_grads(False)
+
+    def backward_attention(ctx: Any, grad_y, grad_avg, grad_max, grad_gate_out):
+        # Only y is meant to be differentiated; avg, max and gate are saved statistics.
+        x, weight, alpha, beta, avg, max_, gate = ctx.saved_tensors
+        if grad_y is None:
+            return None, None, None, None, None
+        grad_x, grad_gate = ops.channel_rescale_backward(grad_y, x, gate)
+        grads = ops.channel_gate_backward(grad_gate, gate, avg, max_, weight, alpha, beta, ctx.mode)
+        grad_avg_in, grad_max_in, grad_weight, grad_alpha, grad_beta = grads
+        # Mode 0 uses no max: skip the tie-counting pass. grad_x is ours: add in place, so
+        # no third x-sized tensor is alive at the peak.
+        grad_x.add_(ops.channel_pool_backward(grad_avg_in, None if ctx.mode == 0 else grad_max_in, x, max_))
+        if not ctx.has_mix:
+            grad_alpha = grad_beta = None
+        return grad_x, grad_weight, grad_alpha, grad_beta, None
+
+    if hasattr(ops, "channel_attention"):  # the composite op exists in the C++ library only
+        torch.library.register_autograd(
+            f"{namespace}::channel_attention", backward_attention, setup_context=setup_attention
+        )
     for name, backward, setup in (
         ("channel_pool", backward_pool, setup_pool),
         ("channel_gate", backward_gate, setup_gate),
@@ -123,7 +155,7 @@ def register(namespace: str, with_fakes: bool = True) -> None:
     """
     if namespace in _registered:
         return
-    if with_fakes:
+    if with_fakes:  # (the C++ namespace, which also holds channel_attention)
         for name, fake in _FAKES.items():
             torch.library.register_fake(f"{namespace}::{name}")(fake)
     _register_autograd(namespace)

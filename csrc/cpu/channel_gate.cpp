@@ -430,12 +430,25 @@ Mix<acc_t> make_mix(const at::Tensor& avg, const at::Tensor& max, const c10::opt
           mix ? alpha->item().to<acc_t>() : acc_t(0), mix ? beta->item().to<acc_t>() : acc_t(0)};
 }
 
+// gate[n, :] = sigmoid(conv1d_over_C(f[n, :])) for one sample n.
+template <typename acc_t>
+void gate_sample(const Mix<acc_t>& f, const acc_t* w, int64_t k, int64_t C, int64_t n, acc_t* gate) {
+  const int64_t pad = (k - 1) / 2;
+  for (int64_t c = 0; c < C; ++c) {
+    acc_t z = 0;  // zero padding: taps outside [0, C) contribute nothing
+    for (int64_t j = std::max<int64_t>(0, pad - c); j < std::min(k, C + pad - c); ++j) {
+      z += w[j] * f(n * C + c + j - pad);
+    }
+    gate[n * C + c] = acc_t(1) / (acc_t(1) + std::exp(-z));
+  }
+}
+
 at::Tensor channel_gate_cpu(const at::Tensor& avg_in, const at::Tensor& max_in, const at::Tensor& weight,
                             const c10::optional<at::Tensor>& alpha, const c10::optional<at::Tensor>& beta,
                             int64_t mode) {
   check_gate_args(avg_in, max_in, weight, alpha, beta, mode, "channel_gate");
   const at::Tensor avg = avg_in.contiguous(), max = max_in.contiguous();
-  const int64_t N = avg.size(0), C = avg.size(1), k = weight.numel(), pad = (k - 1) / 2;
+  const int64_t N = avg.size(0), C = avg.size(1), k = weight.numel();
   at::Tensor gate = at::empty_like(avg);
   AT_DISPATCH_FLOATING_TYPES(avg.scalar_type(), "channel_gate_cpu", [&] {
     using acc_t = scalar_t;
@@ -444,15 +457,7 @@ at::Tensor channel_gate_cpu(const at::Tensor& avg_in, const at::Tensor& max_in, 
     const Mix<acc_t> f = make_mix<acc_t>(avg, max, alpha, beta, mode);
     acc_t* g = gate.data_ptr<acc_t>();
     at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t n = begin; n < end; ++n) {
-        for (int64_t c = 0; c < C; ++c) {
-          acc_t z = 0;  // zero padding: taps outside [0, C) contribute nothing
-          for (int64_t j = std::max<int64_t>(0, pad - c); j < std::min(k, C + pad - c); ++j) {
-            z += w[j] * f(n * C + c + j - pad);
-          }
-          g[n * C + c] = acc_t(1) / (acc_t(1) + std::exp(-z));
-        }
-      }
+      for (int64_t n = begin; n < end; ++n) gate_sample(f, w, k, C, n, g);
     });
   });
   return gate;
@@ -522,9 +527,61 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> channel_g
   return {grad_avg, grad_max, grad_weight, grad_ab[0].to(ab_type, false, true), grad_ab[1].to(ab_type, false, true)};
 }
 
+// ---------------------------------------------------------------- channel_attention
+
+// pool, gate and rescale one sample at a time, one sample per task: the rescale re-reads
+// x[n] from the cache the pooling just filled, so x crosses memory once, not twice. With
+// fewer samples than threads the three parallel ops run instead.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> channel_attention_cpu(
+    const at::Tensor& x_in, const at::Tensor& weight, const c10::optional<at::Tensor>& alpha,
+    const c10::optional<at::Tensor>& beta, int64_t mode) {
+  const char* op = "channel_attention";
+  check_feature_map(x_in, op, "x");
+  const at::Tensor x = dense(x_in);
+  const int64_t N = x.size(0), C = x.size(1), hw = x.size(2) * x.size(3);
+  if (N < at::get_num_threads() || x.numel() == 0) {
+    auto [avg, max] = channel_pool_cpu(x);
+    at::Tensor gate = channel_gate_cpu(avg, max, weight, alpha, beta, mode);
+    return {channel_rescale_cpu(x, gate), avg, max, gate};
+  }
+  auto opts = x.options().dtype(acc_type(x.scalar_type()));
+  at::Tensor avg = at::empty({N, C}, opts), max = at::empty({N, C}, opts), gate = at::empty({N, C}, opts);
+  check_gate_args(avg, max, weight, alpha, beta, mode, op);
+  at::Tensor y = empty_like_layout(x);
+  const bool channels_last = layout_of(x) == Layout::ChannelsLast;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "channel_attention_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const at::Tensor w_acc = weight.reshape(-1).to(opts.dtype()).contiguous();
+    const acc_t* w = w_acc.const_data_ptr<acc_t>();
+    const Mix<acc_t> f = make_mix<acc_t>(avg, max, alpha, beta, mode);
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    acc_t *a = avg.data_ptr<acc_t>(), *m = max.data_ptr<acc_t>(), *g = gate.data_ptr<acc_t>();
+    // Inside this region the helpers' own parallel_for runs inline, on this task's thread.
+    at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n) {
+        const int64_t offset = n * C * hw;  // x[n] in either layout
+        if (channels_last) {
+          pool_channels_last(xp + offset, 1, C, hw, a + n * C, m + n * C);
+        } else {
+          pool_nchw(xp + offset, C, hw, a + n * C, m + n * C);
+        }
+        gate_sample(f, w, weight.numel(), C, n, g);
+        if (channels_last) {
+          rescale_channels_last<scalar_t>(xp + offset, nullptr, yp + offset, 1, C, hw, g + n * C, nullptr);
+        } else {
+          rescale_nchw<scalar_t>(xp + offset, nullptr, yp + offset, C, hw, g + n * C, nullptr);
+        }
+      }
+    });
+  });
+  return {y, avg, max, gate};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(attnkernels, CPU, m) {
+  m.impl("channel_attention", &channel_attention_cpu);
   m.impl("channel_pool", &channel_pool_cpu);
   m.impl("channel_pool_backward", &channel_pool_backward_cpu);
   m.impl("channel_gate", &channel_gate_cpu);
