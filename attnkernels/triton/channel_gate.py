@@ -237,6 +237,16 @@ def _div(a, b):
 
 
 @triton.jit
+def _channel_block(num_cb, C, BLOCK_C: tl.constexpr):
+    """This program's sample n (int64), its block of BLOCK_C channels c, and c < C.
+    The grid is 1-D over (n, channel block): no 65535 limit on a second axis."""
+    pid = tl.program_id(0)
+    n = (pid // num_cb).to(tl.int64)
+    c = (pid % num_cb) * BLOCK_C + tl.arange(0, BLOCK_C)
+    return n, c, c < C
+
+
+@triton.jit
 def _pool_kernel(
     x_ptr, avg_ptr, max_ptr,
     C, HW, W, num_cb,
@@ -244,10 +254,7 @@ def _pool_kernel(
     FLAT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
     ACC = avg_ptr.dtype.element_ty
-    pid = tl.program_id(0)
-    n = (pid // num_cb).to(tl.int64)
-    c = (pid % num_cb) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = c < C
+    n, c, c_mask = _channel_block(num_cb, C, BLOCK_C)
     x_row = n * sx_n + c.to(tl.int64) * sx_c
 
     acc_sum = tl.zeros([BLOCK_C, BLOCK_HW], dtype=ACC)
@@ -280,10 +287,7 @@ def _pool_backward_kernel(
     HAS_MAX: tl.constexpr, FLAT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
     ACC = gavg_ptr.dtype.element_ty
-    pid = tl.program_id(0)
-    n = (pid // num_cb).to(tl.int64)
-    c = (pid % num_cb) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = c < C
+    n, c, c_mask = _channel_block(num_cb, C, BLOCK_C)
     nc = n * C + c
     x_row = n * sx_n + c.to(tl.int64) * sx_c
     o_row = n * so_n + c.to(tl.int64) * so_c
@@ -326,10 +330,7 @@ def _rescale_kernel(
     FLAT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
     ACC = gate_ptr.dtype.element_ty
-    pid = tl.program_id(0)
-    n = (pid // num_cb).to(tl.int64)
-    c = (pid % num_cb) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = c < C
+    n, c, c_mask = _channel_block(num_cb, C, BLOCK_C)
     x_row = n * sx_n + c.to(tl.int64) * sx_c
     o_row = n * so_n + c.to(tl.int64) * so_c
     gate = tl.load(gate_ptr + n * C + c, mask=c_mask, other=0.0)
@@ -352,10 +353,7 @@ def _rescale_backward_kernel(
     FLAT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
     ACC = gate_ptr.dtype.element_ty
-    pid = tl.program_id(0)
-    n = (pid // num_cb).to(tl.int64)
-    c = (pid % num_cb) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = c < C
+    n, c, c_mask = _channel_block(num_cb, C, BLOCK_C)
     nc = n * C + c
     g_row = n * sg_n + c.to(tl.int64) * sg_c
     x_row = n * sx_n + c.to(tl.int64) * sx_c
