@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from .backend import select
-from .ops.channel_gate import accumulate_dtype, layout_of
+from .reference._base import memory_format_of
+from .reference.formulas import accumulate_dtype
 
 #: channel_gate's pooling modes: f = avg, f = max, or HAM's 0.5*(avg+max) + alpha*avg + beta*max.
 GATE_MODES = {"avg": 0, "max": 1, "mix": 2}
@@ -64,7 +65,7 @@ def channel_rescale(x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     backend = select("channel_gate", x.device)
     if backend == "reference":
         y = (x.to(gate.dtype) * gate[:, :, None, None]).to(x.dtype)
-        return y.contiguous(memory_format=layout_of(x))
+        return y.contiguous(memory_format=memory_format_of(x))
     return _ops(backend).channel_rescale(x, gate)
 
 

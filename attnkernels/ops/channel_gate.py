@@ -13,22 +13,15 @@ from typing import Any
 
 import torch
 
+# The same rules as the reference modules and csrc/include/attnkernels/common.h: the
+# accumulation dtype, and the layout of a full-size output (channels_last in, out).
+from ..reference._base import memory_format_of
+from ..reference.formulas import accumulate_dtype
+
 FORWARD_OPS = ("channel_pool", "channel_gate", "channel_rescale")
 BACKWARD_OPS = ("channel_pool_backward", "channel_gate_backward", "channel_rescale_backward")
 
 _registered: set[str] = set()
-
-
-def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
-    """SPEC's accumulation dtype: float64 for float64, float32 otherwise."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def layout_of(x: torch.Tensor) -> torch.memory_format:
-    """The memory format of a kernel's full-size output for input x (csrc common.h layout_of)."""
-    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
 
 
 def _per_channel(x: torch.Tensor) -> torch.Tensor:
@@ -40,7 +33,7 @@ def _fake_channel_pool(x):
 
 
 def _fake_channel_pool_backward(grad_avg, grad_max, x, max):
-    return torch.empty_like(x, memory_format=layout_of(x))
+    return torch.empty_like(x, memory_format=memory_format_of(x))
 
 
 def _fake_channel_gate(avg, max, weight, alpha, beta, mode):
@@ -54,11 +47,11 @@ def _fake_channel_gate_backward(grad_gate, gate, avg, max, weight, alpha, beta, 
 
 
 def _fake_channel_rescale(x, gate):
-    return torch.empty_like(x, memory_format=layout_of(x))
+    return torch.empty_like(x, memory_format=memory_format_of(x))
 
 
 def _fake_channel_rescale_backward(grad_y, x, gate):
-    return torch.empty_like(x, memory_format=layout_of(x)), torch.empty_like(gate)
+    return torch.empty_like(x, memory_format=memory_format_of(x)), torch.empty_like(gate)
 
 
 def _fake_channel_attention(x, weight, alpha, beta, mode):

@@ -35,6 +35,9 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from ..reference._base import memory_format_of
+from ..reference.formulas import accumulate_dtype
+
 __all__ = [
     "channel_pool",
     "channel_pool_backward",
@@ -123,10 +126,6 @@ def _check_avg_max(op: str, avg, max) -> tuple[int, int]:
 # ----------------------------------------------------------------------------------------
 # Host-side helpers: dtypes, layouts, tiles
 # ----------------------------------------------------------------------------------------
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _nc(t: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
     """An (N, C) input as a contiguous tensor of the accumulation dtype (no copy if it is one)."""
     return t.to(acc).contiguous()
@@ -134,9 +133,7 @@ def _nc(t: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
 
 def _empty_like_x(x: torch.Tensor) -> torch.Tensor:
     """x's shape and dtype; channels_last if x is channels_last-dense and not NCHW-contiguous."""
-    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt)
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=memory_format_of(x))
 
 
 def _pow2(v) -> int:
@@ -519,7 +516,7 @@ def channel_pool(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     op = "channel_pool"
     _check_x(op, "x", x)
     n, c, h, w = x.shape
-    acc = _acc_dtype(x.dtype)
+    acc = accumulate_dtype(x.dtype)
     avg = torch.empty((n, c), dtype=acc, device=x.device)
     mx = torch.empty((n, c), dtype=acc, device=x.device)
     flat, (sx_hw,) = _hw_strides(x)
@@ -547,7 +544,7 @@ def channel_pool_backward(
     if grad_max is not None:
         _check_nc(op, "grad_max", grad_max, n, c)
     _check_device(op, "x", x, grad_avg=grad_avg, grad_max=grad_max, max=max)
-    acc = _acc_dtype(x.dtype)
+    acc = accumulate_dtype(x.dtype)
     gavg = _nc(grad_avg, acc)
     has_max = grad_max is not None
     gmax = _nc(grad_max, acc) if has_max else gavg
@@ -598,7 +595,7 @@ def channel_gate(
     n, c = _check_avg_max(op, avg, max)
     k = _check_gate_params(op, weight, alpha, beta, mode)
     _check_device(op, "avg", avg, max=max, weight=weight, alpha=alpha, beta=beta)
-    acc = _acc_dtype(avg.dtype)
+    acc = accumulate_dtype(avg.dtype)
     a = _nc(avg, acc)
     m = _nc(max, acc)
     wt = weight.reshape(-1).to(acc).contiguous()
@@ -633,7 +630,7 @@ def channel_gate_backward(
     _check_device(
         op, "avg", avg, grad_gate=grad_gate, gate=gate, max=max, weight=weight, alpha=alpha, beta=beta
     )
-    acc = _acc_dtype(avg.dtype)
+    acc = accumulate_dtype(avg.dtype)
     gg = _nc(grad_gate, acc)
     g = _nc(gate, acc)
     a = _nc(avg, acc)
@@ -675,7 +672,7 @@ def channel_rescale(x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     n, c, h, w = x.shape
     _check_nc(op, "gate", gate, n, c)
     _check_device(op, "x", x, gate=gate)
-    acc = _acc_dtype(x.dtype)
+    acc = accumulate_dtype(x.dtype)
     gt = _nc(gate, acc)
     y = _empty_like_x(x)
     flat, (sx_hw, so_hw) = _hw_strides(x, y)
@@ -702,7 +699,7 @@ def channel_rescale_backward(
     _check_same_shape(op, "grad_y", grad_y, "x", x)
     _check_nc(op, "gate", gate, n, c)
     _check_device(op, "x", x, grad_y=grad_y, gate=gate)
-    acc = _acc_dtype(x.dtype)
+    acc = accumulate_dtype(x.dtype)
     gt = _nc(gate, acc)
     grad_x = _empty_like_x(x)
     grad_gate = torch.empty((n, c), dtype=acc, device=x.device)
