@@ -3,12 +3,17 @@
 `attnkernels.reference` holds the pure-PyTorch modules that define the math (SPEC.md);
 `attnkernels.nn` the fused modules with the same constructors and weights;
 `attnkernels.functional` the fused ops, run on the backend `attnkernels.backend` picks;
-`attnkernels.models` backbones that take an `attention=` argument. Importing builds
-nothing: the compiled ops build on first use.
+`attnkernels.models` backbones that take an `attention=` argument; `fuse(model)` swaps a
+model's attention modules for the fused ones in place (`unfuse` goes back). Importing
+builds nothing: the compiled ops build on first use.
 """
 from . import backend, functional, models, nn, reference
+from .convert import FuseReport, fuse, unfuse
 from .reference import create
 
 __version__ = "0.1.0"
 
-__all__ = ["backend", "functional", "models", "nn", "reference", "create", "__version__"]
+__all__ = [
+    "backend", "functional", "models", "nn", "reference",
+    "create", "fuse", "unfuse", "FuseReport", "__version__",
+]

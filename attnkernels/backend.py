@@ -26,7 +26,7 @@ from collections.abc import Iterator
 import torch
 
 BACKENDS = ("cpu", "cuda", "triton", "reference")
-HOT_PATHS = ("channel_gate",)
+HOT_PATHS = ("channel_gate", "ham_spatial")
 ENV_VAR = "ATTNKERNELS_BACKEND"
 # The auto order per device type; the reference closes every list.
 PREFERENCE = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
@@ -74,13 +74,19 @@ def why_unavailable(backend: str, hot_path: str, device: torch.device | str) -> 
     if backend in ("cpu", "cuda"):
         if device.type != backend:
             return f"runs {backend.upper()} tensors only"
-        return _compiled_ops_problem(backend)
+        return _compiled_ops_problem(backend, hot_path)
     if backend == "triton":
         return _triton_problem(hot_path, device)
     raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
 
 
-def _compiled_ops_problem(backend: str) -> str | None:
+def _register_ops(hot_path: str, namespace: str) -> None:
+    """Give the hot path's ops in `namespace` their autograd (and, for C++, fake impls)."""
+    ops = importlib.import_module(f"attnkernels.ops.{hot_path}")
+    ops.register(namespace, with_fakes=namespace == "attnkernels")
+
+
+def _compiled_ops_problem(backend: str, hot_path: str) -> str | None:
     from . import _ext
 
     try:
@@ -89,9 +95,7 @@ def _compiled_ops_problem(backend: str) -> str | None:
         return str(err)
     if backend == "cuda" and not _ext.cuda_compiled():
         return "the compiled ops were built without CUDA kernels (CPU-only torch, or no nvcc at build time)"
-    from .ops import channel_gate as ops
-
-    ops.register("attnkernels")
+    _register_ops(hot_path, "attnkernels")
     return None
 
 
@@ -104,9 +108,7 @@ def _triton_problem(hot_path: str, device: torch.device) -> str | None:
         importlib.import_module(f"attnkernels.triton.{hot_path}")
     except ImportError as err:
         return f"Triton is not importable: {err}"
-    from .ops import channel_gate as ops
-
-    ops.register("attnkernels_triton", with_fakes=False)
+    _register_ops(hot_path, "attnkernels_triton")
     return None
 
 

@@ -7,6 +7,11 @@ channel_gate hot path (ECA; SE's and CBAM's pooling; HAM's channel half):
     avg, max = channel_pool(x)                          # one read of x
     gate     = channel_gate(avg, max, weight, mode=...)  # (N, C): mix, 1-D conv over C, sigmoid
     y        = channel_rescale(x, gate)                  # one read of x, one write of y
+
+ham_spatial hot path (HAM's spatial half, given the channel gate Ac):
+    d1, d2, mask = ham_spatial_pool(x, gate, c_im)       # one read of x: top-k mask, dual pooling
+    s1, s2       = the 7x7 conv + BN + ReLU + sigmoid on d1 and d2 (torch, small maps)
+    y            = ham_spatial_apply(x, gate, mask, s1, s2)  # one read of x, one write of y
 """
 from __future__ import annotations
 
@@ -15,12 +20,21 @@ import torch.nn.functional as F
 
 from .backend import select
 from .reference._base import memory_format_of
-from .reference.formulas import accumulate_dtype
+from .reference.formulas import accumulate_dtype, important_channel_mask
 
 #: channel_gate's pooling modes: f = avg, f = max, or HAM's 0.5*(avg+max) + alpha*avg + beta*max.
 GATE_MODES = {"avg": 0, "max": 1, "mix": 2}
 
-__all__ = ["GATE_MODES", "channel_pool", "channel_gate", "channel_rescale", "channel_attention"]
+__all__ = [
+    "GATE_MODES",
+    "channel_pool",
+    "channel_gate",
+    "channel_rescale",
+    "channel_attention",
+    "channel_mlp_attention",
+    "ham_spatial_pool",
+    "ham_spatial_apply",
+]
 
 
 def _ops(backend: str):
@@ -87,6 +101,86 @@ def channel_attention(
         return torch.ops.attnkernels.channel_attention(x, weight, alpha, beta, GATE_MODES[mode])[0]
     avg, max_ = channel_pool(x)
     return channel_rescale(x, channel_gate(avg, max_, weight, alpha, beta, mode))
+
+
+def channel_mlp_attention(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor | None,
+    w2: torch.Tensor,
+    b2: torch.Tensor | None,
+) -> torch.Tensor:
+    """SE's whole gate: `y = x * sigmoid(w2 @ relu(w1 @ mean_hw(x) + b1) + b2)`.
+
+    `w1` holds (rd, C) values and `w2` (C, rd) (e.g. the weights of SE's 1x1 convs fc1 and
+    fc2); the MLP runs in the accumulation dtype of x. On the C++ backend one op pools, gates
+    and rescales each sample while it is in cache; elsewhere channel_pool, the MLP in torch
+    and channel_rescale run in turn.
+    """
+    backend = select("channel_gate", x.device)
+    if backend in ("cpu", "cuda"):
+        return torch.ops.attnkernels.channel_mlp_attention(x, w1, b1, w2, b2)[0]
+    avg, _ = channel_pool(x)
+    rd = w1.shape[0]
+    h = F.relu(F.linear(avg, w1.reshape(rd, -1).to(avg.dtype), None if b1 is None else b1.to(avg.dtype)))
+    gate = torch.sigmoid(F.linear(h, w2.reshape(-1, rd).to(avg.dtype), None if b2 is None else b2.to(avg.dtype)))
+    return channel_rescale(x, gate)
+
+
+def ham_spatial_pool(
+    x: torch.Tensor, gate: torch.Tensor, c_im: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """HAM's channel separation and dual spatial pooling, in one read of x.
+
+    `gate` is Ac (N, C). Returns `d1, d2` (N, 2, H, W) and `mask` (N, C), all in the
+    accumulation dtype: mask marks the `c_im` top channels of gate per sample (SPEC's tie
+    rule), and with `G1 = x*gate*mask`, `G2 = x*gate*(1 - mask)`,
+    `d1 = [sum_c G1 / c_im, max_c G1]`, `d2 = [sum_c G2 / max(C - c_im, 1), max_c G2]`
+    (each max over all C channels, the zeroed ones included). No gradient flows to mask.
+    """
+    _check_c_im("ham_spatial_pool", x, c_im)
+    gate = gate.to(accumulate_dtype(x.dtype))
+    backend = select("ham_spatial", x.device)
+    if backend == "reference":
+        return _reference_ham_pool(x, gate, c_im)
+    return _ops(backend).ham_spatial_pool(x, gate, c_im)
+
+
+def ham_spatial_apply(
+    x: torch.Tensor, gate: torch.Tensor, mask: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor
+) -> torch.Tensor:
+    """HAM's output `y = G1*s1 + G2*s2` with `G1 = x*gate*mask`, `G2 = x*gate*(1 - mask)`.
+
+    gate and mask are (N, C), s1 and s2 the groups' spatial gates (N, 1, H, W); all are
+    cast to the accumulation dtype of x. y has x's dtype and memory format.
+    """
+    acc = accumulate_dtype(x.dtype)
+    gate, mask, s1, s2 = (t.to(acc) for t in (gate, mask, s1, s2))
+    backend = select("ham_spatial", x.device)
+    if backend == "reference":
+        f1 = x.to(acc) * gate[:, :, None, None]
+        m = mask[:, :, None, None]
+        y = (f1 * m * s1 + f1 * (1 - m) * s2).to(x.dtype)
+        return y.contiguous(memory_format=memory_format_of(x))
+    return _ops(backend).ham_spatial_apply(x, gate, mask, s1.contiguous(), s2.contiguous())
+
+
+def _check_c_im(op: str, x: torch.Tensor, c_im: int) -> None:
+    if x.dim() != 4:
+        raise ValueError(f"{op}: x must be 4-D (N, C, H, W), got {x.dim()}-D")
+    if not 1 <= c_im <= x.shape[1]:
+        raise ValueError(f"{op}: c_im must be in [1, C] = [1, {x.shape[1]}], got {c_im}")
+
+
+def _reference_ham_pool(x: torch.Tensor, gate: torch.Tensor, c_im: int):
+    c = x.shape[1]
+    mask = important_channel_mask(gate.detach(), c_im).to(gate.dtype)
+    f1 = x.to(gate.dtype) * gate[:, :, None, None]
+    m = mask[:, :, None, None]
+    g1, g2 = f1 * m, f1 * (1 - m)
+    d1 = torch.cat([g1.sum(1, keepdim=True) / c_im, g1.amax(1, keepdim=True)], dim=1)
+    d2 = torch.cat([g2.sum(1, keepdim=True) / max(c - c_im, 1), g2.amax(1, keepdim=True)], dim=1)
+    return d1, d2, mask
 
 
 def _check_gate_args(op: str, weight, alpha, beta, mode: str):

@@ -30,9 +30,37 @@
 //     the three forward ops in one: avg, max = channel_pool(x); gate = channel_gate(...);
 //     y = channel_rescale(x, gate). The CPU kernel runs them sample by sample, so the second
 //     read of x[n] hits the cache; elsewhere the composite below calls the three ops.
+//   channel_mlp_attention(x, w1, b1?, w2, b2?) -> (y, avg, gate)
+//     SE's gate in place of the 1-D conv: avg = mean_hw x; h = relu(w1 @ avg + b1) (rd values);
+//     gate = sigmoid(w2 @ h + b2); y = channel_rescale(x, gate). w1 holds rd*C values
+//     (rd = w1.size(0), e.g. a Conv2d(C, rd, 1) weight), w2 C*rd; the MLP runs in acc(x).
+//     Same per-sample CPU kernel as channel_attention; elsewhere a composite.
+//
+// ham_spatial hot path (SPEC.md HAM, its spatial half). x is (N, C, H, W) with any strides;
+// gate = Ac and mask are (N, C) in acc(x); d1, d2 are (N, 2, H, W) and s1, s2 (N, 1, H, W),
+// NCHW-contiguous in acc(x). c_im is C_im; C_sub = C - C_im; p runs over the H*W pixels.
+//
+//   ham_spatial_pool(x, gate, c_im) -> (d1, d2, mask)
+//     mask[n,c] = 1 iff #{j : gate[n,j] > gate[n,c] or (gate[n,j] == gate[n,c] and j < c)} < c_im,
+//                 else 0 (SPEC's rank count; no sort)
+//     F1 = x * gate;  G1 = F1 * mask;  G2 = F1 * (1 - mask)   (literal products: 0 * NaN is NaN)
+//     d1[n,0,p] = sum_c G1 / c_im;          d1[n,1,p] = max_c G1   (over all C: zeroed channels count)
+//     d2[n,0,p] = sum_c G2 / max(C_sub, 1); d2[n,1,p] = max_c G2
+//   ham_spatial_pool_backward(grad_d1, grad_d2, x, gate, mask, d1, d2, c_im) -> (grad_x, grad_gate)
+//     cnt_g[n,p] = #{c : G_g[n,c,p] == d_g[n,1,p]}  (ties over all C share the gradient evenly)
+//     dG_g = grad_d_g[n,0,p] / divisor_g + [G_g == d_g[n,1,p]] * grad_d_g[n,1,p] / cnt_g
+//     dF1 = dG1 * mask + dG2 * (1 - mask)   (no gradient through mask)
+//     grad_x = dF1 * gate (x's dtype and layout);  grad_gate[n,c] = sum_p dF1 * x (acc)
+//   ham_spatial_apply(x, gate, mask, s1, s2) -> y
+//     y = G1 * s1 + G2 * s2 = F1 * mask * s1 + F1 * (1 - mask) * s2, in acc, in x's dtype and layout
+//   ham_spatial_apply_backward(grad_y, x, gate, mask, s1, s2) -> (grad_x, grad_gate, grad_s1, grad_s2)
+//     dF1 = grad_y * (mask * s1 + (1 - mask) * s2);  grad_x = dF1 * gate;  grad_gate[n,c] = sum_p dF1 * x
+//     grad_s1[n,0,p] = sum_c grad_y * F1 * mask;  grad_s2[n,0,p] = sum_c grad_y * F1 * (1 - mask)
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
+
+#include "attnkernels/common.h"
 
 
 TORCH_LIBRARY(attnkernels, m) {
@@ -47,6 +75,18 @@ TORCH_LIBRARY(attnkernels, m) {
   m.def(
       "channel_attention(Tensor x, Tensor weight, Tensor? alpha, Tensor? beta, int mode) "
       "-> (Tensor y, Tensor avg, Tensor max, Tensor gate)");
+  m.def(
+      "channel_mlp_attention(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2) "
+      "-> (Tensor y, Tensor avg, Tensor gate)");
+
+  m.def("ham_spatial_pool(Tensor x, Tensor gate, int c_im) -> (Tensor d1, Tensor d2, Tensor mask)");
+  m.def(
+      "ham_spatial_pool_backward(Tensor grad_d1, Tensor grad_d2, Tensor x, Tensor gate, Tensor mask, "
+      "Tensor d1, Tensor d2, int c_im) -> (Tensor grad_x, Tensor grad_gate)");
+  m.def("ham_spatial_apply(Tensor x, Tensor gate, Tensor mask, Tensor s1, Tensor s2) -> Tensor");
+  m.def(
+      "ham_spatial_apply_backward(Tensor grad_y, Tensor x, Tensor gate, Tensor mask, Tensor s1, Tensor s2) "
+      "-> (Tensor grad_x, Tensor grad_gate, Tensor grad_s1, Tensor grad_s2)");
 }
 
 namespace {
@@ -71,16 +111,39 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> channel_attention_com
   return {rescale.call(x, gate), avg, max, gate};
 }
 
+// channel_mlp_attention on any device: channel_pool, the MLP in ATen ops, channel_rescale.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_mlp_attention_composite(
+    const at::Tensor& x, const at::Tensor& w1, const c10::optional<at::Tensor>& b1, const at::Tensor& w2,
+    const c10::optional<at::Tensor>& b2) {
+  static auto pool = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("attnkernels::channel_pool", "")
+                         .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&)>();
+  static auto rescale = c10::Dispatcher::singleton()
+                            .findSchemaOrThrow("attnkernels::channel_rescale", "")
+                            .typed<at::Tensor(const at::Tensor&, const at::Tensor&)>();
+  attnkernels::check_mlp_args(x, w1, b1, w2, b2, "channel_mlp_attention");
+  auto avg = std::get<0>(pool.call(x));
+  const int64_t C = x.size(1), rd = w1.size(0);
+  auto acc = [&](const c10::optional<at::Tensor>& t) {
+    return t.has_value() ? c10::optional<at::Tensor>(t->reshape(-1).to(avg.scalar_type())) : c10::nullopt;
+  };
+  at::Tensor h = at::relu(at::linear(avg, w1.reshape({rd, C}).to(avg.scalar_type()), acc(b1)));
+  at::Tensor gate = at::sigmoid(at::linear(h, w2.reshape({C, rd}).to(avg.scalar_type()), acc(b2)));
+  return {rescale.call(x, gate), avg, gate};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(attnkernels, CompositeExplicitAutograd, m) {
   m.impl("channel_attention", &channel_attention_composite);
+  m.impl("channel_mlp_attention", &channel_mlp_attention_composite);
 }
 
 // The backward ops are not differentiable again: a double backward through them raises
 // a clear "not implemented" instead of silently returning no gradient.
 TORCH_LIBRARY_IMPL(attnkernels, Autograd, m) {
-  for (const char* op : {"channel_pool_backward", "channel_gate_backward", "channel_rescale_backward"}) {
+  for (const char* op : {"channel_pool_backward", "channel_gate_backward", "channel_rescale_backward",
+                         "ham_spatial_pool_backward", "ham_spatial_apply_backward"}) {
     m.impl(op, torch::autograd::autogradNotImplementedFallback());
   }
 }

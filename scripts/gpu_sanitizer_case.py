@@ -4,6 +4,7 @@ import torch
 
 from attnkernels import backend
 from attnkernels import functional as AF
+from attnkernels import nn as fused
 
 assert torch.cuda.is_available(), "needs a GPU"
 with backend.use_backend("cuda"):
@@ -17,5 +18,14 @@ with backend.use_backend("cuda"):
                 for mode in ("avg", "max", "mix"):
                     y = AF.channel_attention(x, w, a, b, mode)
                     y.float().square().sum().backward()
+    # The fused HAM: channel_gate ops, then ham_spatial_pool and ham_spatial_apply, and their
+    # backwards. Training mode (BatchNorm batch statistics) needs N >= 2; N = 1 runs in eval.
+    for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            for shape in ((3, 37, 5, 7), (1, 1, 1, 1), (2, 260, 1, 3)):
+                m = fused.HAM(shape[1]).cuda().to(dtype).train(shape[0] >= 2)
+                x = torch.randn(shape, device="cuda", dtype=dtype).contiguous(memory_format=fmt).requires_grad_()
+                y = m(x)
+                y.float().square().sum().backward()
 torch.cuda.synchronize()
 print("sanitizer case done")

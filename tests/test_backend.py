@@ -52,6 +52,7 @@ def test_bad_names(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_explain_names_every_backend_and_reason() -> None:
     report = backend.explain("cpu")
     assert "channel_gate on cpu: runs cpu" in report
+    assert "ham_spatial on cpu: runs cpu" in report
     assert "cuda      unavailable: runs CUDA tensors only" in report
     assert "reference available" in report
     assert "triton" in report

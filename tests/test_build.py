@@ -20,10 +20,11 @@ import pytest
 import torch
 
 from attnkernels import _build, _ext
-from attnkernels.ops import channel_gate
+from attnkernels.ops import channel_gate, ham_spatial
 
 ROOT = Path(__file__).resolve().parent.parent
-OPS = channel_gate.FORWARD_OPS + channel_gate.BACKWARD_OPS
+# Every op with a device kernel (the per-sample composites have a CPU kernel and a composite).
+OPS = channel_gate.FORWARD_OPS + channel_gate.BACKWARD_OPS + ham_spatial.FORWARD_OPS + ham_spatial.BACKWARD_OPS
 
 
 def _has_kernel(op: str, key: str) -> bool:

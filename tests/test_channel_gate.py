@@ -249,6 +249,8 @@ def _op_samples():
     gate = torch.rand(2, 6, dtype=torch.float64)
     w = torch.randn(1, 1, 3, dtype=torch.float64)
     alpha, beta = torch.tensor(0.5, dtype=torch.float64), torch.tensor(0.25, dtype=torch.float64)
+    w1, b1 = torch.randn(3, 6, 1, 1, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+    w2, b2 = torch.randn(6, 3, 1, 1, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
 
     def leaf(t: torch.Tensor, grad: bool = False) -> torch.Tensor:
         return t.detach().clone().requires_grad_(grad)
@@ -266,6 +268,10 @@ def _op_samples():
         "channel_attention": [
             (leaf(x, True), leaf(w, True), None, None, 0),  # N = 2: the per-sample CPU kernel
             (leaf(x[:1], True), leaf(w), leaf(alpha, True), leaf(beta, True), 2),  # N = 1: composed
+        ],
+        "channel_mlp_attention": [
+            (leaf(x, True), leaf(w1, True), leaf(b1, True), leaf(w2, True), leaf(b2, True)),  # per sample
+            (leaf(x[:1], True), leaf(w1, True), None, leaf(w2), None),  # N = 1: composed
         ],
     }
 
@@ -293,6 +299,14 @@ def test_op_input_errors(backend_name) -> None:
         ns.channel_rescale(torch.randn(2, 3, 4, 4), torch.rand(2, 4))
     with pytest.raises(ValueError, match=r"mode must be 0 \(avg\), 1 \(max\) or 2"):
         ns.channel_gate(torch.rand(2, 3), torch.rand(2, 3), torch.randn(3), None, None, 5)
+    if backend_name == "cpu":
+        x, w = torch.randn(2, 6, 4, 4), torch.randn(3, 6)
+        with pytest.raises(ValueError, match=r"channel_mlp_attention: w1 must hold \(rd, C\)"):
+            ns.channel_mlp_attention(x, torch.randn(3, 5), None, w.T, None)
+        with pytest.raises(ValueError, match=r"channel_mlp_attention: w2 must hold \(C, rd\)"):
+            ns.channel_mlp_attention(x, w, None, w, None)
+        with pytest.raises(ValueError, match=r"channel_mlp_attention: b2 must hold C = 6"):
+            ns.channel_mlp_attention(x, w, None, w.T.contiguous(), torch.randn(3))
 
 
 def test_functional_argument_errors() -> None:

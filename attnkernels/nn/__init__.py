@@ -1,26 +1,29 @@
 """Fused modules: the reference modules' constructors and state_dict keys, forward through
 the fused ops of `attnkernels.functional` (on the backend `attnkernels.backend` picks).
 
-Each fused class subclasses its reference class and replaces only `attend`, so a fused
-module holds exactly the reference module's parameters and buffers.
+Each fused class subclasses `FusedModule` (the optional backend pin) and its reference
+class, and replaces only `attend`, so a fused module holds exactly the reference module's
+parameters and buffers.
 """
 from __future__ import annotations
 
 from torch import nn
 
+from ._fused import FusedModule, reference_class
 from .eca import ECA
+from .ham import HAM
 from .se import SE
 
 #: Registry name -> fused class, for the modules with fused kernels so far.
-FUSED = {"eca": ECA, "se": SE}
+FUSED = {"eca": ECA, "se": SE, "ham": HAM}
 
-__all__ = ["ECA", "SE", "FUSED", "fused_class", "as_fused"]
+__all__ = ["ECA", "SE", "HAM", "FUSED", "FusedModule", "reference_class", "fused_class", "as_fused"]
 
 
 def fused_class(module: nn.Module) -> type[nn.Module] | None:
     """The fused class for a reference module (exactly its class, not a subclass), or None."""
     for cls in FUSED.values():
-        if type(module) is cls.__mro__[1]:
+        if type(module) is reference_class(cls):
             return cls
     return None
 

@@ -1,22 +1,22 @@
-"""Fused SE: channel_pool + the (tiny) MLP in torch + channel_rescale, two passes over x."""
+"""Fused SE: pooling, the (tiny) MLP and the rescale in one channel_mlp_attention op."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .. import functional as AF
 from ..reference import se as reference
+from ._fused import FusedModule
 
 
-class SE(reference.SE):
+class SE(FusedModule, reference.SE):
     """`attnkernels.reference.SE` on the fused channel_gate ops (same arguments and weights).
 
-    The pooling and the final `x * gate` are fused kernels; the (N, C) MLP between them
-    stays in torch, where it is a handful of microseconds.
+    On the C++ backend one op pools each sample, runs the MLP on its (C,) row and rescales
+    it while x[n] is still in cache; elsewhere channel_pool, the MLP in torch and
+    channel_rescale run in turn. Backward saves x and (N, C) maps only.
     """
 
+    hot_paths = ("channel_gate",)
+
     def attend(self, x: torch.Tensor) -> torch.Tensor:
-        avg, _ = AF.channel_pool(x)
-        s = avg.to(self.fc1.weight.dtype)[:, :, None, None]
-        gate = torch.sigmoid(self.fc2(F.relu(self.fc1(s))))
-        return AF.channel_rescale(x, gate.flatten(1))
+        return AF.channel_mlp_attention(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)

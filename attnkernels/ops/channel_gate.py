@@ -58,6 +58,10 @@ def _fake_channel_attention(x, weight, alpha, beta, mode):
     return _fake_channel_rescale(x, None), _per_channel(x), _per_channel(x), _per_channel(x)
 
 
+def _fake_channel_mlp_attention(x, w1, b1, w2, b2):
+    return _fake_channel_rescale(x, None), _per_channel(x), _per_channel(x)
+
+
 _FAKES = {
     "channel_pool": _fake_channel_pool,
     "channel_pool_backward": _fake_channel_pool_backward,
@@ -66,7 +70,28 @@ _FAKES = {
     "channel_rescale": _fake_channel_rescale,
     "channel_rescale_backward": _fake_channel_rescale_backward,
     "channel_attention": _fake_channel_attention,
+    "channel_mlp_attention": _fake_channel_mlp_attention,
 }
+
+
+def _mlp_gate_backward(grad_gate, avg, gate, w1, b1, w2, b2):
+    """Gradients of `gate = sigmoid(w2 @ relu(w1 @ avg + b1) + b2)` (SE's MLP on (N, C) maps,
+    in the accumulation dtype): (grad_avg, grad_w1, grad_b1, grad_w2, grad_b2), each
+    parameter gradient in its parameter's shape and dtype (a bias's is None if it is None)."""
+    acc = avg.dtype
+    rd, c = w1.shape[0], avg.shape[1]
+    w1a, w2a = w1.reshape(rd, c).to(acc), w2.reshape(c, rd).to(acc)
+    h_pre = avg @ w1a.T
+    if b1 is not None:
+        h_pre = h_pre + b1.reshape(rd).to(acc)
+    h = torch.relu(h_pre)
+    dz = grad_gate * gate * (1 - gate)
+    dh = (dz @ w2a) * (h_pre > 0)
+    grad_w1 = (dh.T @ avg).to(w1.dtype).reshape(w1.shape)
+    grad_w2 = (dz.T @ h).to(w2.dtype).reshape(w2.shape)
+    grad_b1 = None if b1 is None else dh.sum(0).to(b1.dtype).reshape(b1.shape)
+    grad_b2 = None if b2 is None else dz.sum(0).to(b2.dtype).reshape(b2.shape)
+    return dh @ w1a, grad_w1, grad_b1, grad_w2, grad_b2
 
 
 def _register_autograd(namespace: str) -> None:
@@ -128,9 +153,38 @@ def _register_autograd(namespace: str) -> None:
             grad_alpha = grad_beta = None
         return grad_x, grad_weight, grad_alpha, grad_beta, None
 
-    if hasattr(ops, "channel_attention"):  # the composite op exists in the C++ library only
+    def setup_mlp_attention(ctx: Any, inputs: tuple, output: tuple) -> None:
+        x, w1, b1, w2, b2 = inputs
+        _, avg, gate = output
+        ctx.has_bias = (b1 is not None, b2 is not None)
+        ctx.save_for_backward(x, w1, b1, w2, b2, avg, gate)
+        ctx.set_materialize_grads(False)
+
+    def backward_mlp_attention(ctx: Any, grad_y, grad_avg, grad_gate_out):
+        # Only y is meant to be differentiated; avg and gate are saved statistics.
+        x, w1, b1, w2, b2, avg, gate = ctx.saved_tensors
+        if grad_y is None:
+            return None, None, None, None, None
+        grad_x, grad_gate = ops.channel_rescale_backward(grad_y, x, gate)
+        grads = _mlp_gate_backward(grad_gate, avg, gate, w1, b1, w2, b2)
+        grad_avg_in, grad_w1, grad_b1, grad_w2, grad_b2 = grads
+        # mean_hw's backward spreads grad_avg evenly: added in place, no third x-sized tensor.
+        hw = x.shape[2] * x.shape[3]
+        grad_x.add_((grad_avg_in / hw).to(grad_x.dtype)[:, :, None, None])
+        return (
+            grad_x,
+            grad_w1,
+            grad_b1 if ctx.has_bias[0] else None,
+            grad_w2,
+            grad_b2 if ctx.has_bias[1] else None,
+        )
+
+    if hasattr(ops, "channel_attention"):  # the per-sample ops exist in the C++ library only
         torch.library.register_autograd(
             f"{namespace}::channel_attention", backward_attention, setup_context=setup_attention
+        )
+        torch.library.register_autograd(
+            f"{namespace}::channel_mlp_attention", backward_mlp_attention, setup_context=setup_mlp_attention
         )
     for name, backward, setup in (
         ("channel_pool", backward_pool, setup_pool),

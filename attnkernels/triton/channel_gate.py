@@ -35,8 +35,23 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from ..reference._base import memory_format_of
 from ..reference.formulas import accumulate_dtype
+from ._common import (
+    _channel_block,
+    _check_device,
+    _check_nc,
+    _check_same_shape,
+    _check_tensor,
+    _check_x,
+    _div,
+    _empty_like_x,
+    _flat_hw_stride,  # noqa: F401  (tests address it here)
+    _hw_offsets,
+    _hw_strides,
+    _min_programs,
+    _nc,
+    _pow2,
+)
 
 __all__ = [
     "channel_pool",
@@ -47,51 +62,12 @@ __all__ = [
     "channel_rescale_backward",
 ]
 
-_FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 _MODES = (0, 1, 2)
 
 
 # ----------------------------------------------------------------------------------------
 # Input checks
 # ----------------------------------------------------------------------------------------
-def _check_tensor(op: str, name: str, t) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in _FLOAT_DTYPES:
-        raise TypeError(
-            f"{op}: {name} must be a floating-point tensor (float64, float32, float16 or bfloat16), "
-            f"got {t.dtype}"
-        )
-
-
-def _check_x(op: str, name: str, x) -> None:
-    _check_tensor(op, name, x)
-    if x.dim() != 4:
-        raise ValueError(f"{op}: {name} must be 4-D (N, C, H, W), got {x.dim()}-D")
-    if x.numel() == 0:
-        raise ValueError(f"{op}: {name} must not be empty, got shape {tuple(x.shape)}")
-
-
-def _check_same_shape(op: str, name: str, t, ref_name: str, ref: torch.Tensor) -> None:
-    _check_tensor(op, name, t)
-    if t.shape != ref.shape:
-        raise ValueError(
-            f"{op}: {name} must have the shape of {ref_name} {tuple(ref.shape)}, got {tuple(t.shape)}"
-        )
-
-
-def _check_nc(op: str, name: str, t, n: int, c: int) -> None:
-    _check_tensor(op, name, t)
-    if tuple(t.shape) != (n, c):
-        raise ValueError(f"{op}: {name} must have shape (N, C) = ({n}, {c}), got {tuple(t.shape)}")
-
-
-def _check_device(op: str, ref_name: str, ref: torch.Tensor, **tensors) -> None:
-    for name, t in tensors.items():
-        if t is not None and t.device != ref.device:
-            raise ValueError(f"{op}: {name} is on {t.device} but {ref_name} is on {ref.device}")
-
-
 def _check_gate_params(op: str, weight, alpha, beta, mode) -> int:
     _check_tensor(op, "weight", weight)
     k = weight.numel()
@@ -126,43 +102,8 @@ def _check_avg_max(op: str, avg, max) -> tuple[int, int]:
 # ----------------------------------------------------------------------------------------
 # Host-side helpers: dtypes, layouts, tiles
 # ----------------------------------------------------------------------------------------
-def _nc(t: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
-    """An (N, C) input as a contiguous tensor of the accumulation dtype (no copy if it is one)."""
-    return t.to(acc).contiguous()
-
-
-def _empty_like_x(x: torch.Tensor) -> torch.Tensor:
-    """x's shape and dtype; channels_last if x is channels_last-dense and not NCHW-contiguous."""
-    return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=memory_format_of(x))
-
-
-def _pow2(v) -> int:
-    """Smallest power of two >= v. Block sizes are compile-time constants: under
-    torch.compile a symbolic size is specialized here (int())."""
-    return 1 << max(int(v) - 1, 0).bit_length()
-
-
 def _gate_warps(block_c: int) -> int:
     return 4 if block_c <= 1024 else 8
-
-
-def _flat_hw_stride(t: torch.Tensor) -> Optional[int]:
-    """The stride of the flattened h*W + w index if (h, w) -> offset is linear in it, else None."""
-    _, _, h, w = t.shape
-    s_h, s_w = t.stride(2), t.stride(3)
-    if w == 1:
-        return s_h
-    if h == 1 or s_h == w * s_w:
-        return s_w
-    return None
-
-
-def _hw_strides(*ts: torch.Tensor) -> tuple[bool, list[int]]:
-    """FLAT (every tensor's H*W plane is addressed by one stride) and those strides."""
-    flat = [_flat_hw_stride(t) for t in ts]
-    if all(s is not None for s in flat):
-        return True, flat
-    return False, [0] * len(ts)
 
 
 # Elements of one [BLOCK_C, BLOCK_HW] tile, per accumulation dtype (registers per thread stay
@@ -170,17 +111,6 @@ def _hw_strides(*ts: torch.Tensor) -> tuple[bool, list[int]]:
 _TILE_ELEMENTS = {torch.float32: 2048, torch.float64: 1024}
 # Widest channel block when channels are x's contiguous dimension (channels_last).
 _MAX_BLOCK_C_CHANNELS_LAST = 64
-_SM_COUNT: dict = {}
-
-
-def _min_programs(device: torch.device) -> int:
-    """Programs a launch should have to fill the device: 2 per SM on a GPU, 1 elsewhere."""
-    if device.type != "cuda":
-        return 1
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SM_COUNT:
-        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return 2 * _SM_COUNT[index]
 
 
 def _tiles(x: torch.Tensor, acc: torch.dtype) -> tuple[int, int]:
@@ -210,39 +140,6 @@ def _tiles(x: torch.Tensor, acc: torch.dtype) -> tuple[int, int]:
 # ----------------------------------------------------------------------------------------
 # Kernels
 # ----------------------------------------------------------------------------------------
-@triton.jit
-def _hw_offsets(hw, W, s_h, s_w, s_hw, FLAT: tl.constexpr):
-    """Element offsets (int64) of flattened spatial indices hw = h*W + w."""
-    hw = hw.to(tl.int64)
-    if FLAT:
-        off = hw * s_hw
-    else:
-        off = (hw // W) * s_h + (hw % W) * s_w
-    return off
-
-
-@triton.jit
-def _div(a, b):
-    """a / b correctly rounded, b broadcast to a's dtype. (fp32 `/` compiles to an
-    approximate division on NVIDIA GPUs; these divisions run once per channel.)"""
-    b = tl.zeros_like(a) + b
-    if a.dtype == tl.float32:
-        q = tl.div_rn(a, b)
-    else:
-        q = a / b
-    return q
-
-
-@triton.jit
-def _channel_block(num_cb, C, BLOCK_C: tl.constexpr):
-    """This program's sample n (int64), its block of BLOCK_C channels c, and c < C.
-    The grid is 1-D over (n, channel block): no 65535 limit on a second axis."""
-    pid = tl.program_id(0)
-    n = (pid // num_cb).to(tl.int64)
-    c = (pid % num_cb) * BLOCK_C + tl.arange(0, BLOCK_C)
-    return n, c, c < C
-
-
 @triton.jit
 def _pool_kernel(
     x_ptr, avg_ptr, max_ptr,

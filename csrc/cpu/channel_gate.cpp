@@ -16,50 +16,12 @@
 #include <vector>
 
 #include "attnkernels/common.h"
+#include "attnkernels/cpu_vec.h"
 
 namespace attnkernels {
 namespace {
 
 using at::vec::Vectorized;
-
-// One vector step over scalar_t values, held as accumulation-type vectors: one vector for
-// float/double, two float vectors for half/bfloat16 (a Vectorized<Half> holds twice as many).
-template <typename scalar_t>
-struct Step {
-  using acc_t = at::opmath_type<scalar_t>;
-  using AccVec = Vectorized<acc_t>;
-  static constexpr bool kSame = std::is_same_v<scalar_t, acc_t>;
-  static constexpr int kVecs = kSame ? 1 : 2;
-  static constexpr int64_t kWidth = Vectorized<scalar_t>::size();
-
-  static void load(const scalar_t* p, AccVec (&v)[kVecs]) {
-    if constexpr (kSame) {
-      v[0] = AccVec::loadu(p);
-    } else {
-      at::vec::load_to_float<scalar_t>(p, v[0], v[1]);
-    }
-  }
-  static void store(scalar_t* p, const AccVec (&v)[kVecs]) {
-    if constexpr (kSame) {
-      v[0].store(p);
-    } else {
-      at::vec::convert_from_float<scalar_t>(v[0], v[1]).store(p);
-    }
-  }
-  // kWidth consecutive accumulation-type values (a gate row, a partial-sum buffer).
-  static void load_acc(const acc_t* p, AccVec (&v)[kVecs]) {
-    for (int i = 0; i < kVecs; ++i) v[i] = AccVec::loadu(p + i * AccVec::size());
-  }
-  static void store_acc(acc_t* p, const AccVec (&v)[kVecs]) {
-    for (int i = 0; i < kVecs; ++i) v[i].store(p + i * AccVec::size());
-  }
-};
-
-// max that propagates NaN from either side, as torch.amax.
-template <typename acc_t>
-inline acc_t nan_max(acc_t m, acc_t v) {
-  return (std::isnan(v) || v > m) ? v : m;
-}
 
 // Channels per channels_last task: a multiple of every vector width, small enough that
 // the task's partial sums stay in L1.
@@ -82,33 +44,53 @@ inline int64_t plane_grain(int64_t hw) { return std::max<int64_t>(1, 32768 / std
 
 // ---------------------------------------------------------------- channel_pool
 
+// kUnroll independent accumulators per plane: one add chain per vector register would stall
+// on the add latency once x[n] sits in cache (channel_attention's second visit).
+constexpr int kUnroll = 4;
+
 template <typename scalar_t>
 void pool_nchw(const scalar_t* x, int64_t planes, int64_t hw, at::opmath_type<scalar_t>* avg,
                at::opmath_type<scalar_t>* max) {
   using S = Step<scalar_t>;
   using acc_t = typename S::acc_t;
   using AccVec = typename S::AccVec;
+  constexpr int64_t kStride = kUnroll * S::kWidth;
   at::parallel_for(0, planes, plane_grain(hw), [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
       const scalar_t* xp = x + p * hw;
-      AccVec vsum[S::kVecs], vmax[S::kVecs], v[S::kVecs];
-      for (int i = 0; i < S::kVecs; ++i) {
-        vsum[i] = AccVec(0);
-        vmax[i] = AccVec(-std::numeric_limits<acc_t>::infinity());
+      AccVec vsum[kUnroll][S::kVecs], vmax[kUnroll][S::kVecs], v[S::kVecs];
+      for (int u = 0; u < kUnroll; ++u) {
+        for (int k = 0; k < S::kVecs; ++k) {
+          vsum[u][k] = AccVec(0);
+          vmax[u][k] = AccVec(-std::numeric_limits<acc_t>::infinity());
+        }
       }
       int64_t i = 0;
+      for (; i + kStride <= hw; i += kStride) {
+        for (int u = 0; u < kUnroll; ++u) {
+          S::load(xp + i + u * S::kWidth, v);
+          for (int k = 0; k < S::kVecs; ++k) {
+            vsum[u][k] += v[k];
+            vmax[u][k] = at::vec::maximum(vmax[u][k], v[k]);
+          }
+        }
+      }
       for (; i + S::kWidth <= hw; i += S::kWidth) {
         S::load(xp + i, v);
         for (int k = 0; k < S::kVecs; ++k) {
-          vsum[k] += v[k];
-          vmax[k] = at::vec::maximum(vmax[k], v[k]);
+          vsum[0][k] += v[k];
+          vmax[0][k] = at::vec::maximum(vmax[0][k], v[k]);
         }
       }
       acc_t sum = 0, m = -std::numeric_limits<acc_t>::infinity();
       for (int k = 0; k < S::kVecs; ++k) {
-        sum += at::vec::vec_reduce_all<acc_t>([](AccVec& a, AccVec& b) { return a + b; }, vsum[k]);
-        m = nan_max(m, at::vec::vec_reduce_all<acc_t>(
-                           [](AccVec& a, AccVec& b) { return at::vec::maximum(a, b); }, vmax[k]));
+        AccVec s = vsum[0][k], mx = vmax[0][k];
+        for (int u = 1; u < kUnroll; ++u) {
+          s += vsum[u][k];
+          mx = at::vec::maximum(mx, vmax[u][k]);
+        }
+        sum += reduce_sum(s);
+        m = nan_max(m, reduce_max(mx));
       }
       for (; i < hw; ++i) {
         const acc_t xv = static_cast<acc_t>(xp[i]);
@@ -306,9 +288,7 @@ void rescale_nchw(const scalar_t* x, const scalar_t* other, scalar_t* y, int64_t
         S::store(yp + i, v);
       }
       acc_t sum = 0;
-      for (int k = 0; k < S::kVecs; ++k) {
-        sum += at::vec::vec_reduce_all<acc_t>([](AccVec& a, AccVec& b) { return a + b; }, vsum[k]);
-      }
+      for (int k = 0; k < S::kVecs; ++k) sum += reduce_sum(vsum[k]);
       for (; i < hw; ++i) {
         const acc_t xv = static_cast<acc_t>(xp[i]);
         if (grad_gate != nullptr) sum += xv * static_cast<acc_t>(other[p * hw + i]);
@@ -529,59 +509,131 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> channel_g
 
 // ---------------------------------------------------------------- channel_attention
 
-// pool, gate and rescale one sample at a time, one sample per task: the rescale re-reads
-// x[n] from the cache the pooling just filled, so x crosses memory once, not twice. With
-// fewer samples than threads the three parallel ops run instead.
+// Pool, gate and rescale one sample at a time, one sample per task: the rescale re-reads x[n]
+// from the cache the pooling just filled, so x crosses memory once, not twice.
+// gate_fn(n, gate) fills the sample's gate row from avg/max rows already written.
+template <typename scalar_t, typename GateFn>
+void attention_per_sample(const at::Tensor& x, const at::Tensor& y, at::opmath_type<scalar_t>* avg,
+                          at::opmath_type<scalar_t>* max, at::opmath_type<scalar_t>* gate, const GateFn& gate_fn) {
+  const int64_t N = x.size(0), C = x.size(1), hw = x.size(2) * x.size(3);
+  const bool channels_last = layout_of(x) == Layout::ChannelsLast;
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  scalar_t* yp = y.data_ptr<scalar_t>();
+  // Inside this region the helpers' own parallel_for runs inline, on this task's thread.
+  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const int64_t offset = n * C * hw;  // x[n] in either layout
+      if (channels_last) {
+        pool_channels_last(xp + offset, 1, C, hw, avg + n * C, max + n * C);
+      } else {
+        pool_nchw(xp + offset, C, hw, avg + n * C, max + n * C);
+      }
+      gate_fn(n, gate + n * C);
+      if (channels_last) {
+        rescale_channels_last<scalar_t>(xp + offset, nullptr, yp + offset, 1, C, hw, gate + n * C, nullptr);
+      } else {
+        rescale_nchw<scalar_t>(xp + offset, nullptr, yp + offset, C, hw, gate + n * C, nullptr);
+      }
+    }
+  });
+}
+
+// The per-sample kernel pays off only with a sample for every thread; otherwise the three
+// parallel passes run (as they do for an empty x).
+bool per_sample_pays(const at::Tensor& x) { return x.size(0) >= at::get_num_threads() && x.numel() > 0; }
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> channel_attention_cpu(
     const at::Tensor& x_in, const at::Tensor& weight, const c10::optional<at::Tensor>& alpha,
     const c10::optional<at::Tensor>& beta, int64_t mode) {
   const char* op = "channel_attention";
   check_feature_map(x_in, op, "x");
   const at::Tensor x = dense(x_in);
-  const int64_t N = x.size(0), C = x.size(1), hw = x.size(2) * x.size(3);
-  if (N < at::get_num_threads() || x.numel() == 0) {
+  if (!per_sample_pays(x)) {
     auto [avg, max] = channel_pool_cpu(x);
     at::Tensor gate = channel_gate_cpu(avg, max, weight, alpha, beta, mode);
     return {channel_rescale_cpu(x, gate), avg, max, gate};
   }
+  const int64_t N = x.size(0), C = x.size(1);
   auto opts = x.options().dtype(acc_type(x.scalar_type()));
   at::Tensor avg = at::empty({N, C}, opts), max = at::empty({N, C}, opts), gate = at::empty({N, C}, opts);
   check_gate_args(avg, max, weight, alpha, beta, mode, op);
   at::Tensor y = empty_like_layout(x);
-  const bool channels_last = layout_of(x) == Layout::ChannelsLast;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "channel_attention_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const at::Tensor w_acc = weight.reshape(-1).to(opts.dtype()).contiguous();
     const acc_t* w = w_acc.const_data_ptr<acc_t>();
     const Mix<acc_t> f = make_mix<acc_t>(avg, max, alpha, beta, mode);
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    scalar_t* yp = y.data_ptr<scalar_t>();
-    acc_t *a = avg.data_ptr<acc_t>(), *m = max.data_ptr<acc_t>(), *g = gate.data_ptr<acc_t>();
-    // Inside this region the helpers' own parallel_for runs inline, on this task's thread.
-    at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t n = begin; n < end; ++n) {
-        const int64_t offset = n * C * hw;  // x[n] in either layout
-        if (channels_last) {
-          pool_channels_last(xp + offset, 1, C, hw, a + n * C, m + n * C);
-        } else {
-          pool_nchw(xp + offset, C, hw, a + n * C, m + n * C);
-        }
-        gate_sample(f, w, weight.numel(), C, n, g);
-        if (channels_last) {
-          rescale_channels_last<scalar_t>(xp + offset, nullptr, yp + offset, 1, C, hw, g + n * C, nullptr);
-        } else {
-          rescale_nchw<scalar_t>(xp + offset, nullptr, yp + offset, C, hw, g + n * C, nullptr);
-        }
-      }
-    });
+    acc_t* g = gate.data_ptr<acc_t>();
+    attention_per_sample<scalar_t>(x, y, avg.data_ptr<acc_t>(), max.data_ptr<acc_t>(), g,
+                                   [&](int64_t n, acc_t*) { gate_sample(f, w, weight.numel(), C, n, g); });
   });
   return {y, avg, max, gate};
+}
+
+// ---------------------------------------------------------------- channel_mlp_attention
+
+// SE's gate for one sample: gate = sigmoid(w2 @ relu(w1 @ avg + b1) + b2), all in acc_t.
+template <typename acc_t>
+void mlp_gate_sample(const acc_t* avg, const acc_t* w1, const acc_t* b1, const acc_t* w2, const acc_t* b2, int64_t C,
+                     int64_t rd, acc_t* h, acc_t* gate) {
+  for (int64_t r = 0; r < rd; ++r) {
+    acc_t z = b1 != nullptr ? b1[r] : acc_t(0);
+    for (int64_t c = 0; c < C; ++c) z += w1[r * C + c] * avg[c];
+    h[r] = z > acc_t(0) ? z : acc_t(0);
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    acc_t z = b2 != nullptr ? b2[c] : acc_t(0);
+    for (int64_t r = 0; r < rd; ++r) z += w2[c * rd + r] * h[r];
+    gate[c] = acc_t(1) / (acc_t(1) + std::exp(-z));
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_mlp_attention_cpu(const at::Tensor& x_in, const at::Tensor& w1,
+                                                                         const c10::optional<at::Tensor>& b1,
+                                                                         const at::Tensor& w2,
+                                                                         const c10::optional<at::Tensor>& b2) {
+  const char* op = "channel_mlp_attention";
+  check_mlp_args(x_in, w1, b1, w2, b2, op);
+  const at::Tensor x = dense(x_in);
+  const int64_t N = x.size(0), C = x.size(1), rd = w1.size(0);
+  const at::ScalarType acc = acc_type(x.scalar_type());
+  auto as_acc = [&](const at::Tensor& t) { return t.reshape(-1).to(acc).contiguous(); };
+  const at::Tensor w1a = as_acc(w1), w2a = as_acc(w2);
+  const at::Tensor b1a = b1.has_value() ? as_acc(*b1) : at::Tensor(), b2a = b2.has_value() ? as_acc(*b2) : at::Tensor();
+  auto opts = x.options().dtype(acc);
+  at::Tensor avg, gate = at::empty({N, C}, opts), y;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "channel_mlp_attention_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t *pw1 = w1a.const_data_ptr<acc_t>(), *pw2 = w2a.const_data_ptr<acc_t>();
+    const acc_t* pb1 = b1a.defined() ? b1a.const_data_ptr<acc_t>() : nullptr;
+    const acc_t* pb2 = b2a.defined() ? b2a.const_data_ptr<acc_t>() : nullptr;
+    auto gate_fn = [&](const acc_t* a, acc_t* g) {
+      std::vector<acc_t> h(rd);
+      mlp_gate_sample(a, pw1, pb1, pw2, pb2, C, rd, h.data(), g);
+    };
+    if (!per_sample_pays(x)) {
+      avg = std::get<0>(channel_pool_cpu(x));
+      const acc_t* a = avg.const_data_ptr<acc_t>();
+      acc_t* g = gate.data_ptr<acc_t>();
+      for (int64_t n = 0; n < N; ++n) gate_fn(a + n * C, g + n * C);
+      y = channel_rescale_cpu(x, gate);
+      return;
+    }
+    avg = at::empty({N, C}, opts);
+    at::Tensor max = at::empty({N, C}, opts);  // pooled alongside; SE's gate does not read it
+    y = empty_like_layout(x);
+    acc_t* a = avg.data_ptr<acc_t>();
+    attention_per_sample<scalar_t>(x, y, a, max.data_ptr<acc_t>(), gate.data_ptr<acc_t>(),
+                                   [&](int64_t n, acc_t* g) { gate_fn(a + n * C, g); });
+  });
+  return {y, avg, gate};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(attnkernels, CPU, m) {
   m.impl("channel_attention", &channel_attention_cpu);
+  m.impl("channel_mlp_attention", &channel_mlp_attention_cpu);
   m.impl("channel_pool", &channel_pool_cpu);
   m.impl("channel_pool_backward", &channel_pool_backward_cpu);
   m.impl("channel_gate", &channel_gate_cpu);

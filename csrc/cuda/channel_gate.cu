@@ -30,30 +30,24 @@
 namespace attnkernels {
 namespace {
 
+using cuda::aligned16;
 using cuda::block_reduce;
+using cuda::ceil_div;
+using cuda::check_cuda;
+using cuda::check_like_x;
 using cuda::elements_to_alignment;
+using cuda::kMaxGrid;
 using cuda::kWarpSize;
 using cuda::load_vec;
 using cuda::nan_max;
+using cuda::next_pow2;
+using cuda::sm_count;
 using cuda::store_vec;
 using cuda::Vec;
 using cuda::warp_allreduce;
 
 constexpr int kBlock = 256;           // threads per block in every kernel here
-constexpr int64_t kMaxGrid = 1 << 30;  // grid-stride loops cover anything beyond this
 constexpr int64_t kMinRowsPerThread = 16;  // channels_last: pixels each thread reduces at least
-
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-int64_t sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
-
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
-int64_t next_pow2(int64_t v) {
-  int64_t p = 1;
-  while (p < v) p <<= 1;
-  return p;
-}
 
 // ---------------------------------------------------------------------------------------------
 // Reducers over the H*W pixels of one (n, c). Each has
@@ -749,18 +743,6 @@ __global__ void __launch_bounds__(kBlock)
 
 bool is_param_dtype(at::ScalarType t) {
   return t == at::kDouble || t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
-}
-
-void check_cuda(const at::Tensor& t, const at::Tensor& like, const char* op, const char* name) {
-  TORCH_CHECK_VALUE(t.is_cuda() && t.device() == like.device(), op, ": ", name, " must be on ",
-              like.device(), ", got ", t.device());
-}
-
-void check_like_x(const at::Tensor& t, const at::Tensor& x, const char* op, const char* name) {
-  TORCH_CHECK_VALUE(t.sizes() == x.sizes() && t.scalar_type() == x.scalar_type(), op, ": ", name,
-              " must match x's shape ", x.sizes(), " and dtype ", x.scalar_type(), ", got ",
-              t.sizes(), " ", t.scalar_type());
-  check_cuda(t, x, op, name);
 }
 
 void check_gate_cuda(const at::Tensor& avg, const at::Tensor& max, const at::Tensor& weight,

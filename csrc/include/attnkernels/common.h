@@ -62,6 +62,24 @@ inline void check_per_channel(const at::Tensor& t, const at::Tensor& x, const ch
               t.device());
 }
 
+// An (N, k, H, W) per-pixel map in acc(x) on x's device: d1, d2 (k = 2) or s1, s2 (k = 1).
+inline void check_pixel_map(const at::Tensor& t, const at::Tensor& x, int64_t k, const char* op,
+                            const char* name) {
+  TORCH_CHECK_VALUE(t.dim() == 4 && t.size(0) == x.size(0) && t.size(1) == k && t.size(2) == x.size(2) &&
+                        t.size(3) == x.size(3),
+                    op, ": ", name, " must have shape (N, ", k, ", H, W) = (", x.size(0), ", ", k, ", ",
+                    x.size(2), ", ", x.size(3), "), got ", t.sizes());
+  TORCH_CHECK_TYPE(t.scalar_type() == acc_type(x.scalar_type()), op, ": ", name, " must be ",
+                   acc_type(x.scalar_type()), " (the accumulation dtype of x, ", x.scalar_type(), "), got ",
+                   t.scalar_type());
+  TORCH_CHECK_VALUE(t.device() == x.device(), op, ": ", name, " must be on ", x.device(), ", got ", t.device());
+}
+
+// HAM's important-channel count C_im, 1 <= c_im <= C.
+inline void check_c_im(int64_t c_im, int64_t C, const char* op) {
+  TORCH_CHECK_VALUE(c_im >= 1 && c_im <= C, op, ": c_im must be in [1, C] = [1, ", C, "], got ", c_im);
+}
+
 // channel_gate's pooling mix (SPEC HAM: f = 0.5*(a + m) + alpha*a + beta*m).
 enum GateMode : int64_t { kAvg = 0, kMax = 1, kMix = 2 };
 
@@ -83,6 +101,27 @@ inline void check_gate_args(const at::Tensor& avg, const at::Tensor& max, const 
     TORCH_CHECK_VALUE(alpha.has_value() && beta.has_value(), op, ": mode 2 needs alpha and beta");
     TORCH_CHECK_VALUE(alpha->numel() == 1 && beta->numel() == 1, op,
                 ": alpha and beta must hold one value each");
+  }
+}
+
+// SE's MLP gate (channel_mlp_attention): w1 holds rd*C values with rd = w1.size(0), w2 C*rd,
+// the optional biases rd and C values, all floating and on x's device.
+inline void check_mlp_args(const at::Tensor& x, const at::Tensor& w1, const c10::optional<at::Tensor>& b1,
+                           const at::Tensor& w2, const c10::optional<at::Tensor>& b2, const char* op) {
+  check_feature_map(x, op, "x");
+  const int64_t C = x.size(1);
+  TORCH_CHECK_VALUE(w1.dim() >= 1 && w1.size(0) > 0 && w1.numel() == w1.size(0) * C, op,
+              ": w1 must hold (rd, C) = (rd, ", C, ") values, got shape ", w1.sizes());
+  const int64_t rd = w1.size(0);
+  TORCH_CHECK_VALUE(w2.dim() >= 1 && w2.size(0) == C && w2.numel() == C * rd, op, ": w2 must hold (C, rd) = (",
+              C, ", ", rd, ") values, got shape ", w2.sizes());
+  TORCH_CHECK_VALUE(!b1.has_value() || b1->numel() == rd, op, ": b1 must hold rd = ", rd, " values");
+  TORCH_CHECK_VALUE(!b2.has_value() || b2->numel() == C, op, ": b2 must hold C = ", C, " values");
+  for (const at::Tensor* t : {&w1, &w2, b1.has_value() ? &*b1 : &w1, b2.has_value() ? &*b2 : &w2}) {
+    TORCH_CHECK_TYPE(at::isFloatingType(t->scalar_type()), op, ": the MLP weights must be floating, got ",
+                t->scalar_type());
+    TORCH_CHECK_VALUE(t->device() == x.device(), op, ": the MLP weights must be on ", x.device(), ", got ",
+                t->device());
   }
 }
 

@@ -1,6 +1,10 @@
-// Device helpers shared by the CUDA kernels: wide loads, NaN-propagating max, and warp/block
-// reductions with a fixed combination order (SPEC.md: bitwise deterministic run to run).
+// Helpers shared by the CUDA kernels: wide loads, NaN-propagating max, warp/block reductions
+// with a fixed combination order (SPEC.md: bitwise deterministic run to run), and the host-side
+// launch sizes and argument checks of the CUDA ops.
 #pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
 
 #include <cstdint>
 #include <cstring>
@@ -10,6 +14,39 @@ namespace attnkernels {
 namespace cuda {
 
 constexpr int kWarpSize = 32;
+constexpr int64_t kMaxGrid = 1 << 30;  // grid-stride loops cover anything beyond this
+
+// ---------------------------------------------------------------------------------------------
+// Host side: launch sizes and argument checks.
+// ---------------------------------------------------------------------------------------------
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+inline int64_t sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
+
+inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+inline int64_t next_pow2(int64_t v) {
+  int64_t p = 1;
+  while (p < v) p <<= 1;
+  return p;
+}
+
+inline void check_cuda(const at::Tensor& t, const at::Tensor& like, const char* op, const char* name) {
+  TORCH_CHECK_VALUE(t.is_cuda() && t.device() == like.device(), op, ": ", name, " must be on ",
+              like.device(), ", got ", t.device());
+}
+
+inline void check_like_x(const at::Tensor& t, const at::Tensor& x, const char* op, const char* name) {
+  TORCH_CHECK_VALUE(t.sizes() == x.sizes() && t.scalar_type() == x.scalar_type(), op, ": ", name,
+              " must match x's shape ", x.sizes(), " and dtype ", x.scalar_type(), ", got ",
+              t.sizes(), " ", t.scalar_type());
+  check_cuda(t, x, op, name);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Device side.
+// ---------------------------------------------------------------------------------------------
 
 // V elements moved as one 16-byte (or narrower) load/store.
 template <typename T, int V>
@@ -70,6 +107,16 @@ __device__ __forceinline__ T warp_allreduce(T v, Combine combine) {
   return v;
 }
 
+// warp_allreduce within aligned groups of `width` lanes (a power of two <= 32): every lane ends
+// with its group's result. All 32 lanes must call it.
+template <typename T, typename Combine>
+__device__ __forceinline__ T group_allreduce(T v, int width, Combine combine) {
+  for (int mask = width / 2; mask > 0; mask >>= 1) {
+    v = combine(v, shfl_xor_any(v, mask));
+  }
+  return v;
+}
+
 // Reduction over a whole block; blockDim.x * blockDim.y * blockDim.z must be a multiple of 32
 // and every thread must call it (it synchronises). The result is valid in thread 0 only.
 // smem holds at least (threads / 32) values; the leading __syncthreads makes back-to-back calls
@@ -91,6 +138,18 @@ __device__ __forceinline__ T block_reduce(T v, T identity, Combine combine, T* s
     v = warp_allreduce(v, combine);
   }
   return v;
+}
+
+// block_reduce whose result every thread gets (same conditions as block_reduce).
+template <typename T, typename Combine>
+__device__ __forceinline__ T block_allreduce(T v, T identity, Combine combine, T* smem) {
+  v = block_reduce(v, identity, combine, smem);
+  // Warp 0 has read smem (its lanes' loads precede the shuffles), so smem[0] is free.
+  if (threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z) == 0) {
+    smem[0] = v;
+  }
+  __syncthreads();
+  return smem[0];
 }
 
 }  // namespace cuda

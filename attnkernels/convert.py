@@ -1,0 +1,456 @@
+"""`fuse(model)` and `unfuse(model)`: swap a model's attention modules for fused ones, and back.
+
+`fuse` replaces, in place, every module that has a fused version:
+
+* a reference module (`attnkernels.reference`) whose class `attnkernels.nn.FUSED` maps to a
+  fused class (exactly that class: a subclass may change the forward, so it is left);
+* timm's `EcaModule` and `SEModule` (timm.layers) in the configuration the fused module
+  reproduces exactly: sigmoid gate, zero-padded 1-D conv of padding (k-1)//2 and no bias for
+  ECA; Conv2d(C, rd, 1) and Conv2d(rd, C, 1) with biases, ReLU, no norm, no max pooling for
+  SE. Any other configuration is left in place, with the reason.
+
+The fused module holds the same parameter, buffer and submodule objects as the module it
+replaces (no copies), so the state_dict keys, the optimizer's parameters and the train/eval
+mode are unchanged. `unfuse` turns every fused module back into the module it replaced.
+Both return the model (a new object only when the model itself is an attention module) and
+log a `FuseReport` on the "attnkernels" logger at INFO; `report=True` also returns it.
+
+timm is optional: it is imported only when the model holds a module of a timm class.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+from typing import Callable, Literal, NamedTuple, Union, overload
+
+import torch
+from torch import nn
+
+from . import backend as _backend
+from .nn import FUSED, FusedModule, fused_class, reference_class
+from .reference import AttentionModule
+
+__all__ = ["FuseReport", "ReportEntry", "fuse", "unfuse"]
+
+logger = logging.getLogger("attnkernels")
+
+# Where a timm-derived fused module keeps the timm module it replaced, for `unfuse`. Written
+# into __dict__ directly: as a registered submodule it would add state_dict keys.
+_ORIGIN = "_attnkernels_timm_origin"
+
+
+class ReportEntry(NamedTuple):
+    """One module in a `FuseReport`."""
+
+    name: str
+    """Qualified name in the model, as `named_modules` gives it ("" for the model itself)."""
+    module: str
+    """The module's class (module path and name) before the call."""
+    detail: str
+    """For a swapped module, the class it became; for a left one, why it was left."""
+
+
+@dataclasses.dataclass
+class FuseReport:
+    """What `fuse` or `unfuse` swapped and what it left, one entry per module object.
+
+    `left` lists the attention modules it recognised and did not swap (no fused version,
+    a configuration the fused module cannot reproduce, already fused, ...) with the reason;
+    modules that are not attention modules (convs, norms, ...) are in neither list.
+    """
+
+    action: str
+    """"fuse" or "unfuse"."""
+    backend: str | None = None
+    """The backend `fuse` pinned the swapped modules to (None: automatic)."""
+    swapped: list[ReportEntry] = dataclasses.field(default_factory=list)
+    left: list[ReportEntry] = dataclasses.field(default_factory=list)
+
+    def __str__(self) -> str:
+        pinned = f", backend {self.backend}" if self.backend else ""
+        lines = [f"attnkernels.{self.action}: swapped {len(self.swapped)}, left {len(self.left)}{pinned}"]
+        lines += [f"  swapped {e.name or '<model>'}: {e.module} -> {e.detail}" for e in self.swapped]
+        lines += [f"  left    {e.name or '<model>'}: {e.module}: {e.detail}" for e in self.left]
+        return "\n".join(lines)
+
+
+class _Plan(NamedTuple):
+    """What to do with one module: `build()` makes its replacement (None: leave it)."""
+
+    build: Callable[[], nn.Module] | None
+    detail: str  # the target class, or why the module is left
+    descend: bool  # look for attention modules among its children
+    target: type[nn.Module] | None = None  # the replacement's class
+
+
+class _Site(NamedTuple):
+    parent: nn.Module | None  # None: the model itself
+    attr: str
+    module: nn.Module
+    plan: _Plan
+
+
+@overload
+def fuse(model: nn.Module, backend: str | None = None, *, report: Literal[False] = False) -> nn.Module: ...
+@overload
+def fuse(
+    model: nn.Module, backend: str | None = None, *, report: Literal[True]
+) -> tuple[nn.Module, FuseReport]: ...
+
+
+def fuse(
+    model: nn.Module, backend: str | None = None, *, report: bool = False
+) -> Union[nn.Module, tuple[nn.Module, FuseReport]]:
+    """Replace, in place, every attention module of `model` that has a fused version.
+
+    Reference modules with a class in `attnkernels.nn.FUSED`, and timm's EcaModule and
+    SEModule in a configuration the fused modules reproduce exactly, become fused modules
+    holding the same parameter, buffer and submodule objects: same state_dict keys, same
+    train/eval mode, same forward hooks. Already fused modules are left as they are (fusing
+    twice is a no-op); to change their backend, set their `backend` attribute.
+
+    Args:
+        model: any nn.Module; it may itself be an attention module.
+        backend: None or "auto" lets `attnkernels.backend` pick at every call; a name
+            ("cpu", "cuda", "triton", "reference") pins the swapped modules to it. It must be
+            available on the device of every module to swap (checked before any swap).
+        report: also return the `FuseReport` (it is always logged at INFO on the
+            "attnkernels" logger).
+
+    Returns:
+        The model (a new object only when `model` itself was swapped: use the return value),
+        or `(model, report)` when `report=True`.
+
+    Raises:
+        TypeError: `model` is not an nn.Module.
+        ValueError: `backend` is not a backend name.
+        RuntimeError: the pinned backend cannot run on a swapped module's device.
+    """
+    _check_model(model, "fuse")
+    pinned = _backend_name(backend)
+    rep = FuseReport("fuse", pinned)
+    sites = _walk(model, lambda m: _fuse_plan(m, pinned), rep)
+    if pinned is not None:
+        _check_available(pinned, [(site.module, site.plan.target) for site in sites])
+    return _finish(_apply(model, sites), rep, report)
+
+
+@overload
+def unfuse(model: nn.Module, *, report: Literal[False] = False) -> nn.Module: ...
+@overload
+def unfuse(model: nn.Module, *, report: Literal[True]) -> tuple[nn.Module, FuseReport]: ...
+
+
+def unfuse(model: nn.Module, *, report: bool = False) -> Union[nn.Module, tuple[nn.Module, FuseReport]]:
+    """Turn every fused module of `model` back into the module it replaced, in place.
+
+    A fused module that `fuse` made from a timm module becomes that timm module again;
+    every other fused module (of a class in `attnkernels.nn.FUSED`) becomes its reference
+    class. Parameter, buffer and submodule objects, state_dict keys and train/eval mode are
+    kept. Subclasses of the fused classes are left (their own forward would be lost).
+
+    Args:
+        model: any nn.Module; it may itself be a fused module.
+        report: also return the `FuseReport` (always logged at INFO on "attnkernels").
+
+    Returns:
+        The model (a new object only when `model` itself was swapped), or `(model, report)`.
+    """
+    _check_model(model, "unfuse")
+    rep = FuseReport("unfuse")
+    sites = _walk(model, _unfuse_plan, rep)
+    return _finish(_apply(model, sites), rep, report)
+
+
+# --- the walk ---------------------------------------------------------------------------
+
+
+def _check_model(model: object, where: str) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{where}: model must be a torch.nn.Module, got {type(model).__name__}")
+
+
+def _walk(model: nn.Module, plan_of: Callable[[nn.Module], _Plan | None], rep: FuseReport) -> list[_Site]:
+    """Plan every module (no change yet, so a failed check leaves the model untouched);
+    fill the report; return where the swaps go. A module registered in several places is
+    planned and reported once and swapped everywhere."""
+    plans: dict[int, _Plan | None] = {}
+    sites: list[_Site] = []
+
+    def visit(parent: nn.Module | None, attr: str, name: str, module: nn.Module) -> None:
+        first = id(module) not in plans
+        if first:
+            plans[id(module)] = plan = plan_of(module)
+            if plan is not None:
+                entries = rep.swapped if plan.build is not None else rep.left
+                entries.append(ReportEntry(name, _qualname(type(module)), plan.detail))
+        plan = plans[id(module)]
+        if plan is not None and plan.build is not None:
+            sites.append(_Site(parent, attr, module, plan))
+        if first and (plan is None or plan.descend):
+            for child_attr, child in module._modules.items():
+                if child is not None:
+                    visit(module, child_attr, f"{name}.{child_attr}" if name else child_attr, child)
+
+    visit(None, "", "", model)
+    return sites
+
+
+def _apply(model: nn.Module, sites: list[_Site]) -> nn.Module:
+    """Make each replacement once and put it at every site; return the (possibly new) model."""
+    made: dict[int, nn.Module] = {}
+    for site in sites:
+        if id(site.module) not in made:
+            made[id(site.module)] = site.plan.build()
+        new = made[id(site.module)]
+        if site.parent is None:
+            model = new
+        else:
+            setattr(site.parent, site.attr, new)
+    return model
+
+
+def _finish(model: nn.Module, rep: FuseReport, want_report: bool):
+    logger.info("%s", rep)
+    return (model, rep) if want_report else model
+
+
+def _qualname(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+# --- fuse: what becomes what ------------------------------------------------------------
+
+
+def _fuse_plan(module: nn.Module, pinned: str | None) -> _Plan | None:
+    if isinstance(module, FusedModule):  # it owns its children: nothing below it to fuse
+        return _Plan(None, "already fused", descend=False)
+    if isinstance(module, AttentionModule):
+        cls = fused_class(module)
+        if cls is None:
+            return _Plan(None, _why_no_fused_class(module), descend=True)
+        return _Plan(lambda: _rebind(module, cls, pinned), _qualname(cls), False, cls)
+    if _is_timm(module):
+        return _timm_plan(module, pinned)
+    return None
+
+
+def _why_no_fused_class(module: nn.Module) -> str:
+    for cls in FUSED.values():
+        ref = reference_class(cls)
+        if isinstance(module, ref):
+            return f"a subclass of {_qualname(ref)}: its forward may differ from the fused one"
+    return f"no fused version of {type(module).__name__} yet (fused: {', '.join(FUSED)})"
+
+
+def _rebind(module: nn.Module, cls: type[nn.Module], pinned: str | None) -> nn.Module:
+    """`module`'s whole state behind class `cls`: a shallow copy of its __dict__, so the same
+    parameter, buffer and submodule objects, hook dicts (handles still remove) and mode."""
+    new = cls.__new__(cls)
+    new.__dict__.update(module.__dict__)
+    new.__dict__.pop("backend", None)
+    if issubclass(cls, FusedModule) and pinned is not None:
+        new.backend = pinned
+    return new
+
+
+def _backend_name(backend: object) -> str | None:
+    if backend is None:
+        return None
+    name = backend.strip().lower() if isinstance(backend, str) else None
+    if name not in ("auto", *_backend.BACKENDS):
+        raise ValueError(
+            f"fuse: backend must be None, 'auto' or one of {', '.join(_backend.BACKENDS)}; got {backend!r}"
+        )
+    return None if name == "auto" else name
+
+
+def _check_available(pinned: str, swaps: list[tuple[nn.Module, type[nn.Module]]]) -> None:
+    """Raise RuntimeError, before anything is swapped, if `pinned` cannot run the hot paths
+    of a fused class (`FusedModule.hot_paths`) on the device of a module it replaces."""
+    needed = {(str(_device_of(m)), hp) for m, cls in swaps for hp in cls.hot_paths}
+    for device, hot_path in sorted(needed):
+        problem = _backend.why_unavailable(pinned, hot_path, device)
+        if problem is not None:
+            raise RuntimeError(
+                f"fuse: backend={pinned!r} cannot run {hot_path} on {device}: {problem}. "
+                "Pick another backend, or None for automatic."
+            )
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    tensor = next(itertools.chain(module.parameters(), module.buffers()), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
+
+
+# --- timm ---------------------------------------------------------------------------------
+
+# timm's other channel-attention modules: reported as left, with why.
+_TIMM_NOT_CONVERTED = {
+    "timm.layers.eca.CecaModule": "circular ECA: pads the channel conv circularly, the fused ECA pads with zeros",
+    "timm.layers.squeeze_excite.EffectiveSEModule": "effective SE (one fc, hard-sigmoid gate): no fused version",
+    "timm.layers.squeeze_excite.SqueezeExciteCl": "channels-last SE on Linear layers: no fused version",
+    "timm.models.senet.SEModule": "legacy SENet SE module: only timm.layers.SEModule is converted",
+    "timm.layers.cbam.CbamModule": "only timm's EcaModule and SEModule are converted",
+    "timm.layers.cbam.LightCbamModule": "only timm's EcaModule and SEModule are converted",
+}
+
+
+def _is_timm(module: nn.Module) -> bool:
+    return any(c.__module__.split(".")[0] == "timm" for c in type(module).__mro__)
+
+
+class _TimmAdapter(NamedTuple):
+    """How one timm class maps onto a fused class (`attnkernels.nn.FUSED[fused]`)."""
+
+    timm_name: str  # its name in timm.layers
+    fused: str  # registry name of the fused class
+    why_not: Callable[[nn.Module], str | None]  # None when the fused module reproduces it
+    attributes: Callable[[nn.Module], dict]  # the plain attributes the fused __init__ would set
+    shared: tuple[str, ...]  # the submodules the fused module takes over (all the parameters)
+
+
+def _timm_plan(module: nn.Module, pinned: str | None) -> _Plan | None:
+    name = _qualname(type(module))
+    if name in _TIMM_NOT_CONVERTED:
+        return _Plan(None, _TIMM_NOT_CONVERTED[name], descend=True)
+    layers = _timm_layers()
+    for adapter in _TIMM_ADAPTERS:
+        timm_cls = getattr(layers, adapter.timm_name, None)
+        if timm_cls is None or not isinstance(module, timm_cls):
+            continue
+        if type(module) is not timm_cls:
+            return _Plan(None, f"a subclass of timm's {adapter.timm_name}: its forward may differ", True)
+        cls = FUSED.get(adapter.fused)
+        if cls is None:
+            return _Plan(None, f"no fused version of {adapter.fused} yet", descend=True)
+        reason = adapter.why_not(module)
+        if reason is not None:
+            return _Plan(None, f"{reason}; the fused {cls.__name__} cannot reproduce it", descend=True)
+        return _Plan(lambda: _from_timm(module, adapter, cls, pinned), _qualname(cls), False, cls)
+    return None
+
+
+def _timm_layers():
+    """timm.layers, or None when timm is not installed (fuse then converts no timm module)."""
+    try:
+        import timm.layers
+    except ImportError:
+        return None
+    return timm.layers
+
+
+def _from_timm(module: nn.Module, adapter: _TimmAdapter, cls: type[nn.Module], pinned: str | None) -> nn.Module:
+    """A `cls` module around `module`'s own submodules. Not through the constructor: timm's
+    configuration (e.g. SE's rd_channels) need not be one the constructor computes."""
+    fused = cls.__new__(cls)
+    nn.Module.__init__(fused)
+    # The same hook dicts: hooks keep firing and their handles still remove them.
+    fused.__dict__.update({k: v for k, v in vars(module).items() if "hook" in k})
+    fused.__dict__.update(adapter.attributes(module))
+    for attr in adapter.shared:
+        setattr(fused, attr, getattr(module, attr))
+    fused.training = module.training
+    fused.__dict__[_ORIGIN] = module
+    if pinned is not None:
+        fused.backend = pinned
+    return fused
+
+
+def _conv_problem(conv: nn.Module, name: str, kind: type, in_ch: int, out_ch: int, bias: bool) -> str | None:
+    """Why `conv` is not a plain zero-padded 'same' conv of this shape, or None."""
+    if type(conv) is not kind:
+        return f"{name} is {type(conv).__name__}, not {kind.__name__}"
+    same = tuple((k - 1) // 2 for k in conv.kernel_size)
+    wanted = {
+        "in_channels": in_ch,
+        "out_channels": out_ch,
+        "groups": 1,
+        "stride": (1,) * len(same),
+        "dilation": (1,) * len(same),
+        "padding": same,
+        "padding_mode": "zeros",
+    }
+    for attr, want in wanted.items():
+        if getattr(conv, attr) != want:
+            return f"{name}.{attr} is {getattr(conv, attr)!r}, not {want!r}"
+    if (conv.bias is not None) != bias:
+        return f"{name} has {'no ' if bias else 'a '}bias"
+    return None
+
+
+def _gate_problem(gate: object) -> str | None:
+    # timm's create_act_layer('sigmoid') gives timm.layers.activations.Sigmoid; nn.Sigmoid is equal.
+    if isinstance(gate, nn.Sigmoid) or _qualname(type(gate)) == "timm.layers.activations.Sigmoid":
+        return None
+    return f"gate is {type(gate).__name__}, not sigmoid"
+
+
+def _eca_why_not(m: nn.Module) -> str | None:
+    if m.conv2 is not None:
+        return "use_mlp=True (an MLP over the channels)"
+    problem = _conv_problem(m.conv, "conv", nn.Conv1d, 1, 1, bias=False)
+    if problem is None and m.conv.kernel_size[0] % 2 == 0:
+        problem = f"conv kernel size {m.conv.kernel_size[0]} is even"
+    return problem or _gate_problem(m.gate)
+
+
+def _se_why_not(m: nn.Module) -> str | None:
+    if m.add_maxpool:
+        return "add_maxpool=True (mean and max pooling)"
+    if not isinstance(m.bn, nn.Identity):
+        return f"bn is {type(m.bn).__name__} (norm_layer), not Identity"
+    if type(m.act) is not nn.ReLU:
+        return f"act is {type(m.act).__name__}, not ReLU"
+    if not isinstance(m.fc1, nn.Conv2d):
+        return f"fc1 is {type(m.fc1).__name__}, not Conv2d"
+    c, rd = m.fc1.in_channels, m.fc1.out_channels
+    if m.fc1.kernel_size != (1, 1) or getattr(m.fc2, "kernel_size", None) != (1, 1):
+        return "fc1/fc2 are not 1x1 convs"
+    return (
+        _conv_problem(m.fc1, "fc1", nn.Conv2d, c, rd, bias=True)
+        or _conv_problem(m.fc2, "fc2", nn.Conv2d, rd, c, bias=True)
+        or _gate_problem(m.gate)
+    )
+
+
+_TIMM_ADAPTERS = (
+    _TimmAdapter(
+        "EcaModule",
+        "eca",
+        _eca_why_not,
+        # timm's EcaModule does not record C; None skips the channel-count input check.
+        lambda m: {"channels": None, "kernel_size": m.conv.kernel_size[0]},
+        ("conv",),
+    ),
+    _TimmAdapter("SEModule", "se", _se_why_not, lambda m: {"channels": m.fc1.in_channels}, ("fc1", "fc2")),
+)
+
+
+# --- unfuse ---------------------------------------------------------------------------------
+
+
+def _unfuse_plan(module: nn.Module) -> _Plan | None:
+    if not isinstance(module, FusedModule):
+        return None
+    cls = type(module)
+    if cls not in FUSED.values():  # its own forward would be lost
+        return _Plan(None, "not a class of attnkernels.nn.FUSED (a subclass?): left fused", False)
+    origin = module.__dict__.get(_ORIGIN)
+    if origin is not None:
+        return _Plan(lambda: _back_to_timm(module, origin), _qualname(type(origin)), descend=False)
+    ref = reference_class(cls)
+    return _Plan(lambda: _rebind(module, ref, None), _qualname(ref), descend=False)
+
+
+def _back_to_timm(fused: nn.Module, origin: nn.Module) -> nn.Module:
+    """The timm module `fused` was made from, holding `fused`'s submodules (whichever the
+    caller may have replaced since) and its mode."""
+    for attr, child in fused._modules.items():
+        setattr(origin, attr, child)
+    for attr, child in origin._modules.items():
+        if attr not in fused._modules and child is not None:  # timm's own act/gate/bn
+            child.train(fused.training)
+    origin.training = fused.training
+    return origin

@@ -1,0 +1,52 @@
+"""The mixin every fused module shares: an optional pin to one backend."""
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from torch import nn
+
+from .. import backend as _backend
+
+
+class FusedModule(nn.Module):
+    """Mixin of the fused modules: `backend` pins the backend their ops run on.
+
+    List it first among the bases (`class ECA(FusedModule, reference.ECA)`) so that its
+    `forward` wraps the reference forward (the fused class overrides `attend` only).
+
+    `backend` is None by default: the ops run where `attnkernels.backend` picks, and the
+    forward is the reference forward with nothing around it, so `torch.compile(fullgraph=True)`
+    over a default fused module has no graph break. A backend name ("cpu", "cuda", "triton",
+    "reference") runs the forward under `attnkernels.backend.use_backend(backend)`; the
+    backward follows, since each op's backward is bound to the backend its forward ran on.
+    `attnkernels.fuse(model, backend=...)` sets it. It is a plain attribute, not state_dict.
+    A pinned module compiles with a graph break: dynamo does not trace `ContextVar.set`.
+    """
+
+    #: The pinned backend, or None for automatic. A class default, so modules built by the
+    #: constructor or by `as_fused` are automatic without any per-instance state.
+    backend: str | None = None
+
+    #: The hot paths whose ops the module runs: `fuse` checks a pinned backend on these.
+    #: Every hot path unless a fused class narrows it (e.g. ECA: ("channel_gate",)).
+    hot_paths: ClassVar[tuple[str, ...]] = _backend.HOT_PATHS
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.backend is None:
+            return super().forward(*args, **kwargs)
+        with _backend.use_backend(self.backend):
+            return super().forward(*args, **kwargs)
+
+    def extra_repr(self) -> str:
+        base = super().extra_repr()
+        if self.backend is None:
+            return base
+        return f"{base}, backend={self.backend!r}" if base else f"backend={self.backend!r}"
+
+
+def reference_class(cls: type[nn.Module]) -> type[nn.Module]:
+    """The reference class a fused class stands in for: the first class in its MRO that
+    is not a FusedModule (so `class ECA(FusedModule, reference.ECA)` gives reference.ECA)."""
+    if not (isinstance(cls, type) and issubclass(cls, FusedModule)):
+        raise TypeError(f"reference_class: {cls!r} is not a FusedModule subclass")
+    return next(base for base in cls.__mro__[1:] if not issubclass(base, FusedModule))

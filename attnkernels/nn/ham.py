@@ -1,0 +1,31 @@
+"""Fused HAM: channel_gate ops for the channel half, ham_spatial ops for the spatial half."""
+from __future__ import annotations
+
+import torch
+
+from .. import functional as AF
+from ..reference import ham as reference
+from ..reference.formulas import accumulate_dtype
+from ._fused import FusedModule
+
+
+class HAM(FusedModule, reference.HAM):
+    """`attnkernels.reference.HAM` on the fused ops (same arguments and weights).
+
+    Three passes over x: channel pooling (channel_pool), the top-k channel separation with
+    the dual spatial pooling (ham_spatial_pool), and the apply (ham_spatial_apply). Between
+    them only (N, C) and (N, <=2, H, W) maps exist: the 1-D conv + sigmoid gate
+    (channel_gate) and the shared 7x7 conv + BN + ReLU + sigmoid of the reference module,
+    called on group 1 then group 2 exactly as the reference calls them (BN statistics and
+    running stats included). Backward saves x and those small maps only.
+    """
+
+    def attend(self, x: torch.Tensor) -> torch.Tensor:
+        avg, max_ = AF.channel_pool(x)
+        ac = AF.channel_gate(avg, max_, self.conv.weight, self.alpha, self.beta, mode="mix")
+        d1, d2, mask = AF.ham_spatial_pool(x, ac, self.c_im)
+        dtype = self.spatial_conv.weight.dtype
+        s1 = self.spatial_attention(d1.to(dtype))
+        s2 = self.spatial_attention(d2.to(dtype))
+        acc = accumulate_dtype(x.dtype)
+        return AF.ham_spatial_apply(x, ac, mask, s1.to(acc), s2.to(acc))

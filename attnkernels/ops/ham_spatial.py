@@ -1,0 +1,105 @@
+"""ham_spatial ops: fake implementations and autograd, for every backend's namespace.
+
+The C++/CUDA ops are `torch.ops.attnkernels.<name>` (schemas and math in csrc/attnkernels.cpp);
+the Triton ops are `torch.ops.attnkernels_triton.<name>` (attnkernels/triton/ham_spatial.py),
+with the same names, signatures and math:
+
+    d1, d2, mask = ham_spatial_pool(x, gate, c_im)       # one read of x
+    y            = ham_spatial_apply(x, gate, mask, s1, s2)  # one read of x, one write of y
+
+Saved for backward: x and the small maps (gate, mask: (N, C); d1, d2, s1, s2: (N, <=2, H, W));
+no full-size intermediate. The mask is not differentiable (SPEC: no gradient through M).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..reference._base import memory_format_of
+from ..reference.formulas import accumulate_dtype
+
+FORWARD_OPS = ("ham_spatial_pool", "ham_spatial_apply")
+BACKWARD_OPS = ("ham_spatial_pool_backward", "ham_spatial_apply_backward")
+
+_registered: set[str] = set()
+
+
+def _pixel_maps(x: torch.Tensor, channels: int) -> torch.Tensor:
+    n, _, h, w = x.shape
+    return x.new_empty((n, channels, h, w), dtype=accumulate_dtype(x.dtype))
+
+
+def _like_x(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x, memory_format=memory_format_of(x))
+
+
+def _fake_pool(x, gate, c_im):
+    return _pixel_maps(x, 2), _pixel_maps(x, 2), torch.empty_like(gate)
+
+
+def _fake_pool_backward(grad_d1, grad_d2, x, gate, mask, d1, d2, c_im):
+    return _like_x(x), torch.empty_like(gate)
+
+
+def _fake_apply(x, gate, mask, s1, s2):
+    return _like_x(x)
+
+
+def _fake_apply_backward(grad_y, x, gate, mask, s1, s2):
+    return _like_x(x), torch.empty_like(gate), _pixel_maps(x, 1), _pixel_maps(x, 1)
+
+
+_FAKES = {
+    "ham_spatial_pool": _fake_pool,
+    "ham_spatial_pool_backward": _fake_pool_backward,
+    "ham_spatial_apply": _fake_apply,
+    "ham_spatial_apply_backward": _fake_apply_backward,
+}
+
+
+def _register_autograd(namespace: str) -> None:
+    ops = getattr(torch.ops, namespace)
+
+    def setup_pool(ctx: Any, inputs: tuple, output: tuple) -> None:
+        x, gate, c_im = inputs
+        d1, d2, mask = output
+        ctx.c_im = c_im
+        ctx.mark_non_differentiable(mask)
+        ctx.save_for_backward(x, gate, mask, d1, d2)
+        ctx.set_materialize_grads(False)
+
+    def backward_pool(ctx: Any, grad_d1: torch.Tensor | None, grad_d2: torch.Tensor | None, _grad_mask):
+        if grad_d1 is None and grad_d2 is None:
+            return None, None, None
+        x, gate, mask, d1, d2 = ctx.saved_tensors
+        grad_d1 = torch.zeros_like(d1) if grad_d1 is None else grad_d1
+        grad_d2 = torch.zeros_like(d2) if grad_d2 is None else grad_d2
+        grad_x, grad_gate = ops.ham_spatial_pool_backward(grad_d1, grad_d2, x, gate, mask, d1, d2, ctx.c_im)
+        return grad_x, grad_gate, None
+
+    def setup_apply(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+        ctx.save_for_backward(*inputs)  # x, gate, mask, s1, s2
+
+    def backward_apply(ctx: Any, grad_y: torch.Tensor):
+        x, gate, mask, s1, s2 = ctx.saved_tensors
+        grad_x, grad_gate, grad_s1, grad_s2 = ops.ham_spatial_apply_backward(grad_y, x, gate, mask, s1, s2)
+        return grad_x, grad_gate, None, grad_s1, grad_s2
+
+    torch.library.register_autograd(f"{namespace}::ham_spatial_pool", backward_pool, setup_context=setup_pool)
+    torch.library.register_autograd(f"{namespace}::ham_spatial_apply", backward_apply, setup_context=setup_apply)
+
+
+def register(namespace: str, with_fakes: bool = True) -> None:
+    """Give `namespace`'s ham_spatial ops autograd (and fake impls); idempotent.
+
+    Triton ops (torch.library.triton_op) trace their own fake implementation, so they
+    take `with_fakes=False`.
+    """
+    if namespace in _registered:
+        return
+    if with_fakes:
+        for name, fake in _FAKES.items():
+            torch.library.register_fake(f"{namespace}::{name}")(fake)
+    _register_autograd(namespace)
+    _registered.add(namespace)

@@ -1,0 +1,563 @@
+"""Triton kernels of the ham_spatial hot path (HAM's spatial half, given the channel gate Ac).
+
+Registers four ops under `torch.ops.attnkernels_triton` with the schemas and the math of
+`csrc/attnkernels.cpp` (the contract; SPEC.md's HAM for the tie and NaN rules):
+
+    ham_spatial_pool(x, gate, c_im) -> (d1, d2, mask)
+    ham_spatial_pool_backward(grad_d1, grad_d2, x, gate, mask, d1, d2, c_im) -> (grad_x, grad_gate)
+    ham_spatial_apply(x, gate, mask, s1, s2) -> y
+    ham_spatial_apply_backward(grad_y, x, gate, mask, s1, s2) -> (grad_x, grad_gate, grad_s1, grad_s2)
+
+x is (N, C, H, W) with any strides: the kernels take every stride, so NCHW, channels_last
+and sliced views run without a copy. Outputs shaped like x are channels_last when x is
+channels_last-dense and not NCHW-contiguous, NCHW-contiguous otherwise. gate and mask are
+(N, C), d1, d2 (N, 2, H, W) and s1, s2 (N, 1, H, W), all contiguous in acc(x): float64 for
+float64 x, float32 otherwise.
+
+Kernels (all deterministic: no atomics, every reduction in a fixed order):
+  * mask: one program per (n, block of channels c), looping over the channels j in chunks;
+    counts the j that rank before each c ([BLOCK_C, BLOCK_J] comparisons, no sort).
+  * pool, pool backward, apply, apply backward: one program per (n, block of BLOCK_HW
+    pixels), looping over C in chunks of BLOCK_C. Reductions over C (d1, d2, tie counts,
+    grad_s1, grad_s2) accumulate elementwise in a [BLOCK_C, BLOCK_HW] tile and are summed
+    once at the end. The backward's tie counts need the whole channel max first: a first
+    pass over C counts, a second writes grad_x.
+  * grad_gate (a reduction over pixels, in pixel-block programs): each program stores its
+    block's partial sums, (N, pixel blocks, C), and one program per (n, channel block) sums
+    them over the pixel blocks in order. With a single pixel block the partials are the result.
+
+On a machine without a GPU set TRITON_INTERPRET=1 before importing this module; the ops
+then run on CPU tensors under the Triton interpreter.
+"""
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from ..reference.formulas import accumulate_dtype
+from ._common import (
+    _channel_block,
+    _check_device,
+    _check_nc,
+    _check_same_shape,
+    _check_tensor,
+    _check_x,
+    _div,
+    _empty_like_x,
+    _hw_offsets,
+    _hw_strides,
+    _min_programs,
+    _nc,
+    _pow2,
+)
+
+__all__ = [
+    "ham_spatial_pool",
+    "ham_spatial_pool_backward",
+    "ham_spatial_apply",
+    "ham_spatial_apply_backward",
+]
+
+
+# ----------------------------------------------------------------------------------------
+# Input checks
+# ----------------------------------------------------------------------------------------
+def _check_c_im(op: str, c_im, c: int) -> None:
+    if isinstance(c_im, bool) or not isinstance(c_im, (int, torch.SymInt)):
+        raise TypeError(f"{op}: c_im must be an int, got {type(c_im).__name__}")
+    if not 1 <= c_im <= c:
+        raise ValueError(f"{op}: c_im must be in [1, C] = [1, {c}], got {c_im}")
+
+
+def _check_pixel_map(op: str, name: str, t, x: torch.Tensor, k: int) -> None:
+    """t must be (N, k, H, W) for x's N, H, W."""
+    _check_tensor(op, name, t)
+    n, _, h, w = x.shape
+    if tuple(t.shape) != (n, k, h, w):
+        raise ValueError(
+            f"{op}: {name} must have shape (N, {k}, H, W) = ({n}, {k}, {h}, {w}), got {tuple(t.shape)}"
+        )
+
+
+# ----------------------------------------------------------------------------------------
+# Host-side helpers: tiles
+# ----------------------------------------------------------------------------------------
+def _pixel_map(t: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """An (N, k, H, W) map as an NCHW-contiguous tensor of acc (no copy if it is one).
+    Autograd may hand expanded or strided gradients to the backward ops."""
+    return t.to(acc).contiguous()
+
+
+# Elements of one [BLOCK_C, BLOCK_HW] tile, per accumulation dtype (registers per thread stay
+# modest at 4 warps). Module attributes, so tests can force many small tiles and blocks.
+_TILE_ELEMENTS = {torch.float32: 2048, torch.float64: 1024}
+# Pixels per program when pixels are x's contiguous dimension (NCHW): wide enough to
+# coalesce, narrow enough that a feature map spreads over many programs.
+_MAX_BLOCK_HW = 256
+_MIN_BLOCK_HW = 32
+# Widest channel chunk when channels are x's contiguous dimension (channels_last).
+_MAX_BLOCK_C_CHANNELS_LAST = 64
+# Channels per mask program, and the [BLOCK_C, BLOCK_J] comparisons each chunk holds.
+_MASK_BLOCK_C = 64
+_MASK_TILE_ELEMENTS = 2048
+# Elements of the [BLOCK_P, BLOCK_C] tile that sums grad_gate's pixel-block partials.
+_SUM_TILE_ELEMENTS = 2048
+
+
+def _pixel_tiles(x: torch.Tensor, acc: torch.dtype) -> tuple[int, int]:
+    """(BLOCK_C, BLOCK_HW) for the per-(n, pixel block) kernels.
+
+    The tile's long side follows x's contiguous dimension (C for channels_last, H*W
+    otherwise) so loads coalesce; the pixel block shrinks while the grid has fewer programs
+    than the device can run at once.
+    """
+    n, c, h, w = x.shape
+    hw = h * w
+    tile = _TILE_ELEMENTS[acc]
+    min_programs = _min_programs(x.device)
+    if c > 1 and hw > 1 and x.stride(1) == 1:  # channels are contiguous
+        block_c = min(_pow2(c), _MAX_BLOCK_C_CHANNELS_LAST, tile)
+        block_hw = min(_pow2(hw), max(1, tile // block_c))
+        while block_hw > 1 and n * triton.cdiv(hw, block_hw) < min_programs:
+            block_hw //= 2
+    else:
+        block_hw = min(_pow2(hw), _MAX_BLOCK_HW, tile)
+        while block_hw > _MIN_BLOCK_HW and n * triton.cdiv(hw, block_hw) < min_programs:
+            block_hw //= 2
+        block_c = min(_pow2(c), max(1, tile // block_hw))
+    return block_c, block_hw
+
+
+def _mask_blocks(c: int) -> tuple[int, int]:
+    """(BLOCK_C, BLOCK_J) of the rank-count kernel."""
+    block_c = min(_pow2(c), _MASK_BLOCK_C)
+    return block_c, min(_pow2(c), max(1, _MASK_TILE_ELEMENTS // block_c))
+
+
+def _sum_blocks(npb: int, c: int) -> tuple[int, int]:
+    """(BLOCK_P, BLOCK_C) of the fixed-order sum of (N, npb, C) partials."""
+    block_c = min(_pow2(c), 128)
+    return min(_pow2(npb), max(1, _SUM_TILE_ELEMENTS // block_c)), block_c
+
+
+# ----------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------
+@triton.jit
+def _pixel_block(num_pb, HW, BLOCK_HW: tl.constexpr):
+    """This program's sample n (int64), its block of BLOCK_HW flat pixels hw, and hw < HW.
+    The grid is 1-D over (n, pixel block): no 65535 limit on a second axis."""
+    pid = tl.program_id(0)
+    n = (pid // num_pb).to(tl.int64)
+    pb = pid % num_pb
+    hw = pb * BLOCK_HW + tl.arange(0, BLOCK_HW)
+    return n, pb, hw, hw < HW
+
+
+@triton.jit
+def _max_update(acc, v):
+    # NaN-propagating running max: a NaN, once in, stays (NaN > y and y > NaN are false).
+    return tl.where((v > acc) | (v != v), v, acc)
+
+
+@triton.jit
+def _max_over_channels(acc):
+    """max over axis 0 of a running-max tile, NaN if any lane holds NaN (as torch.amax).
+    tl.max does not promise NaN propagation: put the NaN back explicitly."""
+    mx = tl.max(acc, axis=0)
+    has_nan = tl.max((acc != acc).to(tl.int32), axis=0) > 0
+    return tl.where(has_nan, float("nan"), mx)
+
+
+@triton.jit
+def _mask_kernel(
+    gate_ptr, mask_ptr, C, c_im, num_cb,
+    BLOCK_C: tl.constexpr, BLOCK_J: tl.constexpr,
+):
+    ACC = mask_ptr.dtype.element_ty
+    n, c, c_mask = _channel_block(num_cb, C, BLOCK_C)
+    row = n * C
+    g_c = tl.load(gate_ptr + row + c, mask=c_mask, other=0.0)
+    before = tl.zeros([BLOCK_C, BLOCK_J], dtype=tl.int32)
+    for start in range(0, C, BLOCK_J):
+        j = start + tl.arange(0, BLOCK_J)
+        j_mask = j < C
+        g_j = tl.load(gate_ptr + row + j, mask=j_mask, other=0.0)
+        # j ranks before c: a larger gate, or an equal one at a lower index (SPEC's tie rule).
+        ranks = (g_j[None, :] > g_c[:, None]) | ((g_j[None, :] == g_c[:, None]) & (j[None, :] < c[:, None]))
+        before += (ranks & j_mask[None, :]).to(tl.int32)
+    count = tl.sum(before, axis=1)
+    tl.store(mask_ptr + row + c, (count < c_im).to(ACC), mask=c_mask)
+
+
+@triton.jit
+def _load_groups(x_ptr, gate_ptr, mask_ptr, x_pix, n, c, C, sx_n, sx_c, tile_mask, c_mask):
+    """x, gate, mask and F1 = x*gate, G1 = F1*mask, G2 = F1*(1 - mask) of one [BLOCK_C, BLOCK_HW]
+    tile, in acc. Masked lanes are 0 (out-of-range lanes load 0 everywhere)."""
+    ACC = gate_ptr.dtype.element_ty
+    nc = n * C + c
+    gate = tl.load(gate_ptr + nc, mask=c_mask, other=0.0)
+    m = tl.load(mask_ptr + nc, mask=c_mask, other=0.0)
+    offs = (n * sx_n + c.to(tl.int64) * sx_c)[:, None] + x_pix[None, :]
+    v = tl.load(x_ptr + offs, mask=tile_mask, other=0.0).to(ACC)
+    f1 = v * gate[:, None]
+    # Literal products, as the contract writes them: 0 * NaN stays NaN.
+    g1 = f1 * m[:, None]
+    g2 = f1 * (1.0 - m)[:, None]
+    return v, gate, m, f1, g1, g2
+
+
+@triton.jit
+def _pool_kernel(
+    x_ptr, gate_ptr, mask_ptr, d1_ptr, d2_ptr,
+    C, HW, W, num_pb, c_im, c_sub,
+    sx_n, sx_c, sx_h, sx_w, sx_hw,
+    FLAT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+):
+    ACC = d1_ptr.dtype.element_ty
+    n, pb, hw, hw_mask = _pixel_block(num_pb, HW, BLOCK_HW)
+    x_pix = _hw_offsets(hw, W, sx_h, sx_w, sx_hw, FLAT)
+
+    sum1 = tl.zeros([BLOCK_C, BLOCK_HW], dtype=ACC)
+    sum2 = tl.zeros([BLOCK_C, BLOCK_HW], dtype=ACC)
+    max1 = tl.full([BLOCK_C, BLOCK_HW], float("-inf"), dtype=ACC)
+    max2 = tl.full([BLOCK_C, BLOCK_HW], float("-inf"), dtype=ACC)
+    for start in range(0, C, BLOCK_C):
+        c = start + tl.arange(0, BLOCK_C)
+        c_mask = c < C
+        tile_mask = c_mask[:, None] & hw_mask[None, :]
+        _, _, _, _, g1, g2 = _load_groups(
+            x_ptr, gate_ptr, mask_ptr, x_pix, n, c, C, sx_n, sx_c, tile_mask, c_mask
+        )
+        sum1 += g1  # masked lanes are 0
+        sum2 += g2
+        max1 = _max_update(max1, tl.where(tile_mask, g1, float("-inf")))
+        max2 = _max_update(max2, tl.where(tile_mask, g2, float("-inf")))
+
+    out = n * 2 * HW + hw  # d[n, 0, p]; d[n, 1, p] is HW further
+    tl.store(d1_ptr + out, _div(tl.sum(sum1, axis=0), c_im), mask=hw_mask)
+    tl.store(d1_ptr + out + HW, _max_over_channels(max1), mask=hw_mask)
+    tl.store(d2_ptr + out, _div(tl.sum(sum2, axis=0), c_sub), mask=hw_mask)
+    tl.store(d2_ptr + out + HW, _max_over_channels(max2), mask=hw_mask)
+
+
+@triton.jit
+def _pool_backward_kernel(
+    gd1_ptr, gd2_ptr, x_ptr, gate_ptr, mask_ptr, d1_ptr, d2_ptr, gx_ptr, part_ptr,
+    C, HW, W, num_pb, c_im, c_sub,
+    sx_n, sx_c, sx_h, sx_w, sx_hw,
+    so_n, so_c, so_h, so_w, so_hw,
+    FLAT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+):
+    ACC = gate_ptr.dtype.element_ty
+    n, pb, hw, hw_mask = _pixel_block(num_pb, HW, BLOCK_HW)
+    x_pix = _hw_offsets(hw, W, sx_h, sx_w, sx_hw, FLAT)
+    o_pix = _hw_offsets(hw, W, so_h, so_w, so_hw, FLAT)
+    at = n * 2 * HW + hw
+    mx1 = tl.load(d1_ptr + at + HW, mask=hw_mask, other=0.0)
+    mx2 = tl.load(d2_ptr + at + HW, mask=hw_mask, other=0.0)
+
+    # Pass 1: count the channels tied at each pixel's max, per group (all C channels).
+    ties1 = tl.zeros([BLOCK_C, BLOCK_HW], dtype=tl.int32)
+    ties2 = tl.zeros([BLOCK_C, BLOCK_HW], dtype=tl.int32)
+    for start in range(0, C, BLOCK_C):
+        c = start + tl.arange(0, BLOCK_C)
+        c_mask = c < C
+        tile_mask = c_mask[:, None] & hw_mask[None, :]
+        _, _, _, _, g1, g2 = _load_groups(
+            x_ptr, gate_ptr, mask_ptr, x_pix, n, c, C, sx_n, sx_c, tile_mask, c_mask
+        )
+        ties1 += (tile_mask & (g1 == mx1[None, :])).to(tl.int32)
+        ties2 += (tile_mask & (g2 == mx2[None, :])).to(tl.int32)
+    # A count of 0 (NaN max) makes the share inf or NaN, and [G == max] * share NaN on the
+    # whole pixel, exactly as torch.amax's backward. Out-of-range pixels divide by 1.
+    count1 = tl.where(hw_mask, tl.sum(ties1, axis=0), 1).to(ACC)
+    count2 = tl.where(hw_mask, tl.sum(ties2, axis=0), 1).to(ACC)
+    share_avg1 = _div(tl.load(gd1_ptr + at, mask=hw_mask, other=0.0), c_im)
+    share_avg2 = _div(tl.load(gd2_ptr + at, mask=hw_mask, other=0.0), c_sub)
+    share_max1 = _div(tl.load(gd1_ptr + at + HW, mask=hw_mask, other=0.0), count1)
+    share_max2 = _div(tl.load(gd2_ptr + at + HW, mask=hw_mask, other=0.0), count2)
+
+    # Pass 2: grad_x, and this pixel block's partial grad_gate.
+    part_row = (n * num_pb + pb) * C
+    for start in range(0, C, BLOCK_C):
+        c = start + tl.arange(0, BLOCK_C)
+        c_mask = c < C
+        tile_mask = c_mask[:, None] & hw_mask[None, :]
+        v, gate, m, _, g1, g2 = _load_groups(
+            x_ptr, gate_ptr, mask_ptr, x_pix, n, c, C, sx_n, sx_c, tile_mask, c_mask
+        )
+        dg1 = share_avg1[None, :] + (g1 == mx1[None, :]).to(ACC) * share_max1[None, :]
+        dg2 = share_avg2[None, :] + (g2 == mx2[None, :]).to(ACC) * share_max2[None, :]
+        df1 = dg1 * m[:, None] + dg2 * (1.0 - m)[:, None]
+        o_offs = (n * so_n + c.to(tl.int64) * so_c)[:, None] + o_pix[None, :]
+        tl.store(gx_ptr + o_offs, (df1 * gate[:, None]).to(gx_ptr.dtype.element_ty), mask=tile_mask)
+        tl.store(part_ptr + part_row + c, tl.sum(df1 * v, axis=1), mask=c_mask)  # masked lanes: v = 0
+
+
+@triton.jit
+def _apply_kernel(
+    x_ptr, gate_ptr, mask_ptr, s1_ptr, s2_ptr, y_ptr,
+    C, HW, W, num_pb,
+    sx_n, sx_c, sx_h, sx_w, sx_hw,
+    so_n, so_c, so_h, so_w, so_hw,
+    FLAT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+):
+    n, pb, hw, hw_mask = _pixel_block(num_pb, HW, BLOCK_HW)
+    x_pix = _hw_offsets(hw, W, sx_h, sx_w, sx_hw, FLAT)
+    o_pix = _hw_offsets(hw, W, so_h, so_w, so_hw, FLAT)
+    s1 = tl.load(s1_ptr + n * HW + hw, mask=hw_mask, other=0.0)
+    s2 = tl.load(s2_ptr + n * HW + hw, mask=hw_mask, other=0.0)
+    for start in range(0, C, BLOCK_C):
+        c = start + tl.arange(0, BLOCK_C)
+        c_mask = c < C
+        tile_mask = c_mask[:, None] & hw_mask[None, :]
+        _, _, _, _, g1, g2 = _load_groups(
+            x_ptr, gate_ptr, mask_ptr, x_pix, n, c, C, sx_n, sx_c, tile_mask, c_mask
+        )
+        y = g1 * s1[None, :] + g2 * s2[None, :]
+        o_offs = (n * so_n + c.to(tl.int64) * so_c)[:, None] + o_pix[None, :]
+        tl.store(y_ptr + o_offs, y.to(y_ptr.dtype.element_ty), mask=tile_mask)
+
+
+@triton.jit
+def _apply_backward_kernel(
+    gy_ptr, x_ptr, gate_ptr, mask_ptr, s1_ptr, s2_ptr, gx_ptr, part_ptr, gs1_ptr, gs2_ptr,
+    C, HW, W, num_pb,
+    sg_n, sg_c, sg_h, sg_w, sg_hw,
+    sx_n, sx_c, sx_h, sx_w, sx_hw,
+    so_n, so_c, so_h, so_w, so_hw,
+    FLAT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+):
+    ACC = gate_ptr.dtype.element_ty
+    n, pb, hw, hw_mask = _pixel_block(num_pb, HW, BLOCK_HW)
+    g_pix = _hw_offsets(hw, W, sg_h, sg_w, sg_hw, FLAT)
+    x_pix = _hw_offsets(hw, W, sx_h, sx_w, sx_hw, FLAT)
+    o_pix = _hw_offsets(hw, W, so_h, so_w, so_hw, FLAT)
+    s1 = tl.load(s1_ptr + n * HW + hw, mask=hw_mask, other=0.0)
+    s2 = tl.load(s2_ptr + n * HW + hw, mask=hw_mask, other=0.0)
+    acc_s1 = tl.zeros([BLOCK_C, BLOCK_HW], dtype=ACC)
+    acc_s2 = tl.zeros([BLOCK_C, BLOCK_HW], dtype=ACC)
+    part_row = (n * num_pb + pb) * C
+    for start in range(0, C, BLOCK_C):
+        c = start + tl.arange(0, BLOCK_C)
+        c_mask = c < C
+        tile_mask = c_mask[:, None] & hw_mask[None, :]
+        v, gate, m, _, g1, g2 = _load_groups(
+            x_ptr, gate_ptr, mask_ptr, x_pix, n, c, C, sx_n, sx_c, tile_mask, c_mask
+        )
+        g_offs = (n * sg_n + c.to(tl.int64) * sg_c)[:, None] + g_pix[None, :]
+        gy = tl.load(gy_ptr + g_offs, mask=tile_mask, other=0.0).to(ACC)
+        df1 = gy * (m[:, None] * s1[None, :] + (1.0 - m)[:, None] * s2[None, :])
+        o_offs = (n * so_n + c.to(tl.int64) * so_c)[:, None] + o_pix[None, :]
+        tl.store(gx_ptr + o_offs, (df1 * gate[:, None]).to(gx_ptr.dtype.element_ty), mask=tile_mask)
+        tl.store(part_ptr + part_row + c, tl.sum(df1 * v, axis=1), mask=c_mask)  # masked lanes: 0 * 0
+        acc_s1 += gy * g1
+        acc_s2 += gy * g2
+    tl.store(gs1_ptr + n * HW + hw, tl.sum(acc_s1, axis=0), mask=hw_mask)
+    tl.store(gs2_ptr + n * HW + hw, tl.sum(acc_s2, axis=0), mask=hw_mask)
+
+
+@triton.jit
+def _sum_partials_kernel(
+    part_ptr, out_ptr, C, NPB, num_cb,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """out[n, c] = sum_pb part[n, pb, c], pixel blocks in a fixed order: deterministic."""
+    n, c, c_mask = _channel_block(num_cb, C, BLOCK_C)
+    acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=out_ptr.dtype.element_ty)
+    for start in range(0, NPB, BLOCK_P):
+        p = start + tl.arange(0, BLOCK_P)
+        mask = (p < NPB)[:, None] & c_mask[None, :]
+        offs = (n * NPB + p.to(tl.int64))[:, None] * C + c[None, :]
+        acc += tl.load(part_ptr + offs, mask=mask, other=0.0)
+    tl.store(out_ptr + n * C + c, tl.sum(acc, axis=0), mask=c_mask)
+
+
+# ----------------------------------------------------------------------------------------
+# Ops
+# ----------------------------------------------------------------------------------------
+# Schemas of csrc/attnkernels.cpp, verbatim (torch < 2.7 ignores them and infers an
+# equivalent one from the annotations, with SymInt for int).
+_SCHEMAS = {
+    "ham_spatial_pool": "(Tensor x, Tensor gate, int c_im) -> (Tensor d1, Tensor d2, Tensor mask)",
+    "ham_spatial_pool_backward": (
+        "(Tensor grad_d1, Tensor grad_d2, Tensor x, Tensor gate, Tensor mask, "
+        "Tensor d1, Tensor d2, int c_im) -> (Tensor grad_x, Tensor grad_gate)"
+    ),
+    "ham_spatial_apply": "(Tensor x, Tensor gate, Tensor mask, Tensor s1, Tensor s2) -> Tensor",
+    "ham_spatial_apply_backward": (
+        "(Tensor grad_y, Tensor x, Tensor gate, Tensor mask, Tensor s1, Tensor s2) "
+        "-> (Tensor grad_x, Tensor grad_gate, Tensor grad_s1, Tensor grad_s2)"
+    ),
+}
+
+
+def _op(name: str):
+    """Register the decorated function as the triton_op attnkernels_triton::<name>."""
+    return triton_op(f"attnkernels_triton::{name}", mutates_args=(), schema=_SCHEMAS[name])
+
+
+def _grad_gate_buffer(n: int, npb: int, c: int, acc: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Pixel-block partials of grad_gate; with one pixel block they are grad_gate itself."""
+    shape = (n, c) if npb == 1 else (n, npb, c)
+    return torch.empty(shape, dtype=acc, device=device)
+
+
+def _sum_partials(partials: torch.Tensor, n: int, npb: int, c: int) -> torch.Tensor:
+    if npb == 1:
+        return partials
+    out = torch.empty((n, c), dtype=partials.dtype, device=partials.device)
+    block_p, block_c = _sum_blocks(npb, c)
+    num_cb = triton.cdiv(c, block_c)
+    wrap_triton(_sum_partials_kernel)[(n * num_cb,)](
+        partials, out, c, npb, num_cb, BLOCK_P=block_p, BLOCK_C=block_c
+    )
+    return out
+
+
+@_op("ham_spatial_pool")
+def ham_spatial_pool(
+    x: torch.Tensor, gate: torch.Tensor, c_im: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """mask (N, C): the c_im top channels of gate (SPEC's tie rule); d1, d2 (N, 2, H, W):
+    [sum_c / divisor, max_c] of G1 = x*gate*mask and G2 = x*gate*(1 - mask), in acc(x)."""
+    op = "ham_spatial_pool"
+    _check_x(op, "x", x)
+    n, c, h, w = x.shape
+    _check_nc(op, "gate", gate, n, c)
+    _check_device(op, "x", x, gate=gate)
+    _check_c_im(op, c_im, c)
+    acc = accumulate_dtype(x.dtype)
+    gt = _nc(gate, acc)
+    mask = torch.empty((n, c), dtype=acc, device=x.device)
+    d1 = torch.empty((n, 2, h, w), dtype=acc, device=x.device)
+    d2 = torch.empty((n, 2, h, w), dtype=acc, device=x.device)
+
+    block_c, block_j = _mask_blocks(c)
+    num_cb = triton.cdiv(c, block_c)
+    wrap_triton(_mask_kernel)[(n * num_cb,)](gt, mask, c, c_im, num_cb, BLOCK_C=block_c, BLOCK_J=block_j)
+
+    flat, (sx_hw,) = _hw_strides(x)
+    block_c, block_hw = _pixel_tiles(x, acc)
+    num_pb = triton.cdiv(h * w, block_hw)
+    wrap_triton(_pool_kernel)[(n * num_pb,)](
+        x, gt, mask, d1, d2,
+        c, h * w, w, num_pb, c_im, max(c - c_im, 1),
+        *x.stride(), sx_hw,
+        FLAT=flat, BLOCK_C=block_c, BLOCK_HW=block_hw,
+    )
+    return d1, d2, mask
+
+
+@_op("ham_spatial_pool_backward")
+def ham_spatial_pool_backward(
+    grad_d1: torch.Tensor,
+    grad_d2: torch.Tensor,
+    x: torch.Tensor,
+    gate: torch.Tensor,
+    mask: torch.Tensor,
+    d1: torch.Tensor,
+    d2: torch.Tensor,
+    c_im: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad_x, grad_gate) of ham_spatial_pool: means share evenly over C, each max over the
+    channels tied with it (a NaN max gives NaN, as torch.amax); no gradient through mask."""
+    op = "ham_spatial_pool_backward"
+    _check_x(op, "x", x)
+    n, c, h, w = x.shape
+    for name, t in (("grad_d1", grad_d1), ("grad_d2", grad_d2), ("d1", d1), ("d2", d2)):
+        _check_pixel_map(op, name, t, x, 2)
+    _check_nc(op, "gate", gate, n, c)
+    _check_nc(op, "mask", mask, n, c)
+    _check_device(op, "x", x, grad_d1=grad_d1, grad_d2=grad_d2, gate=gate, mask=mask, d1=d1, d2=d2)
+    _check_c_im(op, c_im, c)
+    acc = accumulate_dtype(x.dtype)
+    gd1, gd2, m1, m2 = (_pixel_map(t, acc) for t in (grad_d1, grad_d2, d1, d2))
+    gt = _nc(gate, acc)
+    mk = _nc(mask, acc)
+    grad_x = _empty_like_x(x)
+    flat, (sx_hw, so_hw) = _hw_strides(x, grad_x)
+    block_c, block_hw = _pixel_tiles(x, acc)
+    num_pb = triton.cdiv(h * w, block_hw)
+    partials = _grad_gate_buffer(n, num_pb, c, acc, x.device)
+    wrap_triton(_pool_backward_kernel)[(n * num_pb,)](
+        gd1, gd2, x, gt, mk, m1, m2, grad_x, partials,
+        c, h * w, w, num_pb, c_im, max(c - c_im, 1),
+        *x.stride(), sx_hw,
+        *grad_x.stride(), so_hw,
+        FLAT=flat, BLOCK_C=block_c, BLOCK_HW=block_hw,
+    )
+    return grad_x, _sum_partials(partials, n, num_pb, c)
+
+
+def _check_apply_inputs(op: str, x, gate, mask, s1, s2) -> None:
+    _check_x(op, "x", x)
+    n, c, _, _ = x.shape
+    _check_nc(op, "gate", gate, n, c)
+    _check_nc(op, "mask", mask, n, c)
+    _check_pixel_map(op, "s1", s1, x, 1)
+    _check_pixel_map(op, "s2", s2, x, 1)
+
+
+@_op("ham_spatial_apply")
+def ham_spatial_apply(
+    x: torch.Tensor, gate: torch.Tensor, mask: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor
+) -> torch.Tensor:
+    """y = F1*mask*s1 + F1*(1 - mask)*s2 with F1 = x*gate, in acc(x), x's dtype and layout."""
+    op = "ham_spatial_apply"
+    _check_apply_inputs(op, x, gate, mask, s1, s2)
+    _check_device(op, "x", x, gate=gate, mask=mask, s1=s1, s2=s2)
+    n, c, h, w = x.shape
+    acc = accumulate_dtype(x.dtype)
+    gt, mk = _nc(gate, acc), _nc(mask, acc)
+    sp1, sp2 = _pixel_map(s1, acc), _pixel_map(s2, acc)
+    y = _empty_like_x(x)
+    flat, (sx_hw, so_hw) = _hw_strides(x, y)
+    block_c, block_hw = _pixel_tiles(x, acc)
+    num_pb = triton.cdiv(h * w, block_hw)
+    wrap_triton(_apply_kernel)[(n * num_pb,)](
+        x, gt, mk, sp1, sp2, y,
+        c, h * w, w, num_pb,
+        *x.stride(), sx_hw,
+        *y.stride(), so_hw,
+        FLAT=flat, BLOCK_C=block_c, BLOCK_HW=block_hw,
+    )
+    return y
+
+
+@_op("ham_spatial_apply_backward")
+def ham_spatial_apply_backward(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    gate: torch.Tensor,
+    mask: torch.Tensor,
+    s1: torch.Tensor,
+    s2: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_x, grad_gate, grad_s1, grad_s2) of ham_spatial_apply; grad_x in x's dtype and
+    layout, the rest in acc(x) (grad_s1, grad_s2: (N, 1, H, W) sums over C)."""
+    op = "ham_spatial_apply_backward"
+    _check_apply_inputs(op, x, gate, mask, s1, s2)
+    _check_same_shape(op, "grad_y", grad_y, "x", x)
+    _check_device(op, "x", x, grad_y=grad_y, gate=gate, mask=mask, s1=s1, s2=s2)
+    n, c, h, w = x.shape
+    acc = accumulate_dtype(x.dtype)
+    gt, mk = _nc(gate, acc), _nc(mask, acc)
+    sp1, sp2 = _pixel_map(s1, acc), _pixel_map(s2, acc)
+    grad_x = _empty_like_x(x)
+    grad_s1 = torch.empty((n, 1, h, w), dtype=acc, device=x.device)
+    grad_s2 = torch.empty((n, 1, h, w), dtype=acc, device=x.device)
+    flat, (sg_hw, sx_hw, so_hw) = _hw_strides(grad_y, x, grad_x)
+    block_c, block_hw = _pixel_tiles(x, acc)
+    num_pb = triton.cdiv(h * w, block_hw)
+    partials = _grad_gate_buffer(n, num_pb, c, acc, x.device)
+    wrap_triton(_apply_backward_kernel)[(n * num_pb,)](
+        grad_y, x, gt, mk, sp1, sp2, grad_x, partials, grad_s1, grad_s2,
+        c, h * w, w, num_pb,
+        *grad_y.stride(), sg_hw,
+        *x.stride(), sx_hw,
+        *grad_x.stride(), so_hw,
+        FLAT=flat, BLOCK_C=block_c, BLOCK_HW=block_hw,
+    )
+    return grad_x, _sum_partials(partials, n, num_pb, c), grad_s1, grad_s2
