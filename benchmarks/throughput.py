@@ -40,13 +40,28 @@ script re-executes itself with ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESH
 when they are not (see ``attnkernels.profiling``). A module or variant that fails (a compile
 error, an unsupported dtype) gets a row with the error text; the run goes on.
 
-Results go to ``<out>/throughput.csv`` and ``<out>/throughput.json``; ``--json`` prints the
-JSON document to stdout instead of the table.
+Whole-model rows (``--models``, code in ``benchmarks/model_rows.py``): after the module table
+a second table times one training step (train mode: forward, cross-entropy on random labels,
+backward; no optimizer step) of ``attnkernels.models.resnet50(attention=name)`` for each name
+given, as ``eager`` (reference modules), ``compile`` (``torch.compile`` of that model; on CPU
+only when ``--variants`` names it) and ``fused-<backend>`` (``attnkernels.fuse`` of a copy,
+for modules with a fused version), next to the bare ``resnet50()``, all interleaved round by
+round like the module variants. Per row: ms/step, images/s, overhead over the bare network
+(``step / bare step - 1``, in %), speed-up over the same attention's eager model, and the peak
+memory of one step. CUDA: bf16 autocast, channels_last, batch 64; CPU: fp32, NCHW, batch 8.
+Default models: none on CPU (``make bench`` stays quick), ``eca,se,ham`` on CUDA;
+``--model-batch``, ``--model-size`` (default 224) and ``--model-repeats`` size the run;
+``--modules none`` skips the module table.
+
+Results go to ``<out>/throughput.csv`` and ``<out>/throughput.json`` (the model rows also
+to ``<out>/throughput_models.csv`` and under ``"model_rows"`` in the JSON); ``--json`` prints
+the JSON document to stdout instead of the tables.
 
 Example::
 
     python benchmarks/throughput.py                            # all modules, default shapes
     python benchmarks/throughput.py --modules se,ham --shapes 32x256x56x56 --dtype bfloat16
+    python benchmarks/throughput.py --modules none --models ham,eca --model-size 112  # models only
 """
 from __future__ import annotations
 
@@ -60,13 +75,16 @@ import platform
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 _REPO_ROOT = Path(__file__).resolve().parents[1]
 if (_REPO_ROOT / "attnkernels").is_dir() and str(_REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(_REPO_ROOT))  # run from a checkout without installing
+_BENCH_DIR = Path(__file__).resolve().parent
+if str(_BENCH_DIR) not in sys.path:
+    sys.path.insert(0, str(_BENCH_DIR))  # model_rows.py, also when a test loads this file by path
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
@@ -80,6 +98,9 @@ from attnkernels.profiling import (  # noqa: E402
 from attnkernels import backend  # noqa: E402
 from attnkernels.nn import FUSED, as_fused, fused_class  # noqa: E402
 from attnkernels.reference import create, names  # noqa: E402
+
+import model_rows  # noqa: E402
+from model_rows import ModelRow, ModelSettings  # noqa: E402
 
 Shape = Tuple[int, int, int, int]
 Step = Callable[[], Any]
@@ -127,6 +148,7 @@ class Config:
     warmup: int
     out: Optional[Path]
     json_stdout: bool
+    models: Optional[ModelSettings] = None  # the whole-model rows; None: none
 
 
 def parse_shape(text: str) -> Shape:
@@ -169,7 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
             "(MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_) unless they are already set."
         ),
     )
-    parser.add_argument("--modules", default="all", help="comma list of module names, or 'all' (default)")
+    parser.add_argument(
+        "--modules", default="all", help="comma list of module names, 'all' (default), or 'none' (models only)"
+    )
     parser.add_argument(
         "--shapes",
         default=None,
@@ -204,6 +228,33 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
     parser.add_argument(
+        "--models",
+        default=None,
+        help="comma list of attention names to put into resnet50 for the whole-model table, 'all', "
+        "or 'none' (default: cpu none, cuda "
+        f"{model_rows.DEFAULT_MODELS['cuda']}); the bare resnet50 is timed alongside",
+    )
+    parser.add_argument(
+        "--model-batch",
+        type=int,
+        default=None,
+        help="batch of the model rows "
+        f"(default: cpu {model_rows.DEFAULT_MODEL_BATCH['cpu']}, cuda {model_rows.DEFAULT_MODEL_BATCH['cuda']})",
+    )
+    parser.add_argument(
+        "--model-size",
+        type=int,
+        default=model_rows.DEFAULT_MODEL_SIZE,
+        help=f"image size of the model rows (default {model_rows.DEFAULT_MODEL_SIZE}; e.g. 64 for a quick CPU run)",
+    )
+    parser.add_argument(
+        "--model-repeats",
+        type=int,
+        default=None,
+        help="timed rounds of the model rows "
+        f"(default: cpu {model_rows.DEFAULT_MODEL_REPEATS['cpu']}, cuda {model_rows.DEFAULT_MODEL_REPEATS['cuda']})",
+    )
+    parser.add_argument(
         "--threads", type=int, default=None, help="torch.set_num_threads for the run (default: torch's choice)"
     )
     parser.add_argument(
@@ -228,9 +279,10 @@ def resolve_config(args: argparse.Namespace) -> Config:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for but torch.cuda.is_available() is False")
     known = names()
-    modules = known if args.modules.strip().lower() == "all" else [m.lower() for m in split_list(args.modules)]
+    chosen = args.modules.strip().lower()
+    modules = known if chosen == "all" else [] if chosen == "none" else [m.lower() for m in split_list(args.modules)]
     unknown = [m for m in modules if m not in known]
-    if unknown or not modules:
+    if unknown or not (modules or chosen == "none"):
         raise ValueError(f"unknown module(s) {unknown or args.modules!r}; choose from {', '.join(known)}")
     shapes = [parse_shape(s) for s in split_list(args.shapes or DEFAULT_SHAPES[device.type])]
     if args.batch is not None:
@@ -247,6 +299,9 @@ def resolve_config(args: argparse.Namespace) -> Config:
     repeats = DEFAULT_REPEATS[device.type] if args.repeats is None else args.repeats
     if repeats < 1 or args.warmup < 0:
         raise ValueError("--repeats must be >= 1 and --warmup >= 0")
+    models = resolve_models(args, known, device, variants, explicit=not auto)
+    if not modules and models is None:
+        raise ValueError("--modules none needs --models: there would be nothing to measure")
     return Config(
         modules=modules,
         shapes=shapes,
@@ -257,6 +312,28 @@ def resolve_config(args: argparse.Namespace) -> Config:
         warmup=args.warmup,
         out=Path(args.out) if args.out else None,
         json_stdout=args.json,
+        models=models,
+    )
+
+
+def resolve_models(
+    args: argparse.Namespace, known: Sequence[str], device: torch.device, variants: Sequence[str], explicit: bool
+) -> Optional[ModelSettings]:
+    """The model rows' settings from ``--models`` and ``--model-*``, or None when no model is asked for."""
+    attentions = model_rows.resolve_models(args.models, known, device)
+    batch = model_rows.DEFAULT_MODEL_BATCH[device.type] if args.model_batch is None else args.model_batch
+    repeats = model_rows.DEFAULT_MODEL_REPEATS[device.type] if args.model_repeats is None else args.model_repeats
+    if batch < 1 or args.model_size < 1 or repeats < 1:
+        raise ValueError("--model-batch, --model-size and --model-repeats must be >= 1")
+    if not attentions:
+        return None
+    return ModelSettings(
+        attentions=attentions,
+        variants=model_rows.model_variants(variants, device, explicit),
+        batch=batch,
+        size=args.model_size,
+        repeats=repeats,
+        device=device,
     )
 
 
@@ -631,6 +708,20 @@ def run_case(name: str, shape: Shape, cfg: Config, timer: Callable[[Step], float
     return make_rows(name, shape, cfg, inputs.x.nbytes, fwd, bwd)
 
 
+def run_models(cfg: Config, timer: Callable[[Step], float]) -> List[ModelRow]:
+    """Time the training step of every model variant (``benchmarks/model_rows.py``) in one
+    phase, interleaved round by round like a module's variants, bare resnet50 included."""
+    settings = cfg.models
+    assert settings is not None
+    if "compile" in settings.variants:
+        reset_compiler()
+    build_errors: Dict[str, str] = {}
+    steps = model_rows.build_steps(settings, lambda key, err: build_errors.__setitem__(key, error_text(err)))
+    results = run_phase(steps, replace(cfg, repeats=settings.repeats), timer)
+    results.update({key: PhaseResult(error=text) for key, text in build_errors.items()})
+    return model_rows.make_rows(results, settings, MIB)
+
+
 # --------------------------------------------------------------------------- output
 
 
@@ -695,6 +786,7 @@ def run_metadata(cfg: Config) -> Dict[str, Any]:
         "timer": (
             "CUDA events, L2 flushed before each call" if cfg.device.type == "cuda" else "time.perf_counter"
         ),
+        "models": None if cfg.models is None else model_rows.settings_metadata(cfg.models),
     }
 
 
@@ -726,12 +818,14 @@ def format_cell(value: Any, width: int, fmt: str) -> str:
     return f"{value:>{width}{fmt}}"
 
 
+def title_line(meta: Dict[str, Any]) -> str:
+    """What every table of a run shares: device, torch version, threads."""
+    return f"attnkernels throughput | device {meta['device']} | torch {meta['torch']} | threads {meta['threads']}"
+
+
 def table_header(meta: Dict[str, Any]) -> str:
     """Title lines and column headers of the printed table."""
-    title = (
-        f"attnkernels throughput | device {meta['device']} | dtype {meta['dtype']} | "
-        f"torch {meta['torch']} | threads {meta['threads']} | median of {meta['repeats']} interleaved rounds"
-    )
+    title = f"{title_line(meta)} | dtype {meta['dtype']} | median of {meta['repeats']} interleaved rounds"
     modes = f"fwd: {meta['forward_mode']}; f+b: {meta['fwd_bwd_mode']}"
     legend = (
         "cpy: memcpy (x.clone()) time; GB/s: 2*x.nbytes / fwd time; pk: peak memory above the "
@@ -741,6 +835,14 @@ def table_header(meta: Dict[str, Any]) -> str:
     return "\n".join([title, modes, legend, cols, "-" * len(cols)])
 
 
+def format_line(values: Dict[str, Any], table: Sequence[Tuple[str, str, int, str]]) -> str:
+    """One table line: the cells of ``table``'s columns, then the row's error if it has one."""
+    line = " ".join(format_cell(values[key], w, f) for _, key, w, f in table)
+    if values.get("error"):
+        line += f"  ! {values['error']}"
+    return line.rstrip()
+
+
 def format_group(rows: Sequence[Row]) -> str:
     """Table lines of one (module, shape) group; module and shape only on its first line."""
     lines = []
@@ -748,10 +850,18 @@ def format_group(rows: Sequence[Row]) -> str:
         values = asdict(row)
         if i > 0:
             values["module"] = values["shape"] = ""
-        line = " ".join(format_cell(values[key], w, f) for _, key, w, f in TABLE)
-        if row.error:
-            line += f"  ! {row.error}"
-        lines.append(line.rstrip())
+        lines.append(format_line(values, TABLE))
+    return "\n".join(lines)
+
+
+def format_model_rows(rows: Sequence[ModelRow]) -> str:
+    """Table lines of the model rows; each attention name only on its first line."""
+    lines = []
+    for i, row in enumerate(rows):
+        values = asdict(row)
+        if i > 0 and row.attention == rows[i - 1].attention:
+            values["attention"] = ""
+        lines.append(format_line(values, model_rows.MODEL_TABLE))
     return "\n".join(lines)
 
 
@@ -760,29 +870,48 @@ def rounded(value: Any) -> Any:
     return float(f"{value:.6g}") if isinstance(value, float) else value
 
 
-def csv_record(row: Row) -> Dict[str, Any]:
-    """A row for ``csv.DictWriter``: numbers rounded, missing numbers as empty cells."""
+def csv_record(row: Any) -> Dict[str, Any]:
+    """A row (``Row`` or ``ModelRow``) for ``csv.DictWriter``: numbers rounded, missing
+    numbers as empty cells."""
     return {k: "" if v is None else rounded(v) for k, v in asdict(row).items()}
 
 
-def write_results(rows: Sequence[Row], meta: Dict[str, Any], out: Path) -> Tuple[Path, Path]:
-    """Write ``throughput.csv`` and ``throughput.json`` into ``out``; return their paths."""
-    out.mkdir(parents=True, exist_ok=True)
-    csv_path, json_path = out / "throughput.csv", out / "throughput.json"
-    with open(csv_path, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(COLUMNS))
+def write_csv(path: Path, columns: Sequence[str], rows: Sequence[Any]) -> None:
+    """Write ``rows`` (dataclass instances with ``columns`` as fields) to a CSV file."""
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(columns))
         writer.writeheader()
         for row in rows:
             writer.writerow(csv_record(row))
+
+
+def write_results(
+    rows: Sequence[Row], meta: Dict[str, Any], out: Path, models: Sequence[ModelRow] = ()
+) -> List[Path]:
+    """Write ``throughput.csv``, ``throughput.json`` and, when there are model rows,
+    ``throughput_models.csv`` into ``out``; return their paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    csv_path, json_path = out / "throughput.csv", out / "throughput.json"
+    write_csv(csv_path, COLUMNS, rows)
     with open(json_path, "w", encoding="utf-8") as fh:
-        json.dump(json_document(rows, meta), fh, indent=1)
+        json.dump(json_document(rows, meta, models), fh, indent=1)
         fh.write("\n")
-    return csv_path, json_path
+    paths = [csv_path, json_path]
+    if models:
+        paths.append(out / "throughput_models.csv")
+        write_csv(paths[-1], model_rows.MODEL_COLUMNS, models)
+    return paths
 
 
-def json_document(rows: Sequence[Row], meta: Dict[str, Any]) -> Dict[str, Any]:
-    """``{"meta": ..., "rows": [...]}`` with numbers rounded like the CSV."""
-    return {"meta": meta, "rows": [{k: rounded(v) for k, v in asdict(r).items()} for r in rows]}
+def json_document(
+    rows: Sequence[Row], meta: Dict[str, Any], models: Sequence[ModelRow] = ()
+) -> Dict[str, Any]:
+    """``{"meta": ..., "rows": [...]}`` (and ``"model_rows": [...]`` when there are model
+    rows) with numbers rounded like the CSV."""
+    doc: Dict[str, Any] = {"meta": meta, "rows": [{k: rounded(v) for k, v in asdict(r).items()} for r in rows]}
+    if models:
+        doc["model_rows"] = [{k: rounded(v) for k, v in asdict(r).items()} for r in models]
+    return doc
 
 
 # --------------------------------------------------------------------------- main
@@ -822,25 +951,33 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     busy = meta["busy_cores_at_start"]
     if busy is not None and busy > 0.25:
         say(f"note: other processes keep {busy} of {os.cpu_count()} cores busy; CPU timings will be noisy")
-    say(table_header(meta))
     timer = make_timer(cfg.device)
     rows: List[Row] = []
     start = time.perf_counter()
+    if cfg.modules:
+        say(table_header(meta))
     for name in cfg.modules:
         for shape in cfg.shapes:
             group = run_case(name, shape, cfg, timer)
             rows.extend(group)
             say(format_group(group))
+    models: List[ModelRow] = []
+    if cfg.models is not None:
+        say("" if cfg.modules else title_line(meta))
+        say(model_rows.table_header(cfg.models))
+        models = run_models(cfg, timer)
+        say(format_model_rows(models))
     wall = time.perf_counter() - start
     meta["wall_s"] = round(wall, 1)
-    compile_s = sum(r.first_call_s or 0.0 for r in rows if r.variant == "compile")
+    compile_s = sum(r.first_call_s or 0.0 for r in [*rows, *models] if r.variant == "compile")
     compile_note = f" (compile variant first calls: {compile_s:.1f} s)" if compile_s else ""
-    say(f"{len(rows)} rows in {wall:.1f} s{compile_note}")
+    counts = f"{len(rows)} module rows and {len(models)} model rows" if models else f"{len(rows)} rows"
+    say(f"{counts} in {wall:.1f} s{compile_note}")
     if cfg.out is not None:
-        csv_path, json_path = write_results(rows, meta, cfg.out)
-        say(f"wrote {csv_path} and {json_path}")
+        paths = write_results(rows, meta, cfg.out, models)
+        say(f"wrote {', '.join(str(p) for p in paths[:-1])} and {paths[-1]}")
     if cfg.json_stdout:
-        print(json.dumps(json_document(rows, meta), indent=1))
+        print(json.dumps(json_document(rows, meta, models), indent=1))
     return 0
 
 

@@ -44,7 +44,7 @@ else
 fi
 for dtype in float32 bfloat16; do
   step "throughput_$dtype" "$python" benchmarks/throughput.py --device cuda --dtype "$dtype" \
-    --modules eca,se,ham,cbam --out "$out/throughput_$dtype"
+    --modules eca,se,ham,cbam --models "$([ "$dtype" = bfloat16 ] && echo ham || echo none)" --out "$out/throughput_$dtype"
 done
 echo "gpu_check: $([ $status -eq 0 ] && echo all steps passed || echo some step FAILED) (logs in $out)"
 exit $status

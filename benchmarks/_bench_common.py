@@ -1,0 +1,66 @@
+"""What the pytest-benchmark files (bench_*.py) share: the device, its shapes and backends,
+inputs, and the synchronised, phase-by-phase calls they time.
+
+Not a test file itself (no `bench_` prefix, no tests): pytest puts benchmarks/ on sys.path
+when it collects a bench file, so `from _bench_common import ...` works there.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, List
+
+import torch
+from torch import nn
+
+from attnkernels import backend
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+#: ResNet stage outputs; on CUDA with inputs larger than L2.
+SHAPES = ["32x256x28x28", "8x1024x14x14"] if DEVICE.type == "cpu" else ["128x256x56x56", "128x1024x14x14"]
+#: The two phases a module is timed in.
+PHASES = ["forward", "forward_backward"]
+
+
+def backends(hot_path: str) -> List[str]:
+    """The compiled backends that run `hot_path` on DEVICE (Triton on CPU is its
+    interpreter, a test tool, so it is left out there)."""
+    return [
+        b
+        for b in ("cpu", "cuda", "triton")
+        if not (b == "triton" and DEVICE.type == "cpu") and backend.why_unavailable(b, hot_path, DEVICE) is None
+    ]
+
+
+def _x(shape: str, requires_grad: bool = False) -> torch.Tensor:
+    """Random x of an "NxCxHxW" shape on DEVICE."""
+    n, c, h, w = (int(v) for v in shape.split("x"))
+    return torch.randn(n, c, h, w, device=DEVICE, requires_grad=requires_grad)
+
+
+def _sync(fn: Callable[[], Any]) -> Callable[[], Any]:
+    """`fn` followed by a CUDA synchronize, so the benchmark times the GPU work too."""
+
+    def run():
+        out = fn()
+        if DEVICE.type == "cuda":
+            torch.cuda.synchronize()
+        return out
+
+    return run
+
+
+def module_step(m: nn.Module, x: torch.Tensor, phase: str) -> Callable[[], Any]:
+    """One call of module `m` in `phase`: "forward" (eval mode, under inference_mode) or
+    "forward_backward" (train mode, `m(x).backward(g)` with a fixed random g, x.grad reset).
+    Sets m's mode; x must require grad for "forward_backward"."""
+    m.train(phase == "forward_backward")
+    g = torch.randn_like(x)
+
+    def forward():
+        with torch.inference_mode():
+            return m(x)
+
+    def forward_backward():
+        m(x).backward(g)
+        x.grad = None
+
+    return _sync(forward if phase == "forward" else forward_backward)
