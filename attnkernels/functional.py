@@ -10,7 +10,8 @@ channel_gate hot path (ECA; SE's and CBAM's pooling; HAM's channel half):
 
 ham_spatial hot path (HAM's spatial half, given the channel gate Ac):
     d1, d2, mask = ham_spatial_pool(x, gate, c_im)       # one read of x: top-k mask, dual pooling
-    s1, s2       = the 7x7 conv + BN + ReLU + sigmoid on d1 and d2 (torch, small maps)
+    z            = ham_spatial_conv(cat[d1, d2], weight)  # the shared 7x7 conv on the small maps
+    s1, s2       = sigmoid(relu(bn(z[:N]))), sigmoid(relu(bn(z[N:])))  (torch, small maps)
     y            = ham_spatial_apply(x, gate, mask, s1, s2)  # one read of x, one write of y
 """
 from __future__ import annotations
@@ -34,6 +35,7 @@ __all__ = [
     "channel_mlp_attention",
     "ham_spatial_pool",
     "ham_spatial_apply",
+    "ham_spatial_conv",
 ]
 
 
@@ -163,6 +165,18 @@ def ham_spatial_apply(
         y = (f1 * m * s1 + f1 * (1 - m) * s2).to(x.dtype)
         return y.contiguous(memory_format=memory_format_of(x))
     return _ops(backend).ham_spatial_apply(x, gate, mask, s1.contiguous(), s2.contiguous())
+
+
+def ham_spatial_conv(d: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """HAM's shared spatial conv: `conv2d(d, weight, padding=(k-1)//2)` without bias, for the
+    small (N, Cd, H, W) maps d in an accumulation dtype, weight (1, Cd, k, k) cast to d's dtype.
+
+    On CPU a C++ kernel (oneDNN's setup costs more than this ~100-multiply-add-per-pixel conv
+    itself); on every other backend torch's conv2d (cuDNN on GPUs).
+    """
+    if select("ham_spatial", d.device) == "cpu":
+        return torch.ops.attnkernels.ham_spatial_conv(d, weight)
+    return F.conv2d(d, weight.to(d.dtype), padding=(weight.shape[-1] - 1) // 2)
 
 
 def _check_c_im(op: str, x: torch.Tensor, c_im: int) -> None:

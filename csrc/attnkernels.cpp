@@ -56,6 +56,13 @@
 //   ham_spatial_apply_backward(grad_y, x, gate, mask, s1, s2) -> (grad_x, grad_gate, grad_s1, grad_s2)
 //     dF1 = grad_y * (mask * s1 + (1 - mask) * s2);  grad_x = dF1 * gate;  grad_gate[n,c] = sum_p dF1 * x
 //     grad_s1[n,0,p] = sum_c grad_y * F1 * mask;  grad_s2[n,0,p] = sum_c grad_y * F1 * (1 - mask)
+//   ham_spatial_conv(d, weight) -> z            (CPU only; cuDNN serves GPUs)
+//     HAM's shared spatial conv on the small maps: z[n,0,h,w] = sum_{ci,i,j} weight[0,ci,i,j] *
+//     d[n, ci, h + i - P, w + j - P], P = (k-1)/2, zero padding; d (N, Cd, H, W) float32/64
+//     NCHW-contiguous, weight (1, Cd, k, k) with k odd, used in d's dtype; z (N, 1, H, W) in d's dtype.
+//   ham_spatial_conv_backward(grad_z, d, weight) -> (grad_d, grad_weight)
+//     grad_d[n,ci,r,c] = sum_{i,j} weight[0,ci,i,j] * grad_z[n,0,r-i+P,c-j+P];
+//     grad_weight[0,ci,i,j] = sum_{n,h,w} grad_z[n,0,h,w] * d[n,ci,h+i-P,w+j-P] (weight's dtype)
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
@@ -87,6 +94,8 @@ TORCH_LIBRARY(attnkernels, m) {
   m.def(
       "ham_spatial_apply_backward(Tensor grad_y, Tensor x, Tensor gate, Tensor mask, Tensor s1, Tensor s2) "
       "-> (Tensor grad_x, Tensor grad_gate, Tensor grad_s1, Tensor grad_s2)");
+  m.def("ham_spatial_conv(Tensor d, Tensor weight) -> Tensor");
+  m.def("ham_spatial_conv_backward(Tensor grad_z, Tensor d, Tensor weight) -> (Tensor grad_d, Tensor grad_weight)");
 }
 
 namespace {
@@ -143,7 +152,7 @@ TORCH_LIBRARY_IMPL(attnkernels, CompositeExplicitAutograd, m) {
 // a clear "not implemented" instead of silently returning no gradient.
 TORCH_LIBRARY_IMPL(attnkernels, Autograd, m) {
   for (const char* op : {"channel_pool_backward", "channel_gate_backward", "channel_rescale_backward",
-                         "ham_spatial_pool_backward", "ham_spatial_apply_backward"}) {
+                         "ham_spatial_pool_backward", "ham_spatial_apply_backward", "ham_spatial_conv_backward"}) {
     m.impl(op, torch::autograd::autogradNotImplementedFallback());
   }
 }

@@ -209,6 +209,7 @@ def _op_samples():
     with backend.use_backend("reference"):
         d1, d2, mask = AF.ham_spatial_pool(x, gate, c_im)
     s1, s2 = torch.rand(2, 1, 5, 3, dtype=torch.float64), torch.rand(2, 1, 5, 3, dtype=torch.float64)
+    conv_w, conv_w3 = torch.randn(1, 2, 7, 7, dtype=torch.float64), torch.randn(1, 2, 3, 3, dtype=torch.float64)
 
     def leaf(t: torch.Tensor, grad: bool = False) -> torch.Tensor:
         return t.detach().clone().requires_grad_(grad)
@@ -224,6 +225,8 @@ def _op_samples():
             (leaf(x_cl), leaf(gate), leaf(mask), leaf(s1), leaf(s2)),
         ],
         "ham_spatial_apply_backward": [(torch.randn_like(x), leaf(x), leaf(gate), leaf(mask), leaf(s1), leaf(s2))],
+        "ham_spatial_conv": [(leaf(d1, True), leaf(conv_w, True)), (leaf(d2[:1]), leaf(conv_w3.float(), True))],
+        "ham_spatial_conv_backward": [(torch.randn(2, 1, 5, 3, dtype=torch.float64), leaf(d1), leaf(conv_w))],
     }
 
 
@@ -233,6 +236,25 @@ def test_opcheck(op_name) -> None:
     op = getattr(torch.ops.attnkernels, op_name).default
     for args in _op_samples()[op_name]:
         torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("k", [1, 3, 7])
+def test_spatial_conv_matches_conv2d(k) -> None:
+    """The small-map conv against torch's conv2d, forward and both gradients (odd sizes, W
+    wider and narrower than a vector, fp64 gradcheck)."""
+    backend.select("ham_spatial", torch.device("cpu"))
+    for shape in [(3, 2, 5, 9), (2, 2, 17, 3), (1, 2, 1, 1), (2, 3, 4, 21)]:
+        d = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+        w = torch.randn(1, shape[1], k, k, dtype=torch.float64, requires_grad=True)
+        g = torch.randn(shape[0], 1, *shape[2:], dtype=torch.float64)
+        got = torch.ops.attnkernels.ham_spatial_conv(d, w)
+        want = torch.nn.functional.conv2d(d, w, padding=(k - 1) // 2)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        for a, b in zip(torch.autograd.grad(got, (d, w), g), torch.autograd.grad(want, (d, w), g)):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    d = torch.randn(2, 2, 4, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(1, 2, k, k, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(torch.ops.attnkernels.ham_spatial_conv, (d, w), eps=1e-6, atol=1e-7)
 
 
 def test_op_input_errors() -> None:
@@ -252,6 +274,10 @@ def test_op_input_errors() -> None:
         ops.ham_spatial_apply_backward(torch.randn(2, 6, 4, 3), x, gate, gate, s, s)
     with pytest.raises(ValueError, match=r"ham_spatial_pool: c_im must be in \[1, C\]"):
         AF.ham_spatial_pool(x, gate, 0)
+    with pytest.raises(ValueError, match=r"ham_spatial_conv: weight must have shape \(1, Cd, k, k\)"):
+        ops.ham_spatial_conv(torch.randn(2, 2, 4, 4), torch.randn(1, 2, 4, 4))
+    with pytest.raises(TypeError, match=r"ham_spatial_conv: d must be float32 or float64"):
+        ops.ham_spatial_conv(torch.randn(2, 2, 4, 4, dtype=torch.bfloat16), torch.randn(1, 2, 3, 3))
 
 
 def test_fused_ham_keeps_reference_interface() -> None:

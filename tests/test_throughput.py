@@ -200,3 +200,81 @@ def test_bad_arguments_exit_with_a_message(throughput, capsys):
     with pytest.raises(SystemExit):
         throughput.main(["--modules", "nonesuch", "--out", ""])
     assert "unknown module" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- model rows
+
+
+@pytest.fixture
+def one_thread():
+    """Let a test run the benchmark on one thread (``--threads 1``) and restore the count after.
+
+    A ResNet-50 step on 2 threads slows 10-60x when another process holds one of 2 cores
+    (each op's threads wait for each other); on one thread it takes ~0.1 s here.
+    """
+    threads = torch.get_num_threads()
+    yield ["--threads", "1"]
+    torch.set_num_threads(threads)
+
+
+def test_throughput_model_rows(throughput, tmp_path, capsys, one_thread):
+    # The smallest run that still goes through ResNet-50 end to end: batch 2 at 32x32 (the
+    # last stage is 1x1, so train-mode BatchNorm still sees 2 values per channel).
+    rc, _, rows, doc = _run(
+        throughput, tmp_path, "--modules", "se", "--shapes", "2x16x8x8", "--no-compile", "--device", "cpu",
+        "--models", "ham", "--model-batch", "2", "--model-size", "32", "--model-repeats", "1", *one_thread,
+    )
+    assert rc == 0 and len(rows) == 3  # the module table is still there
+    with open(tmp_path / "throughput_models.csv", newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        header, models = reader.fieldnames, list(reader)
+    assert header == list(throughput.model_rows.MODEL_COLUMNS)
+    assert [(r["model"], r["attention"], r["variant"]) for r in models] == [
+        ("resnet50", "none", "eager"), ("resnet50", "ham", "eager"), ("resnet50", "ham", "fused-cpu"),
+    ]
+    for r in models:
+        assert r["error"] == "", r
+        assert (r["batch"], r["image_size"], r["precision"], r["memory_format"], r["device"]) == (
+            "2", "32", "float32", "contiguous", "cpu",
+        )
+        for col in ("step_ms", "images_per_s", "speedup_vs_eager", "peak_step_mb", "first_call_s"):
+            assert float(r[col]) > 0, (r["attention"], r["variant"], col)
+        assert float(r["images_per_s"]) == pytest.approx(2 / (float(r["step_ms"]) / 1e3), rel=1e-4)
+    # Overheads are relative to the bare network's row (its own is 0); timings are not asserted.
+    assert float(models[0]["overhead_vs_bare_pct"]) == 0.0
+    bare = float(models[0]["step_ms"])
+    for r in models[1:]:
+        expected = (float(r["step_ms"]) / bare - 1) * 100
+        assert float(r["overhead_vs_bare_pct"]) == pytest.approx(expected, rel=1e-3, abs=1e-3)
+    assert [(r["attention"], r["variant"]) for r in doc["model_rows"]] == [
+        ("none", "eager"), ("ham", "eager"), ("ham", "fused-cpu"),
+    ]
+    assert doc["meta"]["models"]["attentions"] == ["ham"] and doc["meta"]["models"]["repeats"] == 1
+    printed = capsys.readouterr().out
+    assert "whole model: resnet50 training step" in printed and "fused-cpu" in printed
+
+
+def test_throughput_models_default_off_on_cpu(throughput, tmp_path):
+    rc, _, rows, doc = _run(
+        throughput, tmp_path, "--modules", "eca", "--shapes", "2x16x4x4", "--no-compile", "--device", "cpu"
+    )
+    assert rc == 0 and rows and "model_rows" not in doc and doc["meta"]["models"] is None
+    assert not (tmp_path / "throughput_models.csv").exists()
+
+
+def test_throughput_model_arguments(throughput, capsys):
+    with pytest.raises(SystemExit):
+        throughput.main(["--models", "nonesuch", "--device", "cpu", "--out", ""])
+    assert "unknown --models" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        throughput.main(["--modules", "none", "--device", "cpu", "--out", ""])
+    assert "needs --models" in capsys.readouterr().err
+    args = throughput.build_parser().parse_args(["--models", "se,ham", "--device", "cpu"])
+    cfg = throughput.resolve_config(args)
+    assert cfg.models.attentions == ["se", "ham"] and cfg.models.batch == 8 and cfg.models.size == 224
+    assert cfg.models.variants == ["eager", "fused-cpu"]  # no compile of ResNet-50 on CPU by default
+    args = throughput.build_parser().parse_args(
+        ["--models", "se", "--device", "cpu", "--variants", "eager,compile", "--model-batch", "4"]
+    )
+    cfg = throughput.resolve_config(args)
+    assert cfg.models.variants == ["eager", "compile"] and cfg.models.batch == 4

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .. import functional as AF
 from ..reference import ham as reference
@@ -15,17 +16,22 @@ class HAM(FusedModule, reference.HAM):
     Three passes over x: channel pooling (channel_pool), the top-k channel separation with
     the dual spatial pooling (ham_spatial_pool), and the apply (ham_spatial_apply). Between
     them only (N, C) and (N, <=2, H, W) maps exist: the 1-D conv + sigmoid gate
-    (channel_gate) and the shared 7x7 conv + BN + ReLU + sigmoid of the reference module,
-    called on group 1 then group 2 exactly as the reference calls them (BN statistics and
-    running stats included). Backward saves x and those small maps only.
+    (channel_gate), and the shared 7x7 conv (ham_spatial_conv) + the reference module's BN,
+    ReLU and sigmoid, BN called on group 1 then group 2 exactly as the reference calls it
+    (batch statistics and running stats included). Backward saves x and those small maps only.
     """
 
     def attend(self, x: torch.Tensor) -> torch.Tensor:
         avg, max_ = AF.channel_pool(x)
         ac = AF.channel_gate(avg, max_, self.conv.weight, self.alpha, self.beta, mode="mix")
         d1, d2, mask = AF.ham_spatial_pool(x, ac, self.c_im)
-        dtype = self.spatial_conv.weight.dtype
-        s1 = self.spatial_attention(d1.to(dtype))
-        s2 = self.spatial_attention(d2.to(dtype))
+        s1, s2 = self.spatial_gates(d1, d2)
         acc = accumulate_dtype(x.dtype)
         return AF.ham_spatial_apply(x, ac, mask, s1.to(acc), s2.to(acc))
+
+    def spatial_gates(self, d1: torch.Tensor, d2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`S1, S2 = sigmoid(relu(bn(spatial_conv(d))))` for both groups: one conv call over
+        the stacked maps, then BN on group 1 and on group 2 in turn, as the reference calls it."""
+        n = d1.shape[0]
+        z = AF.ham_spatial_conv(torch.cat([d1, d2]), self.spatial_conv.weight).to(self.bn.weight.dtype)
+        return torch.sigmoid(F.relu(self.bn(z[:n]))), torch.sigmoid(F.relu(self.bn(z[n:])))

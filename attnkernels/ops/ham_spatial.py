@@ -6,6 +6,7 @@ with the same names, signatures and math:
 
     d1, d2, mask = ham_spatial_pool(x, gate, c_im)       # one read of x
     y            = ham_spatial_apply(x, gate, mask, s1, s2)  # one read of x, one write of y
+    z            = ham_spatial_conv(d, weight)           # C++ CPU only: the 7x7 conv on the small maps
 
 Saved for backward: x and the small maps (gate, mask: (N, C); d1, d2, s1, s2: (N, <=2, H, W));
 no full-size intermediate. The mask is not differentiable (SPEC: no gradient through M).
@@ -19,8 +20,8 @@ import torch
 from ..reference._base import memory_format_of
 from ..reference.formulas import accumulate_dtype
 
-FORWARD_OPS = ("ham_spatial_pool", "ham_spatial_apply")
-BACKWARD_OPS = ("ham_spatial_pool_backward", "ham_spatial_apply_backward")
+FORWARD_OPS = ("ham_spatial_pool", "ham_spatial_apply", "ham_spatial_conv")
+BACKWARD_OPS = ("ham_spatial_pool_backward", "ham_spatial_apply_backward", "ham_spatial_conv_backward")
 
 _registered: set[str] = set()
 
@@ -50,11 +51,21 @@ def _fake_apply_backward(grad_y, x, gate, mask, s1, s2):
     return _like_x(x), torch.empty_like(gate), _pixel_maps(x, 1), _pixel_maps(x, 1)
 
 
+def _fake_conv(d, weight):
+    return d.new_empty((d.shape[0], 1, d.shape[2], d.shape[3]))
+
+
+def _fake_conv_backward(grad_z, d, weight):
+    return torch.empty_like(d), torch.empty_like(weight)
+
+
 _FAKES = {
     "ham_spatial_pool": _fake_pool,
     "ham_spatial_pool_backward": _fake_pool_backward,
     "ham_spatial_apply": _fake_apply,
     "ham_spatial_apply_backward": _fake_apply_backward,
+    "ham_spatial_conv": _fake_conv,
+    "ham_spatial_conv_backward": _fake_conv_backward,
 }
 
 
@@ -86,6 +97,15 @@ def _register_autograd(namespace: str) -> None:
         grad_x, grad_gate, grad_s1, grad_s2 = ops.ham_spatial_apply_backward(grad_y, x, gate, mask, s1, s2)
         return grad_x, grad_gate, None, grad_s1, grad_s2
 
+    def setup_conv(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+        ctx.save_for_backward(*inputs)  # d, weight
+
+    def backward_conv(ctx: Any, grad_z: torch.Tensor):
+        d, weight = ctx.saved_tensors
+        return ops.ham_spatial_conv_backward(grad_z, d, weight)
+
+    if hasattr(ops, "ham_spatial_conv"):  # the small-map conv has a C++ CPU kernel only
+        torch.library.register_autograd(f"{namespace}::ham_spatial_conv", backward_conv, setup_context=setup_conv)
     torch.library.register_autograd(f"{namespace}::ham_spatial_pool", backward_pool, setup_context=setup_pool)
     torch.library.register_autograd(f"{namespace}::ham_spatial_apply", backward_apply, setup_context=setup_apply)
 
