@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from . import register_once
 # The same rules as the reference modules and csrc/include/attnkernels/common.h: the
 # accumulation dtype, and the layout of a full-size output (channels_last in, out).
 from ..reference._base import memory_format_of
@@ -200,10 +201,4 @@ def register(namespace: str, with_fakes: bool = True) -> None:
     Triton ops (torch.library.triton_op) trace their own fake implementation, so they
     take `with_fakes=False`.
     """
-    if namespace in _registered:
-        return
-    if with_fakes:  # (the C++ namespace, which also holds channel_attention)
-        for name, fake in _FAKES.items():
-            torch.library.register_fake(f"{namespace}::{name}")(fake)
-    _register_autograd(namespace)
-    _registered.add(namespace)
+    register_once(namespace, with_fakes, _FAKES, _register_autograd, _registered)

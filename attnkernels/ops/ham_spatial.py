@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from . import register_once
 from ..reference._base import memory_format_of
 from ..reference.formulas import accumulate_dtype
 
@@ -116,10 +117,4 @@ def register(namespace: str, with_fakes: bool = True) -> None:
     Triton ops (torch.library.triton_op) trace their own fake implementation, so they
     take `with_fakes=False`.
     """
-    if namespace in _registered:
-        return
-    if with_fakes:
-        for name, fake in _FAKES.items():
-            torch.library.register_fake(f"{namespace}::{name}")(fake)
-    _register_autograd(namespace)
-    _registered.add(namespace)
+    register_once(namespace, with_fakes, _FAKES, _register_autograd, _registered)
