@@ -56,6 +56,11 @@
 //   ham_spatial_apply_backward(grad_y, x, gate, mask, s1, s2) -> (grad_x, grad_gate, grad_s1, grad_s2)
 //     dF1 = grad_y * (mask * s1 + (1 - mask) * s2);  grad_x = dF1 * gate;  grad_gate[n,c] = sum_p dF1 * x
 //     grad_s1[n,0,p] = sum_c grad_y * F1 * mask;  grad_s2[n,0,p] = sum_c grad_y * F1 * (1 - mask)
+//   ham_attention(x, weight, alpha, beta, c_im, spatial_weight, bn_scale, bn_shift) -> y   (CPU only)
+//     the whole HAM forward in inference (BN in eval mode folded to bn_scale * z + bn_shift),
+//     one sample at a time while x[n] stays in cache: channel_pool, channel_gate (mode 2),
+//     ham_spatial_pool, S_g = sigmoid(relu(bn_scale * ham_spatial_conv(d_g, spatial_weight)
+//     + bn_shift)), ham_spatial_apply. Not differentiable (training runs the ops above).
 //   ham_spatial_conv(d, weight) -> z            (CPU only; cuDNN serves GPUs)
 //     HAM's shared spatial conv on the small maps: z[n,0,h,w] = sum_{ci,i,j} weight[0,ci,i,j] *
 //     d[n, ci, h + i - P, w + j - P], P = (k-1)/2, zero padding; d (N, Cd, H, W) float32/64
@@ -95,6 +100,9 @@ TORCH_LIBRARY(attnkernels, m) {
       "ham_spatial_apply_backward(Tensor grad_y, Tensor x, Tensor gate, Tensor mask, Tensor s1, Tensor s2) "
       "-> (Tensor grad_x, Tensor grad_gate, Tensor grad_s1, Tensor grad_s2)");
   m.def("ham_spatial_conv(Tensor d, Tensor weight) -> Tensor");
+  m.def(
+      "ham_attention(Tensor x, Tensor weight, Tensor alpha, Tensor beta, int c_im, Tensor spatial_weight, "
+      "Tensor bn_scale, Tensor bn_shift) -> Tensor");
   m.def("ham_spatial_conv_backward(Tensor grad_z, Tensor d, Tensor weight) -> (Tensor grad_d, Tensor grad_weight)");
 }
 
@@ -152,7 +160,7 @@ TORCH_LIBRARY_IMPL(attnkernels, CompositeExplicitAutograd, m) {
 // a clear "not implemented" instead of silently returning no gradient.
 TORCH_LIBRARY_IMPL(attnkernels, Autograd, m) {
   for (const char* op : {"channel_pool_backward", "channel_gate_backward", "channel_rescale_backward",
-                         "ham_spatial_pool_backward", "ham_spatial_apply_backward", "ham_spatial_conv_backward"}) {
+                         "ham_spatial_pool_backward", "ham_spatial_apply_backward", "ham_spatial_conv_backward", "ham_attention"}) {
     m.impl(op, torch::autograd::autogradNotImplementedFallback());
   }
 }

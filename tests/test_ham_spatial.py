@@ -61,6 +61,47 @@ def test_fused_ham_matches_reference(backend_name, device, dtype, layout, train)
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_inference_runs_per_sample_and_matches_reference(dtype, layout) -> None:
+    """Eval mode without autograd on the CPU backend: the whole forward in one per-sample op
+    (BN folded), against the reference module and against the three-pass path."""
+    for shape in SHAPES:
+        f, ref = fused_and_reference(shape[1], dtype, "cpu", train=False)
+        x = make_input(shape, layout, dtype, "cpu")
+        with torch.no_grad(), backend.use_backend("cpu"):
+            assert f.runs_per_sample(x)
+            got = f(x)
+        with backend.use_backend("cpu"):
+            three_pass = f(x).detach()
+        tol = {"rtol": 1e-12, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 2e-5, "atol": 2e-6}
+        torch.testing.assert_close(got, ref(x).detach(), **tol)
+        torch.testing.assert_close(got, three_pass, **tol)
+        if layout == "channels_last":
+            assert got.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_inference_path_only_without_autograd() -> None:
+    f, _ = fused_and_reference(8, torch.float32, "cpu", train=False)
+    x = torch.randn(2, 8, 4, 4)
+    assert not f.runs_per_sample(x)  # autograd is on: the differentiable passes
+    with torch.no_grad():
+        assert f.runs_per_sample(x)
+        with backend.use_backend("reference"):
+            assert not f.runs_per_sample(x)
+        assert not f.train().runs_per_sample(x)
+
+
+def test_compile_fullgraph_inference_on_cpu() -> None:
+    torch._dynamo.reset()
+    f, _ = fused_and_reference(24, torch.float32, "cpu", train=False)
+    x = torch.randn(4, 24, 7, 5)
+    with torch.no_grad(), backend.use_backend("cpu"):
+        want = f(x)
+        got = torch.compile(f, fullgraph=True)(x)
+    torch.testing.assert_close(got, want)
+
+
 @pytest.mark.parametrize("backend_name,device", CASES)
 def test_output_memory_format(backend_name, device) -> None:
     f, _ = fused_and_reference(24, torch.float32, device)
@@ -183,7 +224,11 @@ def test_half_precision_error_like_eager(device, dtype) -> None:
     low = forward_backward(copy.deepcopy(f).to(dtype), x.to(dtype), g.to(dtype), device)
     eager = forward_backward(copy.deepcopy(ref).to(dtype), x.to(dtype), g.to(dtype))
     ulp = torch.finfo(dtype).eps
-    for got, base, truth in zip([low[0], *low[1]], [eager[0], *eager[1]], [exact[0], *exact[1]]):
+    with torch.no_grad():  # inference: the per-sample op on the CPU backend
+        per_sample = copy.deepcopy(f).to(dtype)(x.to(dtype))
+    for got, base, truth in zip(
+        [low[0], per_sample, *low[1]], [eager[0], eager[0], *eager[1]], [exact[0], exact[0], *exact[1]]
+    ):
         err_fused = (got.double() - truth).abs().max().item()
         err_eager = (base.double() - truth).abs().max().item()
         assert err_fused <= 2 * err_eager + 2 * ulp * truth.abs().max().item(), (err_fused, err_eager)
@@ -227,6 +272,13 @@ def _op_samples():
         "ham_spatial_apply_backward": [(torch.randn_like(x), leaf(x), leaf(gate), leaf(mask), leaf(s1), leaf(s2))],
         "ham_spatial_conv": [(leaf(d1, True), leaf(conv_w, True)), (leaf(d2[:1]), leaf(conv_w3.float(), True))],
         "ham_spatial_conv_backward": [(torch.randn(2, 1, 5, 3, dtype=torch.float64), leaf(d1), leaf(conv_w))],
+        "ham_attention": [
+            (x, torch.randn(5, dtype=torch.float64), torch.tensor(0.3, dtype=torch.float64),
+             torch.tensor(0.6, dtype=torch.float64), c_im, conv_w, torch.tensor([1.2], dtype=torch.float64),
+             torch.tensor([-0.1], dtype=torch.float64)),
+            (x_cl.float(), torch.randn(3), torch.tensor(0.3), torch.tensor(0.6), 1, conv_w3.float(),
+             torch.tensor([0.8]), torch.tensor([0.2])),
+        ],
     }
 
 
@@ -276,6 +328,10 @@ def test_op_input_errors() -> None:
         AF.ham_spatial_pool(x, gate, 0)
     with pytest.raises(ValueError, match=r"ham_spatial_conv: weight must have shape \(1, Cd, k, k\)"):
         ops.ham_spatial_conv(torch.randn(2, 2, 4, 4), torch.randn(1, 2, 4, 4))
+    with pytest.raises(ValueError, match=r"ham_attention: spatial_weight must have shape \(1, 2, k, k\)"):
+        ops.ham_attention(x, torch.randn(3), *torch.rand(2), 3, torch.randn(1, 3, 7, 7), *torch.rand(2, 1))
+    with pytest.raises(ValueError, match=r"ham_attention: c_im must be in \[1, C\]"):
+        ops.ham_attention(x, torch.randn(3), *torch.rand(2), 0, torch.randn(1, 2, 7, 7), *torch.rand(2, 1))
     with pytest.raises(TypeError, match=r"ham_spatial_conv: d must be float32 or float64"):
         ops.ham_spatial_conv(torch.randn(2, 2, 4, 4, dtype=torch.bfloat16), torch.randn(1, 2, 3, 3))
 

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import functional as AF
+from ..backend import select
 from ..reference import ham as reference
 from ..reference.formulas import accumulate_dtype
 from ._fused import FusedModule
@@ -13,21 +14,49 @@ from ._fused import FusedModule
 class HAM(FusedModule, reference.HAM):
     """`attnkernels.reference.HAM` on the fused ops (same arguments and weights).
 
-    Three passes over x: channel pooling (channel_pool), the top-k channel separation with
-    the dual spatial pooling (ham_spatial_pool), and the apply (ham_spatial_apply). Between
+    With autograd (training), three passes over x: channel pooling (channel_pool), the top-k
+    channel separation with the dual spatial pooling (ham_spatial_pool), and the apply
+    (ham_spatial_apply). Between
     them only (N, C) and (N, <=2, H, W) maps exist: the 1-D conv + sigmoid gate
     (channel_gate), and the shared 7x7 conv (ham_spatial_conv) + the reference module's BN,
     ReLU and sigmoid, BN called on group 1 then group 2 exactly as the reference calls it
     (batch statistics and running stats included). Backward saves x and those small maps only.
+    Inference on the CPU backend runs all of it per sample in one op (`runs_per_sample`).
     """
 
     def attend(self, x: torch.Tensor) -> torch.Tensor:
+        if self.runs_per_sample(x):
+            return self.attend_per_sample(x)
         avg, max_ = AF.channel_pool(x)
         ac = AF.channel_gate(avg, max_, self.conv.weight, self.alpha, self.beta, mode="mix")
         d1, d2, mask = AF.ham_spatial_pool(x, ac, self.c_im)
         s1, s2 = self.spatial_gates(d1, d2)
         acc = accumulate_dtype(x.dtype)
         return AF.ham_spatial_apply(x, ac, mask, s1.to(acc), s2.to(acc))
+
+    def runs_per_sample(self, x: torch.Tensor) -> bool:
+        """Inference on the C++ CPU backend (eval mode, no autograd, BN with running stats):
+        the whole forward runs one sample at a time in one op (ham_attention), so x crosses
+        memory once. Training and everything else run the three differentiable passes."""
+        return (
+            not self.training
+            and not torch.is_grad_enabled()
+            and self.bn.running_mean is not None
+            and select("ham_spatial", x.device) == "cpu"
+        )
+
+    def attend_per_sample(self, x: torch.Tensor) -> torch.Tensor:
+        """The inference forward in one op, with BN folded: `bn(z) = z * scale + shift`."""
+        bn, acc = self.bn, accumulate_dtype(x.dtype)
+        scale = bn.running_var.to(acc).add(bn.eps).rsqrt()
+        if bn.weight is not None:
+            scale = scale * bn.weight.to(acc)
+        shift = -bn.running_mean.to(acc) * scale
+        if bn.bias is not None:
+            shift = shift + bn.bias.to(acc)
+        return torch.ops.attnkernels.ham_attention(
+            x, self.conv.weight, self.alpha, self.beta, self.c_im, self.spatial_conv.weight, scale, shift
+        )
 
     def spatial_gates(self, d1: torch.Tensor, d2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`S1, S2 = sigmoid(relu(bn(spatial_conv(d))))` for both groups: one conv call over

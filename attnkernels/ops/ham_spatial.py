@@ -60,6 +60,10 @@ def _fake_conv_backward(grad_z, d, weight):
     return torch.empty_like(d), torch.empty_like(weight)
 
 
+def _fake_ham_attention(x, weight, alpha, beta, c_im, spatial_weight, bn_scale, bn_shift):
+    return _like_x(x)
+
+
 _FAKES = {
     "ham_spatial_pool": _fake_pool,
     "ham_spatial_pool_backward": _fake_pool_backward,
@@ -67,6 +71,7 @@ _FAKES = {
     "ham_spatial_apply_backward": _fake_apply_backward,
     "ham_spatial_conv": _fake_conv,
     "ham_spatial_conv_backward": _fake_conv_backward,
+    "ham_attention": _fake_ham_attention,
 }
 
 

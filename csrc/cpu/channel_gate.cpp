@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "attnkernels/common.h"
+#include "attnkernels/cpu_sample.h"
 #include "attnkernels/cpu_vec.h"
 
 namespace attnkernels {
@@ -630,6 +631,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_mlp_attention_cpu(const a
 }
 
 }  // namespace
+
+// ---------------------------------------------------------------- per-sample steps (cpu_sample.h)
+
+namespace cpu_sample {
+
+template <typename scalar_t>
+void channel_pool(const scalar_t* x_n, int64_t C, int64_t hw, bool channels_last, at::opmath_type<scalar_t>* avg,
+                  at::opmath_type<scalar_t>* max) {
+  if (channels_last) {
+    pool_channels_last(x_n, 1, C, hw, avg, max);
+  } else {
+    pool_nchw(x_n, C, hw, avg, max);
+  }
+}
+
+template <typename acc_t>
+void mix_gate(const acc_t* avg, const acc_t* max, acc_t alpha, acc_t beta, const acc_t* w, int64_t k, int64_t C,
+              acc_t* gate) {
+  gate_sample(Mix<acc_t>{avg, max, kMix, alpha, beta}, w, k, C, 0, gate);
+}
+
+#define ATTNKERNELS_INSTANTIATE_POOL(T)                                                              \
+  template void channel_pool<T>(const T*, int64_t, int64_t, bool, at::opmath_type<T>*, at::opmath_type<T>*);
+ATTNKERNELS_INSTANTIATE_POOL(double)
+ATTNKERNELS_INSTANTIATE_POOL(float)
+ATTNKERNELS_INSTANTIATE_POOL(at::Half)
+ATTNKERNELS_INSTANTIATE_POOL(at::BFloat16)
+#undef ATTNKERNELS_INSTANTIATE_POOL
+template void mix_gate<double>(const double*, const double*, double, double, const double*, int64_t, int64_t, double*);
+template void mix_gate<float>(const float*, const float*, float, float, const float*, int64_t, int64_t, float*);
+
+}  // namespace cpu_sample
 
 TORCH_LIBRARY_IMPL(attnkernels, CPU, m) {
   m.impl("channel_attention", &channel_attention_cpu);

@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "attnkernels/common.h"
+#include "attnkernels/cpu_sample.h"
 #include "attnkernels/cpu_vec.h"
 
 namespace attnkernels {
@@ -113,21 +114,20 @@ void pool_block(const Views<scalar_t>& v, int64_t n, int64_t p0, int64_t p1, at:
   const acc_t* g = v.gate + n * v.C;
   const acc_t* m = v.mask + n * v.C;
   if (!v.channels_last) {
-    std::fill(sum1, sum1 + len, acc_t(0));
-    std::fill(sum2, sum2 + len, acc_t(0));
-    std::fill(max1, max1 + len, lowest);
-    std::fill(max2, max2 + len, lowest);
-    for (int64_t c = 0; c < v.C; ++c) {
-      const scalar_t* xc = v.x + v.at(n, c, p0);
-      const AccVec vg(g[c]), vm(m[c]), vm2(acc_t(1) - m[c]);
+    // One vector of pixels at a time, its four accumulators in registers, walking down all C
+    // channel rows (x[n] is in cache after the channel pooling; a row's next vector shares
+    // the cache line just read). Channels add in order, so results match the scalar tail's.
+    const int64_t vec_len = len / S::kWidth * S::kWidth;
+    const scalar_t* x0 = v.x + v.at(n, 0, p0);
+    for (int64_t i = 0; i < vec_len; i += S::kWidth) {
       AccVec xv[S::kVecs], a[S::kVecs], b[S::kVecs], d[S::kVecs], e[S::kVecs];
-      int64_t i = 0;
-      for (; i + S::kWidth <= len; i += S::kWidth) {
-        S::load(xc + i, xv);
-        S::load_acc(sum1 + i, a);
-        S::load_acc(max1 + i, b);
-        S::load_acc(sum2 + i, d);
-        S::load_acc(max2 + i, e);
+      for (int k = 0; k < S::kVecs; ++k) {
+        a[k] = d[k] = AccVec(0);
+        b[k] = e[k] = AccVec(lowest);
+      }
+      for (int64_t c = 0; c < v.C; ++c) {
+        S::load(x0 + c * v.hw + i, xv);
+        const AccVec vg(g[c]), vm(m[c]), vm2(acc_t(1) - m[c]);
         for (int k = 0; k < S::kVecs; ++k) {
           const AccVec f1 = xv[k] * vg, g1 = f1 * vm, g2 = f1 * vm2;
           a[k] += g1;
@@ -135,18 +135,25 @@ void pool_block(const Views<scalar_t>& v, int64_t n, int64_t p0, int64_t p1, at:
           d[k] += g2;
           e[k] = at::vec::maximum(e[k], g2);
         }
-        S::store_acc(sum1 + i, a);
-        S::store_acc(max1 + i, b);
-        S::store_acc(sum2 + i, d);
-        S::store_acc(max2 + i, e);
       }
-      for (; i < len; ++i) {
-        const acc_t f1 = static_cast<acc_t>(xc[i]) * g[c], g1 = f1 * m[c], g2 = f1 * (acc_t(1) - m[c]);
-        sum1[i] += g1;
-        max1[i] = nan_max(max1[i], g1);
-        sum2[i] += g2;
-        max2[i] = nan_max(max2[i], g2);
+      S::store_acc(sum1 + i, a);
+      S::store_acc(max1 + i, b);
+      S::store_acc(sum2 + i, d);
+      S::store_acc(max2 + i, e);
+    }
+    for (int64_t i = vec_len; i < len; ++i) {
+      acc_t s1 = 0, s2 = 0, mx1 = lowest, mx2 = lowest;
+      for (int64_t c = 0; c < v.C; ++c) {
+        const acc_t f1 = static_cast<acc_t>(x0[c * v.hw + i]) * g[c], g1 = f1 * m[c], g2 = f1 * (acc_t(1) - m[c]);
+        s1 += g1;
+        mx1 = nan_max(mx1, g1);
+        s2 += g2;
+        mx2 = nan_max(mx2, g2);
       }
+      sum1[i] = s1;
+      max1[i] = mx1;
+      sum2[i] = s2;
+      max2[i] = mx2;
     }
     return;
   }
@@ -398,8 +405,9 @@ std::tuple<at::Tensor, at::Tensor> ham_spatial_pool_backward_cpu(const at::Tenso
 
 // ---------------------------------------------------------------- ham_spatial_apply (+ backward)
 
-// y = G1*s1 + G2*s2. With grad_gate set (the backward: x_or_gy is grad_y, other is x),
-// writes grad_x = dF1*gate into y and accumulates grad_gate, grad_s1 and grad_s2 instead.
+// y = G1*s1 + G2*s2 for the pixels [p0, p1) of sample n; s1, s2 (and gs1, gs2) are the
+// sample's rows of hw values. With grad_y set (the backward), writes grad_x = dF1*gate into
+// out and accumulates grad_gate, grad_s1 and grad_s2 instead.
 template <typename scalar_t>
 void apply_block(const Views<scalar_t>& v, int64_t n, int64_t p0, int64_t p1, const scalar_t* grad_y,
                  const at::opmath_type<scalar_t>* s1, const at::opmath_type<scalar_t>* s2, scalar_t* out,
@@ -412,12 +420,12 @@ void apply_block(const Views<scalar_t>& v, int64_t n, int64_t p0, int64_t p1, co
   const int64_t len = p1 - p0, C = v.C;
   const acc_t* g = v.gate + n * C;
   const acc_t* m = v.mask + n * C;
-  const acc_t *s1n = s1 + n * v.hw, *s2n = s2 + n * v.hw;
+  const acc_t *s1n = s1, *s2n = s2;
   if (backward) std::fill(grad_gate, grad_gate + C, acc_t(0));
   if (!v.channels_last) {
     if (backward) {
-      std::fill(gs1 + n * v.hw + p0, gs1 + n * v.hw + p1, acc_t(0));
-      std::fill(gs2 + n * v.hw + p0, gs2 + n * v.hw + p1, acc_t(0));
+      std::fill(gs1 + p0, gs1 + p1, acc_t(0));
+      std::fill(gs2 + p0, gs2 + p1, acc_t(0));
     }
     for (int64_t c = 0; c < C; ++c) {
       const int64_t off = v.at(n, c, p0);
@@ -440,8 +448,8 @@ void apply_block(const Views<scalar_t>& v, int64_t n, int64_t p0, int64_t p1, co
           continue;
         }
         S::load(grad_y + off + i, gy);
-        S::load_acc(gs1 + n * v.hw + p0 + i, u);
-        S::load_acc(gs2 + n * v.hw + p0 + i, w);
+        S::load_acc(gs1 + p0 + i, u);
+        S::load_acc(gs2 + p0 + i, w);
         for (int k = 0; k < S::kVecs; ++k) {
           const AccVec f1 = xv[k] * vg;
           u[k] += gy[k] * (f1 * vm);
@@ -450,8 +458,8 @@ void apply_block(const Views<scalar_t>& v, int64_t n, int64_t p0, int64_t p1, co
           vsum[k] += df1 * xv[k];
           o[k] = df1 * vg;
         }
-        S::store_acc(gs1 + n * v.hw + p0 + i, u);
-        S::store_acc(gs2 + n * v.hw + p0 + i, w);
+        S::store_acc(gs1 + p0 + i, u);
+        S::store_acc(gs2 + p0 + i, w);
         S::store(out + off + i, o);
       }
       acc_t sum = 0;
@@ -464,8 +472,8 @@ void apply_block(const Views<scalar_t>& v, int64_t n, int64_t p0, int64_t p1, co
           continue;
         }
         const acc_t gyi = static_cast<acc_t>(grad_y[off + i]);
-        gs1[n * v.hw + p] += gyi * (f1 * m[c]);
-        gs2[n * v.hw + p] += gyi * (f1 * (acc_t(1) - m[c]));
+        gs1[p] += gyi * (f1 * m[c]);
+        gs2[p] += gyi * (f1 * (acc_t(1) - m[c]));
         const acc_t df1 = gyi * s1n[p] * m[c] + gyi * s2n[p] * (acc_t(1) - m[c]);
         sum += df1 * xi;
         out[off + i] = static_cast<scalar_t>(df1 * g[c]);
@@ -528,8 +536,8 @@ void apply_block(const Views<scalar_t>& v, int64_t n, int64_t p0, int64_t p1, co
       out[off + c] = static_cast<scalar_t>(df1 * g[c]);
     }
     if (backward) {
-      gs1[n * v.hw + p] = sum1;
-      gs2[n * v.hw + p] = sum2;
+      gs1[p] = sum1;
+      gs2[p] = sum2;
     }
   }
 }
@@ -556,8 +564,8 @@ at::Tensor ham_spatial_apply_cpu(const at::Tensor& x_in, const at::Tensor& gate_
     const Views<scalar_t> v = views<scalar_t>(x, gate, mask);
     scalar_t* yp = y.data_ptr<scalar_t>();
     for_pixel_blocks(x.size(0), v.hw, [&](int64_t n, int64_t, int64_t p0, int64_t p1) {
-      apply_block<scalar_t>(v, n, p0, p1, nullptr, s1.const_data_ptr<acc_t>(), s2.const_data_ptr<acc_t>(), yp,
-                            nullptr, nullptr, nullptr);
+      apply_block<scalar_t>(v, n, p0, p1, nullptr, s1.const_data_ptr<acc_t>() + n * v.hw,
+                            s2.const_data_ptr<acc_t>() + n * v.hw, yp, nullptr, nullptr, nullptr);
     });
   });
   return y;
@@ -583,12 +591,76 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ham_spatial_apply_bac
     acc_t* part = partial.data_ptr<acc_t>();
     const int64_t blocks = pixel_blocks(hw);
     for_pixel_blocks(N, hw, [&](int64_t n, int64_t b, int64_t p0, int64_t p1) {
-      apply_block<scalar_t>(v, n, p0, p1, gy.const_data_ptr<scalar_t>(), s1.const_data_ptr<acc_t>(),
-                            s2.const_data_ptr<acc_t>(), gx.data_ptr<scalar_t>(), part + (n * blocks + b) * C,
-                            gs1.data_ptr<acc_t>(), gs2.data_ptr<acc_t>());
+      apply_block<scalar_t>(v, n, p0, p1, gy.const_data_ptr<scalar_t>(), s1.const_data_ptr<acc_t>() + n * hw,
+                            s2.const_data_ptr<acc_t>() + n * hw, gx.data_ptr<scalar_t>(), part + (n * blocks + b) * C,
+                            gs1.data_ptr<acc_t>() + n * hw, gs2.data_ptr<acc_t>() + n * hw);
     });
   });
   return {gx, sum_block_partials(partial), gs1, gs2};
+}
+
+// ---------------------------------------------------------------- ham_attention (inference)
+
+// The whole HAM forward for one sample while x[n] stays in cache: channel pooling, the mixed
+// 1-D conv gate, the mask, the dual pooling, the two small-map convs with the folded BN,
+// ReLU and sigmoid, and the apply. x crosses memory once instead of three times.
+at::Tensor ham_attention_cpu(const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor& alpha,
+                             const at::Tensor& beta, int64_t c_im, const at::Tensor& spatial_weight,
+                             const at::Tensor& bn_scale, const at::Tensor& bn_shift) {
+  const char* op = "ham_attention";
+  const at::Tensor x = checked_x(x_in, op);
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), hw = H * W;
+  check_c_im(c_im, C, op);
+  TORCH_CHECK_VALUE(weight.numel() % 2 == 1, op, ": weight must hold an odd number of taps, got ", weight.numel());
+  TORCH_CHECK_VALUE(alpha.numel() == 1 && beta.numel() == 1 && bn_scale.numel() == 1 && bn_shift.numel() == 1, op,
+                    ": alpha, beta, bn_scale and bn_shift must hold one value each");
+  TORCH_CHECK_VALUE(spatial_weight.dim() == 4 && spatial_weight.size(0) == 1 && spatial_weight.size(1) == 2 &&
+                        spatial_weight.size(2) == spatial_weight.size(3) && spatial_weight.size(2) % 2 == 1,
+                    op, ": spatial_weight must have shape (1, 2, k, k) with k odd, got ", spatial_weight.sizes());
+  for (const at::Tensor* t : {&weight, &alpha, &beta, &spatial_weight, &bn_scale, &bn_shift}) {
+    TORCH_CHECK_VALUE(t->device() == x.device(), op, ": every parameter must be on ", x.device(), ", got ",
+                      t->device());
+  }
+  const at::ScalarType acc = acc_type(x.scalar_type());
+  auto as_acc = [&](const at::Tensor& t) { return t.reshape(-1).to(acc).contiguous(); };
+  const at::Tensor w = as_acc(weight), sw = as_acc(spatial_weight);
+  at::Tensor gate = at::empty({N, C}, x.options().dtype(acc)), mask = at::empty_like(gate);
+  at::Tensor y = empty_like_layout(x);
+  if (x.numel() == 0) return y;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ham_attention_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t a = alpha.item().to<acc_t>(), b = beta.item().to<acc_t>();
+    const acc_t scale = bn_scale.item().to<acc_t>(), shift = bn_shift.item().to<acc_t>();
+    const acc_t div1 = static_cast<acc_t>(c_im), div2 = static_cast<acc_t>(std::max<int64_t>(C - c_im, 1));
+    const int64_t k = w.numel(), ks = spatial_weight.size(2);
+    const Views<scalar_t> v = views<scalar_t>(x, gate, mask);
+    acc_t *g = gate.data_ptr<acc_t>(), *mk = mask.data_ptr<acc_t>();
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> avg(C), max(C), d(4 * hw), z(2 * hw);
+      std::vector<int64_t> order;
+      for (int64_t n = begin; n < end; ++n) {
+        cpu_sample::channel_pool(v.x + n * C * hw, C, hw, v.channels_last, avg.data(), max.data());
+        cpu_sample::mix_gate(avg.data(), max.data(), a, b, w.const_data_ptr<acc_t>(), k, C, g + n * C);
+        important_channels(g + n * C, C, c_im, mk + n * C, order);
+        // d holds [sum1, max1, sum2, max2]: d1 = (sum1 / c_im, max1), d2 = (sum2 / C_sub, max2).
+        acc_t *sum1 = d.data(), *max1 = sum1 + hw, *sum2 = max1 + hw, *max2 = sum2 + hw;
+        pool_block(v, n, 0, hw, sum1, max1, sum2, max2);
+        for (int64_t p = 0; p < hw; ++p) {
+          sum1[p] /= div1;
+          sum2[p] /= div2;
+        }
+        cpu_sample::spatial_conv(sum1, 2, H, W, sw.const_data_ptr<acc_t>(), ks, z.data());
+        cpu_sample::spatial_conv(sum2, 2, H, W, sw.const_data_ptr<acc_t>(), ks, z.data() + hw);
+        for (int64_t p = 0; p < 2 * hw; ++p) {  // s = sigmoid(relu(bn(z))), BN folded to an affine
+          const acc_t t = z[p] * scale + shift;
+          z[p] = acc_t(1) / (acc_t(1) + std::exp(-(t > acc_t(0) ? t : acc_t(0))));
+        }
+        apply_block<scalar_t>(v, n, 0, hw, nullptr, z.data(), z.data() + hw, yp, nullptr, nullptr, nullptr);
+      }
+    });
+  });
+  return y;
 }
 
 }  // namespace
@@ -598,6 +670,7 @@ TORCH_LIBRARY_IMPL(attnkernels, CPU, m) {
   m.impl("ham_spatial_pool_backward", &ham_spatial_pool_backward_cpu);
   m.impl("ham_spatial_apply", &ham_spatial_apply_cpu);
   m.impl("ham_spatial_apply_backward", &ham_spatial_apply_backward_cpu);
+  m.impl("ham_attention", &ham_attention_cpu);
 }
 
 }  // namespace attnkernels

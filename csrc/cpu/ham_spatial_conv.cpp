@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "attnkernels/common.h"
+#include "attnkernels/cpu_sample.h"
 #include "attnkernels/cpu_vec.h"
 
 namespace attnkernels {
@@ -163,6 +164,18 @@ std::tuple<at::Tensor, at::Tensor> ham_spatial_conv_backward_cpu(const at::Tenso
 }
 
 }  // namespace
+
+namespace cpu_sample {
+
+template <typename T>
+void spatial_conv(const T* d, int64_t Cd, int64_t H, int64_t W, const T* w, int64_t k, T* z) {
+  correlate(Padded<T>(d, Cd, H, W, (k - 1) / 2), w, 1, k, z);
+}
+
+template void spatial_conv<double>(const double*, int64_t, int64_t, int64_t, const double*, int64_t, double*);
+template void spatial_conv<float>(const float*, int64_t, int64_t, int64_t, const float*, int64_t, float*);
+
+}  // namespace cpu_sample
 
 TORCH_LIBRARY_IMPL(attnkernels, CPU, m) {
   m.impl("ham_spatial_conv", &ham_spatial_conv_cpu);
