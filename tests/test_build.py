@@ -25,8 +25,9 @@ from attnkernels.ops import channel_gate, ham_spatial
 ROOT = Path(__file__).resolve().parent.parent
 # Every op with a device kernel (the per-sample composites have a CPU kernel and a composite).
 # HAM's small-map conv runs on cuDNN on GPUs (attnkernels.functional.ham_spatial_conv).
-CPU_ONLY_OPS = ("ham_spatial_conv", "ham_spatial_conv_backward")
-OPS = channel_gate.FORWARD_OPS + channel_gate.BACKWARD_OPS + ham_spatial.FORWARD_OPS + ham_spatial.BACKWARD_OPS
+# ham_attention, HAM's inference in one per-sample op, is CPU-only too.
+CPU_ONLY_OPS = ("ham_spatial_conv", "ham_spatial_conv_backward", "ham_attention")
+OPS = channel_gate.FORWARD_OPS + channel_gate.BACKWARD_OPS + ham_spatial.FORWARD_OPS + ham_spatial.BACKWARD_OPS + ("ham_attention",)
 
 
 def _has_kernel(op: str, key: str) -> bool:
