@@ -178,9 +178,19 @@ void pool_backward_nchw(const scalar_t* x, scalar_t* gx, int64_t planes, int64_t
       const acc_t a = grad_avg[p] / static_cast<acc_t>(hw);
       acc_t b = 0;
       if (grad_max != nullptr) {
-        int64_t count = 0;  // the tied maxima share grad_max evenly
-        for (int64_t i = 0; i < hw; ++i) count += static_cast<acc_t>(xp[i]) == max[p];
-        b = grad_max[p] / static_cast<acc_t>(count);  // count 0 (a NaN max): NaN, as torch.amax
+        // The tied maxima share grad_max evenly: count them (vector compares give 1 or 0).
+        const AccVec vm(max[p]);
+        AccVec vcount[S::kVecs], v[S::kVecs];
+        for (int k = 0; k < S::kVecs; ++k) vcount[k] = AccVec(0);
+        int64_t i = 0;
+        for (; i + S::kWidth <= hw; i += S::kWidth) {
+          S::load(xp + i, v);
+          for (int k = 0; k < S::kVecs; ++k) vcount[k] += v[k].eq(vm);
+        }
+        acc_t count = 0;
+        for (int k = 0; k < S::kVecs; ++k) count += reduce_sum(vcount[k]);
+        for (; i < hw; ++i) count += static_cast<acc_t>(xp[i]) == max[p];
+        b = grad_max[p] / count;  // count 0 (a NaN max): NaN, as torch.amax
       }
       const AccVec va(a), vb(b), vm(max[p]);
       AccVec v[S::kVecs];

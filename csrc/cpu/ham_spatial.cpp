@@ -102,6 +102,9 @@ void important_channels(const acc_t* gate, int64_t C, int64_t c_im, acc_t* mask,
 // ---------------------------------------------------------------- ham_spatial_pool
 
 // Per pixel: sum and max of G1 = F1*mask and G2 = F1*(1-mask) over all C channels.
+// NCHW walks the channel rows in order against per-pixel accumulators in L1: sequential reads
+// the prefetcher follows. (Walking one vector of pixels down all C rows, accumulators in
+// registers, measured 1.8x slower from memory and no faster with x[n] in cache.)
 template <typename scalar_t>
 void pool_block(const Views<scalar_t>& v, int64_t n, int64_t p0, int64_t p1, at::opmath_type<scalar_t>* sum1,
                 at::opmath_type<scalar_t>* max1, at::opmath_type<scalar_t>* sum2,
@@ -114,20 +117,21 @@ void pool_block(const Views<scalar_t>& v, int64_t n, int64_t p0, int64_t p1, at:
   const acc_t* g = v.gate + n * v.C;
   const acc_t* m = v.mask + n * v.C;
   if (!v.channels_last) {
-    // One vector of pixels at a time, its four accumulators in registers, walking down all C
-    // channel rows (x[n] is in cache after the channel pooling; a row's next vector shares
-    // the cache line just read). Channels add in order, so results match the scalar tail's.
-    const int64_t vec_len = len / S::kWidth * S::kWidth;
-    const scalar_t* x0 = v.x + v.at(n, 0, p0);
-    for (int64_t i = 0; i < vec_len; i += S::kWidth) {
+    std::fill(sum1, sum1 + len, acc_t(0));
+    std::fill(sum2, sum2 + len, acc_t(0));
+    std::fill(max1, max1 + len, lowest);
+    std::fill(max2, max2 + len, lowest);
+    for (int64_t c = 0; c < v.C; ++c) {
+      const scalar_t* xc = v.x + v.at(n, c, p0);
+      const AccVec vg(g[c]), vm(m[c]), vm2(acc_t(1) - m[c]);
       AccVec xv[S::kVecs], a[S::kVecs], b[S::kVecs], d[S::kVecs], e[S::kVecs];
-      for (int k = 0; k < S::kVecs; ++k) {
-        a[k] = d[k] = AccVec(0);
-        b[k] = e[k] = AccVec(lowest);
-      }
-      for (int64_t c = 0; c < v.C; ++c) {
-        S::load(x0 + c * v.hw + i, xv);
-        const AccVec vg(g[c]), vm(m[c]), vm2(acc_t(1) - m[c]);
+      int64_t i = 0;
+      for (; i + S::kWidth <= len; i += S::kWidth) {
+        S::load(xc + i, xv);
+        S::load_acc(sum1 + i, a);
+        S::load_acc(max1 + i, b);
+        S::load_acc(sum2 + i, d);
+        S::load_acc(max2 + i, e);
         for (int k = 0; k < S::kVecs; ++k) {
           const AccVec f1 = xv[k] * vg, g1 = f1 * vm, g2 = f1 * vm2;
           a[k] += g1;
@@ -135,25 +139,18 @@ void pool_block(const Views<scalar_t>& v, int64_t n, int64_t p0, int64_t p1, at:
           d[k] += g2;
           e[k] = at::vec::maximum(e[k], g2);
         }
+        S::store_acc(sum1 + i, a);
+        S::store_acc(max1 + i, b);
+        S::store_acc(sum2 + i, d);
+        S::store_acc(max2 + i, e);
       }
-      S::store_acc(sum1 + i, a);
-      S::store_acc(max1 + i, b);
-      S::store_acc(sum2 + i, d);
-      S::store_acc(max2 + i, e);
-    }
-    for (int64_t i = vec_len; i < len; ++i) {
-      acc_t s1 = 0, s2 = 0, mx1 = lowest, mx2 = lowest;
-      for (int64_t c = 0; c < v.C; ++c) {
-        const acc_t f1 = static_cast<acc_t>(x0[c * v.hw + i]) * g[c], g1 = f1 * m[c], g2 = f1 * (acc_t(1) - m[c]);
-        s1 += g1;
-        mx1 = nan_max(mx1, g1);
-        s2 += g2;
-        mx2 = nan_max(mx2, g2);
+      for (; i < len; ++i) {
+        const acc_t f1 = static_cast<acc_t>(xc[i]) * g[c], g1 = f1 * m[c], g2 = f1 * (acc_t(1) - m[c]);
+        sum1[i] += g1;
+        max1[i] = nan_max(max1[i], g1);
+        sum2[i] += g2;
+        max2[i] = nan_max(max2[i], g2);
       }
-      sum1[i] = s1;
-      max1[i] = mx1;
-      sum2[i] = s2;
-      max2[i] = mx2;
     }
     return;
   }
@@ -276,13 +273,30 @@ void pool_backward_block(const Views<scalar_t>& v, int64_t n, int64_t p0, int64_
     // Pass 1: tie counts per pixel; then the per-pixel coefficients; pass 2: the gradients.
     std::vector<acc_t> buf(6 * len, acc_t(0));
     acc_t *cnt1 = buf.data(), *cnt2 = cnt1 + len, *t1 = cnt2 + len, *t2 = t1 + len, *r1 = t2 + len, *r2 = r1 + len;
+    // Channel rows in order, streaming x (the forward's products, recomputed bit for bit).
     for (int64_t c = 0; c < C; ++c) {
       const scalar_t* xc = v.x + v.at(n, c, p0);
-      const acc_t gc = g[c], mc = m[c];
-      for (int64_t i = 0; i < len; ++i) {
-        const acc_t f1 = static_cast<acc_t>(xc[i]) * gc;
-        cnt1[i] += acc_t(f1 * mc == max1[p0 + i]);
-        cnt2[i] += acc_t(f1 * (acc_t(1) - mc) == max2[p0 + i]);
+      const AccVec vg(g[c]), vm(m[c]), vm2(acc_t(1) - m[c]);
+      AccVec xv[S::kVecs], a[S::kVecs], b[S::kVecs], n1[S::kVecs], n2[S::kVecs];
+      int64_t i = 0;
+      for (; i + S::kWidth <= len; i += S::kWidth) {
+        S::load(xc + i, xv);
+        S::load_acc(max1 + p0 + i, a);
+        S::load_acc(max2 + p0 + i, b);
+        S::load_acc(cnt1 + i, n1);
+        S::load_acc(cnt2 + i, n2);
+        for (int k = 0; k < S::kVecs; ++k) {
+          const AccVec f1 = xv[k] * vg;
+          n1[k] += (f1 * vm).eq(a[k]);
+          n2[k] += (f1 * vm2).eq(b[k]);
+        }
+        S::store_acc(cnt1 + i, n1);
+        S::store_acc(cnt2 + i, n2);
+      }
+      for (; i < len; ++i) {
+        const acc_t f1 = static_cast<acc_t>(xc[i]) * g[c];
+        cnt1[i] += acc_t(f1 * m[c] == max1[p0 + i]);
+        cnt2[i] += acc_t(f1 * (acc_t(1) - m[c]) == max2[p0 + i]);
       }
     }
     for (int64_t i = 0; i < len; ++i) {
