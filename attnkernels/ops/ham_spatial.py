@@ -32,16 +32,21 @@ def _pixel_maps(x: torch.Tensor, channels: int) -> torch.Tensor:
     return x.new_empty((n, channels, h, w), dtype=accumulate_dtype(x.dtype))
 
 
+def _like_gate(gate: torch.Tensor) -> torch.Tensor:
+    # The kernels return contiguous (N, C) maps whatever gate's strides.
+    return torch.empty_like(gate, memory_format=torch.contiguous_format)
+
+
 def _like_x(x: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(x, memory_format=memory_format_of(x))
 
 
 def _fake_pool(x, gate, c_im):
-    return _pixel_maps(x, 2), _pixel_maps(x, 2), torch.empty_like(gate)
+    return _pixel_maps(x, 2), _pixel_maps(x, 2), _like_gate(gate)
 
 
 def _fake_pool_backward(grad_d1, grad_d2, x, gate, mask, d1, d2, c_im):
-    return _like_x(x), torch.empty_like(gate)
+    return _like_x(x), _like_gate(gate)
 
 
 def _fake_apply(x, gate, mask, s1, s2):
@@ -49,7 +54,7 @@ def _fake_apply(x, gate, mask, s1, s2):
 
 
 def _fake_apply_backward(grad_y, x, gate, mask, s1, s2):
-    return _like_x(x), torch.empty_like(gate), _pixel_maps(x, 1), _pixel_maps(x, 1)
+    return _like_x(x), _like_gate(gate), _pixel_maps(x, 1), _pixel_maps(x, 1)
 
 
 def _fake_conv(d, weight):
