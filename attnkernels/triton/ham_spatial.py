@@ -94,7 +94,7 @@ _TILE_ELEMENTS = {torch.float32: 2048, torch.float64: 1024}
 # Pixels per program when pixels are x's contiguous dimension (NCHW): wide enough to
 # coalesce, narrow enough that a feature map spreads over many programs.
 _MAX_BLOCK_HW = 256
-_MIN_BLOCK_HW = 32
+_MIN_BLOCK_HW = 8
 # Widest channel chunk when channels are x's contiguous dimension (channels_last).
 _MAX_BLOCK_C_CHANNELS_LAST = 64
 # Channels per mask program, and the [BLOCK_C, BLOCK_J] comparisons each chunk holds.
@@ -120,12 +120,19 @@ def _pixel_tiles(x: torch.Tensor, acc: torch.dtype) -> tuple[int, int]:
         block_hw = min(_pow2(hw), max(1, tile // block_c))
         while block_hw > 1 and n * triton.cdiv(hw, block_hw) < min_programs:
             block_hw //= 2
+        block_c = min(_pow2(c), max(block_c, tile // block_hw))  # keep the tile full
     else:
         block_hw = min(_pow2(hw), _MAX_BLOCK_HW, tile)
         while block_hw > _MIN_BLOCK_HW and n * triton.cdiv(hw, block_hw) < min_programs:
             block_hw //= 2
         block_c = min(_pow2(c), max(1, tile // block_hw))
     return block_c, block_hw
+
+
+def _pixel_warps(block_c: int, block_hw: int) -> int:
+    """Warps per pixel-tile program: 8 for tiles of 2048+ elements, whose fp32 accumulators
+    spill at 4 warps on sm_90 (ptxas: ~165 registers per thread at 4 warps, ~100 at 8)."""
+    return 8 if block_c * block_hw >= 2048 else 4
 
 
 def _mask_blocks(c: int) -> tuple[int, int]:
@@ -445,7 +452,7 @@ def ham_spatial_pool(
         x, gt, mask, d1, d2,
         c, h * w, w, num_pb, c_im, max(c - c_im, 1),
         *x.stride(), sx_hw,
-        FLAT=flat, BLOCK_C=block_c, BLOCK_HW=block_hw,
+        FLAT=flat, BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=_pixel_warps(block_c, block_hw),
     )
     return d1, d2, mask
 
@@ -486,7 +493,7 @@ def ham_spatial_pool_backward(
         c, h * w, w, num_pb, c_im, max(c - c_im, 1),
         *x.stride(), sx_hw,
         *grad_x.stride(), so_hw,
-        FLAT=flat, BLOCK_C=block_c, BLOCK_HW=block_hw,
+        FLAT=flat, BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=_pixel_warps(block_c, block_hw),
     )
     return grad_x, _sum_partials(partials, n, num_pb, c)
 
@@ -521,7 +528,7 @@ def ham_spatial_apply(
         c, h * w, w, num_pb,
         *x.stride(), sx_hw,
         *y.stride(), so_hw,
-        FLAT=flat, BLOCK_C=block_c, BLOCK_HW=block_hw,
+        FLAT=flat, BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=_pixel_warps(block_c, block_hw),
     )
     return y
 
@@ -558,6 +565,6 @@ def ham_spatial_apply_backward(
         *grad_y.stride(), sg_hw,
         *x.stride(), sx_hw,
         *grad_x.stride(), so_hw,
-        FLAT=flat, BLOCK_C=block_c, BLOCK_HW=block_hw,
+        FLAT=flat, BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=_pixel_warps(block_c, block_hw),
     )
     return grad_x, _sum_partials(partials, n, num_pb, c), grad_s1, grad_s2
