@@ -382,10 +382,7 @@ std::tuple<at::Tensor, at::Tensor> channel_rescale_backward_cpu(const at::Tensor
   check_feature_map(x_in, op, "x");
   const at::Tensor x = dense(x_in);
   check_per_channel(gate, x, op, "gate");
-  TORCH_CHECK_VALUE(grad_y.sizes() == x.sizes() && grad_y.scalar_type() == x.scalar_type(), op,
-              ": grad_y must match x's shape ", x.sizes(), " and dtype ", x.scalar_type());
-  // Walk grad_y in x's layout so one index serves both.
-  const at::Tensor gy = grad_y.contiguous(memory_format_of(layout_of(x)));
+  const at::Tensor gy = walked_like_x(grad_y, x, op, "grad_y");
   at::Tensor gx = empty_like_layout(x);
   at::Tensor grad_gate = at::empty_like(gate, at::MemoryFormat::Contiguous);
   if (x.numel() == 0) return {gx, grad_gate.zero_()};

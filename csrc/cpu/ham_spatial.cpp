@@ -14,7 +14,6 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
-#include <numeric>
 #include <vector>
 
 #include "attnkernels/common.h"
@@ -68,14 +67,6 @@ Views<scalar_t> views(const at::Tensor& x, const at::Tensor& gate, const at::Ten
 at::Tensor checked_x(const at::Tensor& x, const char* op) {
   check_feature_map(x, op, "x");
   return dense(x);
-}
-
-// grad_y walked in x's layout, so one index serves both.
-at::Tensor like_x(const at::Tensor& t, const at::Tensor& x, const char* op, const char* name) {
-  TORCH_CHECK_VALUE(t.sizes() == x.sizes() && t.scalar_type() == x.scalar_type(), op, ": ", name,
-                    " must match x's shape ", x.sizes(), " and dtype ", x.scalar_type(), ", got ", t.sizes(), " ",
-                    t.scalar_type());
-  return t.contiguous(memory_format_of(layout_of(x)));
 }
 
 // ---------------------------------------------------------------- the important-channel mask
@@ -591,7 +582,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ham_spatial_apply_bac
   const char* op = "ham_spatial_apply_backward";
   const at::Tensor x = checked_x(x_in, op);
   check_apply_args(x, gate_in, mask_in, s1_in, s2_in, op);
-  const at::Tensor gy = like_x(grad_y_in, x, op, "grad_y");
+  const at::Tensor gy = walked_like_x(grad_y_in, x, op, "grad_y");
   const int64_t N = x.size(0), C = x.size(1), hw = x.size(2) * x.size(3);
   at::Tensor gx = empty_like_layout(x);
   at::Tensor gs1 = at::zeros_like(s1_in, at::MemoryFormat::Contiguous), gs2 = at::zeros_like(gs1);

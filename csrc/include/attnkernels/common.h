@@ -62,6 +62,19 @@ inline void check_per_channel(const at::Tensor& t, const at::Tensor& x, const ch
               t.device());
 }
 
+// A tensor shaped like x (grad_y of a backward op): x's shape and dtype.
+inline void check_like_x(const at::Tensor& t, const at::Tensor& x, const char* op, const char* name) {
+  TORCH_CHECK_VALUE(t.sizes() == x.sizes() && t.scalar_type() == x.scalar_type(), op, ": ", name,
+                    " must match x's shape ", x.sizes(), " and dtype ", x.scalar_type(), ", got ", t.sizes(), " ",
+                    t.scalar_type());
+}
+
+// check_like_x, then t in dense x's layout, so one index walks both.
+inline at::Tensor walked_like_x(const at::Tensor& t, const at::Tensor& x, const char* op, const char* name) {
+  check_like_x(t, x, op, name);
+  return t.contiguous(memory_format_of(layout_of(x)));
+}
+
 // An (N, k, H, W) per-pixel map in acc(x) on x's device: d1, d2 (k = 2) or s1, s2 (k = 1).
 inline void check_pixel_map(const at::Tensor& t, const at::Tensor& x, int64_t k, const char* op,
                             const char* name) {

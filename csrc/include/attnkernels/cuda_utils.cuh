@@ -6,6 +6,8 @@
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 
+#include "attnkernels/common.h"
+
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -37,10 +39,9 @@ inline void check_cuda(const at::Tensor& t, const at::Tensor& like, const char* 
               like.device(), ", got ", t.device());
 }
 
+// attnkernels::check_like_x (common.h), and on x's CUDA device.
 inline void check_like_x(const at::Tensor& t, const at::Tensor& x, const char* op, const char* name) {
-  TORCH_CHECK_VALUE(t.sizes() == x.sizes() && t.scalar_type() == x.scalar_type(), op, ": ", name,
-              " must match x's shape ", x.sizes(), " and dtype ", x.scalar_type(), ", got ",
-              t.sizes(), " ", t.scalar_type());
+  attnkernels::check_like_x(t, x, op, name);
   check_cuda(t, x, op, name);
 }
 
