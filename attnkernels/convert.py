@@ -29,6 +29,7 @@ from torch import nn
 
 from . import backend as _backend
 from .nn import FUSED, FusedModule, fused_class, reference_class
+from .nn._fused import rebind
 from .reference import AttentionModule
 
 __all__ = ["FuseReport", "ReportEntry", "fuse", "unfuse"]
@@ -245,13 +246,23 @@ def _why_no_fused_class(module: nn.Module) -> str:
 
 
 def _rebind(module: nn.Module, cls: type[nn.Module], pinned: str | None) -> nn.Module:
-    """`module`'s whole state behind class `cls`: a shallow copy of its __dict__, so the same
-    parameter, buffer and submodule objects, hook dicts (handles still remove) and mode."""
-    new = cls.__new__(cls)
-    new.__dict__.update(module.__dict__)
+    """`module`'s whole state behind class `cls` (`rebind`: the same parameter, buffer and
+    submodule objects, hook dicts, whose handles still remove, and mode), with the pin. A
+    composite (a fused class with `fused_children`, e.g. CSM) swaps those children with it:
+    to their fused classes when fusing, back to their reference classes when unfusing."""
+    new = rebind(module, cls)
     new.__dict__.pop("backend", None)
     if issubclass(cls, FusedModule) and pinned is not None:
         new.backend = pinned
+    fusing = issubclass(cls, FusedModule)
+    composite = cls if fusing else type(module)
+    for name, fused_child in getattr(composite, "fused_children", {}).items():
+        source, target = (reference_class(fused_child), fused_child) if fusing else (fused_child, reference_class(fused_child))
+        child = module._modules.get(name)
+        if type(child) is source:
+            if new._modules is module._modules:  # the parent keeps its own children
+                new.__dict__["_modules"] = dict(module._modules)
+            new._modules[name] = _rebind(child, target, pinned)
     return new
 
 

@@ -13,6 +13,9 @@ ham_spatial hot path (HAM's spatial half, given the channel gate Ac):
     z            = ham_spatial_conv(cat[d1, d2], weight)  # the shared 7x7 conv on the small maps
     s1, s2       = sigmoid(relu(bn(z[:N]))), sigmoid(relu(bn(z[N:])))  (torch, small maps)
     y            = ham_spatial_apply(x, gate, mask, s1, s2)  # one read of x, one write of y
+
+nonlocal_attn hot path (PAM's HW x HW attention, flash-style; q, k, v from PAM's 1x1 convs):
+    y = nonlocal_attn(q, k, v, x, gamma)   # gamma * (v @ softmax(q^T k)^T) + x, no HW x HW tensor
 """
 from __future__ import annotations
 
@@ -36,6 +39,7 @@ __all__ = [
     "ham_spatial_pool",
     "ham_spatial_apply",
     "ham_spatial_conv",
+    "nonlocal_attn",
 ]
 
 
@@ -177,6 +181,48 @@ def ham_spatial_conv(d: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if select("ham_spatial", d.device) == "cpu":
         return torch.ops.attnkernels.ham_spatial_conv(d, weight)
     return F.conv2d(d, weight.to(d.dtype), padding=(weight.shape[-1] - 1) // 2)
+
+
+def nonlocal_attn(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, x: torch.Tensor, gamma: torch.Tensor
+) -> torch.Tensor:
+    """Position attention over all H*W pixels: `y = gamma * (v @ softmax(q^T k, -1)^T) + x`.
+
+    q, k are (N, D_qk, H, W) and v, x (N, D_v, H, W) (D_qk and D_v independent), viewed as
+    (N, D, H*W); no 1/sqrt(D) scaling; energies and softmax in the accumulation dtype;
+    gamma holds one value. The fused backends never hold the (H*W x H*W) attention matrix,
+    forward or backward (online softmax; the backward recomputes it block by block).
+    y has x's dtype and memory format.
+    """
+    _check_nonlocal_args(q, k, v, x, gamma)
+    backend = select("nonlocal_attn", x.device)
+    if backend == "reference":
+        return _reference_nonlocal_attn(q, k, v, x, gamma)
+    return _ops(backend).nonlocal_attn(q, k, v, x, gamma)[0]
+
+
+def _check_nonlocal_args(q, k, v, x, gamma) -> None:
+    op = "nonlocal_attn"
+    for name, t in (("q", q), ("k", k), ("v", v), ("x", x)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{op}: {name} must be a 4-D (N, D, H, W) tensor, got {shape}")
+    n, c, h, w = x.shape
+    for name, t, d in (("q", q, None), ("k", k, q.shape[1]), ("v", v, c)):
+        if t.shape[0] != n or t.shape[2:] != x.shape[2:] or (d is not None and t.shape[1] != d):
+            want = f"(N, {'D_qk' if d is None else d}, H, W) = ({n}, {'D_qk' if d is None else d}, {h}, {w})"
+            raise ValueError(f"{op}: {name} must have shape {want}, got {tuple(t.shape)}")
+    if gamma.numel() != 1:
+        raise ValueError(f"{op}: gamma must hold one value, got shape {tuple(gamma.shape)}")
+
+
+def _reference_nonlocal_attn(q, k, v, x, gamma) -> torch.Tensor:
+    n, c, h, w = x.shape
+    acc = accumulate_dtype(x.dtype)
+    qf, kf, vf = (t.reshape(n, t.shape[1], h * w).to(acc) for t in (q, k, v))
+    attention = torch.softmax(torch.bmm(qf.transpose(1, 2), kf), dim=-1)
+    out = torch.bmm(vf, attention.transpose(1, 2)).view(n, c, h, w).to(x.dtype)
+    return (gamma.reshape(()) * out + x).contiguous(memory_format=memory_format_of(x))
 
 
 def _check_c_im(op: str, x: torch.Tensor, c_im: int) -> None:

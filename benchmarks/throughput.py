@@ -7,7 +7,11 @@ ResNet stage shapes, on one device and dtype, this measures each *variant*:
 * ``memcpy``  - ``x.clone()``: reads x and writes a same-size y, the floor for a
   memory-bound module; its forward+backward is ``x.clone().backward(g)`` (a copy each way);
 * ``eager``   - the reference module, as written;
-* ``compile`` - ``torch.compile(reference, dynamic=False)``.
+* ``compile`` - ``torch.compile(reference, dynamic=False)``;
+* ``sdpa``    - PAM and CSM only: the same projections with the attention done by
+  ``F.scaled_dot_product_attention(scale=1.0)``, the memory-efficient kernel on CUDA
+  (``benchmarks/attention_baselines.py``);
+* ``fused-<backend>`` - the module's fused version (``attnkernels.nn``) on one backend.
 
 Two phases, each timed with the variants *interleaved*: after warm-up, round r times memcpy,
 eager, compile, ... once each, in an order shuffled anew each round (seeded), then round r+1
@@ -101,6 +105,7 @@ from attnkernels import backend  # noqa: E402
 from attnkernels.nn import FUSED, as_fused, fused_class  # noqa: E402
 from attnkernels.reference import create, names  # noqa: E402
 
+import attention_baselines  # noqa: E402
 import model_rows  # noqa: E402
 from model_rows import ModelRow, ModelSettings  # noqa: E402
 
@@ -412,20 +417,21 @@ VARIANT_BUILDERS: Dict[str, Callable[[nn.Module], Callable[..., torch.Tensor]]] 
     "memcpy": lambda module: memcpy_fn,
     "eager": lambda module: module,
     "compile": compile_module,
+    "sdpa": attention_baselines.sdpa_variant,
     **{f"fused-{b}": (lambda module, b=b: fused_variant(module, b)) for b in FUSED_BACKENDS},
 }
 VARIANT_NAMES: Tuple[str, ...] = tuple(VARIANT_BUILDERS)
 
 
 def default_variants(device: torch.device) -> List[str]:
-    """memcpy, eager, compile, and every fused backend that runs on ``device`` (Triton on
-    CPU is its interpreter, a test tool, so it is left out there)."""
+    """memcpy, eager, compile, sdpa (PAM and CSM rows only), and every fused backend that
+    runs on ``device`` (Triton on CPU is its interpreter, a test tool, so it is left out there)."""
     fused = [
         f"fused-{b}"
         for b in FUSED_BACKENDS
         if not (b == "triton" and device.type == "cpu") and backend.why_unavailable(b, "channel_gate", device) is None
     ]
-    return ["memcpy", "eager", "compile", *fused]
+    return ["memcpy", "eager", "compile", "sdpa", *fused]
 
 
 def build_variant(variant: str, module: nn.Module) -> Callable[..., torch.Tensor]:
@@ -599,6 +605,8 @@ class Row:
     fwd_bwd_speedup: Optional[float] = None
     fwd_vs_compile: Optional[float] = None
     fwd_bwd_vs_compile: Optional[float] = None
+    tflops_fwd: Optional[float] = None
+    tflops_fwd_bwd: Optional[float] = None
     first_call_s: Optional[float] = None
     error: str = ""
 
@@ -612,6 +620,11 @@ def ratio(num: Optional[float], den: Optional[float]) -> Optional[float]:
     if num is None or den is None or den == 0:
         return None
     return num / den
+
+
+def tflops(flops: Optional[int], ms: Optional[float]) -> Optional[float]:
+    """TFLOP/s of ``flops`` done in ``ms`` milliseconds (None when either is missing)."""
+    return ratio(None if flops is None else flops / 1e12, None if ms is None else ms / 1e3)
 
 
 def mb(nbytes: Optional[int]) -> Optional[float]:
@@ -636,8 +649,10 @@ def make_rows(
     x_bytes: int,
     fwd: Dict[str, PhaseResult],
     bwd: Dict[str, PhaseResult],
+    flops: Tuple[Optional[int], Optional[int]] = (None, None),
 ) -> List[Row]:
-    """Rows for one case from its two phases, with ratios to memcpy and eager filled in."""
+    """Rows for one case from its two phases, with ratios to memcpy and eager filled in, and
+    the attention's TFLOP/s when ``flops`` (forward, forward+backward) are given."""
     base = row_key(name, shape, cfg)
     memcpy_f = fwd["memcpy"].median_ms if "memcpy" in fwd else None
     memcpy_b = bwd["memcpy"].median_ms if "memcpy" in bwd else None
@@ -664,6 +679,8 @@ def make_rows(
                 fwd_bwd_speedup=ratio(eager_b, b.median_ms),
                 fwd_vs_compile=ratio(compile_f, f.median_ms),
                 fwd_bwd_vs_compile=ratio(compile_b, b.median_ms),
+                tflops_fwd=tflops(flops[0], f.median_ms) if variant != "memcpy" else None,
+                tflops_fwd_bwd=tflops(flops[1], b.median_ms) if variant != "memcpy" else None,
                 first_call_s=f.first_call_s + b.first_call_s,
                 error="; ".join(e for e in errors if e),
             )
@@ -703,6 +720,8 @@ def run_case(name: str, shape: Shape, cfg: Config, timer: Callable[[Step], float
     for variant in cfg.variants:
         if variant.startswith("fused-") and fused_class(module) is None:
             continue  # no fused version of this module yet: no row, rather than an error row
+        if variant == "sdpa" and not attention_baselines.supports(module):
+            continue  # an attention baseline: position-attention modules only
         try:
             fns[variant] = build_variant(variant, module)
         except Exception as err:
@@ -718,7 +737,8 @@ def run_case(name: str, shape: Shape, cfg: Config, timer: Callable[[Step], float
         bwd[variant] = PhaseResult(error=err_text)
     order = {v: i for i, v in enumerate(cfg.variants)}
     fwd = dict(sorted(fwd.items(), key=lambda kv: order[kv[0]]))
-    return make_rows(name, shape, cfg, inputs.x.nbytes, fwd, bwd)
+    flops = (attention_baselines.attention_flops(module, shape, False), attention_baselines.attention_flops(module, shape, True))
+    return make_rows(name, shape, cfg, inputs.x.nbytes, fwd, bwd, flops)
 
 
 def run_models(cfg: Config, timer: Callable[[Step], float]) -> List[ModelRow]:
@@ -819,6 +839,8 @@ TABLE: Tuple[Tuple[str, str, int, str], ...] = (
     ("spd f+b", "fwd_bwd_speedup", 8, ".2f"),
     ("vs cmp", "fwd_vs_compile", 7, ".2f"),
     ("vs cmp f+b", "fwd_bwd_vs_compile", 11, ".2f"),
+    ("TF/s fwd", "tflops_fwd", 9, ".2f"),
+    ("TF/s f+b", "tflops_fwd_bwd", 9, ".2f"),
 )
 
 
@@ -842,7 +864,8 @@ def table_header(meta: Dict[str, Any]) -> str:
     modes = f"fwd: {meta['forward_mode']}; f+b: {meta['fwd_bwd_mode']}"
     legend = (
         "cpy: memcpy (x.clone()) time; GB/s: 2*x.nbytes / fwd time; pk: peak memory above the "
-        "start, outputs and grads included; spd: eager time / variant time; vs cmp: compile time / variant time"
+        "start, outputs and grads included; spd: eager time / variant time; vs cmp: compile time / variant time; "
+        "TF/s: PAM/CSM attention FLOPs (no recompute) / time; sdpa: the projections + scaled_dot_product_attention"
     )
     cols = " ".join(format_cell(h, w, "s") if f == "s" else f"{h:>{w}}" for h, _, w, f in TABLE)
     return "\n".join([title, modes, legend, cols, "-" * len(cols)])

@@ -68,6 +68,28 @@
 //   ham_spatial_conv_backward(grad_z, d, weight) -> (grad_d, grad_weight)
 //     grad_d[n,ci,r,c] = sum_{i,j} weight[0,ci,i,j] * grad_z[n,0,r-i+P,c-j+P];
 //     grad_weight[0,ci,i,j] = sum_{n,h,w} grad_z[n,0,h,w] * d[n,ci,h+i-P,w+j-P] (weight's dtype)
+//
+// nonlocal_attn hot path (SPEC.md PAM; CSM's spatial half): the HW x HW softmax matmul of
+// position attention, flash-style. q, k are (N, D_qk, H, W); v and x are (N, D_v, H, W); all one
+// floating dtype on one device, any strides: a kernel reads each tensor through its (n, d, p)
+// strides, p = h*W + w, so NCHW (N, D, HW) and channels_last (N, HW, D) both need no copy (a
+// tensor whose pixels do not flatten to one stride is made dense first). D_qk and D_v are
+// independent (D_v up to 2048 and beyond: kernels tile it). gamma holds one value (any floating
+// dtype, used in acc(x)). lse is (N, H*W) contiguous in acc(x); out and y have x's dtype and layout.
+// i indexes queries and j keys, both over the H*W pixels.
+//
+//   nonlocal_attn(q, k, v, x, gamma) -> (y, out, lse)
+//     S[n,i,j] = sum_d q[n,d,i] * k[n,d,j]        (acc(x); no 1/sqrt(D) scaling; never stored whole)
+//     lse[n,i] = log sum_j exp(S[n,i,j])          (online: a running max and sum per row i)
+//     out[n,c,i] = sum_j exp(S[n,i,j] - lse[n,i]) * v[n,c,j]
+//     y = gamma * out + x                         (out is also returned: backward needs it)
+//   nonlocal_attn_backward(grad_y, q, k, v, gamma, out, lse) -> (grad_q, grad_k, grad_v, grad_gamma)
+//     P = exp(S - lse), recomputed block by block;  dO = gamma * grad_y
+//     R[n,i] = sum_c grad_y[n,c,i] * out[n,c,i];   grad_gamma = sum_{n,i} R[n,i]  (gamma's shape, dtype)
+//     dP[n,i,j] = sum_c dO[n,c,i] * v[n,c,j];      dS = P * (dP - gamma * R[n,i])
+//     grad_v[n,c,j] = sum_i P[n,i,j] * dO[n,c,i]
+//     grad_q[n,d,i] = sum_j dS[n,i,j] * k[n,d,j];  grad_k[n,d,j] = sum_i dS[n,i,j] * q[n,d,i]
+//     each grad in its input's dtype and layout; grad_x = grad_y needs no op (autograd passes it).
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
@@ -104,6 +126,11 @@ TORCH_LIBRARY(attnkernels, m) {
       "ham_attention(Tensor x, Tensor weight, Tensor alpha, Tensor beta, int c_im, Tensor spatial_weight, "
       "Tensor bn_scale, Tensor bn_shift) -> Tensor");
   m.def("ham_spatial_conv_backward(Tensor grad_z, Tensor d, Tensor weight) -> (Tensor grad_d, Tensor grad_weight)");
+
+  m.def("nonlocal_attn(Tensor q, Tensor k, Tensor v, Tensor x, Tensor gamma) -> (Tensor y, Tensor out, Tensor lse)");
+  m.def(
+      "nonlocal_attn_backward(Tensor grad_y, Tensor q, Tensor k, Tensor v, Tensor gamma, Tensor out, Tensor lse) "
+      "-> (Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor grad_gamma)");
 }
 
 namespace {
@@ -160,7 +187,8 @@ TORCH_LIBRARY_IMPL(attnkernels, CompositeExplicitAutograd, m) {
 // a clear "not implemented" instead of silently returning no gradient.
 TORCH_LIBRARY_IMPL(attnkernels, Autograd, m) {
   for (const char* op : {"channel_pool_backward", "channel_gate_backward", "channel_rescale_backward",
-                         "ham_spatial_pool_backward", "ham_spatial_apply_backward", "ham_spatial_conv_backward", "ham_attention"}) {
+                         "ham_spatial_pool_backward", "ham_spatial_apply_backward", "ham_spatial_conv_backward", "ham_attention",
+                         "nonlocal_attn_backward"}) {
     m.impl(op, torch::autograd::autogradNotImplementedFallback());
   }
 }

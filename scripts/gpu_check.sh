@@ -3,7 +3,7 @@
 #   scripts/gpu_check.sh [--out DIR]       (or OUT=DIR scripts/gpu_check.sh)
 # 1. the CUDA and Triton tests of the fused ops (the JIT build compiles csrc/ for this GPU),
 # 2. compute-sanitizer memcheck over every CUDA op on a small case,
-# 3. the benchmark table (fp32 and bf16) of the modules with fused kernels.
+# 3. the benchmark tables (fp32 and bf16) of the modules with fused kernels, PAM/CSM vs SDPA.
 # Logs and CSVs go to the output folder; the exit code is non-zero if any step failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -31,7 +31,7 @@ step() {  # step NAME COMMAND...: run, log to $out/NAME.log, remember failure
 
 step environment "$python" -c "import torch, attnkernels.backend as b; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name()); print(b.explain())"
 if "$python" -c "import pytest" 2>/dev/null; then
-  step tests "$python" -m pytest -q -rs -m "not slow" tests/test_channel_gate.py tests/test_channel_gate_triton.py tests/test_ham_spatial.py tests/test_ham_spatial_triton.py tests/test_backend.py tests/test_build.py
+  step tests "$python" -m pytest -q -rs -m "not slow" tests/test_channel_gate.py tests/test_channel_gate_triton.py tests/test_ham_spatial.py tests/test_ham_spatial_triton.py tests/test_nonlocal_attn.py tests/test_nonlocal_attn_triton.py tests/test_backend.py tests/test_build.py
 else
   echo "pytest is not installed here: carry its wheel (see the device tool's README)" | tee "$out/tests.log"
   status=1
@@ -46,6 +46,12 @@ for dtype in float32 bfloat16; do
   step "throughput_$dtype" "$python" benchmarks/throughput.py --device cuda --dtype "$dtype" \
     --modules eca,se,ham,cbam --models none --out "$out/throughput_$dtype"
 done
+# Position attention against projections + SDPA (memory-efficient kernel), bf16, the issue's
+# shapes: 32x32 and 64x64 maps, C = 256..1024; TFLOP/s in the table (bf16 tensor-core peak:
+# 989 dense on H100 SXM / H200). No compile variant: the eager reference holds N x HW^2.
+step throughput_pam "$python" benchmarks/throughput.py --device cuda --dtype bfloat16 --modules pam,csm \
+  --shapes 8x256x64x64,8x512x32x32,8x1024x32x32,4x1024x64x64 --variants eager,sdpa,fused-cuda,fused-triton \
+  --repeats 20 --models none --out "$out/throughput_pam"
 # Whole-model ResNet-50 training steps (bf16 autocast, channels_last); no compile: a compiled
 # ResNet-50 per attention module would take minutes of the 10-minute budget.
 step throughput_models "$python" benchmarks/throughput.py --device cuda --modules none \

@@ -27,5 +27,19 @@ with backend.use_backend("cuda"):
                 x = torch.randn(shape, device="cuda", dtype=dtype).contiguous(memory_format=fmt).requires_grad_()
                 y = m(x)
                 y.float().square().sum().backward()
+    # nonlocal_attn on the CUDA kernels (and on Triton, whose launches the sanitizer checks
+    # too): HW not a multiple of any tile, HW = 1, D_qk = 1, D_v above one D_v tile.
+    for name in ("cuda", "triton"):
+        with backend.use_backend(name):
+            for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+                for fmt in (torch.contiguous_format, torch.channels_last):
+                    for n, d_qk, d_v, h, w in ((2, 5, 40, 9, 13), (1, 1, 3, 1, 1), (1, 8, 300, 3, 37)):
+                        def make(c):
+                            t = torch.randn(n, c, h, w, device="cuda", dtype=dtype)
+                            return t.contiguous(memory_format=fmt).requires_grad_()
+
+                        q, k, v, x = make(d_qk), make(d_qk), make(d_v), make(d_v)
+                        gamma = torch.tensor([0.5], device="cuda", dtype=dtype, requires_grad=True)
+                        AF.nonlocal_attn(q, k, v, x, gamma).float().square().sum().backward()
 torch.cuda.synchronize()
 print("sanitizer case done")

@@ -20,14 +20,17 @@ import pytest
 import torch
 
 from attnkernels import _build, _ext
-from attnkernels.ops import channel_gate, ham_spatial
+from attnkernels.ops import channel_gate, ham_spatial, nonlocal_attn
 
 ROOT = Path(__file__).resolve().parent.parent
 # Every op with a device kernel (the per-sample composites have a CPU kernel and a composite).
 # HAM's small-map conv runs on cuDNN on GPUs (attnkernels.functional.ham_spatial_conv).
 # ham_attention, HAM's inference in one per-sample op, is CPU-only too.
 CPU_ONLY_OPS = ("ham_spatial_conv", "ham_spatial_conv_backward", "ham_attention")
-OPS = channel_gate.FORWARD_OPS + channel_gate.BACKWARD_OPS + ham_spatial.FORWARD_OPS + ham_spatial.BACKWARD_OPS + ("ham_attention",)
+OPS = (
+    channel_gate.FORWARD_OPS + channel_gate.BACKWARD_OPS + ham_spatial.FORWARD_OPS + ham_spatial.BACKWARD_OPS
+    + ("ham_attention",) + nonlocal_attn.FORWARD_OPS + nonlocal_attn.BACKWARD_OPS
+)
 
 
 def _has_kernel(op: str, key: str) -> bool:

@@ -10,14 +10,16 @@ from __future__ import annotations
 from torch import nn
 
 from ._fused import FusedModule, reference_class
+from .csm import CSM
 from .eca import ECA
 from .ham import HAM
+from .pam import PAM
 from .se import SE
 
 #: Registry name -> fused class, for the modules with fused kernels so far.
-FUSED = {"eca": ECA, "se": SE, "ham": HAM}
+FUSED = {"eca": ECA, "se": SE, "ham": HAM, "pam": PAM, "csm": CSM}
 
-__all__ = ["ECA", "SE", "HAM", "FUSED", "FusedModule", "reference_class", "fused_class", "as_fused"]
+__all__ = ["ECA", "SE", "HAM", "PAM", "CSM", "FUSED", "FusedModule", "reference_class", "fused_class", "as_fused"]
 
 
 def fused_class(module: nn.Module) -> type[nn.Module] | None:
@@ -30,11 +32,22 @@ def fused_class(module: nn.Module) -> type[nn.Module] | None:
 
 def as_fused(module: nn.Module) -> nn.Module:
     """`module` seen through its fused class: one object state (parameters, buffers,
-    submodules, train/eval mode) behind the fused forward. Raises ValueError if there is
-    no fused version of `module` yet."""
+    submodules, train/eval mode) behind the fused forward; a composite's children (CSM's SE
+    and PAM) are seen through theirs. Raises ValueError if there is no fused version of
+    `module` yet."""
     cls = fused_class(module)
     if cls is None:
         raise ValueError(f"no fused version of {type(module).__name__} yet; fused: {', '.join(FUSED)}")
     view = cls.__new__(cls)
-    view.__dict__ = module.__dict__  # shared, not copied: mode and weights stay in step
+    if not cls.fused_children:
+        view.__dict__ = module.__dict__  # shared, not copied: mode and weights stay in step
+        return view
+    # A composite (CSM) sees its children through their fused classes: its own __dict__ is a
+    # copy with its own child table; the children's views share the children's state (their
+    # weights and modes, which are all the composite's forward reads).
+    view.__dict__.update(module.__dict__)
+    view.__dict__["_modules"] = dict(module._modules)
+    for name in cls.fused_children:
+        child = module._modules[name]
+        view._modules[name] = child if fused_class(child) is None else as_fused(child)
     return view

@@ -31,6 +31,10 @@ class FusedModule(nn.Module):
     #: Every hot path unless a fused class narrows it (e.g. ECA: ("channel_gate",)).
     hot_paths: ClassVar[tuple[str, ...]] = _backend.HOT_PATHS
 
+    #: Children fused together with the module (name -> fused class), for modules built from
+    #: other attention modules (CSM: SE and PAM). `fuse`/`unfuse` swap them with the parent.
+    fused_children: ClassVar[dict[str, type[nn.Module]]] = {}
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.backend is None:
             return super().forward(*args, **kwargs)
@@ -50,3 +54,11 @@ def reference_class(cls: type[nn.Module]) -> type[nn.Module]:
     if not (isinstance(cls, type) and issubclass(cls, FusedModule)):
         raise TypeError(f"reference_class: {cls!r} is not a FusedModule subclass")
     return next(base for base in cls.__mro__[1:] if not issubclass(base, FusedModule))
+
+
+def rebind(module: nn.Module, cls: type[nn.Module]) -> nn.Module:
+    """`module`'s whole state behind class `cls`: a new object whose __dict__ is a shallow copy
+    of `module`'s, so the same parameter, buffer and submodule objects, hook dicts and mode."""
+    new = cls.__new__(cls)
+    new.__dict__.update(module.__dict__)
+    return new

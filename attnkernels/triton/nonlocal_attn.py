@@ -1,0 +1,665 @@
+"""Triton kernels of the nonlocal_attn hot path (PAM's HW x HW position attention, flash-style).
+
+Registers two ops under `torch.ops.attnkernels_triton` with the schemas and the math of
+`csrc/attnkernels.cpp` (the contract, "nonlocal_attn hot path"):
+
+    nonlocal_attn(q, k, v, x, gamma) -> (y, out, lse)
+    nonlocal_attn_backward(grad_y, q, k, v, gamma, out, lse) -> (grad_q, grad_k, grad_v, grad_gamma)
+
+S = q^T k per sample (no 1/sqrt(D) scaling), P = softmax over the keys j, out = v P^T,
+y = gamma * out + x. q, k are (N, D_qk, H, W), v, x (N, D_v, H, W), one dtype, any strides:
+the kernels read every tensor through its (n, d, p) strides, p = h*W + w, so NCHW (pixel
+stride 1) and channels_last (d stride 1) run without a copy; a tensor whose (h, w) strides
+do not flatten to one pixel stride is made contiguous first. y, out and every gradient have
+their tensor's dtype and layout (channels_last when it is channels_last-dense and not
+NCHW-contiguous, NCHW-contiguous otherwise); lse (N, H*W) and the R rows below are
+contiguous in acc(x): float64 for float64 inputs, float32 otherwise.
+
+Matmuls are `tl.dot` on [rows, d] x [d, cols] tiles, every dimension padded to a power of
+two >= 16 (tl.dot's minimum) and masked. Energies, softmax and every accumulator are in acc:
+fp32 inputs multiply exactly (input_precision="ieee": no TF32), fp64 in fp64; fp16/bf16
+tiles go to the tensor cores as they are, with P (forward) and dS (backward) rounded to the
+input dtype for their matmul, as flash attention does, and fp32 accumulation. Nothing of
+size HW x HW is ever stored.
+
+Kernels (all deterministic: no atomics, every reduction in a fixed order). The grids are
+1-D (no 65535 limit), pixel blocks fastest, so neighbouring programs share their sample's
+K/V (or Q) tiles in L2.
+  * forward: one program per (n, D_v chunk of BLOCK_DV, block of BLOCK_M queries); online
+    softmax over the keys in blocks of BLOCK_N (running max and sum per query row, in acc)
+    into a [BLOCK_M, BLOCK_DV] accumulator. D_v is tiled by recomputing S and P per D_v
+    chunk (no lse pre-pass: S costs D_qk per (i, j) pair against BLOCK_DV for the P v
+    product, and PAM's D_qk = C/8 keeps it small; the exponentials are the price, hence
+    wide chunks); chunk 0 stores lse. Masked keys get S = -inf; a row whose real energies hold a
+    NaN stays NaN (NaN - max is NaN in the exponent); an all -inf row gives NaN, as torch.
+    D_qk up to _MAX_BLOCK_DQK is one tile held for the whole key loop, wider D_qk loops.
+  * backward, in four launches:
+      1. R[n,i] = sum_c grad_y * out: one program per (n, pixel block) looping over D_v;
+         each also stores its block's sum of R, and one program sums those partials in
+         order: grad_gamma.
+      2. grad_q: one program per (n, D_qk chunk, query block) looping over key blocks:
+         recompute S, P = exp(S - lse), G = sum_c grad_y v (loop over D_v chunks of
+         BLOCK_DV), dS = gamma * P * (G - R) (= P * (dP - gamma * R), dP = gamma * G),
+         grad_q += dS k.
+      3. grad_k: one program per (n, D_qk chunk, key block) looping over query blocks, the
+         same in transposed form: grad_k += dS^T q. When D_v fits one BLOCK_DV chunk (and
+         D_qk one chunk), it also accumulates grad_v = gamma * P^T grad_y^T from the same
+         grad_y tile;
+      4. otherwise grad_v has its own kernel: one program per (n, D_v chunk of
+         BLOCK_DV_V, key block), recomputing P^T per chunk (S only: no G).
+    A D_qk wider than one chunk makes steps 2 and 3 recompute dP per D_qk chunk (C >= 2048
+    in PAM); every program recomputes its P from lse, never from a stored matrix.
+
+On a machine without a GPU set TRITON_INTERPRET=1 before importing this module; the ops
+then run on CPU tensors under the Triton interpreter.
+"""
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from ..reference.formulas import accumulate_dtype
+from ._common import (
+    _check_device,
+    _check_same_shape,
+    _check_tensor,
+    _check_x,
+    _div,
+    _empty_like_x,
+    _flat_hw_stride,
+    _min_programs,
+    _pow2,
+)
+
+__all__ = ["nonlocal_attn", "nonlocal_attn_backward"]
+
+
+# ----------------------------------------------------------------------------------------
+# Input checks
+# ----------------------------------------------------------------------------------------
+def _check_qk(op: str, q, k, ref_name: str, ref: torch.Tensor) -> None:
+    """q, k: (N, D_qk, H, W) with ref's N, H, W (D_qk free)."""
+    _check_x(op, "q", q)
+    n, _, h, w = ref.shape
+    if q.shape[0] != n or tuple(q.shape[2:]) != (h, w):
+        raise ValueError(
+            f"{op}: q must have shape (N, D_qk, H, W) with {ref_name}'s N, H, W = ({n}, {h}, {w}), "
+            f"got {tuple(q.shape)}"
+        )
+    _check_same_shape(op, "k", k, "q", q)
+
+
+def _check_dtypes(op: str, ref_name: str, ref: torch.Tensor, **tensors) -> None:
+    for name, t in tensors.items():
+        if t.dtype != ref.dtype:
+            raise TypeError(f"{op}: {name} must have the dtype of {ref_name} ({ref.dtype}), got {t.dtype}")
+
+
+def _check_gamma(op: str, gamma) -> None:
+    _check_tensor(op, "gamma", gamma)
+    if gamma.numel() != 1:
+        raise ValueError(f"{op}: gamma must hold one value, got shape {tuple(gamma.shape)}")
+
+
+def _check_lse(op: str, lse, n: int, hw: int) -> None:
+    _check_tensor(op, "lse", lse)
+    if tuple(lse.shape) != (n, hw):
+        raise ValueError(f"{op}: lse must have shape (N, H*W) = ({n}, {hw}), got {tuple(lse.shape)}")
+
+
+# ----------------------------------------------------------------------------------------
+# Host-side helpers: strides, tiles
+# ----------------------------------------------------------------------------------------
+def _ndp(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """t and its (n, d, pixel) strides; made contiguous first if its (h, w) strides do not
+    flatten to one pixel stride (NCHW and channels_last both do: no copy)."""
+    s_p = _flat_hw_stride(t)
+    if s_p is None:
+        t = t.contiguous()
+        s_p = _flat_hw_stride(t)
+    return t, (t.stride(0), t.stride(1), s_p)
+
+
+def _scalar(t: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    return t.reshape(1).to(acc).contiguous()
+
+
+# Module attributes, so tests can force many small blocks. tl.dot needs every dimension >= 16.
+_MIN_BLOCK = 16
+# Forward (BLOCK_M queries, BLOCK_N keys, widest D_v chunk BLOCK_DV) per input dtype. Each
+# D_v chunk recomputes S and its exponentials (the exp unit, not the tensor cores, bounds a
+# half-precision flash forward), so half inputs take wide chunks: a [64, 256] fp32
+# accumulator at 8 warps (64 registers per thread). fp32 ("ieee": FMA, not TF32) and fp64
+# dots keep smaller tiles.
+_FWD_BLOCKS = {
+    torch.float16: (64, 64, 256),
+    torch.bfloat16: (64, 64, 256),
+    torch.float32: (64, 32, 64),
+    torch.float64: (32, 32, 32),
+}
+# Backward (BLOCK_M queries, BLOCK_N keys, BLOCK_DV: the D_v chunk of the dP = grad_y^T v
+# contractions, BLOCK_DV_V: the D_v chunk of the grad_v kernel, which recomputes S and P per
+# chunk). grad_q holds a [BLOCK_M, D_qk] and grad_k a [BLOCK_N, D_qk] accumulator next to the
+# S, P, dP tiles; grad_v fuses into the grad_k kernel when D_v fits one BLOCK_DV chunk.
+_BWD_BLOCKS = {
+    torch.float16: (64, 64, 64, 256),
+    torch.bfloat16: (64, 64, 64, 256),
+    torch.float32: (32, 32, 64, 64),
+    torch.float64: (32, 32, 32, 32),
+}
+# Widest D_qk tile: wider D_qk loops over chunks (forward) or tiles the gradient (backward).
+_MAX_BLOCK_DQK = 128
+# The R kernel's [BLOCK_C, BLOCK_P] tile and the grad_gamma sum's block.
+_ROW_TILE_ELEMENTS = 2048
+_MAX_ROW_BLOCK_P = 64
+_SUM_BLOCK = 1024
+
+
+def _blk(v: int, cap: int) -> int:
+    """A power-of-two block >= _MIN_BLOCK covering v, at most max(cap, _MIN_BLOCK)."""
+    return max(_MIN_BLOCK, min(_pow2(v), cap))
+
+
+def _dqk_block(dqk: int) -> tuple[int, bool]:
+    """(BLOCK_DQK, whether D_qk is one tile)."""
+    block = _blk(dqk, _MAX_BLOCK_DQK)
+    return block, dqk <= block
+
+
+def _precision(dtype: torch.dtype) -> str:
+    """tl.dot's input_precision: exact ("ieee") for fp32 and fp64; for half inputs the
+    option does not apply (the default, tf32, names the tensor-core path)."""
+    return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
+
+
+def _warps(*tiles: int) -> int:
+    """8 warps once an fp32 accumulator tile reaches 8192 elements (64 registers per thread
+    at 4 warps before the S/P tiles), else 4."""
+    return 8 if max(tiles) >= 8192 else 4
+
+
+def _forward_blocks(x: torch.Tensor, hw: int, dv: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_DV) of the forward; on small maps the D_v chunks narrow (to
+    64) while the grid has fewer programs than the GPU runs at once."""
+    bm, bn, bdv = _FWD_BLOCKS[x.dtype]
+    bm, bn, bdv = _blk(hw, bm), _blk(hw, bn), _blk(dv, bdv)
+    n = x.shape[0]
+    min_programs = _min_programs(x.device)
+    while bdv > 64 and n * triton.cdiv(hw, bm) * triton.cdiv(dv, bdv) < min_programs:
+        bdv //= 2
+    return bm, bn, bdv
+
+
+def _backward_blocks(v: torch.Tensor, hw: int, dv: int, num_db: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_DV, BLOCK_DV_V) of the backward kernels; on small maps the
+    query block (grad_q's programs) and the key block (grad_k's) narrow, to 32, while the
+    grid has fewer programs than the GPU runs at once."""
+    bm, bn, bdv, bdv_v = _BWD_BLOCKS[v.dtype]
+    bm, bn, bdv, bdv_v = _blk(hw, bm), _blk(hw, bn), _blk(dv, bdv), _blk(dv, bdv_v)
+    n = v.shape[0]
+    min_programs = _min_programs(v.device)
+    while bm > 32 and n * num_db * triton.cdiv(hw, bm) < min_programs:
+        bm //= 2
+    while bn > 32 and n * num_db * triton.cdiv(hw, bn) < min_programs:
+        bn //= 2
+    return bm, bn, bdv, bdv_v
+
+
+def _row_blocks(hw: int, dv: int) -> tuple[int, int]:
+    """(BLOCK_C, BLOCK_P) of the R kernel."""
+    block_p = min(_pow2(hw), _MAX_ROW_BLOCK_P)
+    return min(_pow2(dv), max(1, _ROW_TILE_ELEMENTS // block_p)), block_p
+
+
+# ----------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------
+@triton.jit
+def _program(num_a, num_b):
+    """(n (int64), b, a) of a 1-D grid over (n, b, a), a fastest."""
+    pid = tl.program_id(0)
+    a = pid % num_a
+    rest = pid // num_a
+    return (rest // num_b).to(tl.int64), rest % num_b, a
+
+
+@triton.jit
+def _tile(ptr, base, rows, s_row, row_mask, cols, s_col, col_mask):
+    """The [rows, cols] tile at ptr + base + rows*s_row + cols*s_col (int64), 0 outside."""
+    offs = base + rows.to(tl.int64)[:, None] * s_row + cols.to(tl.int64)[None, :] * s_col
+    return tl.load(ptr + offs, mask=row_mask[:, None] & col_mask[None, :], other=0.0)
+
+
+@triton.jit
+def _contract(
+    a_ptr, a_base, a_rows, a_s_row, a_row_mask, a_s_d,
+    b_ptr, b_base, b_cols, b_s_col, b_col_mask, b_s_d,
+    D, acc, BLOCK_D: tl.constexpr, IP: tl.constexpr,
+):
+    """acc + sum_d a[d, row] * b[d, col] over d < D in chunks of BLOCK_D (padding loads 0)."""
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        d_mask = d < D
+        a = _tile(a_ptr, a_base, a_rows, a_s_row, a_row_mask, d, a_s_d, d_mask)
+        b = _tile(b_ptr, b_base, d, b_s_d, d_mask, b_cols, b_s_col, b_col_mask)
+        acc = tl.dot(a, b, acc, input_precision=IP)
+    return acc
+
+
+@triton.jit
+def _forward_kernel(
+    q_ptr, k_ptr, v_ptr, x_ptr, gamma_ptr, y_ptr, out_ptr, lse_ptr,
+    HW, DQK, DV, num_mb, num_cb,
+    sq_n, sq_d, sq_p,
+    sk_n, sk_d, sk_p,
+    sv_n, sv_d, sv_p,
+    sx_n, sx_d, sx_p,
+    so_n, so_d, so_p,
+    ONE_DQK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr, IP: tl.constexpr,
+):
+    ACC = lse_ptr.dtype.element_ty
+    n, cb, mb = _program(num_mb, num_cb)
+    i = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+    i_mask = i < HW
+    c = cb * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    c_mask = c < DV
+    q_base = n * sq_n
+    k_base = n * sk_n
+    v_base = n * sv_n
+    d = tl.arange(0, BLOCK_DQK)
+    d_mask = d < DQK
+    if ONE_DQK:  # q^T [BLOCK_M, D_qk] stays in registers for the whole key loop
+        qt = _tile(q_ptr, q_base, i, sq_p, i_mask, d, sq_d, d_mask)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC)
+    l_i = tl.zeros([BLOCK_M], dtype=ACC)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=ACC)
+    for j0 in range(0, HW, BLOCK_N):
+        j = j0 + tl.arange(0, BLOCK_N)
+        j_mask = j < HW
+        s = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
+        if ONE_DQK:
+            kk = _tile(k_ptr, k_base, d, sk_d, d_mask, j, sk_p, j_mask)
+            s = tl.dot(qt, kk, s, input_precision=IP)
+        else:
+            s = _contract(
+                q_ptr, q_base, i, sq_p, i_mask, sq_d,
+                k_ptr, k_base, j, sk_p, j_mask, sk_d,
+                DQK, s, BLOCK_DQK, IP,
+            )
+        s = tl.where(j_mask[None, :], s, float("-inf"))  # padded keys: no weight
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        # A row still at -inf (every energy so far -inf) subtracts 0, not -inf: exp gives 0,
+        # not NaN, and later finite keys still count. NaN energies stay NaN through exp.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m_i - m_safe)
+        p = tl.exp(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        vt = _tile(v_ptr, v_base, j, sv_p, j_mask, c, sv_d, c_mask)  # v^T [BLOCK_N, BLOCK_DV]
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(vt.dtype), vt, acc, input_precision=IP)
+        m_i = m_new
+
+    out = _div(acc, l_i[:, None])  # an all -inf row: 0/0 = NaN, as torch's softmax
+    gamma = tl.load(gamma_ptr)
+    xt = _tile(x_ptr, n * sx_n, i, sx_p, i_mask, c, sx_d, c_mask).to(ACC)
+    y = gamma * out + xt  # in acc, rounded once
+    offs = n * so_n + i.to(tl.int64)[:, None] * so_p + c.to(tl.int64)[None, :] * so_d
+    tile_mask = i_mask[:, None] & c_mask[None, :]
+    tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=tile_mask)
+    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=tile_mask)
+    tl.store(lse_ptr + n * HW + i, m_i + tl.log(l_i), mask=i_mask & (cb == 0))
+
+
+@triton.jit
+def _rowdot_kernel(
+    gy_ptr, out_ptr, r_ptr, part_ptr,
+    HW, DV, num_pb,
+    sg_n, sg_d, sg_p,
+    so_n, so_d, so_p,
+    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    """R[n, p] = sum_c grad_y * out, and part[program] = this pixel block's sum of R."""
+    ACC = r_ptr.dtype.element_ty
+    pid = tl.program_id(0)
+    n = (pid // num_pb).to(tl.int64)
+    p = (pid % num_pb) * BLOCK_P + tl.arange(0, BLOCK_P)
+    p_mask = p < HW
+    acc = tl.zeros([BLOCK_C, BLOCK_P], dtype=ACC)
+    for c0 in range(0, DV, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        c_mask = c < DV
+        g = _tile(gy_ptr, n * sg_n, c, sg_d, c_mask, p, sg_p, p_mask).to(ACC)
+        o = _tile(out_ptr, n * so_n, c, so_d, c_mask, p, so_p, p_mask).to(ACC)
+        acc += g * o  # masked lanes: 0 * 0
+    r = tl.sum(acc, axis=0)
+    tl.store(r_ptr + n * HW + p, r, mask=p_mask)
+    tl.store(part_ptr + pid, tl.sum(r, axis=0))
+
+
+@triton.jit
+def _sum_kernel(part_ptr, out_ptr, NP, BLOCK: tl.constexpr):
+    """out[0] = sum of NP partials, one program, a fixed order: deterministic."""
+    acc = tl.zeros([BLOCK], dtype=out_ptr.dtype.element_ty)
+    for start in range(0, NP, BLOCK):
+        idx = start + tl.arange(0, BLOCK)
+        acc += tl.load(part_ptr + idx, mask=idx < NP, other=0.0)
+    tl.store(out_ptr, tl.sum(acc, axis=0))
+
+
+@triton.jit
+def _grad_q_kernel(
+    gy_ptr, q_ptr, k_ptr, v_ptr, gamma_ptr, lse_ptr, r_ptr, gq_ptr,
+    HW, DQK, DV, num_mb, num_db,
+    sg_n, sg_d, sg_p,
+    sq_n, sq_d, sq_p,
+    sk_n, sk_d, sk_p,
+    sv_n, sv_d, sv_p,
+    so_n, so_d, so_p,
+    ONE_DQK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr, IP: tl.constexpr,
+):
+    """grad_q[:, e, i] = sum_j dS[i, j] k[e, j] for this program's query block i and D_qk chunk e."""
+    ACC = lse_ptr.dtype.element_ty
+    n, db, mb = _program(num_mb, num_db)
+    i = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+    i_mask = i < HW
+    e = db * BLOCK_DQK + tl.arange(0, BLOCK_DQK)
+    e_mask = e < DQK
+    q_base = n * sq_n
+    k_base = n * sk_n
+    v_base = n * sv_n
+    g_base = n * sg_n
+    lse_i = tl.load(lse_ptr + n * HW + i, mask=i_mask, other=0.0)
+    r_i = tl.load(r_ptr + n * HW + i, mask=i_mask, other=0.0)
+    gamma = tl.load(gamma_ptr)
+    if ONE_DQK:
+        qt = _tile(q_ptr, q_base, i, sq_p, i_mask, e, sq_d, e_mask)
+
+    dq = tl.zeros([BLOCK_M, BLOCK_DQK], dtype=ACC)
+    for j0 in range(0, HW, BLOCK_N):
+        j = j0 + tl.arange(0, BLOCK_N)
+        j_mask = j < HW
+        s = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
+        kk = _tile(k_ptr, k_base, e, sk_d, e_mask, j, sk_p, j_mask)  # k [BLOCK_DQK, BLOCK_N]
+        if ONE_DQK:
+            s = tl.dot(qt, kk, s, input_precision=IP)
+        else:
+            s = _contract(
+                q_ptr, q_base, i, sq_p, i_mask, sq_d,
+                k_ptr, k_base, j, sk_p, j_mask, sk_d,
+                DQK, s, BLOCK_DQK, IP,
+            )
+        valid = i_mask[:, None] & j_mask[None, :]
+        p = tl.where(valid, tl.exp(s - lse_i[:, None]), 0.0)
+        dp = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
+        dp = _contract(  # sum_c grad_y[c, i] v[c, j]
+            gy_ptr, g_base, i, sg_p, i_mask, sg_d,
+            v_ptr, v_base, j, sv_p, j_mask, sv_d,
+            DV, dp, BLOCK_DV, IP,
+        )
+        ds = tl.where(valid, p * (dp - r_i[:, None]) * gamma, 0.0)
+        dq = tl.dot(ds.to(kk.dtype), tl.trans(kk), dq, input_precision=IP)
+
+    offs = n * so_n + i.to(tl.int64)[:, None] * so_p + e.to(tl.int64)[None, :] * so_d
+    tl.store(gq_ptr + offs, dq.to(gq_ptr.dtype.element_ty), mask=i_mask[:, None] & e_mask[None, :])
+
+
+@triton.jit
+def _grad_k_kernel(
+    gy_ptr, q_ptr, k_ptr, v_ptr, gamma_ptr, lse_ptr, r_ptr, gk_ptr, gv_ptr,
+    HW, DQK, DV, num_nb, num_db,
+    sg_n, sg_d, sg_p,
+    sq_n, sq_d, sq_p,
+    sk_n, sk_d, sk_p,
+    sv_n, sv_d, sv_p,
+    sok_n, sok_d, sok_p,
+    sov_n, sov_d, sov_p,
+    ONE_DQK: tl.constexpr, FUSE_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr, IP: tl.constexpr,
+):
+    """grad_k[:, e, j] = sum_i dS[i, j] q[e, i] for this program's key block j and D_qk
+    chunk e; with FUSE_V (D_v and D_qk one chunk each) also grad_v[:, :, j]."""
+    ACC = lse_ptr.dtype.element_ty
+    n, db, nb = _program(num_nb, num_db)
+    j = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+    j_mask = j < HW
+    e = db * BLOCK_DQK + tl.arange(0, BLOCK_DQK)
+    e_mask = e < DQK
+    q_base = n * sq_n
+    k_base = n * sk_n
+    v_base = n * sv_n
+    g_base = n * sg_n
+    gamma = tl.load(gamma_ptr)
+    if ONE_DQK:
+        kt = _tile(k_ptr, k_base, j, sk_p, j_mask, e, sk_d, e_mask)  # k^T [BLOCK_N, BLOCK_DQK]
+    c = tl.arange(0, BLOCK_DV)
+    c_mask = c < DV
+    if FUSE_V:
+        vt = _tile(v_ptr, v_base, j, sv_p, j_mask, c, sv_d, c_mask)  # v^T [BLOCK_N, BLOCK_DV]
+        dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=ACC)
+
+    dk = tl.zeros([BLOCK_N, BLOCK_DQK], dtype=ACC)
+    for i0 in range(0, HW, BLOCK_M):
+        i = i0 + tl.arange(0, BLOCK_M)
+        i_mask = i < HW
+        lse_i = tl.load(lse_ptr + n * HW + i, mask=i_mask, other=0.0)
+        r_i = tl.load(r_ptr + n * HW + i, mask=i_mask, other=0.0)
+        st = tl.zeros([BLOCK_N, BLOCK_M], dtype=ACC)
+        qq = _tile(q_ptr, q_base, e, sq_d, e_mask, i, sq_p, i_mask)  # q [BLOCK_DQK, BLOCK_M]
+        if ONE_DQK:
+            st = tl.dot(kt, qq, st, input_precision=IP)
+        else:
+            st = _contract(
+                k_ptr, k_base, j, sk_p, j_mask, sk_d,
+                q_ptr, q_base, i, sq_p, i_mask, sq_d,
+                DQK, st, BLOCK_DQK, IP,
+            )
+        valid = j_mask[:, None] & i_mask[None, :]
+        pt = tl.where(valid, tl.exp(st - lse_i[None, :]), 0.0)  # P^T [BLOCK_N, BLOCK_M]
+        dpt = tl.zeros([BLOCK_N, BLOCK_M], dtype=ACC)
+        if FUSE_V:
+            gg = _tile(gy_ptr, g_base, c, sg_d, c_mask, i, sg_p, i_mask)  # grad_y [BLOCK_DV, BLOCK_M]
+            dpt = tl.dot(vt, gg, dpt, input_precision=IP)
+            dv = tl.dot(pt.to(gg.dtype), tl.trans(gg), dv, input_precision=IP)
+        else:
+            dpt = _contract(
+                v_ptr, v_base, j, sv_p, j_mask, sv_d,
+                gy_ptr, g_base, i, sg_p, i_mask, sg_d,
+                DV, dpt, BLOCK_DV, IP,
+            )
+        dst = tl.where(valid, pt * (dpt - r_i[None, :]) * gamma, 0.0)
+        dk = tl.dot(dst.to(qq.dtype), tl.trans(qq), dk, input_precision=IP)
+
+    offs = n * sok_n + j.to(tl.int64)[:, None] * sok_p + e.to(tl.int64)[None, :] * sok_d
+    tl.store(gk_ptr + offs, dk.to(gk_ptr.dtype.element_ty), mask=j_mask[:, None] & e_mask[None, :])
+    if FUSE_V:
+        offs = n * sov_n + j.to(tl.int64)[:, None] * sov_p + c.to(tl.int64)[None, :] * sov_d
+        tl.store(gv_ptr + offs, (dv * gamma).to(gv_ptr.dtype.element_ty), mask=j_mask[:, None] & c_mask[None, :])
+
+
+@triton.jit
+def _grad_v_kernel(
+    gy_ptr, q_ptr, k_ptr, gamma_ptr, lse_ptr, gv_ptr,
+    HW, DQK, DV, num_nb, num_cb,
+    sg_n, sg_d, sg_p,
+    sq_n, sq_d, sq_p,
+    sk_n, sk_d, sk_p,
+    so_n, so_d, so_p,
+    ONE_DQK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr, IP: tl.constexpr,
+):
+    """grad_v[:, c, j] = gamma * sum_i P[i, j] grad_y[c, i] for this program's key block j and D_v chunk c."""
+    ACC = lse_ptr.dtype.element_ty
+    n, cb, nb = _program(num_nb, num_cb)
+    j = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+    j_mask = j < HW
+    c = cb * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    c_mask = c < DV
+    q_base = n * sq_n
+    k_base = n * sk_n
+    g_base = n * sg_n
+    d = tl.arange(0, BLOCK_DQK)
+    d_mask = d < DQK
+    if ONE_DQK:
+        kt = _tile(k_ptr, k_base, j, sk_p, j_mask, d, sk_d, d_mask)
+
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=ACC)
+    for i0 in range(0, HW, BLOCK_M):
+        i = i0 + tl.arange(0, BLOCK_M)
+        i_mask = i < HW
+        lse_i = tl.load(lse_ptr + n * HW + i, mask=i_mask, other=0.0)
+        st = tl.zeros([BLOCK_N, BLOCK_M], dtype=ACC)
+        if ONE_DQK:
+            qq = _tile(q_ptr, q_base, d, sq_d, d_mask, i, sq_p, i_mask)
+            st = tl.dot(kt, qq, st, input_precision=IP)
+        else:
+            st = _contract(
+                k_ptr, k_base, j, sk_p, j_mask, sk_d,
+                q_ptr, q_base, i, sq_p, i_mask, sq_d,
+                DQK, st, BLOCK_DQK, IP,
+            )
+        pt = tl.where(j_mask[:, None] & i_mask[None, :], tl.exp(st - lse_i[None, :]), 0.0)
+        gt = _tile(gy_ptr, g_base, i, sg_p, i_mask, c, sg_d, c_mask)  # grad_y^T [BLOCK_M, BLOCK_DV]
+        dv = tl.dot(pt.to(gt.dtype), gt, dv, input_precision=IP)
+
+    gamma = tl.load(gamma_ptr)
+    offs = n * so_n + j.to(tl.int64)[:, None] * so_p + c.to(tl.int64)[None, :] * so_d
+    tl.store(gv_ptr + offs, (dv * gamma).to(gv_ptr.dtype.element_ty), mask=j_mask[:, None] & c_mask[None, :])
+
+
+# ----------------------------------------------------------------------------------------
+# Ops
+# ----------------------------------------------------------------------------------------
+# Schemas of csrc/attnkernels.cpp, verbatim (torch < 2.7 ignores them and infers an
+# equivalent one from the annotations).
+_SCHEMAS = {
+    "nonlocal_attn": "(Tensor q, Tensor k, Tensor v, Tensor x, Tensor gamma) -> (Tensor y, Tensor out, Tensor lse)",
+    "nonlocal_attn_backward": (
+        "(Tensor grad_y, Tensor q, Tensor k, Tensor v, Tensor gamma, Tensor out, Tensor lse) "
+        "-> (Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor grad_gamma)"
+    ),
+}
+
+
+def _op(name: str):
+    """Register the decorated function as the triton_op attnkernels_triton::<name>."""
+    return triton_op(f"attnkernels_triton::{name}", mutates_args=(), schema=_SCHEMAS[name])
+
+
+@_op("nonlocal_attn")
+def nonlocal_attn(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, x: torch.Tensor, gamma: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """y = gamma * out + x with out[n, c, i] = sum_j softmax_j(q^T k)[i, j] v[n, c, j];
+    y, out in x's dtype and layout, lse (N, H*W) = log sum_j exp(S[n, i, j]) in acc(x)."""
+    op = "nonlocal_attn"
+    _check_x(op, "x", x)
+    _check_same_shape(op, "v", v, "x", x)
+    _check_qk(op, q, k, "x", x)
+    _check_dtypes(op, "x", x, q=q, k=k, v=v)
+    _check_gamma(op, gamma)
+    _check_device(op, "x", x, q=q, k=k, v=v, gamma=gamma)
+    n, dv, h, w = x.shape
+    hw, dqk = h * w, q.shape[1]
+    acc = accumulate_dtype(x.dtype)
+    y = _empty_like_x(x)
+    out = _empty_like_x(x)
+    lse = torch.empty((n, hw), dtype=acc, device=x.device)
+    (q, sq), (k, sk), (v, sv), (x, sx) = (_ndp(t) for t in (q, k, v, x))
+    _, so = _ndp(y)
+    g = _scalar(gamma, acc)
+
+    bm, bn, bdv = _forward_blocks(x, hw, dv)
+    bdqk, one_dqk = _dqk_block(dqk)
+    num_mb, num_cb = triton.cdiv(hw, bm), triton.cdiv(dv, bdv)
+    wrap_triton(_forward_kernel)[(n * num_cb * num_mb,)](
+        q, k, v, x, g, y, out, lse,
+        hw, dqk, dv, num_mb, num_cb,
+        *sq, *sk, *sv, *sx, *so,
+        ONE_DQK=one_dqk, BLOCK_M=bm, BLOCK_N=bn, BLOCK_DQK=bdqk, BLOCK_DV=bdv,
+        IP=_precision(x.dtype), num_warps=_warps(bm * bdv, bm * bn),
+    )
+    return y, out, lse
+
+
+@_op("nonlocal_attn_backward")
+def nonlocal_attn_backward(
+    grad_y: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    gamma: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_q, grad_k, grad_v, grad_gamma) of nonlocal_attn, P recomputed from lse block by
+    block; each gradient in its input's dtype and layout (grad_gamma: gamma's shape and dtype)."""
+    op = "nonlocal_attn_backward"
+    _check_x(op, "v", v)
+    _check_same_shape(op, "grad_y", grad_y, "v", v)
+    _check_same_shape(op, "out", out, "v", v)
+    _check_qk(op, q, k, "v", v)
+    _check_dtypes(op, "v", v, grad_y=grad_y, q=q, k=k, out=out)
+    _check_gamma(op, gamma)
+    n, dv, h, w = v.shape
+    hw, dqk = h * w, q.shape[1]
+    _check_lse(op, lse, n, hw)
+    _check_device(op, "v", v, grad_y=grad_y, q=q, k=k, gamma=gamma, out=out, lse=lse)
+    acc = accumulate_dtype(v.dtype)
+    grad_q, grad_k, grad_v = _empty_like_x(q), _empty_like_x(k), _empty_like_x(v)
+    (gy, sg), (q, sq), (k, sk), (v, sv), (out, so) = (_ndp(t) for t in (grad_y, q, k, v, out))
+    _, sgq = _ndp(grad_q)
+    _, sgk = _ndp(grad_k)
+    _, sgv = _ndp(grad_v)
+    ls = lse.to(acc).contiguous()
+    g = _scalar(gamma, acc)
+    ip = _precision(v.dtype)
+
+    # 1. R = sum_c grad_y * out, and grad_gamma = sum R (pixel-block partials, fixed order).
+    r = torch.empty((n, hw), dtype=acc, device=v.device)
+    block_c, block_p = _row_blocks(hw, dv)
+    num_pb = triton.cdiv(hw, block_p)
+    partials = torch.empty((n * num_pb,), dtype=acc, device=v.device)
+    wrap_triton(_rowdot_kernel)[(n * num_pb,)](
+        gy, out, r, partials, hw, dv, num_pb, *sg, *so, BLOCK_C=block_c, BLOCK_P=block_p,
+    )
+    total = torch.empty((1,), dtype=acc, device=v.device)
+    wrap_triton(_sum_kernel)[(1,)](partials, total, n * num_pb, BLOCK=min(_pow2(n * num_pb), _SUM_BLOCK))
+    grad_gamma = total.reshape(gamma.shape).to(gamma.dtype, copy=True)
+
+    bdqk, one_dqk = _dqk_block(dqk)
+    num_db = triton.cdiv(dqk, bdqk)
+    bm, bn, bdv, bdv_v = _backward_blocks(v, hw, dv, num_db)
+    fuse_v = one_dqk and dv <= bdv
+    common = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_DQK=bdqk, BLOCK_DV=bdv, IP=ip)
+
+    # 2. grad_q over query blocks.
+    num_mb = triton.cdiv(hw, bm)
+    wrap_triton(_grad_q_kernel)[(n * num_db * num_mb,)](
+        gy, q, k, v, g, ls, r, grad_q,
+        hw, dqk, dv, num_mb, num_db,
+        *sg, *sq, *sk, *sv, *sgq,
+        ONE_DQK=one_dqk, **common, num_warps=_warps(bm * bdqk, bm * bn, bm * bdv),
+    )
+    # 3. grad_k over key blocks (and grad_v when D_v fits one chunk).
+    num_nb = triton.cdiv(hw, bn)
+    wrap_triton(_grad_k_kernel)[(n * num_db * num_nb,)](
+        gy, q, k, v, g, ls, r, grad_k, grad_v,
+        hw, dqk, dv, num_nb, num_db,
+        *sg, *sq, *sk, *sv, *sgk, *sgv,
+        ONE_DQK=one_dqk, FUSE_V=fuse_v, **common,
+        num_warps=_warps(bn * bdqk + (bn * bdv if fuse_v else 0), bn * bm),
+    )
+    # 4. grad_v over (key block, D_v chunk) otherwise.
+    if not fuse_v:
+        num_cb = triton.cdiv(dv, bdv_v)
+        wrap_triton(_grad_v_kernel)[(n * num_cb * num_nb,)](
+            gy, q, k, g, ls, grad_v,
+            hw, dqk, dv, num_nb, num_cb,
+            *sg, *sq, *sk, *sgv,
+            ONE_DQK=one_dqk, BLOCK_M=bm, BLOCK_N=bn, BLOCK_DQK=bdqk, BLOCK_DV=bdv_v, IP=ip,
+            num_warps=_warps(bn * bdv_v, bn * bm),
+        )
+    return grad_q, grad_k, grad_v, grad_gamma
