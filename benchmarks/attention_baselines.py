@@ -19,6 +19,10 @@ from torch import nn
 from attnkernels import reference as R
 
 
+#: Registry names of the modules the sdpa variant reproduces.
+SDPA_MODULES = ("pam", "csm")
+
+
 def supports(module: nn.Module) -> bool:
     """True for the modules the sdpa variant reproduces (reference PAM and CSM)."""
     return type(module) in (R.PAM, R.CSM)

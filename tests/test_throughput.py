@@ -142,7 +142,8 @@ def test_throughput_writes_complete_rows(throughput, tmp_path, capsys):
     assert header == [
         "module", "shape", "dtype", "device", "variant", "fwd_ms", "fwd_bwd_ms", "fwd_vs_memcpy",
         "fwd_bwd_vs_memcpy", "gbps", "peak_fwd_mb", "peak_fwd_bwd_mb", "fwd_speedup",
-        "fwd_bwd_speedup", "fwd_vs_compile", "fwd_bwd_vs_compile", "first_call_s", "error",
+        "fwd_bwd_speedup", "fwd_vs_compile", "fwd_bwd_vs_compile", "tflops_fwd", "tflops_fwd_bwd",
+        "first_call_s", "error",
     ]
     # SE has a fused version (the C++ backend runs it on CPU); Bridge has none yet: no row.
     assert [(r["module"], r["variant"]) for r in rows] == [
@@ -187,6 +188,22 @@ def test_throughput_records_failures_and_goes_on(throughput, tmp_path, monkeypat
     assert "RuntimeError: inductor exploded" in failed["error"] and "long traceback" not in failed["error"]
     assert failed["fwd_ms"] == "" and failed["fwd_bwd_ms"] == ""
     assert float(by_key["eca", "eager"]["fwd_ms"]) > 0 and by_key["eca", "eager"]["error"] == ""
+
+
+def test_throughput_pam_rows_have_sdpa_and_tflops(throughput, tmp_path):
+    """PAM gets the sdpa baseline and the fused row, each with the attention's TFLOP/s:
+    2*N*HW^2*(C/8 + C) forward, three times that forward+backward; memcpy has none."""
+    rc, _, rows, _ = _run(throughput, tmp_path, "--modules", "pam", "--shapes", "2x16x4x4", "--no-compile", "--device", "cpu")
+    assert rc == 0
+    by_variant = {r["variant"]: r for r in rows}
+    assert list(by_variant) == ["memcpy", "eager", "sdpa", "fused-cpu"]
+    assert by_variant["memcpy"]["tflops_fwd"] == ""
+    flops = 2 * 2 * 16**2 * (2 + 16)
+    for v in ("eager", "sdpa", "fused-cpu"):
+        r = by_variant[v]
+        assert r["error"] == ""
+        assert float(r["tflops_fwd"]) == pytest.approx(flops / 1e12 / (float(r["fwd_ms"]) / 1e3), rel=1e-3)
+        assert float(r["tflops_fwd_bwd"]) == pytest.approx(3 * flops / 1e12 / (float(r["fwd_bwd_ms"]) / 1e3), rel=1e-3)
 
 
 def test_parse_shape(throughput):

@@ -758,6 +758,34 @@ struct SimtSmem {
   acc_t stats[2][kSBN];        // grad_v, grad_k: the other block's lse and R
 };
 
+// Z[r][u] += sum_c own[c, o0 + 4 tr + r] * other[c, j0 + 2 tc + u] over the `depth` channels:
+// this thread's 4 x 2 part of an (own pixels x other pixels) product, through shared memory
+// in chunks of kSKC channels (S = q^T k, or dP = grad_y^T v).
+template <typename acc_t, typename Smem, typename SrcT>
+__device__ __forceinline__ void simt_product(acc_t (&Z)[4][2], Smem& sm, const SrcT& own, const SrcT& other,
+                                             int64_t depth, int64_t n, int64_t o0, int64_t j0, int64_t HW, int tr,
+                                             int tc) {
+  for (int64_t c0 = 0; c0 < depth; c0 += kSKC) {
+    load_simt<kSBM, kSKC>(&sm.own[0][0], 1, kSBM, own, n, o0, HW, c0);
+    load_simt<kSBN, kSKC>(&sm.other[0][0], 1, kSBN, other, n, j0, HW, c0);
+    __syncthreads();
+#pragma unroll
+    for (int k = 0; k < kSKC; ++k) {
+      acc_t u[4], v[2];
+#pragma unroll
+      for (int r = 0; r < 4; ++r) u[r] = sm.own[k][tr * 4 + r];
+      v[0] = sm.other[k][tc * 2];
+      v[1] = sm.other[k][tc * 2 + 1];
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        Z[r][0] += u[r] * v[0];
+        Z[r][1] += u[r] * v[1];
+      }
+    }
+    __syncthreads();
+  }
+}
+
 template <Mode kMode, typename T>
 __global__ void __launch_bounds__(kThreads) attn_simt_kernel(const WalkArgs<T, at::opmath_type<T>> a) {
   using acc_t = at::opmath_type<T>;
@@ -823,46 +851,8 @@ __global__ void __launch_bounds__(kThreads) attn_simt_kernel(const WalkArgs<T, a
         X[r][0] = X[r][1] = acc_t(0);
         Y[r][0] = Y[r][1] = acc_t(0);
       }
-      for (int64_t c0 = 0; c0 < a.D_qk; c0 += kSKC) {
-        load_simt<kSBM, kSKC>(&sm.own[0][0], 1, kSBM, a.own1, n, o0, HW, c0);
-        load_simt<kSBN, kSKC>(&sm.other[0][0], 1, kSBN, a.other1, n, j0, HW, c0);
-        __syncthreads();
-#pragma unroll
-        for (int k = 0; k < kSKC; ++k) {
-          acc_t u[4], v[2];
-#pragma unroll
-          for (int r = 0; r < 4; ++r) u[r] = sm.own[k][tr * 4 + r];
-          v[0] = sm.other[k][tc * 2];
-          v[1] = sm.other[k][tc * 2 + 1];
-#pragma unroll
-          for (int r = 0; r < 4; ++r) {
-            X[r][0] += u[r] * v[0];
-            X[r][1] += u[r] * v[1];
-          }
-        }
-        __syncthreads();
-      }
-      if constexpr (kY) {
-        for (int64_t c0 = 0; c0 < a.D_v; c0 += kSKC) {
-          load_simt<kSBM, kSKC>(&sm.own[0][0], 1, kSBM, a.own2, n, o0, HW, c0);
-          load_simt<kSBN, kSKC>(&sm.other[0][0], 1, kSBN, a.other2, n, j0, HW, c0);
-          __syncthreads();
-#pragma unroll
-          for (int k = 0; k < kSKC; ++k) {
-            acc_t u[4], v[2];
-#pragma unroll
-            for (int r = 0; r < 4; ++r) u[r] = sm.own[k][tr * 4 + r];
-            v[0] = sm.other[k][tc * 2];
-            v[1] = sm.other[k][tc * 2 + 1];
-#pragma unroll
-            for (int r = 0; r < 4; ++r) {
-              Y[r][0] += u[r] * v[0];
-              Y[r][1] += u[r] * v[1];
-            }
-          }
-          __syncthreads();
-        }
-      }
+      simt_product(X, sm, a.own1, a.other1, a.D_qk, n, o0, j0, HW, tr, tc);  // S tile
+      if constexpr (kY) simt_product(Y, sm, a.own2, a.other2, a.D_v, n, o0, j0, HW, tr, tc);  // dP tile
       __syncthreads();  // stats visible even when both channel loops were empty
 
       // X -> Z, stored transposed for the acc product.
