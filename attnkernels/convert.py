@@ -250,11 +250,11 @@ def _rebind(module: nn.Module, cls: type[nn.Module], pinned: str | None) -> nn.M
     submodule objects, hook dicts, whose handles still remove, and mode), with the pin. A
     composite (a fused class with `fused_children`, e.g. CSM) swaps those children with it:
     to their fused classes when fusing, back to their reference classes when unfusing."""
+    fusing = issubclass(cls, FusedModule)
     new = rebind(module, cls)
     new.__dict__.pop("backend", None)
-    if issubclass(cls, FusedModule) and pinned is not None:
+    if fusing and pinned is not None:
         new.backend = pinned
-    fusing = issubclass(cls, FusedModule)
     composite = cls if fusing else type(module)
     for name, fused_child in getattr(composite, "fused_children", {}).items():
         source, target = (reference_class(fused_child), fused_child) if fusing else (fused_child, reference_class(fused_child))

@@ -75,6 +75,17 @@ def assert_matches(fused_out, ref_out, dtype: torch.dtype) -> None:
         torch.testing.assert_close(a, b, **tol)
 
 
+def assert_error_like_eager(got, eager, exact, floor: float, names=None) -> None:
+    """flash-attention's criterion for low precision: each fused result's largest error
+    against the fp64 truth is at most twice the eager same-precision result's, plus `floor`
+    times the truth's largest magnitude."""
+    names = names or [str(i) for i in range(len(exact))]
+    for name, a, base, truth in zip(names, got, eager, exact, strict=True):
+        err_fused = (a.double() - truth).abs().max().item()
+        err_eager = (base.double() - truth).abs().max().item()
+        assert err_fused <= 2 * err_eager + floor * truth.abs().max().item(), (name, err_fused, err_eager)
+
+
 @pytest.mark.parametrize("backend_name,device", CASES)
 @pytest.mark.parametrize("name", list(MODULES))
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
@@ -220,10 +231,7 @@ def test_half_precision_error_like_eager(device, dtype, name) -> None:
     exact = forward_backward(ref, x, g)
     low = forward_backward(copy.deepcopy(f).to(dtype), x.to(dtype), g.to(dtype), device)
     eager = forward_backward(copy.deepcopy(ref).to(dtype), x.to(dtype), g.to(dtype))
-    for got, base, truth in zip([low[0], *low[1]], [eager[0], *eager[1]], [exact[0], *exact[1]]):
-        err_fused = (got.double() - truth).abs().max().item()
-        err_eager = (base.double() - truth).abs().max().item()
-        assert err_fused <= 2 * err_eager + 1e-6 * truth.abs().max().item(), (err_fused, err_eager)
+    assert_error_like_eager([low[0], *low[1]], [eager[0], *eager[1]], [exact[0], *exact[1]], floor=1e-6)
 
 
 @pytest.mark.parametrize("name", list(MODULES))

@@ -5,6 +5,15 @@ from collections.abc import Callable
 
 import torch
 
+from ..reference._base import memory_format_of
+
+
+def empty_like_layout(t: torch.Tensor) -> torch.Tensor:
+    """What a kernel returns for an output or gradient shaped like feature map `t`: t's
+    layout (channels_last in, channels_last out; NCHW for sliced t), as
+    csrc/include/attnkernels/common.h's empty_like_layout."""
+    return torch.empty_like(t, memory_format=memory_format_of(t))
+
 
 def register_once(
     namespace: str,

@@ -13,10 +13,9 @@ from typing import Any
 
 import torch
 
-from . import register_once
 # The same rules as the reference modules and csrc/include/attnkernels/common.h: the
 # accumulation dtype, and the layout of a full-size output (channels_last in, out).
-from ..reference._base import memory_format_of
+from . import empty_like_layout, register_once
 from ..reference.formulas import accumulate_dtype
 
 FORWARD_OPS = ("channel_pool", "channel_gate", "channel_rescale")
@@ -34,7 +33,7 @@ def _fake_channel_pool(x):
 
 
 def _fake_channel_pool_backward(grad_avg, grad_max, x, max):
-    return torch.empty_like(x, memory_format=memory_format_of(x))
+    return empty_like_layout(x)
 
 
 def _fake_channel_gate(avg, max, weight, alpha, beta, mode):
@@ -48,11 +47,11 @@ def _fake_channel_gate_backward(grad_gate, gate, avg, max, weight, alpha, beta, 
 
 
 def _fake_channel_rescale(x, gate):
-    return torch.empty_like(x, memory_format=memory_format_of(x))
+    return empty_like_layout(x)
 
 
 def _fake_channel_rescale_backward(grad_y, x, gate):
-    return torch.empty_like(x, memory_format=memory_format_of(x)), torch.empty_like(gate)
+    return empty_like_layout(x), torch.empty_like(gate)
 
 
 def _fake_channel_attention(x, weight, alpha, beta, mode):

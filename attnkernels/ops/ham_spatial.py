@@ -17,8 +17,7 @@ from typing import Any
 
 import torch
 
-from . import register_once
-from ..reference._base import memory_format_of
+from . import empty_like_layout, register_once
 from ..reference.formulas import accumulate_dtype
 
 FORWARD_OPS = ("ham_spatial_pool", "ham_spatial_apply", "ham_spatial_conv")
@@ -37,24 +36,20 @@ def _like_gate(gate: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(gate, memory_format=torch.contiguous_format)
 
 
-def _like_x(x: torch.Tensor) -> torch.Tensor:
-    return torch.empty_like(x, memory_format=memory_format_of(x))
-
-
 def _fake_pool(x, gate, c_im):
     return _pixel_maps(x, 2), _pixel_maps(x, 2), _like_gate(gate)
 
 
 def _fake_pool_backward(grad_d1, grad_d2, x, gate, mask, d1, d2, c_im):
-    return _like_x(x), _like_gate(gate)
+    return empty_like_layout(x), _like_gate(gate)
 
 
 def _fake_apply(x, gate, mask, s1, s2):
-    return _like_x(x)
+    return empty_like_layout(x)
 
 
 def _fake_apply_backward(grad_y, x, gate, mask, s1, s2):
-    return _like_x(x), _like_gate(gate), _pixel_maps(x, 1), _pixel_maps(x, 1)
+    return empty_like_layout(x), _like_gate(gate), _pixel_maps(x, 1), _pixel_maps(x, 1)
 
 
 def _fake_conv(d, weight):
@@ -66,7 +61,7 @@ def _fake_conv_backward(grad_z, d, weight):
 
 
 def _fake_ham_attention(x, weight, alpha, beta, c_im, spatial_weight, bn_scale, bn_shift):
-    return _like_x(x)
+    return empty_like_layout(x)
 
 
 _FAKES = {

@@ -17,8 +17,7 @@ from typing import Any
 
 import torch
 
-from . import register_once
-from ..reference._base import memory_format_of
+from . import empty_like_layout, register_once
 from ..reference.formulas import accumulate_dtype
 
 FORWARD_OPS = ("nonlocal_attn",)
@@ -27,19 +26,14 @@ BACKWARD_OPS = ("nonlocal_attn_backward",)
 _registered: set[str] = set()
 
 
-def _like(t: torch.Tensor) -> torch.Tensor:
-    # Outputs and gradients keep their tensor's layout (channels_last in, channels_last out).
-    return torch.empty_like(t, memory_format=memory_format_of(t))
-
-
 def _fake_nonlocal_attn(q, k, v, x, gamma):
     n, _, h, w = x.shape
     lse = x.new_empty((n, h * w), dtype=accumulate_dtype(x.dtype))
-    return _like(x), _like(x), lse
+    return empty_like_layout(x), empty_like_layout(x), lse
 
 
 def _fake_nonlocal_attn_backward(grad_y, q, k, v, gamma, out, lse):
-    return _like(q), _like(k), _like(v), torch.empty_like(gamma)
+    return empty_like_layout(q), empty_like_layout(k), empty_like_layout(v), torch.empty_like(gamma)
 
 
 _FAKES = {
