@@ -26,7 +26,7 @@ from collections.abc import Iterator
 import torch
 
 BACKENDS = ("cpu", "cuda", "triton", "reference")
-HOT_PATHS = ("channel_gate", "ham_spatial", "nonlocal_attn")
+HOT_PATHS = ("channel_gate", "ham_spatial", "nonlocal_attn", "gam_channel", "shuffle_conv")
 ENV_VAR = "ATTNKERNELS_BACKEND"
 # The auto order per device type; the reference closes every list.
 PREFERENCE = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}

@@ -16,6 +16,14 @@ ham_spatial hot path (HAM's spatial half, given the channel gate Ac):
 
 nonlocal_attn hot path (PAM's HW x HW attention, flash-style; q, k, v from PAM's 1x1 convs):
     y = nonlocal_attn(q, k, v, x, gamma)   # gamma * (v @ softmax(q^T k)^T) + x, no HW x HW tensor
+
+gam_channel and shuffle_conv hot paths (GAM):
+    x1 = gam_channel(x, w1, b1, w2, b2)                   # per-pixel MLP gate, one read of x
+    z1 = shuffle_conv(x1, conv1.weight, conv1.bias, g)    # raw grouped 7x7 conv (acc dtype)
+    y  = shuffle_conv(z1, conv2.weight, conv2.bias, g, g, in_scale, in_shift,
+                      gate_x=x1, out_scale=..., out_shift=...)   # BN1+ReLU+shuffle on load,
+                                                                 # BN2+sigmoid+multiply epilogue
+    y, mean, var = shuffle_conv_bn_gate(...)              # the same with BN2's batch statistics
 """
 from __future__ import annotations
 
@@ -23,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from .backend import select
+from .ops import shuffle_conv as _shuffle_conv_ops
 from .reference._base import memory_format_of
 from .reference.formulas import accumulate_dtype, important_channel_mask
 
@@ -40,6 +49,9 @@ __all__ = [
     "ham_spatial_apply",
     "ham_spatial_conv",
     "nonlocal_attn",
+    "gam_channel",
+    "shuffle_conv",
+    "shuffle_conv_bn_gate",
 ]
 
 
@@ -201,6 +213,149 @@ def nonlocal_attn(
     return _ops(backend).nonlocal_attn(q, k, v, x, gamma)[0]
 
 
+def gam_channel(
+    x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor
+) -> torch.Tensor:
+    """GAM's channel gate: `x1 = x * sigmoid(fc2(relu(fc1(x))))` at every pixel.
+
+    w1 (rd, C), b1 (rd), w2 (C, rd), b2 (C) are the two nn.Linear layers' weights, used in the
+    accumulation dtype of x. The fused backends read x once and write only x1 (the MLP's
+    hidden and output maps never reach memory; backward recomputes them from x).
+    """
+    _check_gam_channel_args(x, w1, b1, w2, b2)
+    backend = select("gam_channel", x.device)
+    if backend == "reference":
+        return _reference_gam_channel(x, w1, b1, w2, b2)
+    return _ops(backend).gam_channel(x, w1, b1, w2, b2)
+
+
+def shuffle_conv(
+    s: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    groups: int = 1,
+    shuffle_groups: int = 1,
+    in_scale: torch.Tensor | None = None,
+    in_shift: torch.Tensor | None = None,
+    gate_x: torch.Tensor | None = None,
+    out_scale: torch.Tensor | None = None,
+    out_shift: torch.Tensor | None = None,
+    conv: str = "auto",
+) -> torch.Tensor:
+    """A grouped k x k conv (stride 1, same padding) of s read through the channel shuffle
+    (`shuffle_groups`; 1 for none) and an optional `relu(in_scale * s + in_shift)` on load.
+
+    Without `gate_x`: the raw output `z = conv + bias` (N, C_out, H, W) in the accumulation
+    dtype of s. With `gate_x`, `out_scale`, `out_shift`: `gate_x * sigmoid(out_scale * z +
+    out_shift)` in gate_x's dtype (GAM's last step with BN2 folded); z is never written.
+    `conv` picks the conv: "direct" (the backend's own kernels), "library" (torch's conv2d,
+    oneDNN or cuDNN, with the prologue and epilogue around it), or "auto" (per backend, see
+    `attnkernels.ops.shuffle_conv.conv_algorithm`).
+    """
+    _check_shuffle_conv_args(s, weight, groups, shuffle_groups, in_scale, in_shift, gate_x, out_scale, out_shift)
+    backend = select("shuffle_conv", s.device)
+    if backend == "reference":
+        return _reference_shuffle_conv(s, weight, bias, groups, shuffle_groups, in_scale, in_shift, gate_x, out_scale, out_shift)
+    ops = _ops(backend)
+    if _shuffle_conv_ops.conv_algorithm(conv, backend, groups, s.shape[2] * s.shape[3]) == "direct":
+        return ops.shuffle_conv(s, weight, bias, groups, shuffle_groups, in_scale, in_shift, gate_x, out_scale, out_shift)
+    dtype = s.dtype if gate_x is None else gate_x.dtype
+    z = _shuffle_conv_ops.library_conv(s, weight, bias, groups, shuffle_groups, in_scale, in_shift, dtype)
+    if gate_x is None:
+        return z.to(accumulate_dtype(s.dtype))
+    return ops.shuffle_conv_epilogue(z, gate_x, out_scale, out_shift)
+
+
+def shuffle_conv_bn_gate(
+    s: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    groups: int,
+    shuffle_groups: int,
+    in_scale: torch.Tensor | None,
+    in_shift: torch.Tensor | None,
+    gate_x: torch.Tensor,
+    bn_weight: torch.Tensor | None,
+    bn_bias: torch.Tensor | None,
+    eps: float = 1e-5,
+    conv: str = "auto",
+    bn_mean: torch.Tensor | None = None,
+    bn_var: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`shuffle_conv`, then BatchNorm, then the gate:
+    `y = gate_x * sigmoid((z - mean) / sqrt(var + eps) * bn_weight + bn_bias)` (GAM's last step).
+
+    mean and var are the batch statistics of z (training) unless `bn_mean` and `bn_var`
+    (running statistics: eval) are given. Returns (y, mean, var), the statistics used, per
+    channel in the accumulation dtype (z's biased batch statistics feed the running-stat
+    update; no gradient flows through them as outputs, while y's gradient includes the batch
+    statistics'). Saves no full-size intermediate: the backward recomputes z.
+    """
+    _check_shuffle_conv_args(s, weight, groups, shuffle_groups, in_scale, in_shift, gate_x, gate_x, gate_x, check_gate_vectors=False)
+    backend = select("shuffle_conv", s.device)
+    if backend == "reference":
+        return _reference_shuffle_conv_bn_gate(
+            s, weight, bias, groups, shuffle_groups, in_scale, in_shift, gate_x, bn_weight, bn_bias, bn_mean, bn_var, eps)
+    library = _shuffle_conv_ops.conv_algorithm(conv, backend, groups, s.shape[2] * s.shape[3]) == "library"
+    return torch.ops.attnkernels_composite.shuffle_conv_bn_gate(
+        s, weight, bias, groups, shuffle_groups, in_scale, in_shift, gate_x, bn_weight, bn_bias, bn_mean, bn_var, float(eps),
+        backend, library)
+
+
+def _check_gam_channel_args(x, w1, b1, w2, b2) -> None:
+    op = "gam_channel"
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        raise ValueError(f"{op}: x must be a 4-D (N, C, H, W) tensor, got {getattr(x, 'shape', type(x).__name__)}")
+    c = x.shape[1]
+    if w1.dim() != 2 or w1.shape[1] != c:
+        raise ValueError(f"{op}: w1 must have shape (rd, C) = (rd, {c}), got {tuple(w1.shape)}")
+    rd = w1.shape[0]
+    for name, t, want in (("w2", w2, (c, rd)), ("b1", b1, (rd,)), ("b2", b2, (c,))):
+        if tuple(t.shape) != want:
+            raise ValueError(f"{op}: {name} must have shape {want}, got {tuple(t.shape)}")
+
+
+def _check_shuffle_conv_args(
+    s, weight, groups, shuffle_groups, in_scale, in_shift, gate_x, out_scale, out_shift, check_gate_vectors=True
+) -> None:
+    op = "shuffle_conv"
+    if not isinstance(s, torch.Tensor) or s.dim() != 4:
+        raise ValueError(f"{op}: s must be a 4-D (N, C_in, H, W) tensor, got {getattr(s, 'shape', type(s).__name__)}")
+    c_in = s.shape[1]
+    for name, g in (("groups", groups), ("shuffle_groups", shuffle_groups)):
+        if not isinstance(g, int) or g < 1 or c_in % g:
+            raise ValueError(f"{op}: {name} must be a positive divisor of s's {c_in} channels, got {g!r}")
+    k = weight.shape[-1] if weight.dim() == 4 else 0
+    if weight.dim() != 4 or weight.shape[1] != c_in // groups or weight.shape[0] % groups or k % 2 == 0 or weight.shape[2] != k:
+        raise ValueError(
+            f"{op}: weight must have shape (C_out, C_in / groups, k, k) = (C_out, {c_in // groups}, k, k) with k odd "
+            f"and groups = {groups} dividing C_out, got {tuple(weight.shape)}")
+    if (in_scale is None) != (in_shift is None):
+        raise ValueError(f"{op}: in_scale and in_shift must be given together")
+    gate = (gate_x, out_scale, out_shift)
+    if check_gate_vectors and any(t is None for t in gate) and any(t is not None for t in gate):
+        raise ValueError(f"{op}: gate_x, out_scale and out_shift must be given together")
+    if gate_x is not None:
+        want = (s.shape[0], weight.shape[0], *s.shape[2:])
+        if tuple(gate_x.shape) != want:
+            raise ValueError(f"{op}: gate_x must have the output's shape (N, C_out, H, W) = {want}, got {tuple(gate_x.shape)}")
+
+
+def _reference_shuffle_conv_bn_gate(
+    s, weight, bias, groups, shuffle_groups, in_scale, in_shift, gate_x, bn_weight, bn_bias, bn_mean, bn_var, eps
+):
+    z = _reference_shuffle_conv(s, weight, bias, groups, shuffle_groups, in_scale, in_shift)
+    if bn_mean is None:
+        var, mean = torch.var_mean(z, dim=(0, 2, 3), correction=0)
+    else:
+        var, mean = bn_var.to(z.dtype), bn_mean.to(z.dtype)
+    w, b = (None if t is None else t.to(z.dtype) for t in (bn_weight, bn_bias))
+    y = F.batch_norm(z, mean.detach() if bn_mean is not None else None, var.detach() if bn_mean is not None else None,
+                     w, b, training=bn_mean is None, eps=eps)
+    y = (gate_x.to(z.dtype) * torch.sigmoid(y)).to(gate_x.dtype).contiguous(memory_format=memory_format_of(gate_x))
+    return y, mean.detach(), var.detach()
+
+
 def _check_nonlocal_args(q, k, v, x, gamma) -> None:
     op = "nonlocal_attn"
     for name, t in (("q", q), ("k", k), ("v", v), ("x", x)):
@@ -264,3 +419,35 @@ def _reference_gate(avg, max_, weight, alpha, beta, mode: str) -> torch.Tensor:
     k = weight.numel()
     z = F.conv1d(f[:, None, :], weight.reshape(1, 1, k).to(avg.dtype), padding=(k - 1) // 2)
     return torch.sigmoid(z[:, 0, :])
+
+
+def _reference_gam_channel(x, w1, b1, w2, b2) -> torch.Tensor:
+    """gam_channel in torch ops (acc(x)): x * sigmoid(fc2(relu(fc1(x)))) at every pixel."""
+    acc = accumulate_dtype(x.dtype)
+    rd, c = w1.shape[0], x.shape[1]
+    xf = x.to(acc).permute(0, 2, 3, 1)
+    h = F.relu(F.linear(xf, w1.reshape(rd, c).to(acc), b1.reshape(rd).to(acc)))
+    m = torch.sigmoid(F.linear(h, w2.reshape(c, rd).to(acc), b2.reshape(c).to(acc))).permute(0, 3, 1, 2)
+    return (x.to(acc) * m).to(x.dtype).contiguous(memory_format=memory_format_of(x))
+
+
+def _reference_shuffle_conv(
+    s, weight, bias, groups, shuffle_groups, in_scale=None, in_shift=None, gate_x=None, out_scale=None, out_shift=None
+) -> torch.Tensor:
+    """shuffle_conv in torch ops: the shuffled, affine + ReLU input through conv2d (acc(s)), raw or gated."""
+    acc = accumulate_dtype(s.dtype)
+    u = _shuffle_conv_ops.library_input(s, shuffle_groups, in_scale, in_shift, acc)
+    k = weight.shape[-1]
+    z = F.conv2d(u, weight.to(acc), None if bias is None else bias.reshape(-1).to(acc), padding=(k - 1) // 2, groups=groups)
+    if gate_x is None:
+        return z.contiguous(memory_format=memory_format_of(s))
+    return _reference_shuffle_conv_epilogue(z, gate_x, out_scale, out_shift)
+
+
+def _reference_shuffle_conv_epilogue(z, gate_x, out_scale, out_shift) -> torch.Tensor:
+    """`gate_x * sigmoid(out_scale * z + out_shift)` in acc(z), in gate_x's dtype and layout."""
+    acc = accumulate_dtype(z.dtype)
+    c = z.shape[1]
+    pre = z.to(acc) * out_scale.reshape(1, c, 1, 1).to(acc) + out_shift.reshape(1, c, 1, 1).to(acc)
+    y = gate_x.to(acc) * torch.sigmoid(pre)
+    return y.to(gate_x.dtype).contiguous(memory_format=memory_format_of(gate_x))

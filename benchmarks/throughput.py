@@ -135,6 +135,14 @@ DTYPES: Dict[str, torch.dtype] = {
 MODULE_KWARGS: Dict[str, Callable[[int], Dict[str, Any]]] = {
     "bridge": lambda channels: {"bridge_channels": [channels]},
 }
+# Table-only names for a registry module built with other arguments: GAM's "gc" variant
+# (group convs + channel shuffle) next to the plain one.
+MODULE_ALIASES: Dict[str, Tuple[str, Dict[str, Any]]] = {"gam-gc": ("gam", {"groups": 4})}
+
+
+def module_names() -> List[str]:
+    """Every name the module table takes: the registry's and MODULE_ALIASES."""
+    return [*names(), *MODULE_ALIASES]
 MIB = 1024.0 * 1024.0
 ERROR_CHARS = 300
 
@@ -182,7 +190,7 @@ def split_list(text: str) -> List[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface."""
-    module_list = ", ".join(names())
+    module_list = ", ".join(module_names())
     parser = argparse.ArgumentParser(
         prog="throughput.py",
         description=(
@@ -285,7 +293,7 @@ def resolve_config(args: argparse.Namespace) -> Config:
         raise ValueError(f"device {device} is not supported; use cpu or cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for but torch.cuda.is_available() is False")
-    known = names()
+    known = module_names()
     chosen = args.modules.strip().lower()
     modules = known if chosen == "all" else [] if chosen == "none" else [m.lower() for m in split_list(args.modules)]
     unknown = [m for m in modules if m not in known]
@@ -306,7 +314,7 @@ def resolve_config(args: argparse.Namespace) -> Config:
     repeats = DEFAULT_REPEATS[device.type] if args.repeats is None else args.repeats
     if repeats < 1 or args.warmup < 0:
         raise ValueError("--repeats must be >= 1 and --warmup >= 0")
-    models = resolve_models(args, known, device, variants, explicit=not auto)
+    models = resolve_models(args, names(), device, variants, explicit=not auto)
     if not modules and models is None:
         raise ValueError("--modules none needs --models: there would be nothing to measure")
     return Config(
@@ -376,8 +384,9 @@ def make_inputs(
 
 
 def build_module(name: str, channels: int, dtype: torch.dtype, device: torch.device) -> nn.Module:
-    """The registry's reference module for ``name``, on ``device`` in ``dtype``."""
-    kwargs = MODULE_KWARGS.get(name, lambda c: {})(channels)
+    """The registry's reference module for ``name`` (or an alias's), on ``device`` in ``dtype``."""
+    name, kwargs = MODULE_ALIASES.get(name, (name, {}))
+    kwargs = {**MODULE_KWARGS.get(name, lambda c: {})(channels), **kwargs}
     return create(name, channels, **kwargs).to(device=device, dtype=dtype)
 
 

@@ -41,5 +41,18 @@ with backend.use_backend("cuda"):
                         q, k, v, x = make(d_qk), make(d_qk), make(d_v), make(d_v)
                         gamma = torch.tensor([0.5], device="cuda", dtype=dtype, requires_grad=True)
                         AF.nonlocal_attn(q, k, v, x, gamma).float().square().sum().backward()
+    # The fused GAM (gam_channel, shuffle_conv raw / gated / bn_gate and their backwards), both
+    # conv algorithms, training and eval, groups 1 and 4; and the epilogue op alone.
+    for name in ("cuda", "triton"):
+        with backend.use_backend(name):
+            for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+                for fmt in (torch.contiguous_format, torch.channels_last):
+                    for (n, c, h, w), groups in (((2, 64, 9, 13), 4), ((2, 16, 1, 1), 1), ((1, 32, 5, 3), 2)):
+                        for algo in ("direct", "library"):
+                            m = fused.GAM(c, reduction=4, groups=groups).cuda().to(dtype).train(n >= 2)
+                            m.conv_algorithm = algo
+                            x = torch.randn(n, c, h, w, device="cuda", dtype=dtype)
+                            x = x.contiguous(memory_format=fmt).requires_grad_()
+                            m(x).float().square().sum().backward()
 torch.cuda.synchronize()
 print("sanitizer case done")

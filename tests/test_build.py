@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from attnkernels import _build, _ext
-from attnkernels.ops import channel_gate, ham_spatial, nonlocal_attn
+from attnkernels.ops import channel_gate, gam_channel, ham_spatial, nonlocal_attn, shuffle_conv
 
 ROOT = Path(__file__).resolve().parent.parent
 # Every op with a device kernel (the per-sample composites have a CPU kernel and a composite).
@@ -30,6 +30,7 @@ CPU_ONLY_OPS = ("ham_spatial_conv", "ham_spatial_conv_backward", "ham_attention"
 OPS = (
     channel_gate.FORWARD_OPS + channel_gate.BACKWARD_OPS + ham_spatial.FORWARD_OPS + ham_spatial.BACKWARD_OPS
     + ("ham_attention",) + nonlocal_attn.FORWARD_OPS + nonlocal_attn.BACKWARD_OPS
+    + gam_channel.FORWARD_OPS + gam_channel.BACKWARD_OPS + shuffle_conv.FORWARD_OPS + shuffle_conv.BACKWARD_OPS
 )
 
 

@@ -6,26 +6,32 @@ gradients of q, k, v, x and gamma (autograd through the registered backward op) 
 The contract is the header of csrc/attnkernels.cpp ("nonlocal_attn hot path"). Without CUDA
 the kernels run on CPU tensors under the Triton interpreter: shapes stay tiny.
 """
-import os
-
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+# triton_cases first: it switches the Triton interpreter on without CUDA.
+from triton_cases import (
+    BF16,
+    DEVICE,
+    F16,
+    F32,
+    F64,
+    INTERPRET,
+    acc_of,
+    check_schemas,
+    dtype_id,
+    expected_format,
+    make_t,
+    ops,
+    shape_id,
+)
+from triton_cases import close as _close
+from triton_cases import randn as _t
 
-import re  # noqa: E402
+from attnkernels import functional as AF
+from attnkernels.backend import use_backend
+from attnkernels.triton import nonlocal_attn as T
 
-import pytest  # noqa: E402
-
-from attnkernels import functional as AF  # noqa: E402
-from attnkernels.backend import use_backend  # noqa: E402
-from attnkernels.triton import nonlocal_attn as T  # noqa: E402
-
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
-DEVICE = "cpu" if INTERPRET else "cuda"
-ops = torch.ops.attnkernels_triton
-
-F64, F32, F16, BF16 = torch.float64, torch.float32, torch.float16, torch.bfloat16
 TOL = {
     F64: dict(rtol=1e-10, atol=1e-10),
     F32: dict(rtol=3e-5, atol=3e-5),
@@ -40,45 +46,9 @@ SHAPES = [(2, 3, 5, 5, 7), (1, 1, 4, 1, 1), (2, 1, 3, 3, 2), (1, 8, 40, 4, 3), (
 LAYOUTS = ["nchw", "channels_last", "sliced", "channel_slice", "mixed"]
 
 
-def shape_id(s) -> str:
-    return "x".join(map(str, s))
-
-
-def dtype_id(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def acc_of(dtype: torch.dtype) -> torch.dtype:
-    return F64 if dtype == F64 else F32
-
-
 # ----------------------------------------------------------------------------------------
 # Inputs
 # ----------------------------------------------------------------------------------------
-def make_t(shape, dtype, layout, scale=1.0):
-    """A tensor of `shape` in `layout`: NCHW, channels_last, a strided H*W slice (pixels do
-    not flatten to one stride: the op copies it), or a channel slice (sample stride != D*H*W)."""
-    n, d, h, w = shape
-
-    def randn(*size):  # scaled and cast before any slicing: casts densify a sliced view
-        return (torch.randn(size, dtype=F64) * scale).to(dtype=dtype, device=DEVICE)
-
-    if layout == "nchw":
-        t = randn(*shape)
-    elif layout == "channels_last":
-        t = randn(*shape).to(memory_format=torch.channels_last)
-    elif layout == "sliced":
-        t = randn(n, d, 2 * h, w + 1)[:, :, ::2, 1:]
-        assert (T._flat_hw_stride(t) is None) == (h > 1 and w > 1)
-    elif layout == "channel_slice":
-        t = randn(n, d + 3, h, w)[:, 2 : d + 2]
-        assert t.stride(0) == (d + 3) * h * w
-    else:
-        raise AssertionError(layout)
-    assert t.shape == shape
-    return t
-
-
 def make_inputs(shape, dtype, layout, gamma=0.7, qk_scale=0.6):
     """q, k, v, x, gamma, grad_y; layout "mixed" gives each tensor a different layout."""
     n, dqk, dv, h, w = shape
@@ -92,18 +62,13 @@ def make_inputs(shape, dtype, layout, gamma=0.7, qk_scale=0.6):
     return q, k, v, x, g, gy
 
 
-def expected_format(t):
-    cl = t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
-    return torch.channels_last if cl else torch.contiguous_format
-
-
-def close(actual, expected, dtype, equal_nan=False):
+def close(actual, expected, dtype, equal_nan=False, name=""):
     if dtype in HALF_TOL:
         a, e = actual.double(), expected.double()
         scale = e.abs().max().clamp_min(1.0)
-        assert ((a - e).abs().max() / scale).item() <= HALF_TOL[dtype]
+        assert ((a - e).abs().max() / scale).item() <= HALF_TOL[dtype], name
     else:
-        torch.testing.assert_close(actual, expected, **TOL[dtype], equal_nan=equal_nan)
+        _close(actual, expected, TOL[dtype], equal_nan, name)
 
 
 # ----------------------------------------------------------------------------------------
@@ -132,10 +97,7 @@ def compare(inputs, equal_nan=False):
     for name in got:
         g, w = got[name], want[name]
         assert g.dtype == w.dtype and g.shape == w.shape, name
-        try:
-            close(g, w, dtype, equal_nan=equal_nan)
-        except AssertionError as err:
-            raise AssertionError(f"{name}: {err}") from None
+        close(g, w, dtype, equal_nan, name)
     return got
 
 
@@ -368,15 +330,7 @@ def test_deterministic(monkeypatch):
 
 def test_schemas_match_the_cpp_contract():
     """Both ops are registered under attnkernels_triton with csrc/attnkernels.cpp's schema."""
-    cpp = os.path.join(os.path.dirname(__file__), "..", "csrc", "attnkernels.cpp")
-    with open(cpp) as f:
-        text = f.read()
-    defs = re.findall(r'm\.def\(\s*((?:"[^"]*"\s*)+)\)', text)
-    schemas = ["".join(re.findall(r'"([^"]*)"', d)) for d in defs]
-    cpp_schemas = {"attnkernels_triton::" + d for d in schemas if d.split("(")[0] in T.__all__}
-    assert len(cpp_schemas) == 2
-    ours = {str(getattr(ops, name).default._schema) for name in T.__all__}
-    assert ours == cpp_schemas
+    check_schemas(T.__all__, 2)
 
 
 def _opcheck_cases(dtype):
@@ -423,10 +377,6 @@ def test_pam_sizes_gpu(dtype):
     """PAM-like sizes with the default tiles: D_qk = 64 (one tile), D_v = 512, HW = 1023."""
     inputs = make_inputs((2, 64, 512, 31, 33), dtype, "channels_last", qk_scale=0.2)
     compare(inputs)
-
-
-def _t(*shape, dtype=F32, device=DEVICE):
-    return torch.randn(shape, dtype=dtype, device=device)
 
 
 def _fwd(**kw):

@@ -12,14 +12,15 @@ from torch import nn
 from ._fused import FusedModule, reference_class
 from .csm import CSM
 from .eca import ECA
+from .gam import GAM
 from .ham import HAM
 from .pam import PAM
 from .se import SE
 
 #: Registry name -> fused class, for the modules with fused kernels so far.
-FUSED = {"eca": ECA, "se": SE, "ham": HAM, "pam": PAM, "csm": CSM}
+FUSED = {"eca": ECA, "se": SE, "ham": HAM, "pam": PAM, "csm": CSM, "gam": GAM}
 
-__all__ = ["ECA", "SE", "HAM", "PAM", "CSM", "FUSED", "FusedModule", "reference_class", "fused_class", "as_fused"]
+__all__ = ["ECA", "SE", "HAM", "PAM", "CSM", "GAM", "FUSED", "FusedModule", "reference_class", "fused_class", "as_fused"]
 
 
 def fused_class(module: nn.Module) -> type[nn.Module] | None:

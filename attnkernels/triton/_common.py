@@ -2,15 +2,17 @@
 
 Host side: argument checks that raise TypeError/ValueError naming the op and the argument,
 output allocation in x's layout, H*W addressing (one flat stride or separate h, w strides),
-power-of-two block sizes and the launch size that fills a GPU.
-Device side (`triton.jit`): int64 spatial offsets, correctly rounded division, and the
-(sample, channel block) of a 1-D grid's program.
+power-of-two block sizes, the launch size that fills a GPU, tl.dot precision and warps,
+the split count and the fixed-order sum of a reduction's partials, and op registration.
+Device side (`triton.jit`): int64 spatial offsets, correctly rounded division, the
+(sample, channel block) of a 1-D grid's program, masked 2-D tiles, relu and sigmoid.
 """
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
+from torch.library import triton_op, wrap_triton
 
 from ..reference._base import memory_format_of
 
@@ -50,6 +52,13 @@ def _check_nc(op: str, name: str, t, n: int, c: int) -> None:
     _check_tensor(op, name, t)
     if tuple(t.shape) != (n, c):
         raise ValueError(f"{op}: {name} must have shape (N, C) = ({n}, {c}), got {tuple(t.shape)}")
+
+
+def _check_vector(op: str, name: str, t, count: int, what: str) -> None:
+    """t: a floating tensor of `count` values (a bias, a BatchNorm scale or shift)."""
+    _check_tensor(op, name, t)
+    if t.numel() != count:
+        raise ValueError(f"{op}: {name} must hold {what} = {count} values, got shape {tuple(t.shape)}")
 
 
 def _check_device(op: str, ref_name: str, ref: torch.Tensor, **tensors) -> None:
@@ -109,6 +118,61 @@ def _min_programs(device: torch.device) -> int:
     return 2 * _SM_COUNT[index]
 
 
+def _precision(dtype: torch.dtype) -> str:
+    """tl.dot's input_precision: exact ("ieee") for fp32/fp64 inputs, "tf32" for fp16/bf16
+    inputs. On fp32 operands (the acc operands of gam_channel and shuffle_conv) that is the
+    TF32 tensor-core path, where half-precision values are exact; on half operands
+    (nonlocal_attn) the option does not apply (tf32 is the default)."""
+    return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
+
+
+def _warps(*tiles: int) -> int:
+    """8 warps once an fp32 accumulator tile reaches 8192 elements (64 registers per thread
+    at 4 warps), else 4."""
+    return 8 if max(tiles) >= 8192 else 4
+
+
+# Module attributes, so tests can force many splits and small sum tiles.
+# Fewest splits of a reduction over tiles (more when the GPU needs more programs).
+_MIN_SPLITS = 1
+# _sum_partials' tile: up to _SUM_BLOCK_L columns, _SUM_TILE elements.
+_SUM_BLOCK_L = 256
+_SUM_TILE = 4096
+
+
+def _splits(tiles: int, programs_per_split: int, device: torch.device) -> int:
+    """How many fixed sets the `tiles` of a reduction are split into: enough programs to fill
+    the device, at least _MIN_SPLITS, at most one tile each."""
+    want = max(_MIN_SPLITS, triton.cdiv(_min_programs(device), programs_per_split))
+    return max(1, min(tiles, want))
+
+
+def _sum_partials(part: torch.Tensor) -> torch.Tensor:
+    """part (R, L) contiguous -> (L,) = sum over the R rows in a fixed order: deterministic."""
+    rows, length = part.shape
+    out = torch.empty((length,), dtype=part.dtype, device=part.device)
+    block_l = min(_pow2(length), _SUM_BLOCK_L)
+    block_r = min(_pow2(rows), max(1, _SUM_TILE // block_l))
+    wrap_triton(_sum_rows_kernel)[(triton.cdiv(length, block_l),)](
+        part, out, rows, length, BLOCK_R=block_r, BLOCK_L=block_l,
+    )
+    return out
+
+
+# ----------------------------------------------------------------------------------------
+# Op registration
+# ----------------------------------------------------------------------------------------
+def _op_registrar(schemas: dict):
+    """The decorator factory `_op` of a hot-path module: @_op(name) registers the function as
+    the triton_op attnkernels_triton::<name> with schemas[name] (csrc/attnkernels.cpp's,
+    verbatim); no op mutates its arguments."""
+
+    def _op(name: str):
+        return triton_op(f"attnkernels_triton::{name}", mutates_args=(), schema=schemas[name])
+
+    return _op
+
+
 # ----------------------------------------------------------------------------------------
 # Device-side helpers
 # ----------------------------------------------------------------------------------------
@@ -143,3 +207,35 @@ def _channel_block(num_cb, C, BLOCK_C: tl.constexpr):
     n = (pid // num_cb).to(tl.int64)
     c = (pid % num_cb) * BLOCK_C + tl.arange(0, BLOCK_C)
     return n, c, c < C
+
+
+@triton.jit
+def _tile(ptr, base, rows, s_row, row_mask, cols, s_col, col_mask):
+    """The [rows, cols] tile at ptr + base + rows*s_row + cols*s_col (int64), 0 outside the masks."""
+    offs = base + rows.to(tl.int64)[:, None] * s_row + cols.to(tl.int64)[None, :] * s_col
+    return tl.load(ptr + offs, mask=row_mask[:, None] & col_mask[None, :], other=0.0)
+
+
+@triton.jit
+def _relu(a):
+    """max(a, 0) with NaN kept, as torch.relu (tl.maximum may drop a NaN on a GPU)."""
+    return tl.where(a < 0, 0.0, a)
+
+
+@triton.jit
+def _sigmoid(a):
+    """1 / (1 + exp(-a)) from exp of a non-positive argument only: no overflow; NaN stays NaN."""
+    e = tl.exp(-tl.abs(a))
+    return _div(tl.where(a >= 0, 1.0, e), 1.0 + e)
+
+
+@triton.jit
+def _sum_rows_kernel(part_ptr, out_ptr, R, L, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr):
+    """out[j] = sum_r part[r, j] for this program's BLOCK_L columns, rows in a fixed order."""
+    j = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
+    j_mask = j < L
+    acc = tl.zeros([BLOCK_R, BLOCK_L], dtype=out_ptr.dtype.element_ty)
+    for r0 in range(0, R, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        acc += _tile(part_ptr, 0, rows, L, rows < R, j, 1, j_mask)
+    tl.store(out_ptr + j, tl.sum(acc, axis=0), mask=j_mask)

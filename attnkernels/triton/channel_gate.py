@@ -33,7 +33,7 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import wrap_triton
 
 from ..reference.formulas import accumulate_dtype
 from ._common import (
@@ -50,7 +50,9 @@ from ._common import (
     _hw_strides,
     _min_programs,
     _nc,
+    _op_registrar,
     _pow2,
+    _sigmoid,
 )
 
 __all__ = [
@@ -268,13 +270,6 @@ def _rescale_backward_kernel(
 
 
 @triton.jit
-def _sigmoid(z):
-    # exp of a non-positive argument only: no overflow; NaN stays NaN.
-    e = tl.exp(-tl.abs(z))
-    return _div(tl.where(z >= 0, 1.0, e), 1.0 + e)
-
-
-@triton.jit
 def _gate_input(avg_ptr, max_ptr, base, idx, C, alpha, beta, MODE: tl.constexpr):
     """f[n, idx] of the gate's mode, 0 outside 0 <= idx < C (the conv's zero padding)."""
     inside = (idx >= 0) & (idx < C)
@@ -402,9 +397,7 @@ _SCHEMAS = {
 }
 
 
-def _op(name: str):
-    """Register the decorated function as the triton_op attnkernels_triton::<name>."""
-    return triton_op(f"attnkernels_triton::{name}", mutates_args=(), schema=_SCHEMAS[name])
+_op = _op_registrar(_SCHEMAS)
 
 
 @_op("channel_pool")

@@ -32,7 +32,7 @@ then run on CPU tensors under the Triton interpreter.
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import wrap_triton
 
 from ..reference.formulas import accumulate_dtype
 from ._common import (
@@ -48,6 +48,7 @@ from ._common import (
     _hw_strides,
     _min_programs,
     _nc,
+    _op_registrar,
     _pow2,
 )
 
@@ -400,9 +401,7 @@ _SCHEMAS = {
 }
 
 
-def _op(name: str):
-    """Register the decorated function as the triton_op attnkernels_triton::<name>."""
-    return triton_op(f"attnkernels_triton::{name}", mutates_args=(), schema=_SCHEMAS[name])
+_op = _op_registrar(_SCHEMAS)
 
 
 def _grad_gate_buffer(n: int, npb: int, c: int, acc: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -56,7 +56,7 @@ then run on CPU tensors under the Triton interpreter.
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import wrap_triton
 
 from ..reference.formulas import accumulate_dtype
 from ._common import (
@@ -68,7 +68,11 @@ from ._common import (
     _empty_like_x,
     _flat_hw_stride,
     _min_programs,
+    _op_registrar,
     _pow2,
+    _precision,
+    _tile,
+    _warps,
 )
 
 __all__ = ["nonlocal_attn", "nonlocal_attn_backward"]
@@ -166,18 +170,6 @@ def _dqk_block(dqk: int) -> tuple[int, bool]:
     return block, dqk <= block
 
 
-def _precision(dtype: torch.dtype) -> str:
-    """tl.dot's input_precision: exact ("ieee") for fp32 and fp64; for half inputs the
-    option does not apply (the default, tf32, names the tensor-core path)."""
-    return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
-
-
-def _warps(*tiles: int) -> int:
-    """8 warps once an fp32 accumulator tile reaches 8192 elements (64 registers per thread
-    at 4 warps before the S/P tiles), else 4."""
-    return 8 if max(tiles) >= 8192 else 4
-
-
 def _forward_blocks(x: torch.Tensor, hw: int, dv: int) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_DV) of the forward; on small maps the D_v chunks narrow (to
     64) while the grid has fewer programs than the GPU runs at once."""
@@ -221,13 +213,6 @@ def _program(num_a, num_b):
     a = pid % num_a
     rest = pid // num_a
     return (rest // num_b).to(tl.int64), rest % num_b, a
-
-
-@triton.jit
-def _tile(ptr, base, rows, s_row, row_mask, cols, s_col, col_mask):
-    """The [rows, cols] tile at ptr + base + rows*s_row + cols*s_col (int64), 0 outside."""
-    offs = base + rows.to(tl.int64)[:, None] * s_row + cols.to(tl.int64)[None, :] * s_col
-    return tl.load(ptr + offs, mask=row_mask[:, None] & col_mask[None, :], other=0.0)
 
 
 @triton.jit
@@ -543,9 +528,7 @@ _SCHEMAS = {
 }
 
 
-def _op(name: str):
-    """Register the decorated function as the triton_op attnkernels_triton::<name>."""
-    return triton_op(f"attnkernels_triton::{name}", mutates_args=(), schema=_SCHEMAS[name])
+_op = _op_registrar(_SCHEMAS)
 
 
 @_op("nonlocal_attn")

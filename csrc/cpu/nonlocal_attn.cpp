@@ -148,12 +148,6 @@ void scale_columns(const at::Tensor& O, const acc_t* factor) {
   }
 }
 
-// The ATen calls inside a task run below autograd: the kernel's inputs may require grad, and
-// no graph may be recorded from worker threads.
-struct BelowAutograd {
-  at::AutoDispatchBelowADInplaceOrView guard;
-};
-
 // One query block of one sample: O (D_v x bq, a block of out in acc) = v P^T over all keys,
 // with the online softmax's running max m and sum l per query row; lse of those rows.
 template <typename acc_t>

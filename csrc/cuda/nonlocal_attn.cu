@@ -65,6 +65,7 @@
 namespace attnkernels {
 namespace {
 
+using cuda::acc_exp;
 using cuda::block_reduce;
 using cuda::check_cuda;
 using cuda::group_allreduce;
@@ -137,8 +138,6 @@ constexpr bool kOwnQueries = kMode == Mode::kForward || kMode == Mode::kGradQ;  
 template <Mode kMode>
 constexpr bool kHasY = kMode == Mode::kGradQ || kMode == Mode::kGradK;          // dP loop over D_v
 
-__device__ __forceinline__ float acc_exp(float v) { return expf(v); }
-__device__ __forceinline__ double acc_exp(double v) { return exp(v); }
 __device__ __forceinline__ float acc_log(float v) { return logf(v); }
 __device__ __forceinline__ double acc_log(double v) { return log(v); }
 

@@ -4,6 +4,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 
 #include <utility>
 
@@ -14,6 +15,12 @@ namespace attnkernels {
 inline at::ScalarType acc_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
+
+// Inside a CPU kernel's parallel region, ATen calls on tiles (BLAS products on views) run below
+// autograd: the kernel's inputs may require grad, and no graph may be recorded from worker threads.
+struct BelowAutograd {
+  at::AutoDispatchBelowADInplaceOrView guard;
+};
 
 // How a kernel walks an (N, C, H, W) tensor: NCHW planes of H*W, or channels_last rows of C.
 enum class Layout { NCHW, ChannelsLast };
@@ -174,6 +181,69 @@ inline void check_row_stats(const at::Tensor& lse, const at::Tensor& x, const ch
   TORCH_CHECK_TYPE(lse.scalar_type() == acc_type(x.scalar_type()), op, ": lse must be ", acc_type(x.scalar_type()),
                    " (the accumulation dtype of x, ", x.scalar_type(), "), got ", lse.scalar_type());
   TORCH_CHECK_VALUE(lse.device() == x.device(), op, ": lse must be on ", x.device(), ", got ", lse.device());
+}
+
+// A small parameter vector (bias, BN scale/shift, statistics): `count` floating values on `device`.
+inline void check_vector(const at::Tensor& t, int64_t count, const at::Device& device, const char* op,
+                         const char* name, const char* what) {
+  TORCH_CHECK_VALUE(t.numel() == count, op, ": ", name, " must hold ", what, " = ", count, " values, got shape ",
+                    t.sizes());
+  TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), op, ": ", name, " must be floating, got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.device() == device, op, ": ", name, " must be on ", device, ", got ", t.device());
+}
+
+// gam_channel's inputs: x (N, C, H, W); w1 (rd, C), b1 rd, w2 (C, rd), b2 C values (nn.Linear weights).
+inline void check_gam_channel_args(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
+                                   const at::Tensor& w2, const at::Tensor& b2, const char* op) {
+  check_feature_map(x, op, "x");
+  const int64_t C = x.size(1);
+  TORCH_CHECK_VALUE(w1.dim() == 2 && w1.size(0) >= 1 && w1.size(1) == C, op, ": w1 must have shape (rd, C) = (rd, ",
+                    C, "), got ", w1.sizes());
+  const int64_t rd = w1.size(0);
+  TORCH_CHECK_VALUE(w2.dim() == 2 && w2.size(0) == C && w2.size(1) == rd, op, ": w2 must have shape (C, rd) = (", C,
+                    ", ", rd, "), got ", w2.sizes());
+  check_vector(w1, rd * C, x.device(), op, "w1", "rd * C");
+  check_vector(w2, C * rd, x.device(), op, "w2", "C * rd");
+  check_vector(b1, rd, x.device(), op, "b1", "rd");
+  check_vector(b2, C, x.device(), op, "b2", "C");
+}
+
+// shuffle_conv's input and conv: s (N, C_in, H, W); weight (C_out, C_in/groups, k, k), k odd; groups divides
+// C_in and C_out; shuffle_groups divides C_in; bias C_out values; in_scale/in_shift both or neither, C_in values.
+inline void check_shuffle_conv_args(const at::Tensor& s, const at::Tensor& weight, int64_t groups,
+                                    int64_t shuffle_groups, const c10::optional<at::Tensor>& in_scale,
+                                    const c10::optional<at::Tensor>& in_shift, const char* op) {
+  check_feature_map(s, op, "s");
+  const int64_t C_in = s.size(1);
+  TORCH_CHECK_VALUE(groups >= 1 && C_in % groups == 0, op, ": groups must be a positive divisor of s's ", C_in,
+                    " channels, got ", groups);
+  TORCH_CHECK_VALUE(shuffle_groups >= 1 && C_in % shuffle_groups == 0, op,
+                    ": shuffle_groups must be a positive divisor of s's ", C_in, " channels, got ", shuffle_groups);
+  TORCH_CHECK_VALUE(weight.dim() == 4 && weight.size(0) >= 1 && weight.size(0) % groups == 0 &&
+                        weight.size(1) == C_in / groups && weight.size(2) == weight.size(3) && weight.size(2) % 2 == 1,
+                    op, ": weight must have shape (C_out, C_in / groups, k, k) = (C_out, ", C_in / groups,
+                    ", k, k) with k odd and groups = ", groups, " dividing C_out, got ", weight.sizes());
+  TORCH_CHECK_TYPE(at::isFloatingType(weight.scalar_type()), op, ": weight must be floating, got ",
+                   weight.scalar_type());
+  TORCH_CHECK_VALUE(weight.device() == s.device(), op, ": weight must be on ", s.device(), ", got ", weight.device());
+  TORCH_CHECK_VALUE(in_scale.has_value() == in_shift.has_value(), op,
+                    ": in_scale and in_shift must be given together (the folded BatchNorm before the ReLU)");
+  if (in_scale.has_value()) {
+    check_vector(*in_scale, C_in, s.device(), op, "in_scale", "C_in");
+    check_vector(*in_shift, C_in, s.device(), op, "in_shift", "C_in");
+  }
+}
+
+// shuffle_conv's epilogue inputs: gate_x (N, C_out, H, W) floating on the device; out_scale, out_shift C_out values.
+inline void check_epilogue_args(const at::Tensor& gate_x, const at::Tensor& out_scale, const at::Tensor& out_shift,
+                                at::IntArrayRef out_sizes, const at::Device& device, const char* op) {
+  TORCH_CHECK_VALUE(gate_x.sizes() == out_sizes, op, ": gate_x must have the output's shape (N, C_out, H, W) = ",
+                    out_sizes, ", got ", gate_x.sizes());
+  TORCH_CHECK_TYPE(at::isFloatingType(gate_x.scalar_type()), op, ": gate_x must be floating, got ",
+                   gate_x.scalar_type());
+  TORCH_CHECK_VALUE(gate_x.device() == device, op, ": gate_x must be on ", device, ", got ", gate_x.device());
+  check_vector(out_scale, out_sizes[1], device, op, "out_scale", "C_out");
+  check_vector(out_shift, out_sizes[1], device, op, "out_shift", "C_out");
 }
 
 }  // namespace attnkernels

@@ -153,5 +153,68 @@ __device__ __forceinline__ T block_allreduce(T v, T identity, Combine combine, T
   return smem[0];
 }
 
+// ---------------------------------------------------------------------------------------------
+// Feature maps: any of the four floating dtypes, read and written through (n, c, p) strides.
+// ---------------------------------------------------------------------------------------------
+
+struct FeatureMap {
+  void* ptr;
+  c10::ScalarType dtype;
+  int64_t sn, sc, sp;  // element (n, c, p = h*W + w) at ptr[n*sn + c*sc + p*sp]
+
+  template <typename acc_t>
+  __device__ __forceinline__ acc_t load(int64_t n, int64_t c, int64_t p) const {
+    const int64_t i = n * sn + c * sc + p * sp;
+    switch (dtype) {
+      case c10::ScalarType::Double:
+        return static_cast<acc_t>(static_cast<const double*>(ptr)[i]);
+      case c10::ScalarType::Float:
+        return static_cast<acc_t>(static_cast<const float*>(ptr)[i]);
+      case c10::ScalarType::Half:
+        return static_cast<acc_t>(static_cast<float>(static_cast<const at::Half*>(ptr)[i]));
+      default:  // BFloat16: the host admits these four dtypes only
+        return static_cast<acc_t>(static_cast<float>(static_cast<const at::BFloat16*>(ptr)[i]));
+    }
+  }
+
+  template <typename acc_t>
+  __device__ __forceinline__ void store(int64_t n, int64_t c, int64_t p, acc_t v) const {
+    const int64_t i = n * sn + c * sc + p * sp;
+    switch (dtype) {
+      case c10::ScalarType::Double:
+        static_cast<double*>(ptr)[i] = static_cast<double>(v);
+        break;
+      case c10::ScalarType::Float:
+        static_cast<float*>(ptr)[i] = static_cast<float>(v);
+        break;
+      case c10::ScalarType::Half:
+        static_cast<at::Half*>(ptr)[i] = static_cast<at::Half>(static_cast<float>(v));
+        break;
+      default:
+        static_cast<at::BFloat16*>(ptr)[i] = static_cast<at::BFloat16>(static_cast<float>(v));
+        break;
+    }
+  }
+};
+
+// t must be dense (NCHW or channels_last), so its pixels flatten to one stride.
+inline FeatureMap feature_map(const at::Tensor& t) {
+  return {t.data_ptr(), t.scalar_type(), t.stride(0), t.stride(1), t.size(3) > 1 ? t.stride(3) : t.stride(2)};
+}
+
+__device__ __forceinline__ float acc_exp(float v) { return expf(v); }
+__device__ __forceinline__ double acc_exp(double v) { return exp(v); }
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t sigmoid(acc_t v) {
+  return acc_t(1) / (acc_t(1) + acc_exp(-v));  // as torch.sigmoid computes it
+}
+
+// relu that keeps NaN (torch.relu does): NaN < 0 is false.
+template <typename acc_t>
+__device__ __forceinline__ acc_t relu(acc_t v) {
+  return v < acc_t(0) ? acc_t(0) : v;
+}
+
 }  // namespace cuda
 }  // namespace attnkernels

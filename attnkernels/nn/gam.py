@@ -1,0 +1,94 @@
+"""Fused GAM: gam_channel for the channel gate, shuffle_conv for the two-conv spatial gate."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import functional as AF
+from ..reference import gam as reference
+from ..reference.formulas import accumulate_dtype
+from ._fused import FusedModule
+
+
+class GAM(FusedModule, reference.GAM):
+    """`attnkernels.reference.GAM` on the fused ops (same arguments and weights).
+
+    * `x1 = gam_channel(x, fc1, fc2)`: the per-pixel MLP gate from one read of x; only x1 is
+      written (backward recomputes the MLP from x).
+    * `z1 = shuffle_conv(x1, conv1)`: the raw grouped 7x7 conv (rd channels, the accumulation
+      dtype: a small map).
+    * BN1 (batch statistics in training, running ones in eval, running stats updated exactly as
+      nn.BatchNorm2d does) is folded to a per-channel affine on z1, in torch ops on the small map.
+    * `y = shuffle_conv(z1, conv2, ...)`: BN1's affine + ReLU and the channel shuffle applied as
+      conv2 loads z1, BN2 + sigmoid + `x1 *` in its epilogue (inference); with autograd,
+      `shuffle_conv_bn_gate` (BN2's batch statistics of conv2's output in training), whose
+      backward recomputes conv2's output instead of saving it.
+    Backward saves x, x1 and the small maps only: conv2's output is recomputed.
+
+    `conv_algorithm` ("auto", "direct", "library") picks the convs' GEMM: the backend's own
+    kernels or torch's conv2d (oneDNN / cuDNN) with the rest fused around it. A plain
+    attribute, not state_dict.
+    """
+
+    hot_paths = ("gam_channel", "shuffle_conv")
+    conv_algorithm: str = "auto"
+
+    def attend(self, x: torch.Tensor) -> torch.Tensor:
+        g, conv = self.groups, self.conv_algorithm
+        x1 = AF.gam_channel(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
+        z1 = AF.shuffle_conv(x1, self.conv1.weight, self.conv1.bias, g, conv=conv)
+        in_scale, in_shift = batch_norm_affine(self.bn1, z1)
+        c2, bn = self.conv2, self.bn2
+        if uses_batch_stats(bn) or torch.is_grad_enabled():
+            # One op for conv2 + BN2 + gate whose backward recomputes conv2's output.
+            running = (None, None) if uses_batch_stats(bn) else (bn.running_mean, bn.running_var)
+            y, mean, var = AF.shuffle_conv_bn_gate(
+                z1, c2.weight, c2.bias, g, g, in_scale, in_shift, x1, bn.weight, bn.bias, bn.eps, conv, *running)
+            if uses_batch_stats(bn):
+                update_running_stats(bn, mean, var, z1.numel() // z1.shape[1])
+            return y
+        # Inference: BN2 folded into the conv's epilogue, conv2's output never written.
+        out_scale, out_shift = batch_norm_affine(bn, None, accumulate_dtype(z1.dtype))
+        return AF.shuffle_conv(z1, c2.weight, c2.bias, g, g, in_scale, in_shift, x1, out_scale, out_shift, conv=conv)
+
+def uses_batch_stats(bn: nn.BatchNorm2d) -> bool:
+    """Whether `bn` normalizes with batch statistics now (training, or no running stats)."""
+    return bn.training or bn.running_mean is None
+
+
+def batch_norm_affine(
+    bn: nn.BatchNorm2d, z: torch.Tensor | None, dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`bn(z)` as `z * scale + shift` per channel, (scale, shift) in z's dtype (or `dtype`).
+
+    With batch statistics (`uses_batch_stats`) they come from z (differentiable: the
+    gradient reaches z through them) and the running stats are updated as nn.BatchNorm2d
+    does; otherwise from the running stats (z may be None).
+    """
+    if uses_batch_stats(bn):
+        var, mean = torch.var_mean(z, dim=(0, 2, 3), correction=0)
+        update_running_stats(bn, mean.detach(), var.detach(), z.numel() // z.shape[1])
+    else:
+        mean, var = bn.running_mean.to(dtype), bn.running_var.to(dtype)
+    scale = torch.rsqrt(var + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight.to(scale.dtype)
+    shift = -mean * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias.to(scale.dtype)
+    return scale, shift
+
+
+@torch.no_grad()
+def update_running_stats(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
+    """What nn.BatchNorm2d's training forward does to its buffers, given the batch's mean and
+    biased variance over `count` values per channel (raises, as it does, for count 1)."""
+    if count <= 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got {count} values per channel")
+    if not (bn.training and bn.track_running_stats and bn.running_mean is not None):
+        return
+    bn.num_batches_tracked.add_(1)
+    factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    bn.running_mean.mul_(1 - factor).add_(mean.to(bn.running_mean.dtype), alpha=factor)
+    unbiased = var * (count / (count - 1))
+    bn.running_var.mul_(1 - factor).add_(unbiased.to(bn.running_var.dtype), alpha=factor)
