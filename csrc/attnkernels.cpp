@@ -130,7 +130,7 @@
 //     grad_u[n,c,h,w] = sum_{o in c's group, i, j} weight[o,c-gCg,i,j] * grad_z[n,o,h-i+P,w-j+P]
 //     t = in_scale[pi(c)] * s[n,pi(c)] + in_shift[pi(c)];  du = grad_u * [t > 0]   (du = grad_u without the affine)
 //     grad_s[n,pi(c)] = du * in_scale[pi(c)]  (s's dtype and layout);  grad_in_scale[pi(c)] = sum_{n,h,w} du * s[n,pi(c)];
-//     grad_in_shift[pi(c)] = sum_{n,h,w} du  (in_scale's dtype; shape (0,) in acc(s) without the affine)
+//     grad_in_shift[pi(c)] = sum_{n,h,w} du  (each in its parameter's dtype; shape (0,) in acc(s) without the affine)
 //     grad_weight[o,c,i,j] = sum_{n,h,w} grad_z[n,o,h,w] * u[n,(o/Og)*Cg+c,h+i-P,w+j-P]  (weight's shape, dtype)
 //     grad_bias[o] = sum_{n,h,w} grad_z[n,o,h,w]  (C_out values in weight's dtype); deterministic sums
 //   shuffle_conv_epilogue(z, gate_x, out_scale, out_shift) -> y
@@ -140,7 +140,7 @@
 //       -> (grad_z, grad_gate_x, grad_out_scale, grad_out_shift)
 //     sg = sigmoid(out_scale * z + out_shift);  grad_gate_x = grad_y * sg  (gate_x's dtype and layout)
 //     dpre = grad_y * gate_x * sg * (1 - sg);  grad_out_scale[c] = sum_{n,h,w} dpre * z;  grad_out_shift[c] = sum dpre
-//     (out_scale's dtype). Without mean: grad_z = dpre * out_scale. With mean and rstd (C values, acc(z)), the
+//     (each in its parameter's dtype). Without mean: grad_z = dpre * out_scale. With mean and rstd (C values, acc(z)), the
 //     affine was folded from z's own batch statistics (out_scale = w * rstd, out_shift = b - mean * out_scale,
 //     rstd = 1/sqrt(var + eps), M = N*H*W), and grad_z also carries their gradient (BatchNorm's training backward):
 //     grad_z = out_scale * (dpre - sum dpre / M - (z - mean) * rstd^2 * sum(dpre * (z - mean)) / M)

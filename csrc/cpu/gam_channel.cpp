@@ -157,10 +157,11 @@ at::Tensor gam_channel_cpu(const at::Tensor& x, const at::Tensor& w1, const at::
   return x1;
 }
 
-// dh = [h > 0] * dh on the (rd x P) hidden tile.
+// dh = [h > 0] * dh on the (rd x P) hidden tile; a NaN h passes dh, as torch's relu backward
+// (it zeroes where h <= 0) does.
 template <typename acc_t>
 void relu_mask(acc_t* dh, const acc_t* h, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dh[i] = h[i] > acc_t(0) ? dh[i] : acc_t(0);
+  for (int64_t i = 0; i < n; ++i) dh[i] = h[i] <= acc_t(0) ? acc_t(0) : dh[i];
 }
 
 // One row of the backward's elementwise pass: from grad_x1, x and m = sigmoid(m_pre + b2),
