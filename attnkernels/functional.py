@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from .backend import select
+from .ops import ops_for
 from .ops import shuffle_conv as _shuffle_conv_ops
 from .reference._base import memory_format_of
 from .reference.formulas import accumulate_dtype, important_channel_mask
@@ -55,17 +56,13 @@ __all__ = [
 ]
 
 
-def _ops(backend: str):
-    return torch.ops.attnkernels_triton if backend == "triton" else torch.ops.attnkernels
-
-
 def channel_pool(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and max of x (N, C, H, W) over H*W: two (N, C) maps in the accumulation dtype."""
     backend = select("channel_gate", x.device)
     if backend == "reference":
         acc = accumulate_dtype(x.dtype)
         return x.mean(dim=(2, 3), dtype=acc), x.amax(dim=(2, 3)).to(acc)
-    return _ops(backend).channel_pool(x)
+    return ops_for(backend).channel_pool(x)
 
 
 def channel_gate(
@@ -85,7 +82,7 @@ def channel_gate(
     backend = select("channel_gate", avg.device)
     if backend == "reference":
         return _reference_gate(avg, max, weight, alpha, beta, mode)
-    return _ops(backend).channel_gate(avg, max, weight, alpha, beta, GATE_MODES[mode])
+    return ops_for(backend).channel_gate(avg, max, weight, alpha, beta, GATE_MODES[mode])
 
 
 def channel_rescale(x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
@@ -98,7 +95,7 @@ def channel_rescale(x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     if backend == "reference":
         y = (x.to(gate.dtype) * gate[:, :, None, None]).to(x.dtype)
         return y.contiguous(memory_format=memory_format_of(x))
-    return _ops(backend).channel_rescale(x, gate)
+    return ops_for(backend).channel_rescale(x, gate)
 
 
 def channel_attention(
@@ -161,7 +158,7 @@ def ham_spatial_pool(
     backend = select("ham_spatial", x.device)
     if backend == "reference":
         return _reference_ham_pool(x, gate, c_im)
-    return _ops(backend).ham_spatial_pool(x, gate, c_im)
+    return ops_for(backend).ham_spatial_pool(x, gate, c_im)
 
 
 def ham_spatial_apply(
@@ -180,7 +177,7 @@ def ham_spatial_apply(
         m = mask[:, :, None, None]
         y = (f1 * m * s1 + f1 * (1 - m) * s2).to(x.dtype)
         return y.contiguous(memory_format=memory_format_of(x))
-    return _ops(backend).ham_spatial_apply(x, gate, mask, s1.contiguous(), s2.contiguous())
+    return ops_for(backend).ham_spatial_apply(x, gate, mask, s1.contiguous(), s2.contiguous())
 
 
 def ham_spatial_conv(d: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -210,7 +207,7 @@ def nonlocal_attn(
     backend = select("nonlocal_attn", x.device)
     if backend == "reference":
         return _reference_nonlocal_attn(q, k, v, x, gamma)
-    return _ops(backend).nonlocal_attn(q, k, v, x, gamma)[0]
+    return ops_for(backend).nonlocal_attn(q, k, v, x, gamma)[0]
 
 
 def gam_channel(
@@ -226,7 +223,7 @@ def gam_channel(
     backend = select("gam_channel", x.device)
     if backend == "reference":
         return _reference_gam_channel(x, w1, b1, w2, b2)
-    return _ops(backend).gam_channel(x, w1, b1, w2, b2)
+    return ops_for(backend).gam_channel(x, w1, b1, w2, b2)
 
 
 def shuffle_conv(
@@ -252,11 +249,14 @@ def shuffle_conv(
     oneDNN or cuDNN, with the prologue and epilogue around it), or "auto" (per backend, see
     `attnkernels.ops.shuffle_conv.conv_algorithm`).
     """
-    _check_shuffle_conv_args(s, weight, groups, shuffle_groups, in_scale, in_shift, gate_x, out_scale, out_shift)
+    gate = (gate_x, out_scale, out_shift)
+    if any(t is None for t in gate) and not all(t is None for t in gate):
+        raise ValueError("shuffle_conv: gate_x, out_scale and out_shift must be given together")
+    _check_shuffle_conv_args(s, weight, groups, shuffle_groups, in_scale, in_shift, gate_x)
     backend = select("shuffle_conv", s.device)
     if backend == "reference":
         return _reference_shuffle_conv(s, weight, bias, groups, shuffle_groups, in_scale, in_shift, gate_x, out_scale, out_shift)
-    ops = _ops(backend)
+    ops = ops_for(backend)
     if _shuffle_conv_ops.conv_algorithm(conv, backend, groups, s.shape[2] * s.shape[3]) == "direct":
         return ops.shuffle_conv(s, weight, bias, groups, shuffle_groups, in_scale, in_shift, gate_x, out_scale, out_shift)
     dtype = s.dtype if gate_x is None else gate_x.dtype
@@ -291,7 +291,7 @@ def shuffle_conv_bn_gate(
     update; no gradient flows through them as outputs, while y's gradient includes the batch
     statistics'). Saves no full-size intermediate: the backward recomputes z.
     """
-    _check_shuffle_conv_args(s, weight, groups, shuffle_groups, in_scale, in_shift, gate_x, gate_x, gate_x, check_gate_vectors=False)
+    _check_shuffle_conv_args(s, weight, groups, shuffle_groups, in_scale, in_shift, gate_x)
     backend = select("shuffle_conv", s.device)
     if backend == "reference":
         return _reference_shuffle_conv_bn_gate(
@@ -315,9 +315,7 @@ def _check_gam_channel_args(x, w1, b1, w2, b2) -> None:
             raise ValueError(f"{op}: {name} must have shape {want}, got {tuple(t.shape)}")
 
 
-def _check_shuffle_conv_args(
-    s, weight, groups, shuffle_groups, in_scale, in_shift, gate_x, out_scale, out_shift, check_gate_vectors=True
-) -> None:
+def _check_shuffle_conv_args(s, weight, groups, shuffle_groups, in_scale, in_shift, gate_x) -> None:
     op = "shuffle_conv"
     if not isinstance(s, torch.Tensor) or s.dim() != 4:
         raise ValueError(f"{op}: s must be a 4-D (N, C_in, H, W) tensor, got {getattr(s, 'shape', type(s).__name__)}")
@@ -332,9 +330,6 @@ def _check_shuffle_conv_args(
             f"and groups = {groups} dividing C_out, got {tuple(weight.shape)}")
     if (in_scale is None) != (in_shift is None):
         raise ValueError(f"{op}: in_scale and in_shift must be given together")
-    gate = (gate_x, out_scale, out_shift)
-    if check_gate_vectors and any(t is None for t in gate) and any(t is not None for t in gate):
-        raise ValueError(f"{op}: gate_x, out_scale and out_shift must be given together")
     if gate_x is not None:
         want = (s.shape[0], weight.shape[0], *s.shape[2:])
         if tuple(gate_x.shape) != want:

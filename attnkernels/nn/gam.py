@@ -39,12 +39,13 @@ class GAM(FusedModule, reference.GAM):
         z1 = AF.shuffle_conv(x1, self.conv1.weight, self.conv1.bias, g, conv=conv)
         in_scale, in_shift = batch_norm_affine(self.bn1, z1)
         c2, bn = self.conv2, self.bn2
-        if uses_batch_stats(bn) or torch.is_grad_enabled():
+        batch_stats = uses_batch_stats(bn)
+        if batch_stats or torch.is_grad_enabled():
             # One op for conv2 + BN2 + gate whose backward recomputes conv2's output.
-            running = (None, None) if uses_batch_stats(bn) else (bn.running_mean, bn.running_var)
+            running = (None, None) if batch_stats else (bn.running_mean, bn.running_var)
             y, mean, var = AF.shuffle_conv_bn_gate(
                 z1, c2.weight, c2.bias, g, g, in_scale, in_shift, x1, bn.weight, bn.bias, bn.eps, conv, *running)
-            if uses_batch_stats(bn):
+            if batch_stats:
                 update_running_stats(bn, mean, var, z1.numel() // z1.shape[1])
             return y
         # Inference: BN2 folded into the conv's epilogue, conv2's output never written.

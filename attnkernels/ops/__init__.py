@@ -8,6 +8,12 @@ import torch
 from ..reference._base import memory_format_of
 
 
+def ops_for(backend: str):
+    """The op namespace a compiled backend's kernels live in: `torch.ops.attnkernels_triton`
+    for "triton", `torch.ops.attnkernels` for the C++/CUDA ops."""
+    return torch.ops.attnkernels_triton if backend == "triton" else torch.ops.attnkernels
+
+
 def empty_like_layout(t: torch.Tensor) -> torch.Tensor:
     """What a kernel returns for an output or gradient shaped like feature map `t`: t's
     layout (channels_last in, channels_last out; NCHW for sliced t), as

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from . import empty_like_layout, register_once
+from . import empty_like_layout, ops_for, register_once
 from ..reference._base import memory_format_of
 from ..reference.formulas import accumulate_dtype
 
@@ -230,10 +230,6 @@ def _raw_conv(ops, library, s, weight, bias, groups, shuffle_groups, in_scale, i
     return ops.shuffle_conv(s, weight, bias, groups, shuffle_groups, in_scale, in_shift, None, None, None)
 
 
-def _ops_of(backend: str):
-    return torch.ops.attnkernels_triton if backend == "triton" else torch.ops.attnkernels
-
-
 @torch.library.custom_op("attnkernels_composite::shuffle_conv_bn_gate", mutates_args=())
 def shuffle_conv_bn_gate(
     s: torch.Tensor,
@@ -260,7 +256,7 @@ def shuffle_conv_bn_gate(
     whose primitives run ("cpu", "cuda", "triton"); `library` runs the conv on torch's conv2d
     in gate_x's dtype.
     """
-    ops = _ops_of(backend)
+    ops = ops_for(backend)
     z = _raw_conv(ops, library, s, weight, bias, groups, shuffle_groups, in_scale, in_shift, gate_x.dtype)
     var, mean = _stats(z) if bn_mean is None else (bn_var.to(accumulate_dtype(z.dtype)), bn_mean.to(accumulate_dtype(z.dtype)))
     scale, shift, _ = _batch_affine(mean, var, bn_weight, bn_bias, eps)
@@ -299,7 +295,7 @@ def _setup_bn_gate(ctx: Any, inputs: tuple, output: tuple) -> None:
 def _backward_bn_gate(ctx: Any, grad_y: torch.Tensor, _grad_mean, _grad_var):
     s, weight, bias, in_scale, in_shift, gate_x, bn_weight, bn_bias, mean, var = ctx.saved_tensors
     groups, shuffle_groups, eps, backend, library, batch_stats = ctx.args
-    ops = _ops_of(backend)
+    ops = ops_for(backend)
     z = _raw_conv(ops, library, s, weight, bias, groups, shuffle_groups, in_scale, in_shift, gate_x.dtype)
     scale, shift, rstd = _batch_affine(mean, var, bn_weight, bn_bias, eps)
     # With batch statistics grad_z carries their gradient too (mean and rstd given):

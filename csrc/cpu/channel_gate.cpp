@@ -427,7 +427,7 @@ void gate_sample(const Mix<acc_t>& f, const acc_t* w, int64_t k, int64_t C, int6
     for (int64_t j = std::max<int64_t>(0, pad - c); j < std::min(k, C + pad - c); ++j) {
       z += w[j] * f(n * C + c + j - pad);
     }
-    gate[n * C + c] = acc_t(1) / (acc_t(1) + std::exp(-z));
+    gate[n * C + c] = sigmoid(z);
   }
 }
 
@@ -592,7 +592,7 @@ void mlp_gate_sample(const acc_t* avg, const acc_t* w1, const acc_t* b1, const a
   for (int64_t c = 0; c < C; ++c) {
     acc_t z = b2 != nullptr ? b2[c] : acc_t(0);
     for (int64_t r = 0; r < rd; ++r) z += w2[c * rd + r] * h[r];
-    gate[c] = acc_t(1) / (acc_t(1) + std::exp(-z));
+    gate[c] = sigmoid(z);
   }
 }
 

@@ -20,6 +20,7 @@
 #include <cmath>
 
 #include "attnkernels/common.h"
+#include "attnkernels/cpu_vec.h"
 
 namespace attnkernels {
 namespace {
@@ -70,16 +71,6 @@ void bias_relu(acc_t* h, const acc_t* b1, int64_t rd, int64_t P) {
   }
 }
 
-template <typename acc_t>
-inline Vectorized<acc_t> sigmoid(const Vectorized<acc_t>& v) {
-  using V = Vectorized<acc_t>;
-  return V(1) / (V(1) + v.neg().exp());
-}
-template <typename acc_t>
-inline acc_t sigmoid(acc_t v) {
-  return acc_t(1) / (acc_t(1) + std::exp(-v));
-}
-
 // Walk a tile of `rows` x `cols` in memory order: NCHW rows are channels (bias per row),
 // channels_last rows are pixels (bias per column). f(offset in the acc tiles, offset in x's
 // storage, count, bias pointer, bias per row?) handles one row.
@@ -98,7 +89,7 @@ void gate_row(const acc_t* x, const acc_t* m, const acc_t* b2, bool b2_per_eleme
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
     for (; j + V::size() <= cols; j += V::size()) {
       const V b = b2_per_element ? V::loadu(b2 + j) : V(*b2);
-      (V::loadu(x + j) * sigmoid(V::loadu(m + j) + b)).store(x1 + j);
+      (V::loadu(x + j) * vec_sigmoid(V::loadu(m + j) + b)).store(x1 + j);
     }
   }
   for (; j < cols; ++j) x1[j] = static_cast<scalar_t>(x[j] * sigmoid(m[j] + b2[b2_per_element ? j : 0]));
@@ -173,7 +164,7 @@ void gate_backward_row(const acc_t* go, const acc_t* x, acc_t* m, const acc_t* b
   int64_t j = 0;
   for (; j + V::size() <= cols; j += V::size()) {
     const V b = b2_per_element ? V::loadu(b2 + j) : V(*b2);
-    const V s = sigmoid(V::loadu(m + j) + b), gy = V::loadu(go + j);
+    const V s = vec_sigmoid(V::loadu(m + j) + b), gy = V::loadu(go + j);
     (gy * V::loadu(x + j) * s * (V(1) - s)).store(g + j);
     (gy * s).store(m + j);
   }

@@ -46,18 +46,7 @@ namespace {
 
 using at::vec::Vectorized;
 
-// The ATen calls inside a task run below autograd: inputs may require grad, and no graph may
-// be recorded from worker threads.
-struct BelowAutograd {
-  at::AutoDispatchBelowADInplaceOrView guard;
-};
-
 // ---------------------------------------------------------------- vector steps
-
-template <typename V>
-inline V vec_sigmoid(const V& x) {
-  return V(1) / (V(1) + x.neg().exp());
-}
 
 // Loads kWidth per-channel parameters: one per lane (a channels_last row) or one broadcast
 // value (an NCHW row, all of one channel).

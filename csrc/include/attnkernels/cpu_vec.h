@@ -43,6 +43,17 @@ struct Step {
   }
 };
 
+// sigmoid(v) = 1 / (1 + exp(-v)), as torch.sigmoid computes it: for one value, and for an
+// at::vec vector of accumulation-type values.
+template <typename acc_t>
+inline acc_t sigmoid(acc_t v) {
+  return acc_t(1) / (acc_t(1) + std::exp(-v));
+}
+template <typename V>
+inline V vec_sigmoid(const V& v) {
+  return V(1) / (V(1) + v.neg().exp());
+}
+
 // max that propagates NaN from either side, as torch.amax.
 template <typename acc_t>
 inline acc_t nan_max(acc_t m, acc_t v) {
