@@ -1,6 +1,6 @@
 """attnkernels: fused kernels for the attention modules of convolutional networks.
 
-`attnkernels.reference` holds the pure-PyTorch modules that define the math (SPEC.md);
+`attnkernels.reference` holds the pure-PyTorch modules that define the math (docs/contract.md);
 `attnkernels.nn` the fused modules with the same constructors and weights;
 `attnkernels.functional` the fused ops, run on the backend `attnkernels.backend` picks;
 `attnkernels.models` backbones that take an `attention=` argument; `fuse(model)` swaps a

@@ -127,7 +127,10 @@ def build_config(with_cuda: bool | None = None) -> BuildConfig:
     not (`with_cuda=None`), so CPU-only CI proves they compile and link.
     """
     root = source_root()
-    cpu_sources = [str(root / "attnkernels.cpp"), *sorted(str(p) for p in (root / "cpu").glob("*.cpp"))]
+    # csrc/*.cpp: the library and each hot path's schemas (<path>_ops.cpp); python_module.cpp is
+    # the ahead-of-time build's module init only (setup.py adds it).
+    top = [p for p in sorted(root.glob("*.cpp")) if p.name != "python_module.cpp"]
+    cpu_sources = [str(p) for p in top] + sorted(str(p) for p in (root / "cpu").glob("*.cpp"))
     cuda_sources = sorted(str(p) for p in (root / "cuda").glob("*.cu"))
     cuda_home = find_cuda_home()
     why_no_cuda = ""

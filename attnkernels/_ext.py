@@ -75,6 +75,15 @@ def _register(path: str) -> None:
     global _cuda_compiled
     torch.ops.load_library(path)
     _cuda_compiled = torch._C._dispatch_has_kernel_for_dispatch_key("attnkernels::channel_pool", "CUDA")
+    _register_python_side()
+
+
+def _register_python_side() -> None:
+    """What the extension-cpp pattern does once the library is loaded: every op's fake
+    implementation, autograd and Python composites (attnkernels.ops)."""
+    from . import ops
+
+    ops.register("attnkernels")
 
 
 def _jit_build() -> str:
@@ -112,6 +121,7 @@ def _jit_build() -> str:
         raise ExtensionUnavailable(_explain_build_failure(err, build_dir)) from err
     global _cuda_compiled
     _cuda_compiled = config.with_cuda
+    _register_python_side()
     return str(library)
 
 

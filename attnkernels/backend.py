@@ -25,8 +25,9 @@ from collections.abc import Iterator
 
 import torch
 
+from .ops import HOT_PATHS
+
 BACKENDS = ("cpu", "cuda", "triton", "reference")
-HOT_PATHS = ("channel_gate", "ham_spatial", "nonlocal_attn", "gam_channel", "shuffle_conv")
 ENV_VAR = "ATTNKERNELS_BACKEND"
 # The auto order per device type; the reference closes every list.
 PREFERENCE = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
@@ -80,12 +81,6 @@ def why_unavailable(backend: str, hot_path: str, device: torch.device | str) -> 
     raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
 
 
-def _register_ops(hot_path: str, namespace: str) -> None:
-    """Give the hot path's ops in `namespace` their autograd (and, for C++, fake impls)."""
-    ops = importlib.import_module(f"attnkernels.ops.{hot_path}")
-    ops.register(namespace, with_fakes=namespace == "attnkernels")
-
-
 def _compiled_ops_problem(backend: str, hot_path: str) -> str | None:
     from . import _ext
 
@@ -95,7 +90,6 @@ def _compiled_ops_problem(backend: str, hot_path: str) -> str | None:
         return str(err)
     if backend == "cuda" and not _ext.cuda_compiled():
         return "the compiled ops were built without CUDA kernels (CPU-only torch, or no nvcc at build time)"
-    _register_ops(hot_path, "attnkernels")
     return None
 
 
@@ -105,10 +99,9 @@ def _triton_problem(hot_path: str, device: torch.device) -> str | None:
     if device.type not in ("cpu", "cuda"):
         return f"Triton does not run on {device.type}"
     try:
-        importlib.import_module(f"attnkernels.triton.{hot_path}")
+        importlib.import_module(f"attnkernels.triton.{hot_path}")  # registers its ops
     except ImportError as err:
         return f"Triton is not importable: {err}"
-    _register_ops(hot_path, "attnkernels_triton")
     return None
 
 

@@ -2,7 +2,7 @@
 inputs, and the synchronised, phase-by-phase calls they time.
 
 Not a test file itself (no `bench_` prefix, no tests): pytest puts benchmarks/ on sys.path
-when it collects a bench file, so `from _bench_common import ...` works there.
+when it collects a bench file, so `from _bench_common import ...` (and, here, `harness`) works there.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any, Callable, List
 import torch
 from torch import nn
 
-from attnkernels import backend
+from harness.backends import fused_backends
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 #: ResNet stage outputs; on CUDA with inputs larger than L2.
@@ -22,12 +22,8 @@ PHASES = ["forward", "forward_backward"]
 
 def backends(hot_path: str) -> List[str]:
     """The compiled backends that run `hot_path` on DEVICE (Triton on CPU is its
-    interpreter, a test tool, so it is left out there)."""
-    return [
-        b
-        for b in ("cpu", "cuda", "triton")
-        if not (b == "triton" and DEVICE.type == "cpu") and backend.why_unavailable(b, hot_path, DEVICE) is None
-    ]
+    interpreter, a test tool, so it is left out there): `harness.backends` decides."""
+    return fused_backends((hot_path,), DEVICE)
 
 
 def _x(shape: str, requires_grad: bool = False) -> torch.Tensor:

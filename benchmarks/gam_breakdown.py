@@ -2,7 +2,7 @@
 """GAM: which conv algorithm ships, and how much time is spent outside the two 7x7 convs.
 
 For GAM (groups 1 and the "gc" groups 4) at one shape, this times, interleaved round by round
-as throughput.py does (its timers and `run_phase`):
+as throughput.py does (the harness's timers, rotated inputs and `run_phase`):
 
 * ``eager``          - the reference GAM;
 * ``compile``        - ``torch.compile`` of the reference;
@@ -36,12 +36,16 @@ sys.path.insert(0, str(_BENCH_DIR.parent))
 
 import torch  # noqa: E402
 
-import throughput as T  # noqa: E402
-from attnkernels import backend  # noqa: E402
 from attnkernels import nn as fused  # noqa: E402
 from attnkernels.nn._fused import rebind  # noqa: E402
 from attnkernels import reference as R  # noqa: E402
 from attnkernels.profiling import ensure_benchmark_env  # noqa: E402
+from harness.cache import last_level_cache  # noqa: E402
+from harness.config import DEFAULT_REPEATS, DTYPES, parse_shape  # noqa: E402
+from harness.machine import device_description  # noqa: E402
+from harness.rows import ratio  # noqa: E402
+from harness.timing import make_timer, run_phase, synchronize  # noqa: E402
+from harness.variants import forward_step, make_inputs, training_step  # noqa: E402
 
 VARIANTS = ("eager", "compile", "fused", "fused-direct", "fused-library")
 # Profiler event names that are convolutions (their children, e.g. mkldnn_convolution, are inside).
@@ -73,7 +77,7 @@ def conv_share(fn: Callable[[], object], device: torch.device) -> float:
     with torch.profiler.profile(activities=activities) as prof:
         for _ in range(3):
             fn()
-        T.synchronize(device)
+        synchronize(device)
     events = prof.key_averages()
     attr = "device_time_total" if device.type == "cuda" else "cpu_time_total"
     conv = sum(getattr(e, attr) for e in events if e.key in CONV_EVENTS)
@@ -87,12 +91,12 @@ def conv_share(fn: Callable[[], object], device: torch.device) -> float:
 def measure(groups: int, shape, dtype, device, repeats: int) -> List[dict]:
     ref, modules = build(groups, shape, dtype, device)
     x = torch.randn(shape, dtype=dtype, device=device)
-    inputs = T.make_inputs(shape, [], dtype, device)
-    cfg = argparse.Namespace(repeats=repeats, warmup=1, device=device)
-    timer = T.make_timer(device)
+    inputs = make_inputs(shape, [], dtype, device, last_level_cache(device).bytes)
+    phase = dict(repeats=repeats, warmup=1, device=device)
+    timer = make_timer(device)
     params = [p for p in ref.parameters()]
     ref.eval()
-    fwd = T.run_phase({v: T.forward_step(m, inputs) for v, m in modules.items()}, cfg, timer)
+    fwd = run_phase({v: forward_step(m, inputs) for v, m in modules.items()}, timer, **phase)
     shares = {}
     for v, m in modules.items():
         if v == "compile":
@@ -102,7 +106,7 @@ def measure(groups: int, shape, dtype, device, repeats: int) -> List[dict]:
                 return m(x)
         shares[v] = conv_share(call, device)
     ref.train()
-    bwd = T.run_phase({v: T.training_step(m, inputs, params) for v, m in modules.items()}, cfg, timer)
+    bwd = run_phase({v: training_step(m, inputs, params) for v, m in modules.items()}, timer, **phase)
     rows = []
     eager_f, eager_b = fwd["eager"].median_ms, bwd["eager"].median_ms
     for v in VARIANTS:
@@ -110,7 +114,7 @@ def measure(groups: int, shape, dtype, device, repeats: int) -> List[dict]:
         rows.append({
             "module": "gam-gc" if groups > 1 else "gam", "variant": v,
             "forward_ms": f_ms, "fwd_bwd_ms": b_ms,
-            "speedup_fwd": T.ratio(eager_f, f_ms), "speedup_fwd_bwd": T.ratio(eager_b, b_ms),
+            "speedup_fwd": ratio(eager_f, f_ms), "speedup_fwd_bwd": ratio(eager_b, b_ms),
             "conv_share_fwd": shares.get(v), "error": fwd[v].error or bwd[v].error,
         })
     return rows
@@ -119,17 +123,17 @@ def measure(groups: int, shape, dtype, device, repeats: int) -> List[dict]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32", choices=sorted(T.DTYPES))
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     parser.add_argument("--shape", default="8x256x28x28")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--out", default="")
     args = parser.parse_args(argv)
     ensure_benchmark_env()
     device = torch.device(args.device)
-    shape = T.parse_shape(args.shape)
-    repeats = args.repeats or T.DEFAULT_REPEATS[device.type]
-    rows = [r for g in (1, 4) for r in measure(g, shape, T.DTYPES[args.dtype], device, repeats)]
-    print(f"GAM breakdown, {args.shape} {args.dtype} on {T.device_description(device)}; {repeats} rounds, medians")
+    shape = parse_shape(args.shape)
+    repeats = args.repeats or DEFAULT_REPEATS[device.type]
+    rows = [r for g in (1, 4) for r in measure(g, shape, DTYPES[args.dtype], device, repeats)]
+    print(f"GAM breakdown, {args.shape} {args.dtype} on {device_description(device)}; {repeats} rounds, medians")
     print(f"{'module':<7} {'variant':<14} {'fwd ms':>8} {'f+b ms':>8} {'x fwd':>6} {'x f+b':>6} {'conv %':>7} {'outside %':>9}")
     for r in rows:
         share = r["conv_share_fwd"]

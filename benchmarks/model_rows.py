@@ -10,7 +10,8 @@ variant and would only dilute the difference). The variants of one attention nam
 * ``compile``   - ``torch.compile(model, dynamic=False)`` of that same model object;
 * ``fused-<b>`` - a copy of the model (same initial weights) with every attention module
   swapped for its fused version by ``attnkernels.fuse(model, backend=b)``; only for
-  attention names with a fused class (``attnkernels.nn.FUSED``).
+  attention names with a fused class (``attnkernels.nn.FUSED``) whose hot paths backend b
+  runs on the device.
 
 plus one ``eager`` row of the bare ``resnet50()`` (attention ``none``) per run, timed in the
 same interleaved rounds as every other model, so each row's overhead over the bare network
@@ -21,10 +22,11 @@ images in ``channels_last`` (fp32 weights; the usual mixed-precision training se
 CPU in fp32, NCHW. ``--dtype`` applies to the module rows only.
 
 This module holds what is specific to the models (settings, building, the step, the row
-and its table columns); ``throughput.py`` times the steps with its own interleaved rounds
-(``run_phase``) and timers, and prints and writes the rows. It imports nothing from
-``throughput.py``, so it loads the same way whether that runs as a script or is imported
-by a test.
+and its table columns); the harness (``benchmarks/harness/``) times the steps with its
+interleaved rounds (``timing.run_phase``) and timers, and prints and writes the rows. It
+imports nothing from ``throughput.py`` (only ``harness.backends`` and ``harness.table``, with
+``benchmarks/`` on ``sys.path``), so it loads the same way whether that runs as a script or
+is imported by a test.
 """
 from __future__ import annotations
 
@@ -39,6 +41,8 @@ from torch import nn
 
 from attnkernels.models import resnet50
 from attnkernels.nn import FUSED, as_fused, fused_class
+from harness.backends import fused_backends, fused_hot_paths
+from harness.table import column_headers
 
 #: The model's name in the rows (the only model measured so far).
 MODEL = "resnet50"
@@ -105,10 +109,15 @@ def model_variants(variants: Sequence[str], device: torch.device, explicit: bool
 
 
 def variants_of(attention: str, settings: ModelSettings) -> List[str]:
-    """The variants measured for one attention name (the bare network: eager only)."""
+    """The variants measured for one attention name (the bare network: eager only); a
+    ``fused-<b>`` one only where backend b runs every hot path of the attention's fused
+    class on the device (``harness/backends.py``, the one place that decides it)."""
     if attention == BARE:
         return ["eager"]
-    return [v for v in settings.variants if not v.startswith("fused-") or attention in FUSED]
+    wanted = [v[len("fused-"):] for v in settings.variants if v.startswith("fused-")]
+    paths = fused_hot_paths(attention)
+    runs = [] if paths is None else fused_backends(paths, settings.device, wanted)
+    return [v for v in settings.variants if not v.startswith("fused-") or v[len("fused-"):] in runs]
 
 
 def label(attention: str, variant: str) -> str:
@@ -266,7 +275,7 @@ MODEL_TABLE: Tuple[Tuple[str, str, int, str], ...] = (
 def make_rows(
     results: Dict[str, Any], settings: ModelSettings, mib: float = 1024.0 * 1024.0
 ) -> List[ModelRow]:
-    """Rows from the phase results (``throughput.PhaseResult``s keyed by :func:`label`):
+    """Rows from the phase results (``harness.timing.PhaseResult``s keyed by :func:`label`):
     images/s, overhead over the bare network and speed-up over the same attention's eager
     model filled in. Every expected (attention, variant) gets a row, in table order."""
 
@@ -320,7 +329,7 @@ def table_header(settings: ModelSettings) -> str:
         "vs bare: step / bare resnet50 step - 1; spd: same attention's eager step / step; "
         "pk: peak memory of one step above the start"
     )
-    cols = " ".join(f"{h:<{w}}" if f == "s" else f"{h:>{w}}" for h, _, w, f in MODEL_TABLE)
+    cols = column_headers(MODEL_TABLE)
     return "\n".join([title, legend, cols, "-" * len(cols)])
 
 

@@ -1,6 +1,6 @@
-"""Independent formulations of SPEC.md, to check the reference modules against.
+"""Independent formulations of docs/contract.md, to check the reference modules against.
 
-Each oracle reads a module's parameters but computes the spec's formula another way
+Each oracle reads a module's parameters but computes the contract's formula another way
 (per-sample loops with a sorted top-k, SDPA with an explicit mask, gathers instead of
 views), so a slip in the reference does not repeat here. SE, ECA and CBAM are checked
 against timm instead (tests/test_timm_interop.py).

@@ -19,19 +19,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from attnkernels import _build, _ext
-from attnkernels.ops import channel_gate, gam_channel, ham_spatial, nonlocal_attn, shuffle_conv
+from attnkernels import _build, _ext, backend
+from attnkernels.ops._schemas import schemas
 
 ROOT = Path(__file__).resolve().parent.parent
-# Every op with a device kernel (the per-sample composites have a CPU kernel and a composite).
-# HAM's small-map conv runs on cuDNN on GPUs (attnkernels.functional.ham_spatial_conv).
-# ham_attention, HAM's inference in one per-sample op, is CPU-only too.
+# Every op of every hot path, as csrc/<hot_path>_ops.cpp defines them; each has a CPU kernel.
+OPS = tuple(op for hot_path in backend.HOT_PATHS for op in schemas(hot_path))
+# Ops with no CUDA kernel. HAM's small-map conv runs on cuDNN on GPUs
+# (attnkernels.functional.ham_spatial_conv); ham_attention, HAM's inference in one per-sample op,
+# is CPU-only too.
 CPU_ONLY_OPS = ("ham_spatial_conv", "ham_spatial_conv_backward", "ham_attention")
-OPS = (
-    channel_gate.FORWARD_OPS + channel_gate.BACKWARD_OPS + ham_spatial.FORWARD_OPS + ham_spatial.BACKWARD_OPS
-    + ("ham_attention",) + nonlocal_attn.FORWARD_OPS + nonlocal_attn.BACKWARD_OPS
-    + gam_channel.FORWARD_OPS + gam_channel.BACKWARD_OPS + shuffle_conv.FORWARD_OPS + shuffle_conv.BACKWARD_OPS
-)
+# The per-sample composites: a CPU kernel; on CUDA the Python composite of their ops serves them.
+PER_SAMPLE_COMPOSITE_OPS = ("channel_attention", "channel_mlp_attention")
 
 
 def _has_kernel(op: str, key: str) -> bool:
@@ -71,7 +70,8 @@ def test_cuda_kernels_are_compiled_for_every_op() -> None:
             )
         pytest.skip(reason)
     loaded_from = _load()
-    missing = [op for op in OPS if op not in CPU_ONLY_OPS and not _has_kernel(op, "CUDA")]
+    no_cuda_kernel = CPU_ONLY_OPS + PER_SAMPLE_COMPOSITE_OPS
+    missing = [op for op in OPS if op not in no_cuda_kernel and not _has_kernel(op, "CUDA")]
     assert not missing, f"no CUDA kernel for {missing} in the library loaded from {loaded_from}"
     assert _ext.cuda_compiled()
 
@@ -91,7 +91,11 @@ def test_build_config_lists_the_sources_that_exist() -> None:
     assert config.sources, "no sources"
     assert all(Path(s).is_file() for s in config.sources), config.sources
     assert all(Path(d).is_dir() for d in config.include_dirs), config.include_dirs
-    expected = {root / "attnkernels.cpp", *(root / "cpu").glob("*.cpp")}
+    # csrc/*.cpp (the library and each hot path's schemas) and cpu/*.cpp; python_module.cpp is
+    # the module init of the ahead-of-time build only (setup.py adds it).
+    top = {p for p in root.glob("*.cpp") if p.name != "python_module.cpp"}
+    assert {root / "attnkernels.cpp", *(root / f"{hp}_ops.cpp" for hp in backend.HOT_PATHS)} <= top
+    expected = top | set((root / "cpu").glob("*.cpp"))
     assert {Path(s) for s in config.sources} == expected
     assert not config.with_cuda and not config.cuda_cflags
 

@@ -7,31 +7,37 @@ selection raises); only CUDA skips, on machines without a GPU.
 """
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
-from conftest import randomize
+from helpers import (
+    LAYOUTS,
+    assert_bitwise_equal,
+    assert_error_like_eager,
+    assert_keeps_reference_interface,
+    assert_matches,
+    backend_cases,
+    compiled_and_eager,
+    forward_backward,
+    fused_pair,
+    leaf,
+    load_ops,
+    low_precision_runs,
+    make_input,
+    needs_gpu,
+)
 
 from attnkernels import backend
 from attnkernels import functional as AF
 from attnkernels import nn as fused
 from attnkernels import reference as R
 
-CPU_BACKENDS = ["cpu", "triton", "reference"]
-CUDA_BACKENDS = ["cuda", "triton", "reference"]
-needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA tests need a GPU")
-
-CASES = [pytest.param(b, "cpu", id=f"{b}-cpu") for b in CPU_BACKENDS] + [
-    pytest.param(b, "cuda", id=f"{b}-cuda", marks=needs_gpu) for b in CUDA_BACKENDS
-]
+CASES = backend_cases(cpu=("cpu", "triton", "reference"), cuda=("cuda", "triton", "reference"))
 
 # The interpreter runs Triton one program at a time in Python: small shapes only there.
 SHAPES = {
     "small": [(2, 24, 7, 5), (1, 40, 3, 4), (3, 16, 1, 1), (2, 3, 6, 6)],
     "tiny": [(2, 12, 5, 3), (1, 5, 1, 1), (2, 3, 4, 4)],
 }
-LAYOUTS = ["nchw", "channels_last", "sliced"]
 MODULES = {"eca": (fused.ECA, R.ECA), "se": (fused.SE, R.SE)}
 
 
@@ -39,51 +45,8 @@ def shapes_for(backend_name: str, device: str) -> list[tuple]:
     return SHAPES["tiny" if backend_name == "triton" and device == "cpu" else "small"]
 
 
-def make_input(shape: tuple, layout: str, dtype: torch.dtype, device: str) -> torch.Tensor:
-    """Random x in the given layout; `sliced` is a strided view dense in neither format."""
-    if layout == "sliced":
-        n, c, h, w = shape
-        return torch.randn(n, c, h + 2, 2 * w, dtype=dtype, device=device)[:, :, 1 : h + 1, ::2]
-    x = torch.randn(shape, dtype=dtype, device=device)
-    return x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x
-
-
 def fused_and_reference(name: str, channels: int, dtype: torch.dtype, device: str, **kwargs):
-    fused_cls, ref_cls = MODULES[name]
-    ref = randomize(ref_cls(channels, **kwargs)).to(device, dtype)
-    f = fused_cls(channels, **kwargs).to(device, dtype)
-    f.load_state_dict(ref.state_dict())
-    return f, ref
-
-
-def forward_backward(module, x: torch.Tensor, g: torch.Tensor, backend_name: str | None = None):
-    """Output, x's gradient and every parameter gradient, optionally on a forced backend."""
-    module.zero_grad(set_to_none=True)
-    x = x.detach().clone().requires_grad_()
-    with backend.use_backend(backend_name):
-        y = module(x)
-    y.backward(g)
-    return y.detach(), [x.grad] + [p.grad for p in module.parameters()]
-
-
-def assert_matches(fused_out, ref_out, dtype: torch.dtype) -> None:
-    tol = {"rtol": 1e-12, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 2e-5, "atol": 2e-6}
-    (y_f, grads_f), (y_r, grads_r) = fused_out, ref_out
-    torch.testing.assert_close(y_f, y_r, **tol)
-    assert len(grads_f) == len(grads_r)
-    for a, b in zip(grads_f, grads_r):
-        torch.testing.assert_close(a, b, **tol)
-
-
-def assert_error_like_eager(got, eager, exact, floor: float, names=None) -> None:
-    """flash-attention's criterion for low precision: each fused result's largest error
-    against the fp64 truth is at most twice the eager same-precision result's, plus `floor`
-    times the truth's largest magnitude."""
-    names = names or [str(i) for i in range(len(exact))]
-    for name, a, base, truth in zip(names, got, eager, exact, strict=True):
-        err_fused = (a.double() - truth).abs().max().item()
-        err_eager = (base.double() - truth).abs().max().item()
-        assert err_fused <= 2 * err_eager + floor * truth.abs().max().item(), (name, err_fused, err_eager)
+    return fused_pair(*MODULES[name], channels, dtype=dtype, device=device, **kwargs)
 
 
 @pytest.mark.parametrize("backend_name,device", CASES)
@@ -112,7 +75,7 @@ def test_eca_kernel_sizes(backend_name, device, k) -> None:
 
 
 def gate_reference(x, weight, alpha, beta, mode: str) -> torch.Tensor:
-    """SPEC's gate in plain torch: ECA's pooling (avg), max pooling, or HAM's mix."""
+    """The gate of docs/contract.md (#eca, #ham) in plain torch: ECA's pooling (avg), max pooling, or HAM's mix."""
     a, m = x.mean((2, 3)), x.amax((2, 3))
     pooled = {"avg": a, "max": m, "mix": 0.5 * (a + m) + alpha * a + beta * m}[mode]
     k = weight.numel()
@@ -213,9 +176,7 @@ def test_deterministic(backend_name, device, name) -> None:
     f, _ = fused_and_reference(name, shape[1], torch.float32, device)
     x = torch.randn(shape, device=device)
     g = torch.randn_like(x)
-    y1, grads1 = forward_backward(f, x, g, backend_name)
-    y2, grads2 = forward_backward(f, x, g, backend_name)
-    assert torch.equal(y1, y2) and all(torch.equal(a, b) for a, b in zip(grads1, grads2))
+    assert_bitwise_equal(forward_backward(f, x, g, backend_name), forward_backward(f, x, g, backend_name))
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_gpu)])
@@ -228,24 +189,16 @@ def test_half_precision_error_like_eager(device, dtype, name) -> None:
     f, ref = fused_and_reference(name, shape[1], torch.float64, device)
     x = torch.randn(shape, dtype=torch.float64, device=device)
     g = torch.randn_like(x)
-    exact = forward_backward(ref, x, g)
-    low = forward_backward(copy.deepcopy(f).to(dtype), x.to(dtype), g.to(dtype), device)
-    eager = forward_backward(copy.deepcopy(ref).to(dtype), x.to(dtype), g.to(dtype))
-    assert_error_like_eager([low[0], *low[1]], [eager[0], *eager[1]], [exact[0], *exact[1]], floor=1e-6)
+    exact, low, eager = low_precision_runs(f, ref, x, g, dtype, device)
+    assert_error_like_eager(low, eager, exact, floor=1e-6)
 
 
 @pytest.mark.parametrize("name", list(MODULES))
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_compile_fullgraph_on_cpu(name, layout) -> None:
     """torch.compile(fullgraph=True) over the fused module: no graph break, same numbers."""
-    torch._dynamo.reset()
     f, _ = fused_and_reference(name, 24, torch.float32, "cpu")
-    compiled = torch.compile(f, fullgraph=True)
-    x = make_input((2, 24, 7, 5), layout, torch.float32, "cpu")
-    g = torch.randn(2, 24, 7, 5)
-    with backend.use_backend("cpu"):
-        eager = forward_backward(f, x, g)
-        got = forward_backward(compiled, x, g)
+    got, eager = compiled_and_eager(f, layout)
     assert_matches(got, eager, torch.float32)
 
 
@@ -259,9 +212,6 @@ def _op_samples():
     alpha, beta = torch.tensor(0.5, dtype=torch.float64), torch.tensor(0.25, dtype=torch.float64)
     w1, b1 = torch.randn(3, 6, 1, 1, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
     w2, b2 = torch.randn(6, 3, 1, 1, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
-
-    def leaf(t: torch.Tensor, grad: bool = False) -> torch.Tensor:
-        return t.detach().clone().requires_grad_(grad)
 
     return {
         "channel_pool": [(leaf(x, True),), (leaf(x).contiguous(memory_format=torch.channels_last),)],
@@ -285,10 +235,9 @@ def _op_samples():
 
 
 @pytest.mark.parametrize("op_name", list(_op_samples()))
-def test_opcheck(op_name) -> None:
+def test_opcheck(op_name, compiled_ops) -> None:
     """Schema, fake implementation, autograd registration and AOT dispatch of each C++ op."""
-    backend.select("channel_gate", torch.device("cpu"))  # builds and registers the ops
-    op = getattr(torch.ops.attnkernels, op_name).default
+    op = getattr(compiled_ops, op_name).default
     for args in _op_samples()[op_name]:
         torch.library.opcheck(op, args)
 
@@ -296,9 +245,7 @@ def test_opcheck(op_name) -> None:
 @pytest.mark.parametrize("backend_name", ["cpu", "triton"])
 def test_op_input_errors(backend_name) -> None:
     """Every backend's ops name the argument and raise ValueError/TypeError as Python does."""
-    with backend.use_backend(backend_name):
-        backend.select("channel_gate", torch.device("cpu"))  # builds and registers the ops
-    ns = torch.ops.attnkernels if backend_name == "cpu" else torch.ops.attnkernels_triton
+    ns = load_ops(backend_name, "channel_gate")
     with pytest.raises(ValueError, match=r"channel_pool: x must be 4-D"):
         ns.channel_pool(torch.randn(2, 3, 4))
     with pytest.raises(TypeError, match=r"channel_pool: x must be a floating-point tensor"):
@@ -328,10 +275,5 @@ def test_functional_argument_errors() -> None:
 
 
 def test_fused_modules_keep_reference_interface() -> None:
-    for name, (fused_cls, ref_cls) in MODULES.items():
-        f, r = fused_cls(64), ref_cls(64)
-        assert f.state_dict().keys() == r.state_dict().keys(), name
-        r.load_state_dict(f.state_dict())
-        assert isinstance(f, ref_cls)
-        with pytest.raises(ValueError, match=r"x must have 64 channels"):
-            f(torch.randn(2, 32, 4, 4))
+    for fused_cls, ref_cls in MODULES.values():
+        assert_keeps_reference_interface(fused_cls(64), ref_cls(64))

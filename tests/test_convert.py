@@ -13,12 +13,11 @@ import sys
 
 import pytest
 import torch
-from conftest import randomize
+from helpers import randomize
 from torch import nn
 
 import attnkernels
-from attnkernels import backend, models
-from attnkernels import functional as AF
+from attnkernels import backend, models, ops
 from attnkernels import nn as fused
 from attnkernels import reference as R
 from attnkernels.reference.registry import REGISTRY
@@ -345,13 +344,16 @@ def test_backend_pins_the_swapped_modules(monkeypatch) -> None:
     assert all(model.get_submodule(e.name).backend == "reference" for e in rep.swapped)
     assert "backend='reference'" in repr(model.get_submodule(rep.swapped[0].name))
     chosen = []
-    select = AF.select
+    select = backend.select
 
     def spy(hot_path, device):
         chosen.append(select(hot_path, device))
         return chosen[-1]
 
-    monkeypatch.setattr(AF, "select", spy)
+    # Every backend choice of the fused ops: each op module that chooses binds `select`.
+    for module in (ops._common, *(ops.hot_path_module(p) for p in ops.HOT_PATHS)):
+        if hasattr(module, "select"):
+            monkeypatch.setattr(module, "select", spy)
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     # The pin wins over an outer choice (Triton has no ham_spatial kernels: it would raise).
     got = forward_backward(model, x, backend_name="triton")

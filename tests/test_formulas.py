@@ -1,4 +1,4 @@
-"""SPEC.md's shared formulas: ECA's k, make_divisible, HAM's C_im and tie rule, reductions."""
+"""docs/contract.md's shared formulas: ECA's k, make_divisible, HAM's C_im and tie rule, reductions."""
 from __future__ import annotations
 
 import pytest

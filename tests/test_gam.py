@@ -11,41 +11,41 @@ import copy
 
 import pytest
 import torch
-from conftest import randomize
-from test_channel_gate import make_input, needs_gpu
+from helpers import (
+    LAYOUTS,
+    assert_layout_of,
+    backend_cases,
+    flat,
+    forward_backward,
+    fused_pair,
+    make_input,
+    needs_gpu,
+    on_backend,
+    without_reference,
+)
 
 from attnkernels import backend, fuse
 from attnkernels import nn as fused
 from attnkernels import reference as R
 
-CASES = [pytest.param(b, "cpu", a, id=f"{b}-cpu-{a}") for b in ("cpu",) for a in ("direct", "library")] + [
+CASES = backend_cases(cpu=("cpu",), cuda=("cuda", "triton"), algorithms=("direct", "library")) + [
     pytest.param("reference", "cpu", "auto", id="reference-cpu")
-] + [
-    pytest.param(b, "cuda", a, id=f"{b}-cuda-{a}", marks=needs_gpu) for b in ("cuda", "triton") for a in ("direct", "library")
 ]
 # (N, C, H, W) with reduction 4: rd = C/4 divisible by 4 for groups=4; odd H != W, HW = 1 (N > 1
 # for BatchNorm's batch statistics), N = 1 with H*W > 1.
 SHAPES = [(2, 32, 7, 5), (3, 16, 1, 1), (1, 48, 9, 6)]
-LAYOUTS = ["nchw", "channels_last", "sliced"]
 
 
 def pair(channels: int, groups: int, dtype: torch.dtype, device: str, algo: str = "auto", **kwargs):
     """A randomized reference GAM and a fused GAM loaded from its state_dict."""
-    ref = randomize(R.GAM(channels, reduction=4, groups=groups, **kwargs)).to(device, dtype)
-    f = fused.GAM(channels, reduction=4, groups=groups, **kwargs).to(device, dtype)
-    f.load_state_dict(ref.state_dict())
+    f, ref = fused_pair(fused.GAM, R.GAM, channels, dtype=dtype, device=device, reduction=4, groups=groups, **kwargs)
     f.conv_algorithm = algo
     return f, ref
 
 
 def step(module, x: torch.Tensor, g: torch.Tensor, backend_name: str | None = None):
     """Output, gradients of x and every parameter, and every buffer after the step."""
-    module.zero_grad(set_to_none=True)
-    x = x.detach().clone().requires_grad_()
-    with backend.use_backend(backend_name):
-        y = module(x)
-    y.backward(g)
-    return y.detach(), [x.grad] + [p.grad for p in module.parameters()], [b.clone() for b in module.buffers()]
+    return (*forward_backward(module, x, g, backend_name), [b.clone() for b in module.buffers()])
 
 
 def assert_steps_match(got, want, dtype, names) -> None:
@@ -89,8 +89,7 @@ def test_layouts(backend_name, device, algo, layout) -> None:
     g = torch.randn(2, 32, 6, 7, dtype=torch.float64, device=device)
     got = step(f, x, g, backend_name)
     assert_steps_match(got, step(ref, x, g), torch.float64, ["x"] + [n for n, _ in ref.named_parameters()])
-    want_cl = layout == "channels_last"
-    assert got[0].is_contiguous(memory_format=torch.channels_last if want_cl else torch.contiguous_format)
+    assert_layout_of(got[0], x)
 
 
 @pytest.mark.parametrize("backend_name,device,algo", CASES)
@@ -113,17 +112,12 @@ def test_batch_norm_variants(backend_name, device, algo) -> None:
                                ["x"] + [n for n, _ in ref.named_parameters()])
 
 
-@pytest.mark.parametrize("backend_name,device,algo", [c for c in CASES if c.values[0] != "reference"])
+@pytest.mark.parametrize("backend_name,device,algo", without_reference(CASES))
 def test_gradcheck(backend_name, device, algo) -> None:
     """fp64 gradcheck of the whole fused GAM in training (BN batch statistics) w.r.t. x."""
     f, _ = pair(16, 4, torch.float64, device, algo)
     x = torch.randn(2, 16, 4, 3, dtype=torch.float64, device=device, requires_grad=True)
-
-    def fn(x):
-        with backend.use_backend(backend_name):
-            return f(x)
-
-    assert torch.autograd.gradcheck(fn, (x,), eps=1e-6, atol=1e-6)
+    assert torch.autograd.gradcheck(on_backend(f, backend_name), (x,), eps=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_gpu)])
@@ -151,7 +145,7 @@ def test_half_precision_error_like_eager(device, dtype, train) -> None:
         low = step(copy.deepcopy(f).to(dtype), x.to(dtype), g.to(dtype))
         eager = step(copy.deepcopy(ref).to(dtype), x.to(dtype), g.to(dtype))
         names = ["y", "x"] + [n for n, _ in ref.named_parameters()]
-        for name, a, b, truth in zip(names, [low[0], *low[1]], [eager[0], *eager[1]], [exact[0], *exact[1]]):
+        for name, a, b, truth in zip(names, flat(low), flat(eager), flat(exact)):
             err = totals.setdefault(name, [0.0, 0.0, 0.0])
             err[0] += (a.double() - truth).abs().max().item()
             err[1] += (b.double() - truth).abs().max().item()

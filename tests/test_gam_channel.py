@@ -10,18 +10,28 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_channel_gate import make_input, needs_gpu
+from helpers import (
+    COMPILED_BACKENDS,
+    LAYOUTS,
+    assert_all_close,
+    assert_bitwise_equal,
+    assert_error_like_eager,
+    assert_layout_of,
+    backend_cases,
+    make_input,
+    needs_gpu,
+    on_backend,
+    op_forward_backward,
+    without_reference,
+)
 
 from attnkernels import backend
 from attnkernels import functional as AF
 
-CASES = [pytest.param(b, "cpu", id=f"{b}-cpu") for b in ("cpu", "reference")] + [
-    pytest.param(b, "cuda", id=f"{b}-cuda", marks=needs_gpu) for b in ("cuda", "triton", "reference")
-]
+CASES = backend_cases(cpu=("cpu", "reference"), cuda=("cuda", "triton", "reference"))
 # (N, C, rd, H, W): H*W not a multiple of the CPU's 256-pixel tile, HW = 1, rd = 1, C odd,
 # N = 1, and GAM's C = 256, rd = 16 at 28 x 28 (several tiles per sample).
 SHAPES = [(2, 48, 3, 5, 7), (1, 16, 1, 1, 1), (3, 33, 4, 17, 19), (2, 256, 16, 28, 28)]
-LAYOUTS = ["nchw", "channels_last", "sliced"]
 WEIGHT_NAMES = ("w1", "b1", "w2", "b2")
 
 
@@ -34,10 +44,8 @@ def op_inputs(shape, layout: str, dtype: torch.dtype, device: str, weight_dtype:
     return [t.detach().requires_grad_() for t in (x, *weights)]
 
 
-def op_forward_backward(inputs, grad_x1: torch.Tensor, backend_name: str):
-    with backend.use_backend(backend_name):
-        x1 = AF.gam_channel(*inputs)
-    return x1.detach(), list(torch.autograd.grad(x1, inputs, grad_x1))
+def gam_forward_backward(inputs, grad_x1: torch.Tensor, backend_name: str):
+    return op_forward_backward(AF.gam_channel, inputs, grad_x1, backend_name)
 
 
 def tolerance(dtype: torch.dtype) -> dict:
@@ -52,16 +60,13 @@ def test_op_matches_reference(backend_name, device, shape, dtype, layout) -> Non
     """x1 and the gradients of x, w1, b1, w2, b2; x1 in x's layout."""
     inputs = op_inputs(shape, layout, dtype, device)
     grad_x1 = torch.randn_like(inputs[0])
-    x1, grads = op_forward_backward(inputs, grad_x1, backend_name)
-    x1_ref, grads_ref = op_forward_backward(inputs, grad_x1, "reference")
+    x1, grads = gam_forward_backward(inputs, grad_x1, backend_name)
+    x1_ref, grads_ref = gam_forward_backward(inputs, grad_x1, "reference")
     tol = tolerance(dtype)
     torch.testing.assert_close(x1, x1_ref, **tol)
-    for name, got, want in zip(("x", *WEIGHT_NAMES), grads, grads_ref):
-        torch.testing.assert_close(got, want, **tol, msg=lambda m, name=name: f"grad_{name}: {m}")
-        assert got.dtype == want.dtype and got.shape == want.shape
-    x = inputs[0]
-    want_cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    assert x1.is_contiguous(memory_format=torch.channels_last if want_cl else torch.contiguous_format)
+    assert_all_close(grads, grads_ref, [f"grad_{name}" for name in ("x", *WEIGHT_NAMES)], **tol)
+    assert all(got.dtype == want.dtype and got.shape == want.shape for got, want in zip(grads, grads_ref))
+    assert_layout_of(x1, inputs[0])
 
 
 @pytest.mark.parametrize("backend_name,device", CASES)
@@ -70,9 +75,9 @@ def test_weights_in_another_dtype(backend_name, device) -> None:
     gradient comes back in that weight's dtype."""
     inputs = op_inputs((2, 24, 3, 4, 5), "nchw", torch.float64, device, weight_dtype=torch.float32)
     grad_x1 = torch.randn_like(inputs[0])
-    x1, grads = op_forward_backward(inputs, grad_x1, backend_name)
+    x1, grads = gam_forward_backward(inputs, grad_x1, backend_name)
     want_inputs = [inputs[0]] + [w.detach().double().requires_grad_() for w in inputs[1:]]
-    x1_ref, grads_ref = op_forward_backward(want_inputs, grad_x1, "reference")
+    x1_ref, grads_ref = gam_forward_backward(want_inputs, grad_x1, "reference")
     torch.testing.assert_close(x1, x1_ref, rtol=1e-12, atol=1e-12)
     for got, want in zip(grads, grads_ref):
         assert got.dtype == (torch.float64 if got.shape == inputs[0].shape else torch.float32)
@@ -90,26 +95,20 @@ def test_propagates_nan(backend_name, device) -> None:
     assert nan[1, :, 2, 3].all() and nan.sum() == 16
 
 
-@pytest.mark.parametrize("backend_name,device", [c for c in CASES if c.values[0] != "reference"])
+@pytest.mark.parametrize("backend_name,device", without_reference(CASES))
 def test_gradcheck(backend_name, device) -> None:
     inputs = op_inputs((2, 7, 3, 3, 5), "nchw", torch.float64, device)
-
-    def fn(*args):
-        with backend.use_backend(backend_name):
-            return AF.gam_channel(*args)
-
-    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6)
+    assert torch.autograd.gradcheck(on_backend(AF.gam_channel, backend_name), inputs, eps=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("backend_name,device", [c for c in CASES if c.values[0] != "reference"])
+@pytest.mark.parametrize("backend_name,device", without_reference(CASES))
 def test_deterministic(backend_name, device) -> None:
     """Bitwise the same output and gradients run after run (the weight gradients are sums
     over every pixel of the batch: fixed partial slots summed in order)."""
     inputs = op_inputs((4, 64, 8, 23, 29), "nchw", torch.float32, device)
     grad_x1 = torch.randn_like(inputs[0])
-    a, grads_a = op_forward_backward(inputs, grad_x1, backend_name)
-    b, grads_b = op_forward_backward(inputs, grad_x1, backend_name)
-    assert torch.equal(a, b) and all(torch.equal(g, h) for g, h in zip(grads_a, grads_b))
+    assert_bitwise_equal(gam_forward_backward(inputs, grad_x1, backend_name),
+                         gam_forward_backward(inputs, grad_x1, backend_name))
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_gpu)])
@@ -117,14 +116,12 @@ def test_deterministic(backend_name, device) -> None:
 def test_half_precision_error_like_eager(device, dtype) -> None:
     """fp16/bf16 x and weights: error against fp64 no worse than twice the eager
     same-precision path's (which rounds the hidden and gate maps to the input dtype)."""
-    from test_channel_gate import assert_error_like_eager
-
     exact_inputs = op_inputs((2, 64, 4, 9, 11), "nchw", torch.float64, device)
     grad_x1 = torch.randn_like(exact_inputs[0])
-    exact = op_forward_backward(exact_inputs, grad_x1, "reference")
+    exact = gam_forward_backward(exact_inputs, grad_x1, "reference")
     low_inputs = [t.detach().to(dtype).requires_grad_() for t in exact_inputs]
     fused_backend = "cpu" if device == "cpu" else "cuda"
-    low = op_forward_backward(low_inputs, grad_x1.to(dtype), fused_backend)
+    low = gam_forward_backward(low_inputs, grad_x1.to(dtype), fused_backend)
 
     def eager_path(x, w1, b1, w2, b2):  # the reference module's own ops, in the low dtype
         x_nhwc = x.permute(0, 2, 3, 1)
@@ -139,7 +136,6 @@ def test_half_precision_error_like_eager(device, dtype) -> None:
 
 def _op_samples():
     x, w1, b1, w2, b2 = (t.detach() for t in op_inputs((2, 12, 3, 4, 3), "nchw", torch.float64, "cpu"))
-    backend.select("gam_channel", torch.device("cpu"))  # builds and registers the ops
     x_cl = x.contiguous(memory_format=torch.channels_last)
     return {
         "gam_channel": [
@@ -151,18 +147,17 @@ def _op_samples():
 
 
 @pytest.mark.parametrize("op_name", ["gam_channel", "gam_channel_backward"])
-def test_opcheck(op_name) -> None:
-    op = getattr(torch.ops.attnkernels, op_name).default
+def test_opcheck(op_name, compiled_ops) -> None:
+    op = getattr(compiled_ops, op_name).default
     for args in _op_samples()[op_name]:
         torch.library.opcheck(op, args)
 
 
-@pytest.mark.parametrize("backend_name", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
-def test_op_input_errors(backend_name) -> None:
+@pytest.mark.parametrize("backend_name", COMPILED_BACKENDS)
+def test_op_input_errors(backend_name, compiled_ops) -> None:
     """The C++/CUDA ops name the argument and what they expected."""
     device = "cuda" if backend_name == "cuda" else "cpu"
-    backend.select("gam_channel", torch.device(device))
-    op = torch.ops.attnkernels.gam_channel
+    op = compiled_ops.gam_channel
     x, w1, b1, w2, b2 = (t.detach() for t in op_inputs((2, 12, 3, 4, 3), "nchw", torch.float32, device))
     with pytest.raises(ValueError, match=r"gam_channel: x must be 4-D"):
         op(x[0], w1, b1, w2, b2)
@@ -175,14 +170,14 @@ def test_op_input_errors(backend_name) -> None:
     with pytest.raises(TypeError, match=r"gam_channel: x must be a floating-point tensor"):
         op(x.int(), w1, b1, w2, b2)
     with pytest.raises(ValueError, match=r"gam_channel_backward: grad_x1 must match x's shape"):
-        torch.ops.attnkernels.gam_channel_backward(x[:1], x, w1, b1, w2, b2)
+        compiled_ops.gam_channel_backward(x[:1], x, w1, b1, w2, b2)
 
 
 def test_functional_argument_errors() -> None:
     x, w1, b1, w2, b2 = (t.detach() for t in op_inputs((2, 12, 3, 4, 3), "nchw", torch.float32, "cpu"))
     with pytest.raises(ValueError, match=r"gam_channel: w1 must have shape \(rd, C\) = \(rd, 12\)"):
         AF.gam_channel(x, w1.t(), b1, w2, b2)
-    with pytest.raises(ValueError, match=r"gam_channel: b2 must have shape \(12,\)"):
+    with pytest.raises(ValueError, match=r"gam_channel: b2 must hold C = 12 values"):
         AF.gam_channel(x, w1, b1, w2, b2[:3])
-    with pytest.raises(ValueError, match=r"gam_channel: x must be a 4-D"):
+    with pytest.raises(ValueError, match=r"gam_channel: x must be 4-D"):
         AF.gam_channel(x[0], w1, b1, w2, b2)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import oracles
 import pytest
 import torch
-from conftest import randomize
+from helpers import randomize
 
 from attnkernels.reference import HAM
 
@@ -17,7 +17,7 @@ def _identity_conv(m: HAM) -> None:
 
 
 def test_constant_attention_keeps_lowest_channels() -> None:
-    """Equal Ac everywhere: the C_im lowest channels form group 1 (SPEC tie rule)."""
+    """Equal Ac everywhere: the C_im lowest channels form group 1 (docs/contract.md#top-k-rank-rule)."""
     m = randomize(HAM(16)).double().eval()
     _identity_conv(m)
     # Every channel is a pixel permutation of one map: equal mean and max, so Ac ties

@@ -9,8 +9,21 @@ import copy
 
 import pytest
 import torch
-from conftest import randomize
-from test_channel_gate import assert_error_like_eager, assert_matches, forward_backward, make_input, needs_gpu
+from helpers import (
+    LAYOUTS,
+    assert_bitwise_equal,
+    assert_error_like_eager,
+    assert_keeps_reference_interface,
+    assert_matches,
+    backend_cases,
+    compiled_and_eager,
+    forward_backward,
+    fused_pair,
+    leaf,
+    low_precision_runs,
+    make_input,
+    needs_gpu,
+)
 
 from attnkernels import backend
 from attnkernels import functional as AF
@@ -19,22 +32,15 @@ from attnkernels import reference as R
 from attnkernels.models import cifar_resnet
 from attnkernels.reference.formulas import ham_important_channels
 
-CPU_BACKENDS = ["cpu", "reference"]
-CUDA_BACKENDS = ["cuda", "triton", "reference"]
-CASES = [pytest.param(b, "cpu", id=f"{b}-cpu") for b in CPU_BACKENDS] + [
-    pytest.param(b, "cuda", id=f"{b}-cuda", marks=needs_gpu) for b in CUDA_BACKENDS
-]
+CASES = backend_cases(cpu=("cpu", "reference"), cuda=("cuda", "triton", "reference"))
 # C = 1, 2, 3 and odd C; H != W; HW = 1; N = 1 (eval only: BatchNorm needs two values).
 SHAPES = [(2, 24, 7, 5), (3, 1, 4, 4), (2, 2, 3, 5), (2, 3, 6, 6), (2, 37, 5, 9), (3, 16, 1, 1), (1, 40, 3, 4)]
-LAYOUTS = ["nchw", "channels_last", "sliced"]
 
 
 def fused_and_reference(channels: int, dtype: torch.dtype, device: str, train: bool = True):
     """A randomized reference HAM and a fused HAM with the same state, each its own copy."""
-    ref = randomize(R.HAM(channels)).to(device, dtype).train(train)
-    f = fused.HAM(channels).to(device, dtype).train(train)
-    f.load_state_dict(ref.state_dict())
-    return f, ref
+    f, ref = fused_pair(fused.HAM, R.HAM, channels, dtype=dtype, device=device)
+    return f.train(train), ref.train(train)
 
 
 def run_both(shape, dtype, device, backend_name, train, layout="nchw", x=None):
@@ -180,9 +186,7 @@ def test_deterministic(backend_name, device) -> None:
     x = torch.randn(4, 64, 33, 40, device=device)  # two pixel blocks per sample
     g = torch.randn_like(x)
     for layout_x in (x, x.contiguous(memory_format=torch.channels_last)):
-        y1, grads1 = forward_backward(f, layout_x, g, backend_name)
-        y2, grads2 = forward_backward(f, layout_x, g, backend_name)
-        assert torch.equal(y1, y2) and all(torch.equal(a, b) for a, b in zip(grads1, grads2))
+        assert_bitwise_equal(forward_backward(f, layout_x, g, backend_name), forward_backward(f, layout_x, g, backend_name))
 
 
 def input_with_gate_margin(module, shape, margin: float, device: str) -> torch.Tensor:
@@ -220,27 +224,19 @@ def test_half_precision_error_like_eager(device, dtype) -> None:
     f, ref = fused_and_reference(shape[1], torch.float64, device, train=False)
     x = input_with_gate_margin(ref, shape, 4e-3, device)
     g = torch.randn_like(x)
-    exact = forward_backward(ref, x, g)
-    low = forward_backward(copy.deepcopy(f).to(dtype), x.to(dtype), g.to(dtype), device)
-    eager = forward_backward(copy.deepcopy(ref).to(dtype), x.to(dtype), g.to(dtype))
+    exact, low, eager = low_precision_runs(f, ref, x, g, dtype, device)
     ulp = torch.finfo(dtype).eps
     with torch.no_grad():  # inference: the per-sample op on the CPU backend
         per_sample = copy.deepcopy(f).to(dtype)(x.to(dtype))
     assert_error_like_eager(
-        [low[0], per_sample, *low[1]], [eager[0], eager[0], *eager[1]], [exact[0], exact[0], *exact[1]], floor=2 * ulp
+        [low[0], per_sample, *low[1:]], [eager[0], *eager], [exact[0], *exact], floor=2 * ulp
     )
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_compile_fullgraph_on_cpu(layout) -> None:
-    torch._dynamo.reset()
     f, _ = fused_and_reference(24, torch.float32, "cpu")
-    compiled = torch.compile(f, fullgraph=True)
-    x = make_input((2, 24, 7, 5), layout, torch.float32, "cpu")
-    g = torch.randn(2, 24, 7, 5)
-    with backend.use_backend("cpu"):
-        eager = forward_backward(f, x, g)
-        got = forward_backward(compiled, x, g)
+    got, eager = compiled_and_eager(f, layout)
     assert_matches(got, eager, torch.float32)
 
 
@@ -252,9 +248,6 @@ def _op_samples():
         d1, d2, mask = AF.ham_spatial_pool(x, gate, c_im)
     s1, s2 = torch.rand(2, 1, 5, 3, dtype=torch.float64), torch.rand(2, 1, 5, 3, dtype=torch.float64)
     conv_w, conv_w3 = torch.randn(1, 2, 7, 7, dtype=torch.float64), torch.randn(1, 2, 3, 3, dtype=torch.float64)
-
-    def leaf(t: torch.Tensor, grad: bool = False) -> torch.Tensor:
-        return t.detach().clone().requires_grad_(grad)
 
     x_cl = x.contiguous(memory_format=torch.channels_last)
     return {
@@ -280,35 +273,32 @@ def _op_samples():
 
 
 @pytest.mark.parametrize("op_name", list(_op_samples()))
-def test_opcheck(op_name) -> None:
-    backend.select("ham_spatial", torch.device("cpu"))  # builds and registers the ops
-    op = getattr(torch.ops.attnkernels, op_name).default
+def test_opcheck(op_name, compiled_ops) -> None:
+    op = getattr(compiled_ops, op_name).default
     for args in _op_samples()[op_name]:
         torch.library.opcheck(op, args)
 
 
 @pytest.mark.parametrize("k", [1, 3, 7])
-def test_spatial_conv_matches_conv2d(k) -> None:
+def test_spatial_conv_matches_conv2d(k, compiled_ops) -> None:
     """The small-map conv against torch's conv2d, forward and both gradients (odd sizes, W
     wider and narrower than a vector, fp64 gradcheck)."""
-    backend.select("ham_spatial", torch.device("cpu"))
     for shape in [(3, 2, 5, 9), (2, 2, 17, 3), (1, 2, 1, 1), (2, 3, 4, 21)]:
         d = torch.randn(shape, dtype=torch.float64, requires_grad=True)
         w = torch.randn(1, shape[1], k, k, dtype=torch.float64, requires_grad=True)
         g = torch.randn(shape[0], 1, *shape[2:], dtype=torch.float64)
-        got = torch.ops.attnkernels.ham_spatial_conv(d, w)
+        got = compiled_ops.ham_spatial_conv(d, w)
         want = torch.nn.functional.conv2d(d, w, padding=(k - 1) // 2)
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
         for a, b in zip(torch.autograd.grad(got, (d, w), g), torch.autograd.grad(want, (d, w), g)):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     d = torch.randn(2, 2, 4, 5, dtype=torch.float64, requires_grad=True)
     w = torch.randn(1, 2, k, k, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(torch.ops.attnkernels.ham_spatial_conv, (d, w), eps=1e-6, atol=1e-7)
+    assert torch.autograd.gradcheck(compiled_ops.ham_spatial_conv, (d, w), eps=1e-6, atol=1e-7)
 
 
-def test_op_input_errors() -> None:
-    backend.select("ham_spatial", torch.device("cpu"))
-    ops = torch.ops.attnkernels
+def test_op_input_errors(compiled_ops) -> None:
+    ops = compiled_ops
     x, gate = torch.randn(2, 6, 4, 4), torch.rand(2, 6)
     s = torch.rand(2, 1, 4, 4)
     with pytest.raises(ValueError, match=r"ham_spatial_pool: c_im must be in \[1, C\]"):
@@ -335,11 +325,8 @@ def test_op_input_errors() -> None:
 
 def test_fused_ham_keeps_reference_interface() -> None:
     f, r = fused.HAM(64, kernel_size=3, separation_rate=0.5), R.HAM(64, kernel_size=3, separation_rate=0.5)
-    assert f.state_dict().keys() == r.state_dict().keys() and f.c_im == r.c_im == 32
-    r.load_state_dict(f.state_dict())
-    assert isinstance(f, R.HAM)
-    with pytest.raises(ValueError, match=r"x must have 64 channels"):
-        f(torch.randn(2, 32, 4, 4))
+    assert f.c_im == r.c_im == 32
+    assert_keeps_reference_interface(f, r)
 
 
 def test_saves_no_full_size_tensor_but_x() -> None:

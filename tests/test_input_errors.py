@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import bridge_inputs, build
+from helpers import bridge_inputs, build
 
 from attnkernels import reference as R
 

@@ -8,12 +8,31 @@ CUDA and Triton backends run here. Only CUDA cases skip, on machines without a G
 """
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
-from conftest import randomize
-from test_channel_gate import assert_error_like_eager, assert_matches, forward_backward, make_input, needs_gpu
+from helpers import (
+    COMPILED_BACKENDS,
+    LAYOUTS,
+    assert_all_close,
+    assert_bitwise_equal,
+    assert_error_like_eager,
+    assert_keeps_reference_interface,
+    assert_layout_of,
+    assert_matches,
+    backend_cases,
+    compiled_and_eager,
+    flat,
+    forward_backward,
+    fused_pair,
+    load_compiled_ops,
+    low_precision_runs,
+    make_input,
+    needs_gpu,
+    on_backend,
+    op_forward_backward,
+    randomize,
+    without_reference,
+)
 
 from attnkernels import backend
 from attnkernels import functional as AF
@@ -21,15 +40,10 @@ from attnkernels import nn as fused
 from attnkernels import reference as R
 from attnkernels.profiling import peak_memory
 
-CPU_BACKENDS = ["cpu", "reference"]
-CUDA_BACKENDS = ["cuda", "triton", "reference"]
-CASES = [pytest.param(b, "cpu", id=f"{b}-cpu") for b in CPU_BACKENDS] + [
-    pytest.param(b, "cuda", id=f"{b}-cuda", marks=needs_gpu) for b in CUDA_BACKENDS
-]
+CASES = backend_cases(cpu=("cpu", "reference"), cuda=("cuda", "triton", "reference"))
 # (N, D_qk, D_v, H, W): HW not a multiple of any tile (and above the CPU forward's 512-key
 # tile, so the online softmax rescales), HW = 1, D_qk = 1, D_v != D_qk, N = 1.
 OP_SHAPES = [(2, 3, 5, 7, 9), (1, 1, 4, 1, 1), (2, 8, 64, 23, 29), (1, 2, 6, 3, 5), (3, 4, 24, 4, 4)]
-LAYOUTS = ["nchw", "channels_last", "sliced"]
 MODULES = {"pam": (fused.PAM, R.PAM), "csm": (fused.CSM, R.CSM)}
 MODULE_SHAPES = [(2, 32, 5, 7), (1, 16, 1, 1), (2, 40, 9, 6)]
 
@@ -45,11 +59,8 @@ def op_inputs(shape: tuple, layout: str, dtype: torch.dtype, device: str, scale:
     return [t.detach().requires_grad_() for t in (q, k, v, x, gamma)]
 
 
-def op_forward_backward(inputs, grad_y: torch.Tensor, backend_name: str):
-    with backend.use_backend(backend_name):
-        y = AF.nonlocal_attn(*inputs)
-    grads = torch.autograd.grad(y, inputs, grad_y)
-    return y.detach(), list(grads)
+def attn_forward_backward(inputs, grad_y: torch.Tensor, backend_name: str):
+    return op_forward_backward(AF.nonlocal_attn, inputs, grad_y, backend_name)
 
 
 def op_tolerance(dtype: torch.dtype) -> dict:
@@ -64,15 +75,12 @@ def test_op_matches_reference(backend_name, device, shape, dtype, layout) -> Non
     """Forward and the gradients of q, k, v, x and gamma, against the materialised attention."""
     inputs = op_inputs(shape, layout, dtype, device, scale=2.0)
     grad_y = torch.randn_like(inputs[3])
-    y, grads = op_forward_backward(inputs, grad_y, backend_name)
-    y_ref, grads_ref = op_forward_backward(inputs, grad_y, "reference")
+    y, grads = attn_forward_backward(inputs, grad_y, backend_name)
+    y_ref, grads_ref = attn_forward_backward(inputs, grad_y, "reference")
     tol = op_tolerance(dtype)
     torch.testing.assert_close(y, y_ref, **tol)
-    for name, got, want in zip("q k v x gamma".split(), grads, grads_ref):
-        torch.testing.assert_close(got, want, **tol, msg=lambda m, name=name: f"grad_{name}: {m}")
-    x = inputs[3]
-    want_cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    assert y.is_contiguous(memory_format=torch.channels_last if want_cl else torch.contiguous_format)
+    assert_all_close(grads, grads_ref, [f"grad_{name}" for name in "q k v x gamma".split()], **tol)
+    assert_layout_of(y, inputs[3])
 
 
 @pytest.mark.parametrize("backend_name,device", CASES)
@@ -86,8 +94,8 @@ def test_op_mixed_layouts(backend_name, device) -> None:
     gamma = torch.tensor([-1.3], dtype=torch.float64, device=device)
     inputs = [t.detach().requires_grad_() for t in (q, k, v, x, gamma)]
     grad_y = torch.randn(n, d_v, h, w, dtype=torch.float64, device=device)
-    y, grads = op_forward_backward(inputs, grad_y, backend_name)
-    y_ref, grads_ref = op_forward_backward(inputs, grad_y, "reference")
+    y, grads = attn_forward_backward(inputs, grad_y, backend_name)
+    y_ref, grads_ref = attn_forward_backward(inputs, grad_y, "reference")
     torch.testing.assert_close(y, y_ref, **op_tolerance(torch.float64))
     for got, want in zip(grads, grads_ref):
         torch.testing.assert_close(got, want, **op_tolerance(torch.float64))
@@ -98,8 +106,8 @@ def test_op_large_energies(backend_name, device) -> None:
     """Energies of several hundred: the online softmax's max shifts must keep exp finite."""
     inputs = op_inputs((2, 6, 10, 13, 45), "nchw", torch.float32, device, scale=12.0)
     grad_y = torch.randn_like(inputs[3])
-    y, grads = op_forward_backward(inputs, grad_y, backend_name)
-    y64, grads64 = op_forward_backward([t.detach().double().requires_grad_() for t in inputs], grad_y.double(), "reference")
+    y, grads = attn_forward_backward(inputs, grad_y, backend_name)
+    y64, grads64 = attn_forward_backward([t.detach().double().requires_grad_() for t in inputs], grad_y.double(), "reference")
     assert torch.isfinite(y).all() and all(torch.isfinite(g).all() for g in grads)
     torch.testing.assert_close(y.double(), y64, rtol=1e-3, atol=1e-3)
 
@@ -129,10 +137,7 @@ def test_op_propagates_nan(backend_name, device) -> None:
 def test_fused_module_matches_reference(backend_name, device, name, shape, dtype, layout) -> None:
     """Fused PAM / CSM vs the reference: output and the gradients of x and every parameter
     (query, key, value convs, gamma; CSM's SE too), gamma != 0."""
-    fused_cls, ref_cls = MODULES[name]
-    ref = randomize(ref_cls(shape[1])).to(device, dtype)
-    f = fused_cls(shape[1]).to(device, dtype)
-    f.load_state_dict(ref.state_dict())
+    f, ref = fused_pair(*MODULES[name], shape[1], dtype=dtype, device=device)
     x = make_input(shape, layout, dtype, device)
     g = torch.randn(shape, dtype=dtype, device=device)
     got = forward_backward(f, x, g, backend_name)
@@ -140,7 +145,7 @@ def test_fused_module_matches_reference(backend_name, device, name, shape, dtype
     if dtype == torch.float64:
         assert_matches(got, want, dtype)
     else:  # an H*W-term softmax sum in fp32: a little looser than the pointwise modules
-        for a, b in zip([got[0], *got[1]], [want[0], *want[1]]):
+        for a, b in zip(flat(got), flat(want)):
             torch.testing.assert_close(a, b, **op_tolerance(dtype))
 
 
@@ -148,21 +153,15 @@ def test_fused_module_matches_reference(backend_name, device, name, shape, dtype
 def test_gradcheck(backend_name, device) -> None:
     """fp64 gradcheck of the op through autograd (q, k, v, x, gamma), on a small odd shape."""
     inputs = op_inputs((2, 3, 5, 3, 5), "nchw", torch.float64, device)
-
-    def fn(*args):
-        with backend.use_backend(backend_name):
-            return AF.nonlocal_attn(*args)
-
-    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6)
+    assert torch.autograd.gradcheck(on_backend(AF.nonlocal_attn, backend_name), inputs, eps=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("backend_name,device", [c for c in CASES if c.values[0] != "reference"])
+@pytest.mark.parametrize("backend_name,device", without_reference(CASES))
 def test_deterministic(backend_name, device) -> None:
     inputs = op_inputs((2, 8, 48, 19, 27), "nchw", torch.float32, device, scale=2.0)
     grad_y = torch.randn_like(inputs[3])
-    y1, grads1 = op_forward_backward(inputs, grad_y, backend_name)
-    y2, grads2 = op_forward_backward(inputs, grad_y, backend_name)
-    assert torch.equal(y1, y2) and all(torch.equal(a, b) for a, b in zip(grads1, grads2))
+    assert_bitwise_equal(attn_forward_backward(inputs, grad_y, backend_name),
+                         attn_forward_backward(inputs, grad_y, backend_name))
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_gpu)])
@@ -171,19 +170,14 @@ def test_deterministic(backend_name, device) -> None:
 def test_half_precision_error_like_eager(device, dtype, name) -> None:
     """In fp16/bf16 the fused module's error against an fp64 reference is no worse than twice
     the eager same-precision module's (flash-attention's criterion), plus a small floor."""
-    fused_cls, ref_cls = MODULES[name]
     shape = (2, 64, 12, 12)
-    ref = randomize(ref_cls(shape[1])).to(device, torch.float64)
-    f = fused_cls(shape[1]).to(device, torch.float64)
-    f.load_state_dict(ref.state_dict())
+    f, ref = fused_pair(*MODULES[name], shape[1], dtype=torch.float64, device=device)
     x = torch.randn(shape, dtype=torch.float64, device=device)
     g = torch.randn_like(x)
-    exact = forward_backward(ref, x, g)
-    low = forward_backward(copy.deepcopy(f).to(dtype), x.to(dtype), g.to(dtype), device)
-    eager = forward_backward(copy.deepcopy(ref).to(dtype), x.to(dtype), g.to(dtype))
+    exact, low, eager = low_precision_runs(f, ref, x, g, dtype, device)
     names = ["y", "x"] + [n for n, _ in ref.named_parameters()]
     compared = []
-    for name, got, base, truth in zip(names, [low[0], *low[1]], [eager[0], *eager[1]], [exact[0], *exact[1]]):
+    for name, got, base, truth in zip(names, low, eager, exact):
         if name.endswith("key.bias"):
             # softmax over keys ignores q_i . key.bias (the same for every key j): its exact
             # gradient is 0, and what each low-precision path returns is rounding noise.
@@ -198,25 +192,16 @@ def test_half_precision_error_like_eager(device, dtype, name) -> None:
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_compile_fullgraph_on_cpu(name, layout) -> None:
     """torch.compile(fullgraph=True) over the fused module: no graph break, same numbers."""
-    torch._dynamo.reset()
-    fused_cls, ref_cls = MODULES[name]
-    f = fused_cls(24)
-    f.load_state_dict(randomize(ref_cls(24)).state_dict())
-    compiled = torch.compile(f, fullgraph=True)
-    x = make_input((2, 24, 7, 5), layout, torch.float32, "cpu")
-    g = torch.randn(2, 24, 7, 5)
-    with backend.use_backend("cpu"):
-        eager = forward_backward(f, x, g)
-        got = forward_backward(compiled, x, g)
-    for a, b in zip([got[0], *got[1]], [eager[0], *eager[1]]):  # inductor reorders the convs' sums
+    f, _ = fused_pair(*MODULES[name], 24, dtype=torch.float32, device="cpu")
+    got, eager = compiled_and_eager(f, layout)
+    for a, b in zip(flat(got), flat(eager)):  # inductor reorders the convs' sums
         torch.testing.assert_close(a, b, **op_tolerance(torch.float32))
 
 
 def _op_samples():
     """Inputs per op; backward ops get inputs that do not require grad (no double backward)."""
     q, k, v, x, gamma = (t.detach() for t in op_inputs((2, 3, 5, 4, 3), "nchw", torch.float64, "cpu"))
-    backend.select("nonlocal_attn", torch.device("cpu"))  # builds and registers the ops
-    _, out, lse = torch.ops.attnkernels.nonlocal_attn(q, k, v, x, gamma)
+    _, out, lse = load_compiled_ops().nonlocal_attn(q, k, v, x, gamma)
     cl = [t.contiguous(memory_format=torch.channels_last) for t in (q, k, v, x)]
     return {
         "nonlocal_attn": [
@@ -228,9 +213,9 @@ def _op_samples():
 
 
 @pytest.mark.parametrize("op_name", ["nonlocal_attn", "nonlocal_attn_backward"])
-def test_opcheck(op_name) -> None:
+def test_opcheck(op_name, compiled_ops) -> None:
     """Schema, fake implementation, autograd registration and AOT dispatch of each C++ op."""
-    op = getattr(torch.ops.attnkernels, op_name).default
+    op = getattr(compiled_ops, op_name).default
     for args in _op_samples()[op_name]:
         torch.library.opcheck(op, args)
 
@@ -266,12 +251,11 @@ def test_fused_pam_allocates_far_less_than_one_attention_matrix() -> None:
     assert fused_peak < hw_matrix / 4, (fused_peak, hw_matrix)
 
 
-@pytest.mark.parametrize("backend_name", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
-def test_op_input_errors(backend_name) -> None:
+@pytest.mark.parametrize("backend_name", COMPILED_BACKENDS)
+def test_op_input_errors(backend_name, compiled_ops) -> None:
     """The C++/CUDA ops name the argument and what they expected."""
     device = "cuda" if backend_name == "cuda" else "cpu"
-    backend.select("nonlocal_attn", torch.device(device))
-    op = torch.ops.attnkernels.nonlocal_attn
+    op = compiled_ops.nonlocal_attn
     q, k, v, x, gamma = (t.detach() for t in op_inputs((2, 3, 5, 4, 3), "nchw", torch.float32, device))
     with pytest.raises(ValueError, match=r"nonlocal_attn: x must be 4-D"):
         op(q, k, v, x[0], gamma)
@@ -287,30 +271,25 @@ def test_op_input_errors(backend_name) -> None:
         op(q, k, v, x, torch.ones(2, device=device))
     _, out, lse = op(q, k, v, x, gamma)
     with pytest.raises(ValueError, match=r"nonlocal_attn_backward: lse must have shape \(N, H\*W\)"):
-        torch.ops.attnkernels.nonlocal_attn_backward(torch.randn_like(x), q, k, v, gamma, out, lse[:, :5])
+        compiled_ops.nonlocal_attn_backward(torch.randn_like(x), q, k, v, gamma, out, lse[:, :5])
     with pytest.raises(ValueError, match=r"nonlocal_attn_backward: grad_y must match x's shape"):
-        torch.ops.attnkernels.nonlocal_attn_backward(torch.randn_like(x)[:1], q, k, v, gamma, out, lse)
+        compiled_ops.nonlocal_attn_backward(torch.randn_like(x)[:1], q, k, v, gamma, out, lse)
 
 
 def test_functional_argument_errors() -> None:
     q, k, v, x, gamma = (t.detach() for t in op_inputs((2, 3, 5, 4, 3), "nchw", torch.float32, "cpu"))
-    with pytest.raises(ValueError, match=r"nonlocal_attn: k must have shape \(N, 3, H, W\)"):
+    with pytest.raises(ValueError, match=r"nonlocal_attn: k must have q's shape \(N, D_qk, H, W\) = \[2, 3, 4, 3\]"):
         AF.nonlocal_attn(q, k[:, :2], v, x, gamma)
-    with pytest.raises(ValueError, match=r"nonlocal_attn: v must have shape \(N, 5, H, W\)"):
+    with pytest.raises(ValueError, match=r"nonlocal_attn: v must have x's shape \(N, D_v, H, W\) = \[2, 5, 4, 3\]"):
         AF.nonlocal_attn(q, k, v[:, :4], x, gamma)
     with pytest.raises(ValueError, match=r"nonlocal_attn: gamma must hold one value"):
         AF.nonlocal_attn(q, k, v, x, torch.ones(3))
-    with pytest.raises(ValueError, match=r"nonlocal_attn: q must be a 4-D"):
+    with pytest.raises(ValueError, match=r"nonlocal_attn: q must have shape \(N, D_qk, H, W\)"):
         AF.nonlocal_attn(q[0], k, v, x, gamma)
 
 
 def test_fused_modules_keep_reference_interface() -> None:
-    for name, (fused_cls, ref_cls) in MODULES.items():
-        f, r = fused_cls(64), ref_cls(64)
-        assert f.state_dict().keys() == r.state_dict().keys(), name
-        r.load_state_dict(f.state_dict())
-        assert isinstance(f, ref_cls)
-        with pytest.raises(ValueError, match=r"x must have 64 channels"):
-            f(torch.randn(2, 32, 4, 4))
+    for fused_cls, ref_cls in MODULES.values():
+        assert_keeps_reference_interface(fused_cls(64), ref_cls(64))
     csm = fused.CSM(32)
     assert type(csm.channel) is fused.SE and type(csm.spatial) is fused.PAM

@@ -1,4 +1,4 @@
-"""The reference modules against SPEC.md: independent oracles, precision, layout, determinism."""
+"""The reference modules against docs/contract.md: independent oracles, precision, layout, determinism."""
 from __future__ import annotations
 
 import copy
@@ -6,7 +6,7 @@ import copy
 import oracles
 import pytest
 import torch
-from conftest import SHAPES, bridge_inputs, build, randomize, train_modes
+from helpers import SHAPES, bridge_inputs, build, randomize, train_modes
 
 from attnkernels import reference as R
 

@@ -1,4 +1,4 @@
-"""`create` and the registry: every SPEC module by its lower-case name."""
+"""`create` and the registry: every module of docs/contract.md by its lower-case name."""
 from __future__ import annotations
 
 import pytest

@@ -14,16 +14,23 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_channel_gate import make_input, needs_gpu
+from helpers import (
+    COMPILED_BACKENDS,
+    LAYOUTS,
+    assert_all_close,
+    assert_bitwise_equal,
+    assert_layout_of,
+    backend_cases,
+    load_compiled_ops,
+    make_input,
+    on_backend,
+)
 
 from attnkernels import backend
 from attnkernels import functional as AF
+from attnkernels.ops.shuffle_conv import ConvAlgorithm
 
-CASES = [pytest.param(b, "cpu", a, id=f"{b}-cpu-{a}") for b in ("cpu",) for a in ("direct", "library")] + [
-    pytest.param(b, "cuda", a, id=f"{b}-cuda-{a}", marks=needs_gpu)
-    for b in ("cuda", "triton")
-    for a in ("direct", "library")
-]
+CASES = backend_cases(cpu=("cpu",), cuda=("cuda", "triton"), algorithms=("direct", "library"))
 # (N, C_in, C_out, groups, shuffle_groups, k, H, W): GAM's conv1 (C -> C/r, groups, no shuffle)
 # and conv2 (C/r -> C, shuffled), k = 1, 3, 7 with images smaller than the kernel, H*W = 1,
 # odd H != W, N = 1.
@@ -34,7 +41,6 @@ SHAPES = [
     (3, 6, 4, 1, 3, 1, 4, 5),
     (2, 4, 8, 2, 2, 5, 1, 1),
 ]
-LAYOUTS = ["nchw", "channels_last", "sliced"]
 
 
 def conv_inputs(shape, layout: str, dtype: torch.dtype, device: str, prologue: bool):
@@ -71,12 +77,6 @@ def tolerance(dtype: torch.dtype) -> dict:
     return {"rtol": 1e-10, "atol": 1e-10} if dtype == torch.float64 else {"rtol": 2e-4, "atol": 2e-5}
 
 
-def assert_all_close(got, want, dtype, names) -> None:
-    tol = tolerance(dtype)
-    for name, a, b in zip(names, got, want, strict=True):
-        torch.testing.assert_close(a, b, **tol, msg=lambda m, name=name: f"{name}: {m}")
-
-
 def unpack(inputs, prologue: bool):
     s, weight, bias, *rest = inputs
     return s, weight, bias, (rest[0] if prologue else None), (rest[1] if prologue else None), rest[2 if prologue else 0 :]
@@ -104,7 +104,7 @@ def test_op_matches_reference(backend_name, device, algo, shape, dtype, prologue
     got = run(fn, inputs, grad_of, backend_name)
     want = run(fn, inputs, grad_of, "reference")
     names = ["out", "s", "weight", "bias"] + ["in_scale", "in_shift"] * prologue + ["gate_x", "out_scale", "out_shift"] * gated
-    assert_all_close([got[0], *got[1]], [want[0], *want[1]], dtype, names)
+    assert_all_close([got[0], *got[1]], [want[0], *want[1]], names, **tolerance(dtype))
     assert got[0].dtype == (dtype if gated else want[0].dtype)
 
 
@@ -122,9 +122,9 @@ def test_op_layouts(backend_name, device, algo, layout) -> None:
     g = torch.randn(2, 12, 5, 6, dtype=torch.float64, device=device)
     got = run(fn, inputs, lambda y: g, backend_name)
     want = run(fn, inputs, lambda y: g, "reference")
-    assert_all_close([got[0], *got[1]], [want[0], *want[1]], torch.float64, ["y"] + [f"grad{i}" for i in range(8)])
-    want_cl = layout == "channels_last"
-    assert got[0].is_contiguous(memory_format=torch.channels_last if want_cl else torch.contiguous_format)
+    assert_all_close([got[0], *got[1]], [want[0], *want[1]], ["y"] + [f"grad{i}" for i in range(8)],
+                     **tolerance(torch.float64))
+    assert_layout_of(got[0], inputs[0])
 
 
 @pytest.mark.parametrize("backend_name,device,algo", CASES)
@@ -150,7 +150,7 @@ def test_bn_gate_matches_reference(backend_name, device, algo, shape, dtype, aff
     got = run(fn, inputs, lambda y: grad.setdefault("g", torch.randn_like(y)), backend_name)
     want = run(fn, inputs, lambda y: grad.setdefault("g", torch.randn_like(y)), "reference")
     names = ["y", "mean", "var", "s", "weight", "bias", "in_scale", "in_shift", "gate_x"] + ["bn_weight", "bn_bias"] * affine
-    assert_all_close([*got[0], *got[1]], [*want[0], *want[1]], dtype, names)
+    assert_all_close([*got[0], *got[1]], [*want[0], *want[1]], names, **tolerance(dtype))
 
 
 @pytest.mark.parametrize("backend_name,device,algo", CASES)
@@ -161,16 +161,14 @@ def test_gradcheck(backend_name, device, algo) -> None:
 
     def gated(*args):
         s, weight, bias, in_scale, in_shift, gate = unpack(args, True)
-        with backend.use_backend(backend_name):
-            return AF.shuffle_conv(s, weight, bias, 2, 2, in_scale, in_shift, *gate, conv=algo)
+        return AF.shuffle_conv(s, weight, bias, 2, 2, in_scale, in_shift, *gate, conv=algo)
 
     def bn_gate(*args):
         s, weight, bias, in_scale, in_shift, (gate_x, bn_weight, bn_bias) = unpack(args, True)
-        with backend.use_backend(backend_name):
-            return AF.shuffle_conv_bn_gate(s, weight, bias, 2, 2, in_scale, in_shift, gate_x, bn_weight, bn_bias, conv=algo)[0]
+        return AF.shuffle_conv_bn_gate(s, weight, bias, 2, 2, in_scale, in_shift, gate_x, bn_weight, bn_bias, conv=algo)[0]
 
-    assert torch.autograd.gradcheck(gated, inputs, eps=1e-6, atol=1e-6)
-    assert torch.autograd.gradcheck(bn_gate, inputs, eps=1e-6, atol=1e-6)
+    assert torch.autograd.gradcheck(on_backend(gated, backend_name), inputs, eps=1e-6, atol=1e-6)
+    assert torch.autograd.gradcheck(on_backend(bn_gate, backend_name), inputs, eps=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("backend_name,device,algo", CASES)
@@ -195,17 +193,14 @@ def test_deterministic(backend_name, device, algo) -> None:
         s, weight, bias, in_scale, in_shift, gate = unpack(args, True)
         return AF.shuffle_conv(s, weight, bias, 4, 4, in_scale, in_shift, *gate, conv=algo)
 
-    a, grads_a = run(fn, inputs, lambda y: g, backend_name)
-    b, grads_b = run(fn, inputs, lambda y: g, backend_name)
-    assert torch.equal(a, b) and all(torch.equal(x, y) for x, y in zip(grads_a, grads_b))
+    assert_bitwise_equal(run(fn, inputs, lambda y: g, backend_name), run(fn, inputs, lambda y: g, backend_name))
 
 
 def _op_samples():
     shape = (2, 4, 8, 2, 2, 3, 3, 4)
     s, weight, bias, in_scale, in_shift = (t.detach() for t in conv_inputs(shape, "nchw", torch.float64, "cpu", True))
     gate_x, out_scale, out_shift = (t.detach() for t in gate_inputs(shape, "nchw", torch.float64, "cpu"))
-    backend.select("shuffle_conv", torch.device("cpu"))  # builds and registers the ops
-    z = torch.ops.attnkernels.shuffle_conv(s, weight, bias, 2, 2, in_scale, in_shift, None, None, None)
+    z = load_compiled_ops().shuffle_conv(s, weight, bias, 2, 2, in_scale, in_shift, None, None, None)
     mean, rstd = z.mean((0, 2, 3)), z.var((0, 2, 3), correction=0).add(1e-5).rsqrt()
     grad = lambda *ts: tuple(t.clone().requires_grad_() for t in ts)  # noqa: E731
     s_cl = s.contiguous(memory_format=torch.channels_last)
@@ -225,34 +220,33 @@ def _op_samples():
 @pytest.mark.parametrize(
     "op_name", ["shuffle_conv", "shuffle_conv_backward", "shuffle_conv_epilogue", "shuffle_conv_epilogue_backward"]
 )
-def test_opcheck(op_name) -> None:
-    op = getattr(torch.ops.attnkernels, op_name).default
+def test_opcheck(op_name, compiled_ops) -> None:
+    op = getattr(compiled_ops, op_name).default
     for args in _op_samples()[op_name]:
         torch.library.opcheck(op, args)
 
 
-@pytest.mark.parametrize("library", [False, True], ids=["direct", "library"])
-def test_opcheck_bn_gate(library) -> None:
-    """The composite op (a Python custom op over the primitives) passes opcheck too."""
+@pytest.mark.parametrize("conv", list(ConvAlgorithm), ids=lambda a: a.name.lower())
+def test_opcheck_bn_gate(conv, compiled_ops) -> None:
+    """The composite op (written once in Python over the namespace's primitives, registered
+    into it) passes opcheck too, batch statistics and running ones; conv a ConvAlgorithm int."""
     shape = (2, 4, 8, 2, 2, 3, 3, 4)
     s, weight, bias, in_scale, in_shift = conv_inputs(shape, "nchw", torch.float64, "cpu", True)
     gate_x = gate_inputs(shape, "nchw", torch.float64, "cpu")[0]
     bn_weight, bn_bias = (torch.randn(8, dtype=torch.float64).requires_grad_() for _ in range(2))
-    backend.select("shuffle_conv", torch.device("cpu"))
-    op = torch.ops.attnkernels_composite.shuffle_conv_bn_gate.default
+    op = compiled_ops.shuffle_conv_bn_gate.default
     torch.library.opcheck(op, (s, weight, bias, 2, 2, in_scale, in_shift, gate_x, bn_weight, bn_bias, None, None, 1e-5,
-                               "cpu", library))
+                               int(conv)))
     running = (torch.randn(8, dtype=torch.float64), torch.rand(8, dtype=torch.float64) + 0.5)
     torch.library.opcheck(op, (s, weight, bias, 2, 2, in_scale, in_shift, gate_x, bn_weight, bn_bias, *running, 1e-5,
-                               "cpu", library))
+                               int(conv)))
 
 
-@pytest.mark.parametrize("backend_name", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
-def test_op_input_errors(backend_name) -> None:
+@pytest.mark.parametrize("backend_name", COMPILED_BACKENDS)
+def test_op_input_errors(backend_name, compiled_ops) -> None:
     """The C++/CUDA ops name the argument and what they expected."""
     device = "cuda" if backend_name == "cuda" else "cpu"
-    backend.select("shuffle_conv", torch.device(device))
-    op = torch.ops.attnkernels.shuffle_conv
+    op = compiled_ops.shuffle_conv
     s, weight, bias, in_scale, in_shift = (t.detach() for t in conv_inputs(SHAPES[1], "nchw", torch.float32, device, True))
     with pytest.raises(ValueError, match=r"shuffle_conv: groups must be a positive divisor of s's 8 channels, got 3"):
         op(s, weight, bias, 3, 4, None, None, None, None, None)

@@ -1,8 +1,11 @@
-"""Smoke tests of the benchmark harness: attnkernels.profiling and benchmarks/throughput.py.
+"""Smoke tests of the benchmark harness: attnkernels.profiling, benchmarks/throughput.py and
+benchmarks/harness/.
 
 Timings themselves are never asserted (they belong to benchmarks/); these tests check that
-peak memory is measured as a high-water mark, that the malloc re-exec works, and that a
-tiny throughput run writes complete CSV/JSON rows and survives failing modules and variants.
+peak memory is measured as a high-water mark, that the malloc re-exec works, that a tiny
+throughput run writes complete CSV/JSON rows and a PNG chart, prints progress lines and
+survives failing modules and variants, that the last-level cache is read and inputs rotate
+past it, and that the fused backends of a module come from its hot paths.
 """
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ import csv
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -38,6 +42,17 @@ def _load_throughput():
 @pytest.fixture(scope="module")
 def throughput():
     return _load_throughput()
+
+
+@pytest.fixture(scope="module")
+def harness(throughput):
+    """The harness package (benchmarks/ is on sys.path once throughput.py is loaded)."""
+    import harness.backends
+    import harness.cache
+    import harness.output
+    import harness.variants
+
+    return harness
 
 
 # --------------------------------------------------------------------------- peak_memory
@@ -163,6 +178,8 @@ def test_throughput_writes_complete_rows(throughput, tmp_path, capsys):
     assert len(doc["rows"]) == 5 and doc["rows"][1]["fwd_ms"] > 0
     printed = capsys.readouterr().out
     assert "threads" in printed and "bridge" in printed and "eager" in printed
+    assert doc["meta"]["last_level_cache"]["bytes"] > 0
+    assert set(doc["meta"]["input_sets"]) == {"se 2x16x8x8", "bridge 2x16x8x8"}
 
 
 def test_throughput_records_failures_and_goes_on(throughput, tmp_path, monkeypatch):
@@ -218,6 +235,184 @@ def test_bad_arguments_exit_with_a_message(throughput, capsys):
     with pytest.raises(SystemExit):
         throughput.main(["--modules", "nonesuch", "--out", ""])
     assert "unknown module" in capsys.readouterr().err
+
+
+def test_throughput_writes_png_chart(throughput, tmp_path):
+    pytest.importorskip("matplotlib")
+    rc, _, rows, _ = _run(
+        throughput, tmp_path, "--modules", "eca,se", "--shapes", "2x16x4x4", "--no-compile", "--device", "cpu"
+    )
+    assert rc == 0 and rows
+    assert (tmp_path / "throughput.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_chart_skipped_with_a_note_without_matplotlib(throughput, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
+    (tmp_path / "throughput.png").write_bytes(b"an older run's chart")
+    rc, _, rows, _ = _run(
+        throughput, tmp_path, "--modules", "eca", "--shapes", "2x16x4x4", "--no-compile", "--device", "cpu"
+    )
+    assert rc == 0 and rows  # the CSV and JSON are still written
+    assert not (tmp_path / "throughput.png").exists()
+    notes = [ln for ln in capsys.readouterr().err.splitlines() if "no chart" in ln]
+    assert notes == ["note: no chart: matplotlib is not installed (pip install matplotlib, or make install)"]
+
+
+def test_throughput_prints_progress_lines(throughput, tmp_path, capsys):
+    rc, _, rows, _ = _run(
+        throughput, tmp_path, "--modules", "eca,se", "--shapes", "2x16x4x4,2x16x8x8", "--no-compile",
+        "--device", "cpu", "--json",
+    )
+    assert rc == 0
+    out, err = capsys.readouterr()
+    assert len(json.loads(out)["rows"]) == len(rows)  # progress never reaches stdout
+    lines = err.splitlines()
+    cases = ["eca 2x16x4x4", "eca 2x16x8x8", "se 2x16x4x4", "se 2x16x8x8"]
+    for i, case in enumerate(cases, 1):
+        start = lines.index(f"[{i}/4] {case}: timing...")
+        done = [j for j, ln in enumerate(lines) if re.fullmatch(rf"\[{i}/4\] {case}: done in \d+\.\d s \(.+\)", ln)]
+        assert len(done) == 1 and done[0] > start, (case, err)
+
+
+# --------------------------------------------------------------------------- last-level cache and rotation
+
+
+def _fake_sysfs(root: Path, caches) -> Path:
+    """A /sys/devices/system/cpu/cpu0/cache look-alike: one index<i>/ per (level, type, size)."""
+    for i, (level, kind, size) in enumerate(caches):
+        index = root / f"index{i}"
+        index.mkdir(parents=True)
+        (index / "level").write_text(f"{level}\n")
+        (index / "type").write_text(f"{kind}\n")
+        (index / "size").write_text(f"{size}\n")
+    return root
+
+
+def test_llc_is_read_from_sysfs(harness, tmp_path):
+    C = harness.cache
+    caches = [(1, "Data", "32K"), (1, "Instruction", "32K"), (2, "Unified", "1024K"), (3, "Unified", "32768K")]
+    root = _fake_sysfs(tmp_path / "a", caches)
+    info = C.last_level_cache("cpu", sysfs_root=root, lscpu=lambda: pytest.fail("lscpu run although sysfs answered"))
+    assert info == C.CacheInfo(32 * MIB, "L3", "sysfs")
+    assert "32 MiB L3 (sysfs)" == info.describe()
+    # No L3: the L2 is the last level; an instruction cache never counts, however large.
+    root = _fake_sysfs(tmp_path / "b", [(1, "Data", "48K"), (2, "Unified", "2048K"), (3, "Instruction", "64M")])
+    assert C.last_level_cache("cpu", sysfs_root=root) == C.CacheInfo(2 * MIB, "L2", "sysfs")
+
+
+def test_llc_falls_back_to_lscpu_then_a_default(harness, tmp_path):
+    C = harness.cache
+    missing = tmp_path / "no-sysfs"
+    lscpu = (
+        "L1d cache:  64 KiB (2 instances)\nL1i cache:  64 KiB (2 instances)\n"
+        "L2 cache:  2 MiB (2 instances)\nL3 cache:  64 MiB (2 instances)\n"
+    )
+    # Newer lscpu prints the total over instances: one instance is 32 MiB.
+    assert C.last_level_cache("cpu", sysfs_root=missing, lscpu=lambda: lscpu) == C.CacheInfo(32 * MIB, "L3", "lscpu")
+    # Older lscpu prints one instance's size.
+    older = "L2 cache:            256K\nL3 cache:            16384K\n"
+    assert C.parse_lscpu(older) == C.CacheInfo(16 * MIB, "L3", "lscpu")
+    assert C.last_level_cache("cpu", sysfs_root=missing, lscpu=lambda: "") == C.CacheInfo(32 * MIB, "LLC", "default")
+    assert C.last_level_cache("cpu").bytes > 0  # this machine, whichever source answers
+
+
+def test_rotation_rule(harness):
+    C = harness.cache
+    default_cpu_x = 4 * 512 * 28 * 28 * 4  # 4x512x28x28 fp32: 6.1 MiB
+    assert C.rotation_count(default_cpu_x, 32 * MIB) == 11  # 11 copies: 67 MiB >= 2 x 32 MiB; 10: 61 MiB
+    assert C.rotation_count(default_cpu_x, 3 * MIB) == 1  # one input is already twice the cache
+    assert C.rotation_count(default_cpu_x, 0) == 1
+    assert C.rotation_count(8192, 1 << 30) == C.MAX_INPUT_SETS  # tiny inputs: capped
+
+
+def test_inputs_rotate_past_the_cache(harness):
+    V = harness.variants
+    cache = 64 * 1024
+    copy_bytes = 2 * 16 * 8 * 8 * 4 + 2 * 3 * 8 * 8 * 4  # x (8 KiB) and one 3-channel bridge map
+    inputs = V.make_inputs((2, 16, 8, 8), [3], torch.float32, torch.device("cpu"), cache)
+    n = inputs.count
+    assert inputs.rotation_bytes == n * copy_bytes >= 2 * cache > (n - 1) * copy_bytes  # enough copies, no more
+    seen = [inputs.next() for _ in range(2 * n)]
+    assert len({s.x.data_ptr() for s in seen[:n]}) == n and seen[n] is seen[0]  # round-robin over distinct copies
+    for s in seen[:n]:  # the same values in every copy
+        assert torch.equal(s.x, inputs.x) and torch.equal(s.grad_out, seen[0].grad_out)
+        assert torch.equal(s.bridges[0], seen[0].bridges[0])
+        assert s.x_leaf.is_leaf and s.x_leaf.requires_grad and not s.x.requires_grad
+    # One rotation for all variants: consecutive calls, whichever variant makes them, read different copies.
+    read = []
+    first = V.forward_step(lambda x, *b: read.append(x.data_ptr()) or x, inputs)
+    second = V.forward_step(lambda x, *b: read.append(x.data_ptr()) or x, inputs)
+    first(), second(), first()
+    assert len(set(read)) == 3
+    assert V.make_inputs((2, 16, 8, 8), [], torch.float32, torch.device("cpu")).count == 1  # no cache size: no rotation
+
+
+def test_throughput_records_the_cache_and_rotation(throughput, harness, tmp_path, monkeypatch, capsys):
+    sysfs = _fake_sysfs(tmp_path / "sys", [(2, "Unified", "64K"), (3, "Unified", "96K")])
+    monkeypatch.setattr(harness.cache, "SYSFS_CACHE_DIR", sysfs)  # what last_level_cache reads by default
+    rc, _, rows, doc = _run(
+        throughput, tmp_path / "out", "--modules", "eca", "--shapes", "2x16x8x8", "--no-compile", "--device", "cpu"
+    )
+    assert rc == 0 and {r["shape"] for r in rows} == {"2x16x8x8"}  # explicit shapes are measured as given
+    cache = doc["meta"]["last_level_cache"]
+    assert (cache["bytes"], cache["level"], cache["source"], cache["rotation_factor"]) == (96 * 1024, "L3", "sysfs", 2)
+    assert doc["meta"]["input_sets"] == {"eca 2x16x8x8": 24}  # ceil(2 x 96 KiB / 8 KiB)
+    header = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("last-level cache")]
+    assert len(header) == 1 and "L3 (sysfs)" in header[0]
+
+
+# --------------------------------------------------------------------------- fused backends from hot paths
+
+
+@pytest.fixture
+def no_nonlocal_attn_on_cpu(monkeypatch):
+    """The C++ backend reports nonlocal_attn (PAM's hot path) unavailable; the rest is real."""
+    from attnkernels import backend
+
+    real = backend.why_unavailable
+
+    def why_unavailable(name, hot_path, device):
+        if name == "cpu" and hot_path == "nonlocal_attn":
+            return "switched off by the test"
+        return real(name, hot_path, device)
+
+    monkeypatch.setattr(backend, "why_unavailable", why_unavailable)
+    yield
+    monkeypatch.undo()
+    if hasattr(getattr(backend, "_select", None), "cache_clear"):
+        backend._select.cache_clear()  # no choice made under the fake outlives the test
+
+
+def test_backend_choice_comes_from_hot_paths(harness, monkeypatch, no_nonlocal_attn_on_cpu):
+    from attnkernels.nn import FUSED
+
+    B = harness.backends
+    off = "nonlocal_attn: switched off by the test"
+    assert B.backend_problems(FUSED["pam"].hot_paths, "cpu", ["cpu"]) == {"cpu": off}
+    assert B.fused_backends(FUSED["csm"].hot_paths, "cpu", ["cpu"]) == []  # CSM runs SE's and PAM's hot paths
+    assert B.module_backends("eca", "cpu", ["cpu"]) == {"cpu": None}
+    assert B.module_backends("bridge", "cpu", ["cpu"]) == {}  # no fused class
+    monkeypatch.setattr(FUSED["eca"], "hot_paths", ("channel_gate", "nonlocal_attn"))  # the class attribute decides
+    assert B.module_backends("eca", "cpu", ["cpu"]) == {"cpu": off}
+
+
+def test_no_row_for_a_backend_missing_a_hot_path(throughput, tmp_path, capsys, no_nonlocal_attn_on_cpu):
+    rc, _, rows, doc = _run(
+        throughput, tmp_path, "--modules", "eca,pam", "--shapes", "2x16x4x4", "--no-compile", "--device", "cpu"
+    )
+    assert rc == 0 and "fused-cpu" in doc["meta"]["variants"]
+    assert [(r["module"], r["variant"]) for r in rows] == [
+        ("eca", "memcpy"), ("eca", "eager"), ("eca", "fused-cpu"), ("pam", "memcpy"), ("pam", "eager"), ("pam", "sdpa"),
+    ]
+    assert all(r["error"] == "" for r in rows)
+    assert "note: no fused-cpu row for pam: nonlocal_attn: switched off by the test" in capsys.readouterr().err
+    # The model rows ask the same place.
+    settings = throughput.model_rows.ModelSettings(
+        attentions=["pam", "eca"], variants=["eager", "fused-cpu"], batch=2, size=32, repeats=1,
+        device=torch.device("cpu"),
+    )
+    assert throughput.model_rows.variants_of("pam", settings) == ["eager"]
+    assert throughput.model_rows.variants_of("eca", settings) == ["eager", "fused-cpu"]
 
 
 # --------------------------------------------------------------------------- model rows

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import SHAPES, randomize
+from helpers import SHAPES, randomize
 
 from attnkernels import reference as R
 

@@ -2,11 +2,12 @@
 
 Import this module before any `attnkernels.triton` kernel module: without CUDA it switches the
 Triton interpreter on, which must happen before triton is first imported, and the kernels then
-run on CPU tensors (DEVICE "cpu", shapes kept tiny).
+run on CPU tensors (DEVICE "cpu", shapes kept tiny). Importing a kernel module registers its
+ops under torch.ops.attnkernels_triton, with their autograd and the hot path's composites.
 """
 import os
-import re
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
@@ -37,28 +38,67 @@ def acc_of(dtype: torch.dtype) -> torch.dtype:
 # ----------------------------------------------------------------------------------------
 # Inputs
 # ----------------------------------------------------------------------------------------
-def make_t(shape, dtype, layout, scale=1.0):
-    """A random tensor of `shape` in `layout`: NCHW, channels_last, a strided H*W slice whose
-    pixels do not flatten to one stride (when H, W > 1), or a channel slice (sample stride
-    != C*H*W)."""
+def data(shape, dtype, kind="randn", scale=1.0):
+    """A random tensor of `shape` on DEVICE, made in fp64 and cast to `dtype`:
+    * "randn": normal, times `scale`;
+    * "ties": small integers (repeated maxima everywhere) and constant channels 1, 4, 7, ...;
+    * "relu": relu(normal) (exact zeros: ties at a maximum of 0);
+    * "sparse": relu(normal - 1) with all-zero channels 1, 4, 7, ... (channels whose maximum is
+      a run of zeros);
+    * "constant": -0.75 everywhere."""
+    if kind == "randn":
+        t = torch.randn(shape, dtype=F64) * scale
+    elif kind == "ties":
+        t = torch.randint(-2, 3, shape).to(F64)
+        t[:, 1::3] = 1.0
+    elif kind == "relu":
+        t = torch.relu(torch.randn(shape, dtype=F64))
+    elif kind == "sparse":
+        t = torch.relu(torch.randn(shape, dtype=F64) - 1.0)
+        t[:, 1::3] = 0.0
+    elif kind == "constant":
+        t = torch.full(shape, -0.75, dtype=F64)
+    else:
+        raise AssertionError(kind)
+    return t.to(dtype=dtype, device=DEVICE)
+
+
+def make_t(shape, dtype, layout, scale=1.0, kind="randn"):
+    """A tensor of `shape` (values: `data(..., kind, scale)`) in `layout`:
+    * "nchw", "channels_last";
+    * "sliced": a strided H*W slice whose pixels do not flatten to one stride (H, W > 1);
+    * "channel_slice": a channel slice (sample stride != C*H*W);
+    * "sliced_all": N, C, H and W sliced at once (both of the above);
+    * "sliced_channels_last": a slice of a channels_last tensor (channel stride 1, pixels not
+      flat)."""
     n, c, h, w = shape
 
-    def randn(*size):  # scaled and cast before slicing: a cast densifies a sliced view
-        return (torch.randn(size, dtype=F64) * scale).to(dtype=dtype, device=DEVICE)
+    def values(*size):  # scaled and cast before slicing: a cast densifies a sliced view
+        return data(size, dtype, kind, scale)
 
     if layout == "nchw":
-        t = randn(*shape)
+        t = values(*shape)
+        assert t.is_contiguous()
     elif layout == "channels_last":
-        t = randn(*shape).to(memory_format=torch.channels_last)
+        t = values(*shape).to(memory_format=torch.channels_last)
+        assert t.is_contiguous(memory_format=torch.channels_last)
     elif layout == "sliced":
-        t = randn(n, c, 2 * h, w + 1)[:, :, ::2, 1:]
+        t = values(n, c, 2 * h, w + 1)[:, :, ::2, 1:]
         assert (_common._flat_hw_stride(t) is None) == (h > 1 and w > 1)
     elif layout == "channel_slice":
-        t = randn(n, c + 3, h, w)[:, 2 : c + 2]
+        t = values(n, c + 3, h, w)[:, 2 : c + 2]
         assert t.stride(0) == (c + 3) * h * w
+    elif layout == "sliced_all":
+        t = values(n + 1, c + 3, h + 2, 2 * w + 1)[1:, 2 : c + 2, 1 : h + 1, 1::2]
+    elif layout == "sliced_channels_last":
+        t = values(n, c + 2, h + 1, w + 2).to(memory_format=torch.channels_last)[:, 1 : c + 1, 1:, 2:]
     else:
         raise AssertionError(layout)
     assert t.shape == shape
+    if layout in ("sliced_all", "sliced_channels_last"):
+        assert not t.is_contiguous() and not t.is_contiguous(memory_format=torch.channels_last)
+        if h > 1 and w > 1:  # the kernels' non-flat (h, w) addressing
+            assert _common._flat_hw_stride(t) is None
     return t
 
 
@@ -104,22 +144,27 @@ def within_half_budget(names, ours, theirs, truth, dtype):
         assert err <= 2 * budget + eps * scale, (name, err, budget)
 
 
+def bad_input_params(cases):
+    """pytest params (call, error, pattern) of an input-check table, each with the id
+    "<op>-<row>": `@pytest.mark.parametrize("call,error,pattern", bad_input_params(BAD_INPUTS))`."""
+    return [pytest.param(call, error, pattern, id=f"{pattern.split(':')[0]}-{i}")
+            for i, (call, error, pattern) in enumerate(cases)]
+
+
 # ----------------------------------------------------------------------------------------
 # Registration
 # ----------------------------------------------------------------------------------------
 def check_schemas(names, count):
-    """The ops in `names`, `count` of them in csrc/attnkernels.cpp, are registered under
-    torch.ops.attnkernels_triton with the schemas it defines, verbatim."""
-    expected = _cpp_schemas(names)
-    assert len(expected) == count
-    assert {str(getattr(ops, name).default._schema) for name in names} == expected
+    """The ops in `names`, `count` of them, are registered under torch.ops.attnkernels_triton
+    with the schema the C++ library registers for them (torch.ops.attnkernels, loaded, its
+    namespace aside): the library's own view of csrc/, not a parse of it."""
+    from attnkernels import _ext
 
-
-def _cpp_schemas(names):
-    """{"attnkernels_triton::<schema>"} of the ops in `names` as csrc/attnkernels.cpp defines them."""
-    cpp = os.path.join(os.path.dirname(__file__), "..", "csrc", "attnkernels.cpp")
-    with open(cpp) as f:
-        text = f.read()
-    defs = re.findall(r'm\.def\(\s*((?:"[^"]*"\s*)+)\)', text)
-    schemas = ["".join(re.findall(r'"([^"]*)"', d)) for d in defs]
-    return {"attnkernels_triton::" + d for d in schemas if d.split("(")[0] in names}
+    _ext.load()
+    assert len(set(names)) == count
+    prefix = "attnkernels::"
+    for name in names:
+        theirs = str(getattr(torch.ops.attnkernels, name).default._schema)
+        assert theirs.startswith(prefix), theirs
+        ours = str(getattr(ops, name).default._schema)
+        assert ours == "attnkernels_triton::" + theirs[len(prefix):], name

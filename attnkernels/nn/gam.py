@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from .. import functional as AF
+from ..ops._common import fold_batch_norm
 from ..reference import gam as reference
 from ..reference.formulas import accumulate_dtype
 from ._fused import FusedModule
@@ -71,12 +72,7 @@ def batch_norm_affine(
         update_running_stats(bn, mean.detach(), var.detach(), z.numel() // z.shape[1])
     else:
         mean, var = bn.running_mean.to(dtype), bn.running_var.to(dtype)
-    scale = torch.rsqrt(var + bn.eps)
-    if bn.weight is not None:
-        scale = scale * bn.weight.to(scale.dtype)
-    shift = -mean * scale
-    if bn.bias is not None:
-        shift = shift + bn.bias.to(scale.dtype)
+    scale, shift, _ = fold_batch_norm(mean, var, bn.weight, bn.bias, bn.eps)
     return scale, shift
 
 

@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import functional as AF
-from ..backend import select
+from ..ops import ham_spatial
+from ..ops._common import fold_batch_norm
 from ..reference import ham as reference
 from ..reference.formulas import accumulate_dtype
 from ._fused import FusedModule
@@ -42,19 +43,14 @@ class HAM(FusedModule, reference.HAM):
             not self.training
             and not torch.is_grad_enabled()
             and self.bn.running_mean is not None
-            and select("ham_spatial", x.device) == "cpu"
+            and ham_spatial.has_ham_attention(x.device)
         )
 
     def attend_per_sample(self, x: torch.Tensor) -> torch.Tensor:
         """The inference forward in one op, with BN folded: `bn(z) = z * scale + shift`."""
         bn, acc = self.bn, accumulate_dtype(x.dtype)
-        scale = bn.running_var.to(acc).add(bn.eps).rsqrt()
-        if bn.weight is not None:
-            scale = scale * bn.weight.to(acc)
-        shift = -bn.running_mean.to(acc) * scale
-        if bn.bias is not None:
-            shift = shift + bn.bias.to(acc)
-        return torch.ops.attnkernels.ham_attention(
+        scale, shift, _ = fold_batch_norm(bn.running_mean.to(acc), bn.running_var.to(acc), bn.weight, bn.bias, bn.eps)
+        return ham_spatial.ham_attention(
             x, self.conv.weight, self.alpha, self.beta, self.c_im, self.spatial_conv.weight, scale, shift
         )
 

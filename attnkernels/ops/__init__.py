@@ -1,40 +1,48 @@
-"""torch.library registration, one module per hot path (fake impls and autograd)."""
+"""The op layer: one module per hot path, each the single home of its ops.
+
+`attnkernels/ops/<hot_path>.py` holds, for that hot path: the public functions (re-exported
+by `attnkernels.functional`) with their argument checks, the plain-PyTorch implementation that
+serves as the `reference` backend, the fake (meta) implementations and the autograd of the
+registered ops. The schemas and the math of the ops are written once, in
+`csrc/<hot_path>_ops.cpp`; the kernels live in `csrc/cpu/`, `csrc/cuda/` and
+`attnkernels/triton/`, one file per hot path.
+
+Op namespaces, one per compiled backend family:
+* `torch.ops.attnkernels`: the C++ library (CPU and CUDA kernels behind one schema each; the
+  dispatcher picks by device). Its fakes and autograd are registered when the library is
+  loaded (`attnkernels._ext.load`), never as a side effect of choosing a backend.
+* `torch.ops.attnkernels_triton`: the Triton kernels, registered with the same schemas (read
+  from csrc/) when a module of `attnkernels.triton` is imported; its autograd then too.
+Composite ops (a fixed sequence of a namespace's own ops, such as `channel_attention` where
+no fused kernel exists) are written once in Python and registered into each namespace.
+"""
 from __future__ import annotations
 
-from collections.abc import Callable
+import importlib
 
-import torch
-
-from ..reference._base import memory_format_of
-
-
-def ops_for(backend: str):
-    """The op namespace a compiled backend's kernels live in: `torch.ops.attnkernels_triton`
-    for "triton", `torch.ops.attnkernels` for the C++/CUDA ops."""
-    return torch.ops.attnkernels_triton if backend == "triton" else torch.ops.attnkernels
+#: Every hot path, by its one name (the same in csrc/, triton/, ops/, tests/ and benchmarks/).
+#: A new hot path adds its name here: the library load registers its ops from it.
+HOT_PATHS = ("channel_gate", "ham_spatial", "nonlocal_attn", "gam_channel", "shuffle_conv")
 
 
-def empty_like_layout(t: torch.Tensor) -> torch.Tensor:
-    """What a kernel returns for an output or gradient shaped like feature map `t`: t's
-    layout (channels_last in, channels_last out; NCHW for sliced t), as
-    csrc/include/attnkernels/common.h's empty_like_layout."""
-    return torch.empty_like(t, memory_format=memory_format_of(t))
+def hot_path_module(hot_path: str):
+    """The op module `attnkernels.ops.<hot_path>`."""
+    if hot_path not in HOT_PATHS:
+        raise ValueError(f"unknown hot path {hot_path!r}; expected one of {', '.join(HOT_PATHS)}")
+    return importlib.import_module(f"{__name__}.{hot_path}")
 
 
-def register_once(
-    namespace: str,
-    with_fakes: bool,
-    fakes: dict[str, Callable],
-    register_autograd: Callable[[str], None],
-    registered: set[str],
-) -> None:
-    """Give `namespace`'s ops of one hot path their autograd and, `with_fakes`, their fake
-    impls, once per namespace (`registered` remembers which). Triton ops
-    (torch.library.triton_op) trace their own fake implementation: `with_fakes=False`."""
-    if namespace in registered:
-        return
-    if with_fakes:
-        for name, fake in fakes.items():
-            torch.library.register_fake(f"{namespace}::{name}")(fake)
-    register_autograd(namespace)
-    registered.add(namespace)
+def register(namespace: str) -> None:
+    """Give every hot path's ops in `namespace` their fakes, composites and autograd; idempotent.
+
+    Called once the namespace's kernels exist: by `attnkernels._ext` after loading the C++
+    library ("attnkernels"), by each `attnkernels.triton` module on import ("attnkernels_triton",
+    for its own hot path through `register_hot_path`).
+    """
+    for hot_path in HOT_PATHS:
+        register_hot_path(hot_path, namespace)
+
+
+def register_hot_path(hot_path: str, namespace: str) -> None:
+    """Register one hot path's ops in `namespace` (see `register`)."""
+    hot_path_module(hot_path).REGISTRATION.register(namespace)

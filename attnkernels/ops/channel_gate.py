@@ -1,29 +1,343 @@
-"""channel_gate ops: fake implementations and autograd, for every backend's namespace.
+"""channel_gate hot path: ECA, SE's pooling and MLP, HAM's channel half.
 
-The C++/CUDA ops are `torch.ops.attnkernels.<name>` (schemas in csrc/attnkernels.cpp);
-the Triton ops are `torch.ops.attnkernels_triton.<name>` (attnkernels/triton/channel_gate.py),
-with the same names, signatures and math. `register(namespace)` gives a namespace's forward
-ops their autograd, whose backward is that namespace's registered backward op, and (for the
-C++ namespace) fake implementations for torch.compile. Saved for backward: x and the (N, C)
-pooled maps and gate only; no full-size intermediate.
+    avg, max = channel_pool(x)                          # one read of x
+    gate     = channel_gate(avg, max, weight, mode=...)  # (N, C): mix, 1-D conv over C, sigmoid
+    y        = channel_rescale(x, gate)                  # one read of x, one write of y
+    y        = channel_attention(x, weight, mode=...)    # the three in one (per sample on CPU)
+    y        = channel_mlp_attention(x, w1, b1, w2, b2)  # SE: pool, MLP gate, rescale in one
+
+The math of every op is in csrc/channel_gate_ops.cpp with the schemas; kernels in
+csrc/cpu/channel_gate.cpp, csrc/cuda/channel_gate.cu and attnkernels/triton/channel_gate.py.
+This module holds the public functions, their checks, the `reference` backend, the fakes and
+the autograd. Saved for backward: x and the (N, C) pooled maps and gate only.
 """
 from __future__ import annotations
 
+import enum
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
-# The same rules as the reference modules and csrc/include/attnkernels/common.h: the
-# accumulation dtype, and the layout of a full-size output (channels_last in, out).
-from . import empty_like_layout, register_once
+from ..reference._base import memory_format_of
 from ..reference.formulas import accumulate_dtype
+from . import _checks as check
+from ._common import Composite, Registration, backend_ops, empty_like_layout
 
-FORWARD_OPS = ("channel_pool", "channel_gate", "channel_rescale")
-BACKWARD_OPS = ("channel_pool_backward", "channel_gate_backward", "channel_rescale_backward")
+HOT_PATH = "channel_gate"
 
-_registered: set[str] = set()
+#: The public functions (re-exported by attnkernels.functional).
+__all__ = ["GATE_MODES", "GateMode", "channel_pool", "channel_gate", "channel_rescale", "channel_attention", "channel_mlp_attention"]
 
 
+class GateMode(enum.IntEnum):
+    """What channel_gate's 1-D conv reads: f = avg, f = max, or HAM's adaptive mix
+    f = 0.5*(avg + max) + alpha*avg + beta*max. The ops take the integer; the public functions
+    the name. csrc/include/attnkernels/channel_gate.h has the same enum."""
+
+    AVG = 0
+    MAX = 1
+    MIX = 2
+
+    @classmethod
+    def parse(cls, op: str, mode: str) -> GateMode:
+        """The mode named `mode` ("avg", "max", "mix")."""
+        names = {m.name.lower(): m for m in cls}
+        if not isinstance(mode, str) or mode not in names:
+            raise ValueError(f"{op}: mode must be one of {', '.join(names)}; got {mode!r}")
+        return names[mode]
+
+    @classmethod
+    def check(cls, op: str, mode) -> GateMode:
+        """The op argument `mode` (an int) as a GateMode."""
+        if isinstance(mode, bool) or not isinstance(mode, int) or mode not in cls._value2member_map_:
+            raise ValueError(f"{op}: mode must be 0 (avg), 1 (max) or 2 (mix), got {mode}")
+        return cls(mode)
+
+
+#: channel_gate's pooling modes by name (the public functions' `mode`).
+GATE_MODES = {m.name.lower(): int(m) for m in GateMode}
+
+
+# ----------------------------------------------------------------------------------------
+# Public functions (attnkernels.functional)
+# ----------------------------------------------------------------------------------------
+def _ops(device: torch.device):
+    return backend_ops(HOT_PATH, device, Reference)
+
+
+def channel_pool(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and max of x (N, C, H, W) over H*W: two (N, C) maps in the accumulation dtype."""
+    check_channel_pool(x)
+    return _ops(x.device).channel_pool(x)
+
+
+def channel_gate(
+    avg: torch.Tensor,
+    max: torch.Tensor,
+    weight: torch.Tensor,
+    alpha: torch.Tensor | None = None,
+    beta: torch.Tensor | None = None,
+    mode: str = "avg",
+) -> torch.Tensor:
+    """`sigmoid(conv1d_over_C(f))` (N, C), f chosen by `mode` ("avg", "max", "mix").
+
+    `weight` holds the k taps of the zero-padded 1-D conv (k odd, any shape with k
+    elements, e.g. a Conv1d(1, 1, k) weight); "mix" needs the scalars alpha and beta.
+    """
+    m, alpha, beta = _gate_mode("channel_gate", weight, alpha, beta, mode)
+    check_channel_gate(avg, max, weight, alpha, beta, m)
+    return _ops(avg.device).channel_gate(avg, max, weight, alpha, beta, m)
+
+
+def channel_rescale(x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """`y = x * gate[:, :, None, None]`, computed in the accumulation dtype, in x's dtype and layout.
+
+    `gate` (N, C) is cast to the accumulation dtype of x if it is not already.
+    """
+    check.feature_map("channel_rescale", "x", x)
+    gate = gate.to(accumulate_dtype(x.dtype))
+    check_channel_rescale(x, gate)
+    return _ops(x.device).channel_rescale(x, gate)
+
+
+def channel_attention(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    alpha: torch.Tensor | None = None,
+    beta: torch.Tensor | None = None,
+    mode: str = "avg",
+) -> torch.Tensor:
+    """The whole ECA-style gate: `channel_rescale(x, channel_gate(*channel_pool(x), ...))`.
+
+    On the C++ CPU backend this is one kernel that pools, gates and rescales each sample while
+    it is in cache; elsewhere the three ops run in turn (one composite op).
+    """
+    m, alpha, beta = _gate_mode("channel_attention", weight, alpha, beta, mode)
+    check_channel_attention(x, weight, alpha, beta, m)
+    return _ops(x.device).channel_attention(x, weight, alpha, beta, m)[0]
+
+
+def channel_mlp_attention(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor | None,
+    w2: torch.Tensor,
+    b2: torch.Tensor | None,
+) -> torch.Tensor:
+    """SE's whole gate: `y = x * sigmoid(w2 @ relu(w1 @ mean_hw(x) + b1) + b2)`.
+
+    `w1` holds (rd, C) values and `w2` (C, rd) (e.g. the weights of SE's 1x1 convs fc1 and
+    fc2); the MLP runs in the accumulation dtype of x. On the C++ CPU backend one kernel pools,
+    gates and rescales each sample while it is in cache; elsewhere channel_pool, the MLP in
+    torch and channel_rescale run in turn (one composite op).
+    """
+    check_mlp_args(x, w1, b1, w2, b2)
+    return _ops(x.device).channel_mlp_attention(x, w1, b1, w2, b2)[0]
+
+
+def _gate_mode(op: str, weight, alpha, beta, mode: str):
+    """The public `mode` name as a GateMode, and (alpha, beta): None unless mode is "mix"."""
+    m = GateMode.parse(op, mode)
+    if m == GateMode.MIX and (alpha is None or beta is None):
+        raise ValueError(f"{op}: mode 'mix' needs alpha and beta")
+    check.tensor(op, "weight", weight)
+    if weight.numel() % 2 == 0:
+        raise ValueError(f"{op}: weight must hold an odd number of taps, got {weight.numel()}")
+    return (m, alpha, beta) if m == GateMode.MIX else (m, None, None)
+
+
+# ----------------------------------------------------------------------------------------
+# Argument checks of the ops (the reference backend and the Triton ops share them; the C++
+# ops check the same rules in csrc/include/attnkernels/channel_gate.h, in the same words)
+# ----------------------------------------------------------------------------------------
+def check_channel_pool(x) -> None:
+    check.feature_map("channel_pool", "x", x)
+
+
+def check_channel_gate(avg, max, weight, alpha, beta, mode, op: str = "channel_gate") -> GateMode:
+    """channel_gate's inputs: avg and max (N, C) in one accumulation dtype, k odd taps,
+    alpha and beta (one value each) for the mix; returns mode as a GateMode."""
+    mode = GateMode.check(op, mode)
+    check.tensor(op, "avg", avg)
+    if avg.dim() != 2:
+        raise ValueError(f"{op}: avg must be (N, C), got {list(avg.shape)}")
+    check.tensor(op, "max", max)
+    if max.shape != avg.shape or max.dtype != avg.dtype:
+        raise ValueError(f"{op}: max must match avg's shape {list(avg.shape)} and dtype "
+                         f"{check.dtype_name(avg.dtype)}, got {list(max.shape)} {check.dtype_name(max.dtype)}")
+    if avg.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"{op}: avg must be float32 or float64 (an accumulation dtype), got {check.dtype_name(avg.dtype)}")
+    check.device(op, "max", max, avg.device)
+    check.tensor(op, "weight", weight)
+    if weight.numel() % 2 == 0:
+        raise ValueError(f"{op}: weight must hold an odd number of taps, got {weight.numel()}")
+    check.device(op, "weight", weight, avg.device)
+    if mode == GateMode.MIX:
+        if alpha is None or beta is None:
+            raise ValueError(f"{op}: mode 2 (mix) needs alpha and beta")
+        _check_mix_scalars(op, alpha, beta, avg.device)
+    return mode
+
+
+def _check_mix_scalars(op: str, alpha, beta, where: torch.device) -> None:
+    """The mix's alpha and beta: one floating value each, on the device."""
+    for name, t in (("alpha", alpha), ("beta", beta)):
+        check.tensor(op, name, t)
+    if alpha.numel() != 1 or beta.numel() != 1:
+        raise ValueError(f"{op}: alpha and beta must hold one value each")
+    check.device(op, "alpha", alpha, where)
+    check.device(op, "beta", beta, where)
+
+
+def check_channel_rescale(x, gate, op: str = "channel_rescale") -> None:
+    check.feature_map(op, "x", x)
+    check.per_channel(op, "gate", gate, x)
+
+
+def check_channel_attention(x, weight, alpha, beta, mode) -> None:
+    op = "channel_attention"
+    check.feature_map(op, "x", x)
+    check.tensor(op, "weight", weight)
+    if GateMode.check(op, mode) == GateMode.MIX:
+        if alpha is None or beta is None:
+            raise ValueError(f"{op}: mode 2 (mix) needs alpha and beta")
+        _check_mix_scalars(op, alpha, beta, x.device)
+    if weight.numel() % 2 == 0:
+        raise ValueError(f"{op}: weight must hold an odd number of taps, got {weight.numel()}")
+    check.device(op, "weight", weight, x.device)
+
+
+def check_mlp_args(x, w1, b1, w2, b2, op: str = "channel_mlp_attention") -> None:
+    """SE's MLP gate: w1 holds rd*C values with rd = w1.size(0), w2 C*rd, the optional biases
+    rd and C values, all floating and on x's device."""
+    check.feature_map(op, "x", x)
+    c = x.shape[1]
+    for name, t in (("w1", w1), ("w2", w2)):
+        check.tensor(op, name, t)
+    if w1.dim() < 1 or w1.shape[0] < 1 or w1.numel() != w1.shape[0] * c:
+        raise ValueError(f"{op}: w1 must hold (rd, C) = (rd, {c}) values, got shape {list(w1.shape)}")
+    rd = w1.shape[0]
+    if w2.dim() < 1 or w2.shape[0] != c or w2.numel() != c * rd:
+        raise ValueError(f"{op}: w2 must hold (C, rd) = ({c}, {rd}) values, got shape {list(w2.shape)}")
+    for name, t, count, what in (("b1", b1, rd, "rd"), ("b2", b2, c, "C")):
+        if t is not None:
+            check.vector(op, name, t, count, x.device, what)
+    for name, t in (("w1", w1), ("w2", w2)):
+        check.device(op, name, t, x.device)
+
+
+# ----------------------------------------------------------------------------------------
+# Argument checks of the backward ops (worded as csrc/cpu/channel_gate.cpp's; the Triton ops
+# use them)
+# ----------------------------------------------------------------------------------------
+def check_channel_pool_backward(grad_avg, grad_max, x, max, op: str = "channel_pool_backward") -> None:
+    """x (N, C, H, W); grad_avg, max and (when given) grad_max (N, C) maps of x."""
+    check.feature_map(op, "x", x)
+    check.per_channel(op, "grad_avg", grad_avg, x)
+    check.per_channel(op, "max", max, x)
+    if grad_max is not None:
+        check.per_channel(op, "grad_max", grad_max, x)
+
+
+def check_channel_gate_backward(grad_gate, gate, avg, max, weight, alpha, beta, mode,
+                                op: str = "channel_gate_backward") -> GateMode:
+    """channel_gate's arguments, and grad_gate and gate shaped like avg in its dtype, on its
+    device; returns mode as a GateMode."""
+    mode = check_channel_gate(avg, max, weight, alpha, beta, mode, op)
+    for name, t in (("grad_gate", grad_gate), ("gate", gate)):
+        check.tensor(op, name, t)
+    if not (grad_gate.shape == gate.shape == avg.shape and grad_gate.dtype == gate.dtype == avg.dtype):
+        raise ValueError(f"{op}: grad_gate and gate must match avg's shape {list(avg.shape)} and dtype "
+                         f"{check.dtype_name(avg.dtype)}")
+    for name, t in (("grad_gate", grad_gate), ("gate", gate)):
+        check.device(op, name, t, avg.device)
+    return mode
+
+
+def check_channel_rescale_backward(grad_y, x, gate, op: str = "channel_rescale_backward") -> None:
+    """channel_rescale's arguments, and grad_y shaped like x in its dtype."""
+    check_channel_rescale(x, gate, op)
+    check.like_x(op, "grad_y", grad_y, x)
+
+
+# ----------------------------------------------------------------------------------------
+# Composites: the three ops in turn, for every namespace without a per-sample kernel
+# ----------------------------------------------------------------------------------------
+def mlp_gate(avg: torch.Tensor, w1, b1, w2, b2) -> torch.Tensor:
+    """SE's gate on pooled (N, C) maps: `sigmoid(w2 @ relu(w1 @ avg + b1) + b2)` in avg's dtype."""
+    rd = w1.shape[0]
+    acc = avg.dtype
+    h = F.relu(F.linear(avg, w1.reshape(rd, -1).to(acc), None if b1 is None else b1.reshape(-1).to(acc)))
+    return torch.sigmoid(F.linear(h, w2.reshape(-1, rd).to(acc), None if b2 is None else b2.reshape(-1).to(acc)))
+
+
+def channel_attention_sequence(ops, x, weight, alpha, beta, mode):
+    """channel_attention as pool, gate, rescale on the ops of namespace `ops`: (y, avg, max, gate)."""
+    avg, max_ = ops.channel_pool(x)
+    gate = ops.channel_gate(avg, max_, weight, alpha, beta, mode)
+    return ops.channel_rescale(x, gate), avg, max_, gate
+
+
+def channel_mlp_attention_sequence(ops, x, w1, b1, w2, b2):
+    """channel_mlp_attention as pool, SE's MLP (torch ops), rescale on namespace `ops`: (y, avg, gate)."""
+    avg, _ = ops.channel_pool(x)
+    gate = mlp_gate(avg, w1, b1, w2, b2)
+    return ops.channel_rescale(x, gate), avg, gate
+
+
+_COMPOSITES = {
+    "channel_attention": Composite(
+        "channel_attention(Tensor x, Tensor weight, Tensor? alpha, Tensor? beta, int mode) "
+        "-> (Tensor y, Tensor avg, Tensor max, Tensor gate)",
+        channel_attention_sequence),
+    "channel_mlp_attention": Composite(
+        "channel_mlp_attention(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2) "
+        "-> (Tensor y, Tensor avg, Tensor gate)",
+        channel_mlp_attention_sequence),
+}
+
+
+# ----------------------------------------------------------------------------------------
+# The reference backend: the ops' signatures in plain PyTorch (differentiable by autograd)
+# ----------------------------------------------------------------------------------------
+class Reference:
+    """channel_gate's ops in torch ops, as the `reference` backend runs them."""
+
+    @staticmethod
+    def channel_pool(x):
+        acc = accumulate_dtype(x.dtype)
+        return x.mean(dim=(2, 3), dtype=acc), x.amax(dim=(2, 3)).to(acc)
+
+    @staticmethod
+    def channel_gate(avg, max, weight, alpha, beta, mode):
+        if mode == GateMode.AVG:
+            f = avg
+        elif mode == GateMode.MAX:
+            f = max
+        else:
+            f = 0.5 * (avg + max) + alpha.to(avg.dtype) * avg + beta.to(avg.dtype) * max
+        k = weight.numel()
+        z = F.conv1d(f[:, None, :], weight.reshape(1, 1, k).to(avg.dtype), padding=(k - 1) // 2)
+        return torch.sigmoid(z[:, 0, :])
+
+    @staticmethod
+    def channel_rescale(x, gate):
+        y = (x.to(gate.dtype) * gate[:, :, None, None]).to(x.dtype)
+        return y.contiguous(memory_format=memory_format_of(x))
+
+    @staticmethod
+    def channel_attention(x, weight, alpha, beta, mode):
+        return channel_attention_sequence(Reference, x, weight, alpha, beta, mode)
+
+    @staticmethod
+    def channel_mlp_attention(x, w1, b1, w2, b2):
+        return channel_mlp_attention_sequence(Reference, x, w1, b1, w2, b2)
+
+
+# ----------------------------------------------------------------------------------------
+# Fakes
+# ----------------------------------------------------------------------------------------
 def _per_channel(x: torch.Tensor) -> torch.Tensor:
     return x.new_empty(x.shape[:2], dtype=accumulate_dtype(x.dtype))
 
@@ -41,7 +355,7 @@ def _fake_channel_gate(avg, max, weight, alpha, beta, mode):
 
 
 def _fake_channel_gate_backward(grad_gate, gate, avg, max, weight, alpha, beta, mode):
-    ab_dtype = alpha.dtype if mode == 2 else avg.dtype
+    ab_dtype = alpha.dtype if mode == GateMode.MIX else avg.dtype
     scalar = avg.new_empty((), dtype=ab_dtype)
     return torch.empty_like(avg), torch.empty_like(avg), torch.empty_like(weight), scalar, scalar.clone()
 
@@ -55,11 +369,11 @@ def _fake_channel_rescale_backward(grad_y, x, gate):
 
 
 def _fake_channel_attention(x, weight, alpha, beta, mode):
-    return _fake_channel_rescale(x, None), _per_channel(x), _per_channel(x), _per_channel(x)
+    return empty_like_layout(x), _per_channel(x), _per_channel(x), _per_channel(x)
 
 
 def _fake_channel_mlp_attention(x, w1, b1, w2, b2):
-    return _fake_channel_rescale(x, None), _per_channel(x), _per_channel(x)
+    return empty_like_layout(x), _per_channel(x), _per_channel(x)
 
 
 _FAKES = {
@@ -74,6 +388,9 @@ _FAKES = {
 }
 
 
+# ----------------------------------------------------------------------------------------
+# Autograd
+# ----------------------------------------------------------------------------------------
 def _mlp_gate_backward(grad_gate, avg, gate, w1, b1, w2, b2):
     """Gradients of `gate = sigmoid(w2 @ relu(w1 @ avg + b1) + b2)` (SE's MLP on (N, C) maps,
     in the accumulation dtype): (grad_avg, grad_w1, grad_b1, grad_w2, grad_b2), each
@@ -146,9 +463,10 @@ def _register_autograd(namespace: str) -> None:
         grad_x, grad_gate = ops.channel_rescale_backward(grad_y, x, gate)
         grads = ops.channel_gate_backward(grad_gate, gate, avg, max_, weight, alpha, beta, ctx.mode)
         grad_avg_in, grad_max_in, grad_weight, grad_alpha, grad_beta = grads
-        # Mode 0 uses no max: skip the tie-counting pass. grad_x is ours: add in place, so
+        # Mode avg uses no max: skip the tie-counting pass. grad_x is ours: add in place, so
         # no third x-sized tensor is alive at the peak.
-        grad_x.add_(ops.channel_pool_backward(grad_avg_in, None if ctx.mode == 0 else grad_max_in, x, max_))
+        grad_max_in = None if ctx.mode == GateMode.AVG else grad_max_in
+        grad_x.add_(ops.channel_pool_backward(grad_avg_in, grad_max_in, x, max_))
         if not ctx.has_mix:
             grad_alpha = grad_beta = None
         return grad_x, grad_weight, grad_alpha, grad_beta, None
@@ -166,38 +484,21 @@ def _register_autograd(namespace: str) -> None:
         if grad_y is None:
             return None, None, None, None, None
         grad_x, grad_gate = ops.channel_rescale_backward(grad_y, x, gate)
-        grads = _mlp_gate_backward(grad_gate, avg, gate, w1, b1, w2, b2)
-        grad_avg_in, grad_w1, grad_b1, grad_w2, grad_b2 = grads
+        grad_avg_in, grad_w1, grad_b1, grad_w2, grad_b2 = _mlp_gate_backward(grad_gate, avg, gate, w1, b1, w2, b2)
         # mean_hw's backward spreads grad_avg evenly: added in place, no third x-sized tensor.
         hw = x.shape[2] * x.shape[3]
         grad_x.add_((grad_avg_in / hw).to(grad_x.dtype)[:, :, None, None])
-        return (
-            grad_x,
-            grad_w1,
-            grad_b1 if ctx.has_bias[0] else None,
-            grad_w2,
-            grad_b2 if ctx.has_bias[1] else None,
-        )
+        return (grad_x, grad_w1, grad_b1 if ctx.has_bias[0] else None,
+                grad_w2, grad_b2 if ctx.has_bias[1] else None)
 
-    if hasattr(ops, "channel_attention"):  # the per-sample ops exist in the C++ library only
-        torch.library.register_autograd(
-            f"{namespace}::channel_attention", backward_attention, setup_context=setup_attention
-        )
-        torch.library.register_autograd(
-            f"{namespace}::channel_mlp_attention", backward_mlp_attention, setup_context=setup_mlp_attention
-        )
     for name, backward, setup in (
         ("channel_pool", backward_pool, setup_pool),
         ("channel_gate", backward_gate, setup_gate),
         ("channel_rescale", backward_rescale, setup_rescale),
+        ("channel_attention", backward_attention, setup_attention),
+        ("channel_mlp_attention", backward_mlp_attention, setup_mlp_attention),
     ):
         torch.library.register_autograd(f"{namespace}::{name}", backward, setup_context=setup)
 
 
-def register(namespace: str, with_fakes: bool = True) -> None:
-    """Give `namespace`'s channel_gate ops autograd (and fake impls); idempotent.
-
-    Triton ops (torch.library.triton_op) trace their own fake implementation, so they
-    take `with_fakes=False`.
-    """
-    register_once(namespace, with_fakes, _FAKES, _register_autograd, _registered)
+REGISTRATION = Registration(_FAKES, _register_autograd, _COMPOSITES)

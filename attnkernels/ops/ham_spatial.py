@@ -1,31 +1,193 @@
-"""ham_spatial ops: fake implementations and autograd, for every backend's namespace.
+"""ham_spatial hot path: HAM's spatial half, given the channel gate Ac.
 
-The C++/CUDA ops are `torch.ops.attnkernels.<name>` (schemas and math in csrc/attnkernels.cpp);
-the Triton ops are `torch.ops.attnkernels_triton.<name>` (attnkernels/triton/ham_spatial.py),
-with the same names, signatures and math:
-
-    d1, d2, mask = ham_spatial_pool(x, gate, c_im)       # one read of x
+    d1, d2, mask = ham_spatial_pool(x, gate, c_im)       # one read of x: top-k mask, dual pooling
+    z            = ham_spatial_conv(cat[d1, d2], weight)  # the shared 7x7 conv on the small maps
+    s1, s2       = sigmoid(relu(bn(z[:N]))), sigmoid(relu(bn(z[N:])))  (torch, small maps)
     y            = ham_spatial_apply(x, gate, mask, s1, s2)  # one read of x, one write of y
-    z            = ham_spatial_conv(d, weight)           # C++ CPU only: the 7x7 conv on the small maps
+    y            = ham_attention(x, ...)   # C++ CPU, inference: all of HAM per sample, BN folded
 
-Saved for backward: x and the small maps (gate, mask: (N, C); d1, d2, s1, s2: (N, <=2, H, W));
-no full-size intermediate. The mask is not differentiable (SPEC: no gradient through M).
+The math of every op is in csrc/ham_spatial_ops.cpp with the schemas; kernels in
+csrc/cpu/ham_spatial.cpp (+ ham_spatial_conv.cpp), csrc/cuda/ham_spatial.cu and
+attnkernels/triton/ham_spatial.py. Saved for backward: x and the small maps (gate, mask: (N, C);
+d1, d2, s1, s2: (N, <=2, H, W)); no full-size intermediate. The mask is not differentiable
+(docs/contract.md#ham: no gradient through the channel separation).
 """
 from __future__ import annotations
 
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
-from . import empty_like_layout, register_once
-from ..reference.formulas import accumulate_dtype
+from ..backend import select
+from ..reference._base import memory_format_of
+from ..reference.formulas import accumulate_dtype, important_channel_mask
+from . import _checks as check
+from ._common import Registration, backend_ops, empty_like_layout
 
-FORWARD_OPS = ("ham_spatial_pool", "ham_spatial_apply", "ham_spatial_conv")
-BACKWARD_OPS = ("ham_spatial_pool_backward", "ham_spatial_apply_backward", "ham_spatial_conv_backward")
+HOT_PATH = "ham_spatial"
 
-_registered: set[str] = set()
+#: The public functions (re-exported by attnkernels.functional).
+__all__ = ["ham_spatial_pool", "ham_spatial_apply", "ham_spatial_conv"]
 
 
+# ----------------------------------------------------------------------------------------
+# Public functions (attnkernels.functional)
+# ----------------------------------------------------------------------------------------
+def _ops(device: torch.device):
+    return backend_ops(HOT_PATH, device, Reference)
+
+
+def ham_spatial_pool(
+    x: torch.Tensor, gate: torch.Tensor, c_im: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """HAM's channel separation and dual spatial pooling, in one read of x.
+
+    `gate` is Ac (N, C). Returns `d1, d2` (N, 2, H, W) and `mask` (N, C), all in the
+    accumulation dtype: mask marks the `c_im` top channels of gate per sample (the contract's
+    tie rule), and with `G1 = x*gate*mask`, `G2 = x*gate*(1 - mask)`,
+    `d1 = [sum_c G1 / c_im, max_c G1]`, `d2 = [sum_c G2 / max(C - c_im, 1), max_c G2]`
+    (each max over all C channels, the zeroed ones included). No gradient flows to mask.
+    """
+    check.feature_map("ham_spatial_pool", "x", x)
+    gate = gate.to(accumulate_dtype(x.dtype))
+    check_ham_spatial_pool(x, gate, c_im)
+    return _ops(x.device).ham_spatial_pool(x, gate, c_im)
+
+
+def ham_spatial_apply(
+    x: torch.Tensor, gate: torch.Tensor, mask: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor
+) -> torch.Tensor:
+    """HAM's output `y = G1*s1 + G2*s2` with `G1 = x*gate*mask`, `G2 = x*gate*(1 - mask)`.
+
+    gate and mask are (N, C), s1 and s2 the groups' spatial gates (N, 1, H, W); all are
+    cast to the accumulation dtype of x. y has x's dtype and memory format.
+    """
+    check.feature_map("ham_spatial_apply", "x", x)
+    acc = accumulate_dtype(x.dtype)
+    gate, mask, s1, s2 = (t.to(acc) for t in (gate, mask, s1, s2))
+    s1, s2 = s1.contiguous(), s2.contiguous()
+    check_ham_spatial_apply(x, gate, mask, s1, s2)
+    return _ops(x.device).ham_spatial_apply(x, gate, mask, s1, s2)
+
+
+def ham_spatial_conv(d: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """HAM's shared spatial conv: `conv2d(d, weight, padding=(k-1)//2)` without bias, for the
+    small (N, Cd, H, W) maps d in an accumulation dtype, weight (1, Cd, k, k) cast to d's dtype.
+
+    On the C++ CPU backend a kernel of its own (oneDNN's setup costs more than this
+    ~100-multiply-add-per-pixel conv itself); on every other backend torch's conv2d (cuDNN on
+    GPUs), as the reference runs it.
+    """
+    if select(HOT_PATH, d.device) == "cpu":
+        return torch.ops.attnkernels.ham_spatial_conv(d, weight)
+    return Reference.ham_spatial_conv(d, weight)
+
+
+def has_ham_attention(device: torch.device) -> bool:
+    """Whether `ham_attention` (HAM's inference forward per sample in one op) runs on `device`
+    now: on the C++ CPU backend only."""
+    return select(HOT_PATH, device) == "cpu"
+
+
+def ham_attention(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    alpha: torch.Tensor,
+    beta: torch.Tensor,
+    c_im: int,
+    spatial_weight: torch.Tensor,
+    bn_scale: torch.Tensor,
+    bn_shift: torch.Tensor,
+) -> torch.Tensor:
+    """HAM's whole forward in inference, one sample at a time while x[n] stays in cache (C++ CPU
+    backend only: see `has_ham_attention`): channel_pool, channel_gate (mix), ham_spatial_pool,
+    `S_g = sigmoid(relu(bn_scale * ham_spatial_conv(d_g, spatial_weight) + bn_shift))` with the
+    eval-mode BatchNorm folded to (bn_scale, bn_shift), and ham_spatial_apply. Not differentiable.
+    """
+    if not has_ham_attention(x.device):
+        raise RuntimeError(f"ham_attention runs on the C++ CPU backend only, not on {select(HOT_PATH, x.device)}")
+    return torch.ops.attnkernels.ham_attention(x, weight, alpha, beta, c_im, spatial_weight, bn_scale, bn_shift)
+
+
+# ----------------------------------------------------------------------------------------
+# Argument checks of the ops (the reference backend and the Triton ops share them; the C++
+# ops check the same rules in csrc/include/attnkernels/ham_spatial.h, in the same words)
+# ----------------------------------------------------------------------------------------
+def check_c_im(op: str, c_im, c: int) -> None:
+    """HAM's important-channel count C_im, 1 <= c_im <= C (a SymInt under torch.compile's
+    dynamic shapes, as the schema's int may be)."""
+    if isinstance(c_im, bool) or not isinstance(c_im, (int, torch.SymInt)) or not 1 <= c_im <= c:
+        raise ValueError(f"{op}: c_im must be in [1, C] = [1, {c}], got {c_im}")
+
+
+def check_ham_spatial_pool(x, gate, c_im, op: str = "ham_spatial_pool") -> None:
+    check.feature_map(op, "x", x)
+    check.per_channel(op, "gate", gate, x)
+    check_c_im(op, c_im, x.shape[1])
+
+
+def check_ham_spatial_apply(x, gate, mask, s1, s2, op: str = "ham_spatial_apply") -> None:
+    check.feature_map(op, "x", x)
+    check.per_channel(op, "gate", gate, x)
+    check.per_channel(op, "mask", mask, x)
+    check.pixel_map(op, "s1", s1, x, 1)
+    check.pixel_map(op, "s2", s2, x, 1)
+
+
+# ----------------------------------------------------------------------------------------
+# Argument checks of the backward ops (worded as csrc/cpu/ham_spatial.cpp's; the Triton ops
+# use them)
+# ----------------------------------------------------------------------------------------
+def check_ham_spatial_pool_backward(grad_d1, grad_d2, x, gate, mask, d1, d2, c_im,
+                                    op: str = "ham_spatial_pool_backward") -> None:
+    """x (N, C, H, W); gate, mask (N, C) and grad_d1, grad_d2, d1, d2 (N, 2, H, W) maps of x; c_im in [1, C]."""
+    check.feature_map(op, "x", x)
+    check.per_channel(op, "gate", gate, x)
+    check.per_channel(op, "mask", mask, x)
+    for name, t in (("grad_d1", grad_d1), ("grad_d2", grad_d2), ("d1", d1), ("d2", d2)):
+        check.pixel_map(op, name, t, x, 2)
+    check_c_im(op, c_im, x.shape[1])
+
+
+def check_ham_spatial_apply_backward(grad_y, x, gate, mask, s1, s2, op: str = "ham_spatial_apply_backward") -> None:
+    """ham_spatial_apply's arguments, and grad_y shaped like x in its dtype."""
+    check_ham_spatial_apply(x, gate, mask, s1, s2, op)
+    check.like_x(op, "grad_y", grad_y, x)
+
+
+# ----------------------------------------------------------------------------------------
+# The reference backend: the ops' signatures in plain PyTorch (differentiable by autograd)
+# ----------------------------------------------------------------------------------------
+class Reference:
+    """ham_spatial's ops in torch ops, as the `reference` backend runs them."""
+
+    @staticmethod
+    def ham_spatial_pool(x, gate, c_im):
+        c = x.shape[1]
+        mask = important_channel_mask(gate.detach(), c_im).to(gate.dtype)
+        f1 = x.to(gate.dtype) * gate[:, :, None, None]
+        m = mask[:, :, None, None]
+        g1, g2 = f1 * m, f1 * (1 - m)
+        d1 = torch.cat([g1.sum(1, keepdim=True) / c_im, g1.amax(1, keepdim=True)], dim=1)
+        d2 = torch.cat([g2.sum(1, keepdim=True) / max(c - c_im, 1), g2.amax(1, keepdim=True)], dim=1)
+        return d1, d2, mask
+
+    @staticmethod
+    def ham_spatial_apply(x, gate, mask, s1, s2):
+        f1 = x.to(gate.dtype) * gate[:, :, None, None]
+        m = mask[:, :, None, None]
+        y = (f1 * m * s1 + f1 * (1 - m) * s2).to(x.dtype)
+        return y.contiguous(memory_format=memory_format_of(x))
+
+    @staticmethod
+    def ham_spatial_conv(d, weight):
+        return F.conv2d(d, weight.to(d.dtype), padding=(weight.shape[-1] - 1) // 2)
+
+
+# ----------------------------------------------------------------------------------------
+# Fakes and autograd
+# ----------------------------------------------------------------------------------------
 def _pixel_maps(x: torch.Tensor, channels: int) -> torch.Tensor:
     n, _, h, w = x.shape
     return x.new_empty((n, channels, h, w), dtype=accumulate_dtype(x.dtype))
@@ -116,10 +278,4 @@ def _register_autograd(namespace: str) -> None:
     torch.library.register_autograd(f"{namespace}::ham_spatial_apply", backward_apply, setup_context=setup_apply)
 
 
-def register(namespace: str, with_fakes: bool = True) -> None:
-    """Give `namespace`'s ham_spatial ops autograd (and fake impls); idempotent.
-
-    Triton ops (torch.library.triton_op) trace their own fake implementation, so they
-    take `with_fakes=False`.
-    """
-    register_once(namespace, with_fakes, _FAKES, _register_autograd, _registered)
+REGISTRATION = Registration(_FAKES, _register_autograd)

@@ -1,12 +1,11 @@
-"""nonlocal_attn ops: fake implementations and autograd, for every backend's namespace.
+"""nonlocal_attn hot path: PAM's HW x HW attention over all pixels, flash-style.
 
-The C++/CUDA ops are `torch.ops.attnkernels.<name>` (schemas and math in csrc/attnkernels.cpp);
-the Triton ops are `torch.ops.attnkernels_triton.<name>` (attnkernels/triton/nonlocal_attn.py),
-with the same names, signatures and math:
+    y = nonlocal_attn(q, k, v, x, gamma)   # gamma * (v @ softmax(q^T k)^T) + x, no HW x HW tensor
+    (the op: y, out, lse = nonlocal_attn(...); grad_q, grad_k, grad_v, grad_gamma =
+     nonlocal_attn_backward(grad_y, q, k, v, gamma, out, lse))
 
-    y, out, lse = nonlocal_attn(q, k, v, x, gamma)   # y = gamma * softmax(q^T k) v + x, flash-style
-    grad_q, grad_k, grad_v, grad_gamma = nonlocal_attn_backward(grad_y, q, k, v, gamma, out, lse)
-
+The math is in csrc/nonlocal_attn_ops.cpp with the schemas; kernels in
+csrc/cpu/nonlocal_attn.cpp, csrc/cuda/nonlocal_attn.cu and attnkernels/triton/nonlocal_attn.py.
 Saved for backward: q, k, v, out (the attention output before gamma, x-sized) and lse, the
 (N, H*W) per-row log-sum-exp; the backward recomputes the attention block by block. Nothing
 of size (H*W)^2 exists, forward or backward. grad_x = grad_y needs no op.
@@ -17,15 +16,104 @@ from typing import Any
 
 import torch
 
-from . import empty_like_layout, register_once
+from ..reference._base import memory_format_of
 from ..reference.formulas import accumulate_dtype
+from . import _checks as check
+from ._common import Registration, backend_ops, empty_like_layout
 
-FORWARD_OPS = ("nonlocal_attn",)
-BACKWARD_OPS = ("nonlocal_attn_backward",)
+HOT_PATH = "nonlocal_attn"
 
-_registered: set[str] = set()
+#: The public functions (re-exported by attnkernels.functional).
+__all__ = ["nonlocal_attn"]
 
 
+# ----------------------------------------------------------------------------------------
+# Public function (attnkernels.functional)
+# ----------------------------------------------------------------------------------------
+def nonlocal_attn(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, x: torch.Tensor, gamma: torch.Tensor
+) -> torch.Tensor:
+    """Position attention over all H*W pixels: `y = gamma * (v @ softmax(q^T k, -1)^T) + x`.
+
+    q, k are (N, D_qk, H, W) and v, x (N, D_v, H, W) (D_qk and D_v independent), viewed as
+    (N, D, H*W); no 1/sqrt(D) scaling; energies and softmax in the accumulation dtype;
+    gamma holds one value. The fused backends never hold the (H*W x H*W) attention matrix,
+    forward or backward (online softmax; the backward recomputes it block by block).
+    y has x's dtype and memory format.
+    """
+    check_nonlocal_attn(q, k, v, x, gamma)
+    return backend_ops(HOT_PATH, x.device, Reference).nonlocal_attn(q, k, v, x, gamma)[0]
+
+
+# ----------------------------------------------------------------------------------------
+# Argument checks (the reference backend and the Triton ops share them; the C++ ops check the
+# same rules in csrc/include/attnkernels/nonlocal_attn.h, in the same words)
+# ----------------------------------------------------------------------------------------
+def check_nonlocal_attn(q, k, v, x, gamma, op: str = "nonlocal_attn") -> None:
+    """q, k (N, D_qk, H, W) and v, x (N, D_v, H, W) of one floating dtype on one device;
+    gamma one floating value on that device."""
+    check.feature_map(op, "x", x)
+    n, _, h, w = x.shape
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check.tensor(op, name, t)
+    if q.dim() != 4 or q.shape[0] != n or q.shape[1] < 1 or tuple(q.shape[2:]) != (h, w):
+        raise ValueError(f"{op}: q must have shape (N, D_qk, H, W) = ({n}, D_qk, {h}, {w}), got {list(q.shape)}")
+    if k.shape != q.shape:
+        raise ValueError(f"{op}: k must have q's shape (N, D_qk, H, W) = {list(q.shape)}, got {list(k.shape)}")
+    if v.shape != x.shape:
+        raise ValueError(f"{op}: v must have x's shape (N, D_v, H, W) = {list(x.shape)}, got {list(v.shape)}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dtype != x.dtype:
+            raise TypeError(f"{op}: {name} must have x's dtype {check.dtype_name(x.dtype)}, got {check.dtype_name(t.dtype)}")
+        check.device(op, name, t, x.device)
+    check.tensor(op, "gamma", gamma)
+    if gamma.numel() != 1:
+        raise ValueError(f"{op}: gamma must hold one value, got shape {list(gamma.shape)}")
+    check.device(op, "gamma", gamma, x.device)
+
+
+# ----------------------------------------------------------------------------------------
+# Argument checks of the backward ops (worded as csrc/cpu/nonlocal_attn.cpp's; the Triton ops
+# use them)
+# ----------------------------------------------------------------------------------------
+def check_nonlocal_attn_backward(grad_y, q, k, v, gamma, out, lse, op: str = "nonlocal_attn_backward") -> None:
+    """nonlocal_attn's arguments with out in x's place (the C++ checks name it x too); grad_y
+    shaped like out in its dtype; lse (N, H*W) in acc(out), on out's device."""
+    check_nonlocal_attn(q, k, v, out, gamma, op)
+    check.like_x(op, "grad_y", grad_y, out)
+    check.tensor(op, "lse", lse)
+    n, _, h, w = out.shape
+    if tuple(lse.shape) != (n, h * w):
+        raise ValueError(f"{op}: lse must have shape (N, H*W) = ({n}, {h * w}), got {list(lse.shape)}")
+    acc = accumulate_dtype(out.dtype)
+    if lse.dtype != acc:
+        raise TypeError(f"{op}: lse must be {check.dtype_name(acc)} (the accumulation dtype of x, "
+                        f"{check.dtype_name(out.dtype)}), got {check.dtype_name(lse.dtype)}")
+    check.device(op, "lse", lse, out.device)
+
+
+# ----------------------------------------------------------------------------------------
+# The reference backend: the op's signature in plain PyTorch (differentiable by autograd)
+# ----------------------------------------------------------------------------------------
+class Reference:
+    """nonlocal_attn in torch ops, as the `reference` backend runs it: the whole (H*W x H*W)
+    attention in memory."""
+
+    @staticmethod
+    def nonlocal_attn(q, k, v, x, gamma):
+        n, c, h, w = x.shape
+        acc = accumulate_dtype(x.dtype)
+        qf, kf, vf = (t.reshape(n, t.shape[1], h * w).to(acc) for t in (q, k, v))
+        energy = torch.bmm(qf.transpose(1, 2), kf)
+        attention = torch.softmax(energy, dim=-1)
+        out = torch.bmm(vf, attention.transpose(1, 2)).view(n, c, h, w).to(x.dtype)
+        y = (gamma.reshape(()) * out + x).contiguous(memory_format=memory_format_of(x))
+        return y, out.contiguous(memory_format=memory_format_of(x)), torch.logsumexp(energy.detach(), dim=-1)
+
+
+# ----------------------------------------------------------------------------------------
+# Fakes and autograd
+# ----------------------------------------------------------------------------------------
 def _fake_nonlocal_attn(q, k, v, x, gamma):
     n, _, h, w = x.shape
     lse = x.new_empty((n, h * w), dtype=accumulate_dtype(x.dtype))
@@ -59,10 +147,4 @@ def _register_autograd(namespace: str) -> None:
     torch.library.register_autograd(f"{namespace}::nonlocal_attn", backward, setup_context=setup)
 
 
-def register(namespace: str, with_fakes: bool = True) -> None:
-    """Give `namespace`'s nonlocal_attn op autograd (and fake impls); idempotent.
-
-    Triton ops (torch.library.triton_op) trace their own fake implementation, so they
-    take `with_fakes=False`.
-    """
-    register_once(namespace, with_fakes, _FAKES, _register_autograd, _registered)
+REGISTRATION = Registration(_FAKES, _register_autograd)

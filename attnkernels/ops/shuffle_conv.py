@@ -1,9 +1,13 @@
-"""shuffle_conv ops: fake implementations and autograd, for every backend's namespace, and
-`shuffle_conv_bn_gate`, GAM's training-mode conv2 + BatchNorm + gate composed from them.
+"""shuffle_conv hot path: GAM's grouped 7x7 convs read through the channel shuffle.
 
-The C++/CUDA ops are `torch.ops.attnkernels.<name>` (schemas and math in csrc/attnkernels.cpp);
-the Triton ops are `torch.ops.attnkernels_triton.<name>` (attnkernels/triton/shuffle_conv.py),
-with the same names, signatures and math:
+    z1 = shuffle_conv(x1, conv1.weight, conv1.bias, g)    # raw grouped conv (acc dtype)
+    y  = shuffle_conv(z1, conv2.weight, conv2.bias, g, g, in_scale, in_shift,
+                      gate_x=x1, out_scale=..., out_shift=...)   # BN1+ReLU+shuffle on load,
+                                                                 # BN2+sigmoid+multiply epilogue
+    y, mean, var = shuffle_conv_bn_gate(...)              # the same with BN2's batch statistics
+
+The ops (schemas and math in csrc/shuffle_conv_ops.cpp; kernels in csrc/cpu/shuffle_conv.cpp,
+csrc/cuda/shuffle_conv.cu and attnkernels/triton/shuffle_conv.py):
 
     out = shuffle_conv(s, weight, bias, groups, shuffle_groups, in_scale, in_shift,
                        gate_x, out_scale, out_shift)   # raw z, or gate_x * sigmoid(out_scale*z + out_shift)
@@ -16,11 +20,12 @@ with the same names, signatures and math:
 Saved for backward: the conv's input s and the small parameters; a gated shuffle_conv also
 saves gate_x and recomputes its z (one conv) in the backward instead of saving it.
 
-`torch.ops.attnkernels_composite.shuffle_conv_bn_gate` is BatchNorm in training mode between
-the conv and the gate: z's batch statistics are needed before the first output, so the
-forward writes z (raw shuffle_conv), takes its statistics and runs the epilogue; the backward
-recomputes z and passes the statistics' gradient through shuffle_conv_epilogue_backward. It
-saves s, gate_x, the small parameters and the statistics: no full-size intermediate.
+`shuffle_conv_bn_gate` is a composite op (written here once, registered into each namespace):
+BatchNorm in training mode between the conv and the gate. z's batch statistics are needed
+before the first output, so the forward writes z (raw shuffle_conv), takes its statistics and
+runs the epilogue; the backward recomputes z and passes the statistics' gradient through
+shuffle_conv_epilogue_backward. It saves s, gate_x, the small parameters and the statistics:
+no full-size intermediate.
 
 The conv itself runs either on the backend's own kernels ("direct") or on torch's conv2d
 ("library": oneDNN on CPU, cuDNN on GPUs) with the prologue and epilogue around it: see
@@ -28,29 +33,42 @@ The conv itself runs either on the backend's own kernels ("direct") or on torch'
 """
 from __future__ import annotations
 
+import enum
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from . import empty_like_layout, ops_for, register_once
+from ..backend import select
 from ..reference._base import memory_format_of
 from ..reference.formulas import accumulate_dtype
+from . import _checks as check
+from ._common import Composite, Registration, backend_ops, empty_like_layout, fold_batch_norm
 
-FORWARD_OPS = ("shuffle_conv", "shuffle_conv_epilogue")
-BACKWARD_OPS = ("shuffle_conv_backward", "shuffle_conv_epilogue_backward")
-CONV_ALGORITHMS = ("direct", "library")
+HOT_PATH = "shuffle_conv"
 
-_registered: set[str] = set()
+#: The public functions (re-exported by attnkernels.functional).
+__all__ = ["ConvAlgorithm", "shuffle_conv", "shuffle_conv_bn_gate"]
 
+
+class ConvAlgorithm(enum.IntEnum):
+    """How a shuffle_conv runs its conv: the backend's own kernels ("direct"), or torch's
+    conv2d (oneDNN / cuDNN) with the shuffle, prologue and epilogue fused around it ("library").
+    shuffle_conv_bn_gate's `conv` argument takes the integer."""
+
+    DIRECT = 0
+    LIBRARY = 1
+
+
+CONV_ALGORITHMS = tuple(a.name.lower() for a in ConvAlgorithm)
 
 #: The smallest H*W at which "auto" runs a grouped conv on the direct CPU kernels.
 CPU_DIRECT_MIN_PIXELS = 28 * 28
 
 
-def conv_algorithm(conv: str, backend: str, groups: int, pixels: int) -> str:
-    """"direct" or "library" for a requested `conv` ("auto", "direct", "library") on `backend`,
-    for a conv with `groups` groups over H*W = `pixels`.
+def conv_algorithm(conv: str, backend: str, groups: int, pixels: int) -> ConvAlgorithm:
+    """The algorithm for a requested `conv` ("auto", "direct", "library") on `backend`, for a
+    conv with `groups` groups over H*W = `pixels`.
 
     "auto", from benchmarks/NOTES.md (session 10; GAM's convs, N=8, fp32, 2 cores): on CPU the
     direct conv wins grouped convs on large maps (GAM gc at 256x28x28: forward 9.5 vs 15.6 ms,
@@ -62,103 +80,172 @@ def conv_algorithm(conv: str, backend: str, groups: int, pixels: int) -> str:
     if conv not in ("auto", *CONV_ALGORITHMS):
         raise ValueError(f"shuffle_conv: conv must be one of auto, {', '.join(CONV_ALGORITHMS)}; got {conv!r}")
     if conv != "auto":
-        return conv
+        return ConvAlgorithm[conv.upper()]
     if backend == "cpu" and groups > 1 and pixels >= CPU_DIRECT_MIN_PIXELS:
-        return "direct"
-    return "library"
+        return ConvAlgorithm.DIRECT
+    return ConvAlgorithm.LIBRARY
 
 
 # ----------------------------------------------------------------------------------------
-# Fakes
+# Public functions (attnkernels.functional)
 # ----------------------------------------------------------------------------------------
-def _raw_like(s: torch.Tensor, c_out: int) -> torch.Tensor:
-    n, _, h, w = s.shape
-    return torch.empty((n, c_out, h, w), dtype=accumulate_dtype(s.dtype), device=s.device,
-                       memory_format=memory_format_of(s))
+def shuffle_conv(
+    s: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    groups: int = 1,
+    shuffle_groups: int = 1,
+    in_scale: torch.Tensor | None = None,
+    in_shift: torch.Tensor | None = None,
+    gate_x: torch.Tensor | None = None,
+    out_scale: torch.Tensor | None = None,
+    out_shift: torch.Tensor | None = None,
+    conv: str = "auto",
+) -> torch.Tensor:
+    """A grouped k x k conv (stride 1, same padding) of s read through the channel shuffle
+    (`shuffle_groups`; 1 for none) and an optional `relu(in_scale * s + in_shift)` on load.
 
-
-def _vector_grad(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
-    if t is None:
-        return like.new_empty((0,), dtype=accumulate_dtype(like.dtype))
-    return t.new_empty((t.numel(),))
-
-
-def _fake_shuffle_conv(s, weight, bias, groups, shuffle_groups, in_scale, in_shift, gate_x, out_scale, out_shift):
-    return _raw_like(s, weight.shape[0]) if gate_x is None else empty_like_layout(gate_x)
-
-
-def _fake_shuffle_conv_backward(grad_z, s, weight, groups, shuffle_groups, in_scale, in_shift):
-    grad_bias = weight.new_empty((weight.shape[0],))
-    grad_weight = torch.empty_like(weight, memory_format=torch.contiguous_format)
-    return empty_like_layout(s), grad_weight, grad_bias, _vector_grad(in_scale, s), _vector_grad(in_shift, s)
-
-
-def _fake_epilogue(z, gate_x, out_scale, out_shift):
-    return empty_like_layout(gate_x)
-
-
-def _fake_epilogue_backward(grad_y, z, gate_x, out_scale, out_shift, mean, rstd):
-    return empty_like_layout(z), empty_like_layout(gate_x), _vector_grad(out_scale, z), _vector_grad(out_shift, z)
-
-
-_FAKES = {
-    "shuffle_conv": _fake_shuffle_conv,
-    "shuffle_conv_backward": _fake_shuffle_conv_backward,
-    "shuffle_conv_epilogue": _fake_epilogue,
-    "shuffle_conv_epilogue_backward": _fake_epilogue_backward,
-}
-
-
-# ----------------------------------------------------------------------------------------
-# Autograd of the primitives
-# ----------------------------------------------------------------------------------------
-def _like(grad: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor | None:
-    """A small parameter's gradient in its own shape, or None where there is no parameter."""
-    return None if t is None else grad.reshape(t.shape).to(t.dtype)
-
-
-def _register_autograd(namespace: str) -> None:
-    ops = getattr(torch.ops, namespace)
-
-    def setup_conv(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
-        s, weight, bias, groups, shuffle_groups, in_scale, in_shift, gate_x, out_scale, out_shift = inputs
-        ctx.conv = (groups, shuffle_groups)
-        ctx.save_for_backward(s, weight, bias, in_scale, in_shift, gate_x, out_scale, out_shift)
-
-    def backward_conv(ctx: Any, grad_out: torch.Tensor):
-        s, weight, bias, in_scale, in_shift, gate_x, out_scale, out_shift = ctx.saved_tensors
-        groups, shuffle_groups = ctx.conv
-        grad_gate = (None, None, None)
-        if gate_x is not None:  # recompute z rather than save it; then the epilogue's backward
-            z = ops.shuffle_conv(s, weight, bias, groups, shuffle_groups, in_scale, in_shift, None, None, None)
-            grad_out, grad_gate_x, grad_scale, grad_shift = ops.shuffle_conv_epilogue_backward(
-                grad_out, z, gate_x, out_scale, out_shift, None, None)
-            grad_gate = (grad_gate_x, _like(grad_scale, out_scale), _like(grad_shift, out_shift))
-        grad_s, grad_weight, grad_bias, grad_in_scale, grad_in_shift = ops.shuffle_conv_backward(
-            grad_out, s, weight, groups, shuffle_groups, in_scale, in_shift)
-        return (grad_s, grad_weight, _like(grad_bias, bias), None, None,
-                _like(grad_in_scale, in_scale), _like(grad_in_shift, in_shift), *grad_gate)
-
-    def setup_epilogue(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
-        ctx.save_for_backward(*inputs)  # z, gate_x, out_scale, out_shift
-
-    def backward_epilogue(ctx: Any, grad_y: torch.Tensor):
-        z, gate_x, out_scale, out_shift = ctx.saved_tensors
-        grad_z, grad_gate_x, grad_scale, grad_shift = ops.shuffle_conv_epilogue_backward(
-            grad_y, z, gate_x, out_scale, out_shift, None, None)
-        return grad_z, grad_gate_x, _like(grad_scale, out_scale), _like(grad_shift, out_shift)
-
-    torch.library.register_autograd(f"{namespace}::shuffle_conv", backward_conv, setup_context=setup_conv)
-    torch.library.register_autograd(f"{namespace}::shuffle_conv_epilogue", backward_epilogue, setup_context=setup_epilogue)
-
-
-def register(namespace: str, with_fakes: bool = True) -> None:
-    """Give `namespace`'s shuffle_conv ops autograd (and fake impls); idempotent.
-
-    Triton ops (torch.library.triton_op) trace their own fake implementation, so they
-    take `with_fakes=False`.
+    Without `gate_x`: the raw output `z = conv + bias` (N, C_out, H, W) in the accumulation
+    dtype of s. With `gate_x`, `out_scale`, `out_shift`: `gate_x * sigmoid(out_scale * z +
+    out_shift)` in gate_x's dtype (GAM's last step with BN2 folded); z is never written.
+    `conv` picks the conv: "direct" (the backend's own kernels), "library" (torch's conv2d,
+    oneDNN or cuDNN, with the prologue and epilogue around it), or "auto" (per backend, see
+    `conv_algorithm`).
     """
-    register_once(namespace, with_fakes, _FAKES, _register_autograd, _registered)
+    check_shuffle_conv(s, weight, bias, groups, shuffle_groups, in_scale, in_shift, gate_x, out_scale, out_shift)
+    algorithm = conv_algorithm(conv, select(HOT_PATH, s.device), groups, s.shape[2] * s.shape[3])
+    ops = backend_ops(HOT_PATH, s.device, Reference)
+    if ops is Reference or algorithm == ConvAlgorithm.DIRECT:
+        return ops.shuffle_conv(s, weight, bias, groups, shuffle_groups, in_scale, in_shift, gate_x, out_scale, out_shift)
+    dtype = s.dtype if gate_x is None else gate_x.dtype
+    z = library_conv(s, weight, bias, groups, shuffle_groups, in_scale, in_shift, dtype)
+    if gate_x is None:
+        return z.to(accumulate_dtype(s.dtype))
+    return ops.shuffle_conv_epilogue(z, gate_x, out_scale, out_shift)
+
+
+def shuffle_conv_bn_gate(
+    s: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    groups: int,
+    shuffle_groups: int,
+    in_scale: torch.Tensor | None,
+    in_shift: torch.Tensor | None,
+    gate_x: torch.Tensor,
+    bn_weight: torch.Tensor | None,
+    bn_bias: torch.Tensor | None,
+    eps: float = 1e-5,
+    conv: str = "auto",
+    bn_mean: torch.Tensor | None = None,
+    bn_var: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`shuffle_conv`, then BatchNorm, then the gate:
+    `y = gate_x * sigmoid((z - mean) / sqrt(var + eps) * bn_weight + bn_bias)` (GAM's last step).
+
+    mean and var are the batch statistics of z (training) unless `bn_mean` and `bn_var`
+    (running statistics: eval) are given. Returns (y, mean, var), the statistics used, per
+    channel in the accumulation dtype (z's biased batch statistics feed the running-stat
+    update; no gradient flows through them as outputs, while y's gradient includes the batch
+    statistics'). Saves no full-size intermediate: the backward recomputes z.
+    """
+    check_shuffle_conv(s, weight, bias, groups, shuffle_groups, in_scale, in_shift, None, None, None)
+    check_shuffle_conv_bn_gate(s, weight, gate_x, bn_weight, bn_bias, bn_mean, bn_var)
+    algorithm = conv_algorithm(conv, select(HOT_PATH, s.device), groups, s.shape[2] * s.shape[3])
+    return backend_ops(HOT_PATH, s.device, Reference).shuffle_conv_bn_gate(
+        s, weight, bias, groups, shuffle_groups, in_scale, in_shift, gate_x, bn_weight, bn_bias, bn_mean, bn_var,
+        float(eps), int(algorithm))
+
+
+# ----------------------------------------------------------------------------------------
+# Argument checks (the reference backend and the Triton ops share them; the C++ ops check the
+# same rules in csrc/include/attnkernels/shuffle_conv.h, in the same words)
+# ----------------------------------------------------------------------------------------
+def check_shuffle_conv(s, weight, bias, groups, shuffle_groups, in_scale, in_shift, gate_x, out_scale, out_shift,
+                       op: str = "shuffle_conv") -> None:
+    """s (N, C_in, H, W); weight (C_out, C_in/groups, k, k), k odd; groups divides C_in and
+    C_out; shuffle_groups divides C_in; bias C_out values; in_scale/in_shift both or neither,
+    C_in values; gate_x, out_scale, out_shift all or none (see `check_epilogue`)."""
+    check.feature_map(op, "s", s)
+    c_in = s.shape[1]
+    for name, g in (("groups", groups), ("shuffle_groups", shuffle_groups)):
+        if isinstance(g, bool) or not isinstance(g, int) or g < 1 or c_in % g:
+            raise ValueError(f"{op}: {name} must be a positive divisor of s's {c_in} channels, got {g}")
+    check.tensor(op, "weight", weight)
+    w = weight.shape
+    if weight.dim() != 4 or w[0] < 1 or w[0] % groups or w[1] != c_in // groups or w[2] != w[3] or w[2] % 2 == 0:
+        raise ValueError(f"{op}: weight must have shape (C_out, C_in / groups, k, k) = (C_out, {c_in // groups}, k, k) "
+                         f"with k odd and groups = {groups} dividing C_out, got {list(w)}")
+    check.device(op, "weight", weight, s.device)
+    c_out = w[0]
+    if bias is not None:
+        check.vector(op, "bias", bias, c_out, s.device, "C_out")
+    if check.together(op, in_scale=in_scale, in_shift=in_shift):
+        check.vector(op, "in_scale", in_scale, c_in, s.device, "C_in")
+        check.vector(op, "in_shift", in_shift, c_in, s.device, "C_in")
+    if check.together(op, gate_x=gate_x, out_scale=out_scale, out_shift=out_shift):
+        check_epilogue(gate_x, out_scale, out_shift, (s.shape[0], c_out, *s.shape[2:]), s.device, op)
+
+
+def check_epilogue(gate_x, out_scale, out_shift, out_shape, where: torch.device, op: str) -> None:
+    """gate_x (N, C_out, H, W) floating on the device; out_scale, out_shift C_out values."""
+    check.tensor(op, "gate_x", gate_x)
+    if tuple(gate_x.shape) != tuple(out_shape):
+        raise ValueError(f"{op}: gate_x must have the output's shape (N, C_out, H, W) = {list(out_shape)}, "
+                         f"got {list(gate_x.shape)}")
+    check.device(op, "gate_x", gate_x, where)
+    check.vector(op, "out_scale", out_scale, out_shape[1], where, "C_out")
+    check.vector(op, "out_shift", out_shift, out_shape[1], where, "C_out")
+
+
+def check_shuffle_conv_bn_gate(s, weight, gate_x, bn_weight, bn_bias, bn_mean, bn_var,
+                               op: str = "shuffle_conv") -> None:
+    """gate_x the conv output's shape; BatchNorm's weight, bias and running statistics C_out values."""
+    c_out = weight.shape[0]
+    check.tensor(op, "gate_x", gate_x)
+    want = (s.shape[0], c_out, *s.shape[2:])
+    if tuple(gate_x.shape) != want:
+        raise ValueError(f"{op}: gate_x must have the output's shape (N, C_out, H, W) = {list(want)}, "
+                         f"got {list(gate_x.shape)}")
+    check.device(op, "gate_x", gate_x, s.device)
+    check.together(op, bn_mean=bn_mean, bn_var=bn_var)
+    for name, t in (("bn_weight", bn_weight), ("bn_bias", bn_bias), ("bn_mean", bn_mean), ("bn_var", bn_var)):
+        if t is not None:
+            check.vector(op, name, t, c_out, s.device, "C_out")
+
+
+# ----------------------------------------------------------------------------------------
+# Argument checks of the backward ops (worded as csrc/cpu/shuffle_conv.cpp's; the Triton ops
+# use them)
+# ----------------------------------------------------------------------------------------
+def check_shuffle_conv_backward(grad_z, s, weight, groups, shuffle_groups, in_scale, in_shift,
+                                op: str = "shuffle_conv_backward") -> None:
+    """The raw conv's arguments (no bias, no epilogue), and grad_z a floating (N, C_out, H, W)
+    map on s's device."""
+    check_shuffle_conv(s, weight, None, groups, shuffle_groups, in_scale, in_shift, None, None, None, op)
+    check.feature_map(op, "grad_z", grad_z)
+    n, _, h, w = s.shape
+    c_out = weight.shape[0]
+    if tuple(grad_z.shape) != (n, c_out, h, w):
+        raise ValueError(f"{op}: grad_z must have the output's shape (N, C_out, H, W) = ({n}, {c_out}, {h}, {w}), "
+                         f"got {list(grad_z.shape)}")
+    check.device(op, "grad_z", grad_z, s.device)
+
+
+def check_shuffle_conv_epilogue_backward(grad_y, z, gate_x, out_scale, out_shift, mean, rstd,
+                                         op: str = "shuffle_conv_epilogue_backward") -> None:
+    """z (N, C, H, W) with the epilogue's arguments for it (`check_epilogue`); grad_y a floating
+    map of z's shape on its device; mean and rstd both or neither, C values each."""
+    check.feature_map(op, "z", z)
+    check_epilogue(gate_x, out_scale, out_shift, tuple(z.shape), z.device, op)
+    check.feature_map(op, "grad_y", grad_y)
+    if grad_y.shape != z.shape:
+        raise ValueError(f"{op}: grad_y must have z's shape {list(z.shape)}, got {list(grad_y.shape)}")
+    check.device(op, "grad_y", grad_y, z.device)
+    if check.together(op, mean=mean, rstd=rstd):
+        c = z.shape[1]
+        check.vector(op, "mean", mean, c, z.device, "C")
+        check.vector(op, "rstd", rstd, c, z.device, "C")
 
 
 # ----------------------------------------------------------------------------------------
@@ -214,53 +301,31 @@ def library_conv_backward(grad_z, s, weight, groups, shuffle_groups, in_scale, i
 # ----------------------------------------------------------------------------------------
 # shuffle_conv_bn_gate: conv + BatchNorm (batch statistics) + sigmoid gate, for training
 # ----------------------------------------------------------------------------------------
-def _batch_affine(mean, var, bn_weight, bn_bias, eps):
-    """BatchNorm folded to `scale * z + shift` from statistics (mean, var): (scale, shift, rstd)."""
-    rstd = torch.rsqrt(var + eps)
-    scale = rstd if bn_weight is None else rstd * bn_weight.reshape(-1).to(rstd.dtype)
-    shift = -mean * scale
-    if bn_bias is not None:
-        shift = shift + bn_bias.reshape(-1).to(rstd.dtype)
-    return scale, shift, rstd
-
-
-def _raw_conv(ops, library, s, weight, bias, groups, shuffle_groups, in_scale, in_shift, dtype):
-    if library:
+def _raw_conv(ops, algorithm, s, weight, bias, groups, shuffle_groups, in_scale, in_shift, dtype):
+    if algorithm == ConvAlgorithm.LIBRARY:
         return library_conv(s, weight, bias, groups, shuffle_groups, in_scale, in_shift, dtype)
     return ops.shuffle_conv(s, weight, bias, groups, shuffle_groups, in_scale, in_shift, None, None, None)
 
 
-@torch.library.custom_op("attnkernels_composite::shuffle_conv_bn_gate", mutates_args=())
-def shuffle_conv_bn_gate(
-    s: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    groups: int,
-    shuffle_groups: int,
-    in_scale: torch.Tensor | None,
-    in_shift: torch.Tensor | None,
-    gate_x: torch.Tensor,
-    bn_weight: torch.Tensor | None,
-    bn_bias: torch.Tensor | None,
-    bn_mean: torch.Tensor | None,
-    bn_var: torch.Tensor | None,
-    eps: float,
-    backend: str,
-    library: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`y = gate_x * sigmoid(bn(z))`, z = shuffle_conv's raw output, bn with z's batch
-    statistics (or, given, bn_mean and bn_var: eval mode with running statistics).
-
-    Returns (y, mean, var): the statistics used (C_out values, acc; z's biased batch
-    statistics for the caller's running-stat update); they carry no gradient. `backend` names
-    whose primitives run ("cpu", "cuda", "triton"); `library` runs the conv on torch's conv2d
-    in gate_x's dtype.
-    """
-    ops = ops_for(backend)
-    z = _raw_conv(ops, library, s, weight, bias, groups, shuffle_groups, in_scale, in_shift, gate_x.dtype)
-    var, mean = _stats(z) if bn_mean is None else (bn_var.to(accumulate_dtype(z.dtype)), bn_mean.to(accumulate_dtype(z.dtype)))
-    scale, shift, _ = _batch_affine(mean, var, bn_weight, bn_bias, eps)
+def shuffle_conv_bn_gate_sequence(ops, s, weight, bias, groups, shuffle_groups, in_scale, in_shift, gate_x,
+                                  bn_weight, bn_bias, bn_mean, bn_var, eps, conv):
+    """shuffle_conv_bn_gate on the ops of namespace `ops`: the raw conv (algorithm `conv`, a
+    ConvAlgorithm), z's statistics (or the running ones given), BN folded into the epilogue.
+    Returns (y, mean, var): the statistics used (C_out values, acc)."""
+    z = _raw_conv(ops, conv, s, weight, bias, groups, shuffle_groups, in_scale, in_shift, gate_x.dtype)
+    acc = accumulate_dtype(z.dtype)
+    var, mean = _stats(z) if bn_mean is None else (bn_var.to(acc), bn_mean.to(acc))
+    scale, shift, _ = fold_batch_norm(mean, var, bn_weight, bn_bias, eps)
     return ops.shuffle_conv_epilogue(z, gate_x, scale, shift), mean.clone(), var.clone()
+
+
+_COMPOSITES = {
+    "shuffle_conv_bn_gate": Composite(
+        "shuffle_conv_bn_gate(Tensor s, Tensor weight, Tensor? bias, int groups, int shuffle_groups, "
+        "Tensor? in_scale, Tensor? in_shift, Tensor gate_x, Tensor? bn_weight, Tensor? bn_bias, Tensor? bn_mean, "
+        "Tensor? bn_var, float eps, int conv) -> (Tensor y, Tensor mean, Tensor var)",
+        shuffle_conv_bn_gate_sequence),
+}
 
 
 def _stats(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -275,44 +340,174 @@ def _stats(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     centred = rows - mean[None, :, None]
     return (centred * centred).sum(2).sum(0) / count, mean
 
+# ----------------------------------------------------------------------------------------
+# The reference backend: the ops' signatures in plain PyTorch (differentiable by autograd)
+# ----------------------------------------------------------------------------------------
+class Reference:
+    """shuffle_conv's ops in torch ops (acc(s)), as the `reference` backend runs them; its conv
+    is torch's conv2d whatever the algorithm asked for."""
 
-@shuffle_conv_bn_gate.register_fake
-def _(s, weight, bias, groups, shuffle_groups, in_scale, in_shift, gate_x, bn_weight, bn_bias, bn_mean, bn_var, eps, backend,
-      library):
+    @staticmethod
+    def shuffle_conv(s, weight, bias, groups, shuffle_groups, in_scale=None, in_shift=None, gate_x=None,
+                     out_scale=None, out_shift=None):
+        acc = accumulate_dtype(s.dtype)
+        u = library_input(s, shuffle_groups, in_scale, in_shift, acc)
+        k = weight.shape[-1]
+        z = F.conv2d(u, weight.to(acc), None if bias is None else bias.reshape(-1).to(acc), padding=(k - 1) // 2,
+                     groups=groups)
+        if gate_x is None:
+            return z.contiguous(memory_format=memory_format_of(s))
+        return Reference.shuffle_conv_epilogue(z, gate_x, out_scale, out_shift)
+
+    @staticmethod
+    def shuffle_conv_epilogue(z, gate_x, out_scale, out_shift):
+        """`gate_x * sigmoid(out_scale * z + out_shift)` in acc(z), in gate_x's dtype and layout."""
+        acc = accumulate_dtype(z.dtype)
+        c = z.shape[1]
+        pre = z.to(acc) * out_scale.reshape(1, c, 1, 1).to(acc) + out_shift.reshape(1, c, 1, 1).to(acc)
+        y = gate_x.to(acc) * torch.sigmoid(pre)
+        return y.to(gate_x.dtype).contiguous(memory_format=memory_format_of(gate_x))
+
+    @staticmethod
+    def shuffle_conv_bn_gate(s, weight, bias, groups, shuffle_groups, in_scale, in_shift, gate_x, bn_weight, bn_bias,
+                             bn_mean, bn_var, eps, conv):
+        z = Reference.shuffle_conv(s, weight, bias, groups, shuffle_groups, in_scale, in_shift)
+        if bn_mean is None:
+            var, mean = torch.var_mean(z, dim=(0, 2, 3), correction=0)
+        else:
+            var, mean = bn_var.to(z.dtype), bn_mean.to(z.dtype)
+        w, b = (None if t is None else t.to(z.dtype) for t in (bn_weight, bn_bias))
+        running = bn_mean is not None
+        y = F.batch_norm(z, mean.detach() if running else None, var.detach() if running else None, w, b,
+                         training=not running, eps=eps)
+        y = (gate_x.to(z.dtype) * torch.sigmoid(y)).to(gate_x.dtype).contiguous(memory_format=memory_format_of(gate_x))
+        return y, mean.detach(), var.detach()
+
+
+# ----------------------------------------------------------------------------------------
+# Fakes
+# ----------------------------------------------------------------------------------------
+def _raw_like(s: torch.Tensor, c_out: int) -> torch.Tensor:
+    n, _, h, w = s.shape
+    return torch.empty((n, c_out, h, w), dtype=accumulate_dtype(s.dtype), device=s.device,
+                       memory_format=memory_format_of(s))
+
+
+def _vector_grad(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    if t is None:
+        return like.new_empty((0,), dtype=accumulate_dtype(like.dtype))
+    return t.new_empty((t.numel(),))
+
+
+def _fake_shuffle_conv(s, weight, bias, groups, shuffle_groups, in_scale, in_shift, gate_x, out_scale, out_shift):
+    return _raw_like(s, weight.shape[0]) if gate_x is None else empty_like_layout(gate_x)
+
+
+def _fake_shuffle_conv_backward(grad_z, s, weight, groups, shuffle_groups, in_scale, in_shift):
+    grad_bias = weight.new_empty((weight.shape[0],))
+    grad_weight = torch.empty_like(weight, memory_format=torch.contiguous_format)
+    return empty_like_layout(s), grad_weight, grad_bias, _vector_grad(in_scale, s), _vector_grad(in_shift, s)
+
+
+def _fake_epilogue(z, gate_x, out_scale, out_shift):
+    return empty_like_layout(gate_x)
+
+
+def _fake_epilogue_backward(grad_y, z, gate_x, out_scale, out_shift, mean, rstd):
+    return empty_like_layout(z), empty_like_layout(gate_x), _vector_grad(out_scale, z), _vector_grad(out_shift, z)
+
+
+def _fake_bn_gate(s, weight, bias, groups, shuffle_groups, in_scale, in_shift, gate_x, bn_weight, bn_bias, bn_mean,
+                  bn_var, eps, conv):
     stat = s.new_empty((weight.shape[0],), dtype=accumulate_dtype(s.dtype))
     return empty_like_layout(gate_x), stat, torch.empty_like(stat)
 
 
-def _setup_bn_gate(ctx: Any, inputs: tuple, output: tuple) -> None:
-    (s, weight, bias, groups, shuffle_groups, in_scale, in_shift, gate_x, bn_weight, bn_bias, bn_mean, _bn_var, eps, backend,
-     library) = inputs
-    _y, mean, var = output
-    ctx.mark_non_differentiable(mean, var)
-    ctx.args = (groups, shuffle_groups, eps, backend, library, bn_mean is None)
-    ctx.save_for_backward(s, weight, bias, in_scale, in_shift, gate_x, bn_weight, bn_bias, mean, var)
+_FAKES = {
+    "shuffle_conv_bn_gate": _fake_bn_gate,
+    "shuffle_conv": _fake_shuffle_conv,
+    "shuffle_conv_backward": _fake_shuffle_conv_backward,
+    "shuffle_conv_epilogue": _fake_epilogue,
+    "shuffle_conv_epilogue_backward": _fake_epilogue_backward,
+}
 
 
-def _backward_bn_gate(ctx: Any, grad_y: torch.Tensor, _grad_mean, _grad_var):
-    s, weight, bias, in_scale, in_shift, gate_x, bn_weight, bn_bias, mean, var = ctx.saved_tensors
-    groups, shuffle_groups, eps, backend, library, batch_stats = ctx.args
-    ops = ops_for(backend)
-    z = _raw_conv(ops, library, s, weight, bias, groups, shuffle_groups, in_scale, in_shift, gate_x.dtype)
-    scale, shift, rstd = _batch_affine(mean, var, bn_weight, bn_bias, eps)
-    # With batch statistics grad_z carries their gradient too (mean and rstd given):
-    # BatchNorm's training backward. Running statistics are constants.
-    stats = (mean, rstd) if batch_stats else (None, None)
-    grad_z, grad_gate_x, grad_scale, grad_shift = ops.shuffle_conv_epilogue_backward(
-        grad_y, z, gate_x, scale, shift, *stats)
-    # d/d bn_weight of scale * z + shift = rstd * (z - mean): sum dpre * (z - mean) * rstd.
-    grad_bn_weight = _like((grad_scale - mean * grad_shift) * rstd, bn_weight)
-    grad_bn_bias = _like(grad_shift, bn_bias)
-    if library:
-        conv_grads = library_conv_backward(grad_z, s, weight, groups, shuffle_groups, in_scale, in_shift, gate_x.dtype)
-    else:
-        conv_grads = ops.shuffle_conv_backward(grad_z, s, weight, groups, shuffle_groups, in_scale, in_shift)
-    grad_s, grad_weight, grad_bias, grad_in_scale, grad_in_shift = conv_grads
-    return (grad_s, grad_weight, _like(grad_bias, bias), None, None, _like(grad_in_scale, in_scale),
-            _like(grad_in_shift, in_shift), grad_gate_x, grad_bn_weight, grad_bn_bias, None, None, None, None, None)
+
+# ----------------------------------------------------------------------------------------
+# Autograd
+# ----------------------------------------------------------------------------------------
+def _like(grad: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor | None:
+    """A small parameter's gradient in its own shape, or None where there is no parameter."""
+    return None if t is None else grad.reshape(t.shape).to(t.dtype)
 
 
-shuffle_conv_bn_gate.register_autograd(_backward_bn_gate, setup_context=_setup_bn_gate)
+def _register_autograd(namespace: str) -> None:
+    ops = getattr(torch.ops, namespace)
+
+    def setup_conv(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+        s, weight, bias, groups, shuffle_groups, in_scale, in_shift, gate_x, out_scale, out_shift = inputs
+        ctx.conv = (groups, shuffle_groups)
+        ctx.save_for_backward(s, weight, bias, in_scale, in_shift, gate_x, out_scale, out_shift)
+
+    def backward_conv(ctx: Any, grad_out: torch.Tensor):
+        s, weight, bias, in_scale, in_shift, gate_x, out_scale, out_shift = ctx.saved_tensors
+        groups, shuffle_groups = ctx.conv
+        grad_gate = (None, None, None)
+        if gate_x is not None:  # recompute z rather than save it; then the epilogue's backward
+            z = ops.shuffle_conv(s, weight, bias, groups, shuffle_groups, in_scale, in_shift, None, None, None)
+            grad_out, grad_gate_x, grad_scale, grad_shift = ops.shuffle_conv_epilogue_backward(
+                grad_out, z, gate_x, out_scale, out_shift, None, None)
+            grad_gate = (grad_gate_x, _like(grad_scale, out_scale), _like(grad_shift, out_shift))
+        grad_s, grad_weight, grad_bias, grad_in_scale, grad_in_shift = ops.shuffle_conv_backward(
+            grad_out, s, weight, groups, shuffle_groups, in_scale, in_shift)
+        return (grad_s, grad_weight, _like(grad_bias, bias), None, None,
+                _like(grad_in_scale, in_scale), _like(grad_in_shift, in_shift), *grad_gate)
+
+    def setup_epilogue(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+        ctx.save_for_backward(*inputs)  # z, gate_x, out_scale, out_shift
+
+    def backward_epilogue(ctx: Any, grad_y: torch.Tensor):
+        z, gate_x, out_scale, out_shift = ctx.saved_tensors
+        grad_z, grad_gate_x, grad_scale, grad_shift = ops.shuffle_conv_epilogue_backward(
+            grad_y, z, gate_x, out_scale, out_shift, None, None)
+        return grad_z, grad_gate_x, _like(grad_scale, out_scale), _like(grad_shift, out_shift)
+
+    def setup_bn_gate(ctx: Any, inputs: tuple, output: tuple) -> None:
+        (s, weight, bias, groups, shuffle_groups, in_scale, in_shift, gate_x, bn_weight, bn_bias, bn_mean, _bn_var, eps,
+         conv) = inputs
+        _y, mean, var = output
+        ctx.mark_non_differentiable(mean, var)
+        ctx.args = (groups, shuffle_groups, eps, conv, bn_mean is None)
+        ctx.save_for_backward(s, weight, bias, in_scale, in_shift, gate_x, bn_weight, bn_bias, mean, var)
+
+    def backward_bn_gate(ctx: Any, grad_y: torch.Tensor, _grad_mean, _grad_var):
+        s, weight, bias, in_scale, in_shift, gate_x, bn_weight, bn_bias, mean, var = ctx.saved_tensors
+        groups, shuffle_groups, eps, conv, batch_stats = ctx.args
+        z = _raw_conv(ops, conv, s, weight, bias, groups, shuffle_groups, in_scale, in_shift, gate_x.dtype)
+        scale, shift, rstd = fold_batch_norm(mean, var, bn_weight, bn_bias, eps)
+        # With batch statistics grad_z carries their gradient too (mean and rstd given):
+        # BatchNorm's training backward. Running statistics are constants.
+        stats = (mean, rstd) if batch_stats else (None, None)
+        grad_z, grad_gate_x, grad_scale, grad_shift = ops.shuffle_conv_epilogue_backward(
+            grad_y, z, gate_x, scale, shift, *stats)
+        # d/d bn_weight of scale * z + shift = rstd * (z - mean): sum dpre * (z - mean) * rstd.
+        grad_bn_weight = _like((grad_scale - mean * grad_shift) * rstd, bn_weight)
+        grad_bn_bias = _like(grad_shift, bn_bias)
+        if conv == ConvAlgorithm.LIBRARY:
+            conv_grads = library_conv_backward(grad_z, s, weight, groups, shuffle_groups, in_scale, in_shift, gate_x.dtype)
+        else:
+            conv_grads = ops.shuffle_conv_backward(grad_z, s, weight, groups, shuffle_groups, in_scale, in_shift)
+        grad_s, grad_weight, grad_bias, grad_in_scale, grad_in_shift = conv_grads
+        return (grad_s, grad_weight, _like(grad_bias, bias), None, None, _like(grad_in_scale, in_scale),
+                _like(grad_in_shift, in_shift), grad_gate_x, grad_bn_weight, grad_bn_bias, None, None, None, None)
+
+    for name, backward, setup in (
+        ("shuffle_conv", backward_conv, setup_conv),
+        ("shuffle_conv_epilogue", backward_epilogue, setup_epilogue),
+        ("shuffle_conv_bn_gate", backward_bn_gate, setup_bn_gate),
+    ):
+        torch.library.register_autograd(f"{namespace}::{name}", backward, setup_context=setup)
+
+
+
+REGISTRATION = Registration(_FAKES, _register_autograd, _COMPOSITES)

@@ -1,4 +1,4 @@
-"""Reference attention modules: the executable form of SPEC.md, and the library's ground truth.
+"""Reference attention modules: the executable form of docs/contract.md, and the library's ground truth.
 
 Every module takes `channels` first, checks its input (4-D floating, the right channel
 count) and returns the input's memory format. `create(name, channels, **kwargs)` builds

@@ -1,6 +1,6 @@
 """The base class every reference module shares: input checks and output memory format.
 
-SPEC.md's conventions apply to every module, so they live here once:
+The contract's shared rules (docs/contract.md#shared-rules) apply to every module, so they live here once:
 `x` is a 4-D floating tensor with the module's channel count, and the output keeps
 the input's memory format (channels_last in, channels_last out).
 """
@@ -90,7 +90,7 @@ class AttentionModule(nn.Module, abc.ABC):
 
     @abc.abstractmethod
     def attend(self, x: torch.Tensor) -> torch.Tensor:
-        """The module's formula (SPEC.md) on a checked input."""
+        """The module's formula (its section of docs/contract.md) on a checked input."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)

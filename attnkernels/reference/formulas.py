@@ -1,7 +1,7 @@
-"""SPEC.md's shared formulas and reductions, written once for every module.
+"""The contract's shared formulas and reductions (docs/contract.md#shared-formulas), written once for every module.
 
 Reductions accumulate in fp32 for fp16/bf16/fp32 inputs and in fp64 for fp64 inputs
-(SPEC "Conventions"), then return the input's dtype so the module's parameters,
+(docs/contract.md#accumulation-dtype), then return the input's dtype so the module's parameters,
 which share that dtype, can consume them.
 """
 from __future__ import annotations
@@ -58,7 +58,7 @@ _RANK_CHUNK_ELEMENTS = 1 << 24
 
 
 def important_channel_mask(a: torch.Tensor, k: int) -> torch.Tensor:
-    """Boolean (N, C) mask of the `k` top channels of `a` (N, C), per sample, SPEC's tie rule.
+    """Boolean (N, C) mask of the `k` top channels of `a` (N, C), per sample, by the contract's rank rule (docs/contract.md#top-k-rank-rule).
 
     Channel c is important iff fewer than k channels rank before it, where j ranks
     before c iff a[j] > a[c], or a[j] == a[c] and j < c. Computed literally as a rank
@@ -84,7 +84,7 @@ def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
 
 
 def mean_hw(x: torch.Tensor, keepdim: bool = False) -> torch.Tensor:
-    """Mean over H and W, accumulated in the spec's accumulation dtype."""
+    """Mean over H and W, accumulated in the contract's accumulation dtype."""
     return x.mean(dim=(2, 3), keepdim=keepdim, dtype=accumulate_dtype(x.dtype)).to(x.dtype)
 
 

@@ -18,14 +18,14 @@ from .formulas import (
 
 
 class HAM(AttentionModule):
-    """Hybrid attention module, exactly as SPEC.md writes it.
+    """Hybrid attention module, exactly as docs/contract.md#ham writes it.
 
     ```
     a, m   = mean_hw(x), max_hw(x)
     f      = 0.5*(a + m) + alpha*a + beta*m
     Ac     = sigmoid(conv1d_over_C(f))
     F1     = x * Ac
-    M      = important-channel mask of Ac (C_im top channels, SPEC tie rule; no gradient)
+    M      = important-channel mask of Ac (C_im top channels, the contract's rank rule; no gradient)
     G1, G2 = F1 * M, F1 * (1 - M)
     d1     = cat[sum_c(G1) / C_im,         max_c(G1)]
     d2     = cat[sum_c(G2) / max(C_sub,1), max_c(G2)]

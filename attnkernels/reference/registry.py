@@ -36,7 +36,7 @@ REGISTRY: dict[str, type[AttentionModule]] = {
 
 
 def names() -> list[str]:
-    """The registry's module names, in SPEC.md order."""
+    """The registry's module names, in docs/contract.md's order."""
     return list(REGISTRY)
 
 

@@ -1,11 +1,15 @@
-"""Helpers shared by the Triton hot-path modules: input checks, layouts, block sizes, jit helpers.
+"""Helpers shared by the Triton hot-path modules: registration, launch guards, layouts, block
+sizes, partial sums, jit helpers.
 
-Host side: argument checks that raise TypeError/ValueError naming the op and the argument,
-output allocation in x's layout, H*W addressing (one flat stride or separate h, w strides),
-power-of-two block sizes, the launch size that fills a GPU, tl.dot precision and warps,
-the split count and the fixed-order sum of a reduction's partials, and op registration.
+Host side: op registration with the schemas of csrc/<hot_path>_ops.cpp, the empty-input launch
+guard, small inputs cast to the accumulation dtype, H*W addressing (one flat stride or separate
+h, w strides), power-of-two block sizes, the launch size that fills a GPU, tl.dot precision and
+warps, and the split count and fixed-order sum of a reduction's partials. The argument checks
+themselves are the op modules' (`attnkernels.ops.<hot_path>.check_<op>`, `attnkernels.ops._checks`):
+one wording per rule, whichever backend runs.
 Device side (`triton.jit`): int64 spatial offsets, correctly rounded division, the
-(sample, channel block) of a 1-D grid's program, masked 2-D tiles, relu and sigmoid.
+(sample, channel block) and (sample, pixel block) of a 1-D grid's program, masked 2-D tiles,
+relu and sigmoid, and the partial-sum kernel.
 """
 from typing import Optional
 
@@ -14,76 +18,80 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from ..reference._base import memory_format_of
-
-_FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+from ..ops._schemas import schemas
 
 
 # ----------------------------------------------------------------------------------------
-# Input checks
+# Op registration
 # ----------------------------------------------------------------------------------------
-def _check_tensor(op: str, name: str, t) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in _FLOAT_DTYPES:
-        raise TypeError(
-            f"{op}: {name} must be a floating-point tensor (float64, float32, float16 or bfloat16), "
-            f"got {t.dtype}"
-        )
+def _op_registrar(hot_path: str):
+    """The decorator factory `_op` of a hot-path module: @_op(name) registers the function as
+    the triton_op attnkernels_triton::<name> with csrc/<hot_path>_ops.cpp's schema of that op
+    (`attnkernels.ops._schemas`, the one place schemas are read; triton_op takes the schema
+    without the op's name). No op mutates its arguments."""
+    found = schemas(hot_path)
 
+    def _op(name: str):
+        schema = found[name]
+        assert schema.startswith(f"{name}("), (name, schema)
+        return triton_op(f"attnkernels_triton::{name}", mutates_args=(), schema=schema[len(name):])
 
-def _check_x(op: str, name: str, x) -> None:
-    _check_tensor(op, name, x)
-    if x.dim() != 4:
-        raise ValueError(f"{op}: {name} must be 4-D (N, C, H, W), got {x.dim()}-D")
-    if x.numel() == 0:
-        raise ValueError(f"{op}: {name} must not be empty, got shape {tuple(x.shape)}")
-
-
-def _check_same_shape(op: str, name: str, t, ref_name: str, ref: torch.Tensor) -> None:
-    _check_tensor(op, name, t)
-    if t.shape != ref.shape:
-        raise ValueError(
-            f"{op}: {name} must have the shape of {ref_name} {tuple(ref.shape)}, got {tuple(t.shape)}"
-        )
-
-
-def _check_nc(op: str, name: str, t, n: int, c: int) -> None:
-    _check_tensor(op, name, t)
-    if tuple(t.shape) != (n, c):
-        raise ValueError(f"{op}: {name} must have shape (N, C) = ({n}, {c}), got {tuple(t.shape)}")
-
-
-def _check_vector(op: str, name: str, t, count: int, what: str) -> None:
-    """t: a floating tensor of `count` values (a bias, a BatchNorm scale or shift)."""
-    _check_tensor(op, name, t)
-    if t.numel() != count:
-        raise ValueError(f"{op}: {name} must hold {what} = {count} values, got shape {tuple(t.shape)}")
-
-
-def _check_device(op: str, ref_name: str, ref: torch.Tensor, **tensors) -> None:
-    for name, t in tensors.items():
-        if t is not None and t.device != ref.device:
-            raise ValueError(f"{op}: {name} is on {t.device} but {ref_name} is on {ref.device}")
+    return _op
 
 
 # ----------------------------------------------------------------------------------------
-# Host-side helpers: dtypes, layouts, tiles
+# Launch guard and small inputs
 # ----------------------------------------------------------------------------------------
-def _nc(t: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
-    """An (N, C) input as a contiguous tensor of the accumulation dtype (no copy if it is one)."""
-    return t.to(acc).contiguous()
+def _nonempty(op: str, name: str, t: torch.Tensor) -> None:
+    """A Triton launch guard, not an argument rule: the Triton ops reject empty feature maps
+    (their zero-program grids and zero-size loops are not exercised, and channel_pool's mean
+    over H*W = 0 would be 0/0). The C++ kernels accept empty inputs and return empty outputs
+    (channel_pool rejects H*W = 0 in its own words), so `attnkernels.ops._checks.feature_map`,
+    the shared rule, does not reject them."""
+    if t.numel() == 0:
+        raise ValueError(f"{op}: {name} must not be empty, got shape {list(t.shape)}")
 
 
-def _empty_like_x(x: torch.Tensor) -> torch.Tensor:
-    """x's shape and dtype; channels_last if x is channels_last-dense and not NCHW-contiguous."""
-    return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=memory_format_of(x))
+def _in_acc(t, acc: torch.dtype):
+    """A small input ((N, C) or (N, k, H, W) map, lse) of any floating dtype and strides as a
+    contiguous tensor of the accumulation dtype (no copy if it is one). The Triton ops take
+    any floating dtype there and cast (the C++ ops require acc), then run the op's check on
+    the result: its shape and device rules apply in their one wording. Anything else is
+    returned as it is, for the check to reject."""
+    if isinstance(t, torch.Tensor) and t.dtype.is_floating_point:
+        return t.to(acc).contiguous()
+    return t
 
 
+def _acc_vector(t: Optional[torch.Tensor], acc: torch.dtype, dummy: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """A small parameter (weights, bias, a scalar) as a contiguous 1-D tensor of acc, row-major
+    (dummy, never read by the kernel, when the parameter is absent)."""
+    return dummy if t is None else t.reshape(-1).to(acc).contiguous()
+
+
+def _like_param(t: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """A parameter's gradient, computed in acc: in the parameter's shape and dtype, a tensor of
+    its own (never a view of the partials buffer)."""
+    return t.reshape(param.shape).to(param.dtype, copy=True)
+
+
+# ----------------------------------------------------------------------------------------
+# Layouts, tiles, launches
+# ----------------------------------------------------------------------------------------
 def _pow2(v) -> int:
     """Smallest power of two >= v. Block sizes are compile-time constants: under
     torch.compile a symbolic size is specialized here (int())."""
     return 1 << max(int(v) - 1, 0).bit_length()
+
+
+# tl.dot needs every dimension >= 16.
+_MIN_DOT_BLOCK = 16
+
+
+def _dot_block(v, cap: Optional[int] = None) -> int:
+    """A tl.dot block covering v: a power of two, at least 16, at most max(cap, 16)."""
+    block = _pow2(v) if cap is None else min(_pow2(v), cap)
+    return max(_MIN_DOT_BLOCK, block)
 
 
 def _flat_hw_stride(t: torch.Tensor) -> Optional[int]:
@@ -103,6 +111,23 @@ def _hw_strides(*ts: torch.Tensor) -> tuple[bool, list[int]]:
     if all(s is not None for s in flat):
         return True, flat
     return False, [0] * len(ts)
+
+
+def _nchw_strides(*ts: torch.Tensor) -> tuple[bool, list[int]]:
+    """FLAT (as _hw_strides) and, tensor by tensor, its (n, c, h, w, h*W + w) strides: the
+    arguments of kernels that take `s_n, s_c, s_h, s_w, s_hw` per tensor (_hw_offsets)."""
+    flat, s_hw = _hw_strides(*ts)
+    return flat, [v for t, s in zip(ts, s_hw) for v in (*t.stride(), s)]
+
+
+def _pixel_strides(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """t and its (n, channel, pixel) strides, pixel p = h*W + w; made contiguous first if its
+    (h, w) strides do not flatten to one pixel stride (NCHW and channels_last both do: no copy)."""
+    s_p = _flat_hw_stride(t)
+    if s_p is None:
+        t = t.contiguous()
+        s_p = _flat_hw_stride(t)
+    return t, (t.stride(0), t.stride(1), s_p)
 
 
 _SM_COUNT: dict = {}
@@ -132,10 +157,13 @@ def _warps(*tiles: int) -> int:
     return 8 if max(tiles) >= 8192 else 4
 
 
+# ----------------------------------------------------------------------------------------
+# Reductions split over programs: the split count and the fixed-order sum of the partials
+# ----------------------------------------------------------------------------------------
 # Module attributes, so tests can force many splits and small sum tiles.
 # Fewest splits of a reduction over tiles (more when the GPU needs more programs).
 _MIN_SPLITS = 1
-# _sum_partials' tile: up to _SUM_BLOCK_L columns, _SUM_TILE elements.
+# _sum_partials' default tile: up to _SUM_BLOCK_L columns, _SUM_TILE elements.
 _SUM_BLOCK_L = 256
 _SUM_TILE = 4096
 
@@ -147,30 +175,27 @@ def _splits(tiles: int, programs_per_split: int, device: torch.device) -> int:
     return max(1, min(tiles, want))
 
 
-def _sum_partials(part: torch.Tensor) -> torch.Tensor:
-    """part (R, L) contiguous -> (L,) = sum over the R rows in a fixed order: deterministic."""
-    rows, length = part.shape
-    out = torch.empty((length,), dtype=part.dtype, device=part.device)
-    block_l = min(_pow2(length), _SUM_BLOCK_L)
-    block_r = min(_pow2(rows), max(1, _SUM_TILE // block_l))
-    wrap_triton(_sum_rows_kernel)[(triton.cdiv(length, block_l),)](
-        part, out, rows, length, BLOCK_R=block_r, BLOCK_L=block_l,
+def _sum_partials(part: torch.Tensor, blocks: Optional[tuple[int, int]] = None) -> torch.Tensor:
+    """part (R, L) -> (L,), or (B, R, L) -> (B, L), contiguous: the sum over the R rows of
+    partial results, in a fixed order (deterministic): each column accumulates the rows in
+    chunks of BLOCK_R into a [BLOCK_R, BLOCK_L] tile, which is then summed over its rows.
+
+    `blocks` = (BLOCK_R, BLOCK_L): the caller's tile, which fixes the order of the sum (a
+    caller keeps its own, so its results do not change); by default up to _SUM_BLOCK_L
+    columns and _SUM_TILE elements.
+    """
+    *batch, rows, length = part.shape
+    if blocks is None:
+        block_l = min(_pow2(length), _SUM_BLOCK_L)
+        block_r = min(_pow2(rows), max(1, _SUM_TILE // block_l))
+    else:
+        block_r, block_l = blocks
+    out = torch.empty((*batch, length), dtype=part.dtype, device=part.device)
+    num_lb = triton.cdiv(length, block_l)
+    wrap_triton(_sum_rows_kernel)[((batch[0] if batch else 1) * num_lb,)](
+        part, out, rows, length, num_lb, BLOCK_R=block_r, BLOCK_L=block_l,
     )
     return out
-
-
-# ----------------------------------------------------------------------------------------
-# Op registration
-# ----------------------------------------------------------------------------------------
-def _op_registrar(schemas: dict):
-    """The decorator factory `_op` of a hot-path module: @_op(name) registers the function as
-    the triton_op attnkernels_triton::<name> with schemas[name] (csrc/attnkernels.cpp's,
-    verbatim); no op mutates its arguments."""
-
-    def _op(name: str):
-        return triton_op(f"attnkernels_triton::{name}", mutates_args=(), schema=schemas[name])
-
-    return _op
 
 
 # ----------------------------------------------------------------------------------------
@@ -210,6 +235,17 @@ def _channel_block(num_cb, C, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
+def _pixel_block(num_pb, HW, BLOCK_P: tl.constexpr):
+    """This program's sample n (int64), its pixel block pb, the block's BLOCK_P flat pixels
+    p = h*W + w, and p < HW. The grid is 1-D over (n, pixel block), pixel blocks fastest."""
+    pid = tl.program_id(0)
+    n = (pid // num_pb).to(tl.int64)
+    pb = pid % num_pb
+    p = pb * BLOCK_P + tl.arange(0, BLOCK_P)
+    return n, pb, p, p < HW
+
+
+@triton.jit
 def _tile(ptr, base, rows, s_row, row_mask, cols, s_col, col_mask):
     """The [rows, cols] tile at ptr + base + rows*s_row + cols*s_col (int64), 0 outside the masks."""
     offs = base + rows.to(tl.int64)[:, None] * s_row + cols.to(tl.int64)[None, :] * s_col
@@ -230,12 +266,12 @@ def _sigmoid(a):
 
 
 @triton.jit
-def _sum_rows_kernel(part_ptr, out_ptr, R, L, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr):
-    """out[j] = sum_r part[r, j] for this program's BLOCK_L columns, rows in a fixed order."""
-    j = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
-    j_mask = j < L
+def _sum_rows_kernel(part_ptr, out_ptr, R, L, num_lb, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr):
+    """out[b, j] = sum_r part[b, r, j] for this program's batch b and BLOCK_L columns j, the
+    rows in a fixed order (a 1-D grid over (b, column block), as _channel_block's)."""
+    b, j, j_mask = _channel_block(num_lb, L, BLOCK_L)
     acc = tl.zeros([BLOCK_R, BLOCK_L], dtype=out_ptr.dtype.element_ty)
     for r0 in range(0, R, BLOCK_R):
         rows = r0 + tl.arange(0, BLOCK_R)
-        acc += _tile(part_ptr, 0, rows, L, rows < R, j, 1, j_mask)
-    tl.store(out_ptr + j, tl.sum(acc, axis=0), mask=j_mask)
+        acc += _tile(part_ptr, b * R * L, rows, L, rows < R, j, 1, j_mask)
+    tl.store(out_ptr + b * L + j, tl.sum(acc, axis=0), mask=j_mask)

@@ -1,7 +1,8 @@
 """Triton kernels of the channel_gate hot path (ECA, SE's pooling, HAM's channel half).
 
 Registers six ops under `torch.ops.attnkernels_triton` with the schemas and the math of
-`csrc/attnkernels.cpp` (the contract; SPEC.md for accumulation, NaN and tie rules):
+`csrc/channel_gate_ops.cpp` (the ops' math; docs/contract.md#shared-rules for accumulation, NaN and tie rules), and,
+on import, their autograd and the hot path's composite ops (`attnkernels.ops.channel_gate`):
 
     channel_pool(x) -> (avg, max)
     channel_pool_backward(grad_avg, grad_max?, x, max) -> grad_x
@@ -14,7 +15,9 @@ Registers six ops under `torch.ops.attnkernels_triton` with the schemas and the 
 x is (N, C, H, W) with any strides: the kernels take every stride, so NCHW, channels_last
 and sliced views run without a copy. Outputs shaped like x are channels_last when x is
 channels_last-dense and not NCHW-contiguous, NCHW-contiguous otherwise. (N, C) tensors are
-contiguous in the accumulation dtype acc(x): float64 for float64 x, float32 otherwise.
+contiguous in the accumulation dtype acc(x): float64 for float64 x, float32 otherwise; (N, C)
+inputs of another floating dtype or strides are cast first. The argument checks are the op
+module's (`check_<op>`), worded as the C++ ops'.
 
 Kernels (all deterministic: no atomics, every reduction in a fixed order):
   * pooling, rescale, rescale backward, pool backward: one program per (n, block of
@@ -23,7 +26,7 @@ Kernels (all deterministic: no atomics, every reduction in a fixed order):
   * gate forward/backward: one program per sample n holding all C channels; the 1-D conv
     is a static loop over the k taps with shifted, masked loads (zero padding).
     grad_weight/grad_alpha/grad_beta: per-sample partials, then one program sums them
-    over n in a fixed order.
+    over n in a fixed order (`_common._sum_partials`).
 
 On a machine without a GPU set TRITON_INTERPRET=1 before importing this module; the ops
 then run on CPU tensors under the Triton interpreter.
@@ -35,25 +38,35 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
+from ..ops import register_hot_path
+from ..ops._common import empty_like_layout
+from ..ops.channel_gate import (
+    GateMode,
+    check_channel_gate,
+    check_channel_gate_backward,
+    check_channel_pool,
+    check_channel_pool_backward,
+    check_channel_rescale,
+    check_channel_rescale_backward,
+)
 from ..reference.formulas import accumulate_dtype
 from ._common import (
+    _acc_vector,
     _channel_block,
-    _check_device,
-    _check_nc,
-    _check_same_shape,
-    _check_tensor,
-    _check_x,
     _div,
-    _empty_like_x,
-    _flat_hw_stride,  # noqa: F401  (tests address it here)
     _hw_offsets,
-    _hw_strides,
+    _in_acc,
+    _like_param,
     _min_programs,
-    _nc,
+    _nchw_strides,
+    _nonempty,
     _op_registrar,
     _pow2,
     _sigmoid,
+    _sum_partials,
 )
+
+HOT_PATH = "channel_gate"
 
 __all__ = [
     "channel_pool",
@@ -64,41 +77,10 @@ __all__ = [
     "channel_rescale_backward",
 ]
 
-_MODES = (0, 1, 2)
-
-
-# ----------------------------------------------------------------------------------------
-# Input checks
-# ----------------------------------------------------------------------------------------
-def _check_gate_params(op: str, weight, alpha, beta, mode) -> int:
-    _check_tensor(op, "weight", weight)
-    k = weight.numel()
-    if k % 2 == 0:
-        raise ValueError(
-            f"{op}: weight must hold an odd number k of elements (the 1-D conv kernel size), got {k}"
-        )
-    if isinstance(mode, bool) or not isinstance(mode, int) or mode not in _MODES:
-        raise ValueError(f"{op}: mode must be 0 (avg), 1 (max) or 2 (adaptive mix), got {mode!r}")
-    for name, t in (("alpha", alpha), ("beta", beta)):
-        if t is None:
-            if mode == 2:
-                raise ValueError(f"{op}: {name} is required when mode == 2")
-            continue
-        _check_tensor(op, name, t)
-        if mode == 2 and t.numel() != 1:
-            raise ValueError(f"{op}: {name} must hold exactly one element, got shape {tuple(t.shape)}")
-    return k
-
-
-def _check_avg_max(op: str, avg, max) -> tuple[int, int]:
-    _check_tensor(op, "avg", avg)
-    if avg.dim() != 2:
-        raise ValueError(f"{op}: avg must be 2-D (N, C), got {avg.dim()}-D")
-    if avg.numel() == 0:
-        raise ValueError(f"{op}: avg must not be empty, got shape {tuple(avg.shape)}")
-    n, c = avg.shape
-    _check_nc(op, "max", max, n, c)
-    return n, c
+# GateMode's values as kernel constants (jit code reads a global only as a constexpr).
+_AVG = tl.constexpr(int(GateMode.AVG))
+_MAX = tl.constexpr(int(GateMode.MAX))
+_MIX = tl.constexpr(int(GateMode.MIX))
 
 
 # ----------------------------------------------------------------------------------------
@@ -273,9 +255,9 @@ def _rescale_backward_kernel(
 def _gate_input(avg_ptr, max_ptr, base, idx, C, alpha, beta, MODE: tl.constexpr):
     """f[n, idx] of the gate's mode, 0 outside 0 <= idx < C (the conv's zero padding)."""
     inside = (idx >= 0) & (idx < C)
-    if MODE == 0:
+    if MODE == _AVG:
         f = tl.load(avg_ptr + base + idx, mask=inside, other=0.0)
-    elif MODE == 1:
+    elif MODE == _MAX:
         f = tl.load(max_ptr + base + idx, mask=inside, other=0.0)
     else:
         a = tl.load(avg_ptr + base + idx, mask=inside, other=0.0)
@@ -303,7 +285,7 @@ def _gate_kernel(
     n = tl.program_id(0).to(tl.int64)
     base = n * C
     c = tl.arange(0, BLOCK_C)
-    if MODE == 2:
+    if MODE == _MIX:
         alpha = tl.load(alpha_ptr)
         beta = tl.load(beta_ptr)
     else:
@@ -329,7 +311,7 @@ def _gate_backward_kernel(
     base = n * C
     c = tl.arange(0, BLOCK_C)
     c_mask = c < C
-    if MODE == 2:
+    if MODE == _MIX:
         alpha = tl.load(alpha_ptr)
         beta = tl.load(beta_ptr)
     else:
@@ -348,10 +330,10 @@ def _gate_backward_kernel(
         tl.store(part_row + j, tl.sum(dz * f_j, axis=0))
     df = tl.where(c_mask, df, 0.0)
 
-    if MODE == 0:
+    if MODE == _AVG:
         tl.store(gavg_ptr + base + c, df, mask=c_mask)
         tl.store(gmax_ptr + base + c, tl.zeros([BLOCK_C], dtype=ACC), mask=c_mask)
-    elif MODE == 1:
+    elif MODE == _MAX:
         tl.store(gavg_ptr + base + c, tl.zeros([BLOCK_C], dtype=ACC), mask=c_mask)
         tl.store(gmax_ptr + base + c, df, mask=c_mask)
     else:
@@ -363,59 +345,27 @@ def _gate_backward_kernel(
         tl.store(part_row + K + 1, tl.sum(tl.where(c_mask, df * m, 0.0), axis=0))
 
 
-@triton.jit
-def _sum_rows_kernel(part_ptr, out_ptr, N, NPART: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr):
-    """out[p] = sum_n part[n, p], one program, a fixed order: deterministic."""
-    p = tl.arange(0, BLOCK_P)
-    p_mask = p < NPART
-    acc = tl.zeros([BLOCK_N, BLOCK_P], dtype=out_ptr.dtype.element_ty)
-    for start in range(0, N, BLOCK_N):
-        rows = start + tl.arange(0, BLOCK_N)
-        mask = (rows < N)[:, None] & p_mask[None, :]
-        offs = rows.to(tl.int64)[:, None] * NPART + p[None, :]
-        acc += tl.load(part_ptr + offs, mask=mask, other=0.0)
-    tl.store(out_ptr + p, tl.sum(acc, axis=0), mask=p_mask)
-
-
 # ----------------------------------------------------------------------------------------
 # Ops
 # ----------------------------------------------------------------------------------------
-# Schemas of csrc/attnkernels.cpp, verbatim (torch < 2.7 ignores them and infers an
-# equivalent one from the annotations, with SymInt for int).
-_SCHEMAS = {
-    "channel_pool": "(Tensor x) -> (Tensor avg, Tensor max)",
-    "channel_pool_backward": "(Tensor grad_avg, Tensor? grad_max, Tensor x, Tensor max) -> Tensor",
-    "channel_gate": (
-        "(Tensor avg, Tensor max, Tensor weight, Tensor? alpha, Tensor? beta, int mode) -> Tensor"
-    ),
-    "channel_gate_backward": (
-        "(Tensor grad_gate, Tensor gate, Tensor avg, Tensor max, Tensor weight, "
-        "Tensor? alpha, Tensor? beta, int mode) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
-    ),
-    "channel_rescale": "(Tensor x, Tensor gate) -> Tensor",
-    "channel_rescale_backward": "(Tensor grad_y, Tensor x, Tensor gate) -> (Tensor, Tensor)",
-}
-
-
-_op = _op_registrar(_SCHEMAS)
+_op = _op_registrar(HOT_PATH)
 
 
 @_op("channel_pool")
 def channel_pool(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(avg, max) over H*W: (N, C) each, contiguous, acc(x); max propagates NaN."""
-    op = "channel_pool"
-    _check_x(op, "x", x)
+    check_channel_pool(x)
+    _nonempty("channel_pool", "x", x)
     n, c, h, w = x.shape
     acc = accumulate_dtype(x.dtype)
     avg = torch.empty((n, c), dtype=acc, device=x.device)
     mx = torch.empty((n, c), dtype=acc, device=x.device)
-    flat, (sx_hw,) = _hw_strides(x)
+    flat, strides = _nchw_strides(x)
     block_c, block_hw = _tiles(x, acc)
     num_cb = triton.cdiv(c, block_c)
     wrap_triton(_pool_kernel)[(n * num_cb,)](
         x, avg, mx,
-        c, h * w, w, num_cb,
-        *x.stride(), sx_hw,
+        c, h * w, w, num_cb, *strides,
         FLAT=flat, BLOCK_C=block_c, BLOCK_HW=block_hw,
     )
     return avg, mx
@@ -426,28 +376,20 @@ def channel_pool_backward(
     grad_avg: torch.Tensor, grad_max: Optional[torch.Tensor], x: torch.Tensor, max: torch.Tensor
 ) -> torch.Tensor:
     """grad_x = grad_avg/(H*W) + [x == max] * grad_max/count (ties share evenly; a NaN max gives NaN, as torch.amax)."""
-    op = "channel_pool_backward"
-    _check_x(op, "x", x)
-    n, c, h, w = x.shape
-    _check_nc(op, "grad_avg", grad_avg, n, c)
-    _check_nc(op, "max", max, n, c)
-    if grad_max is not None:
-        _check_nc(op, "grad_max", grad_max, n, c)
-    _check_device(op, "x", x, grad_avg=grad_avg, grad_max=grad_max, max=max)
     acc = accumulate_dtype(x.dtype)
-    gavg = _nc(grad_avg, acc)
-    has_max = grad_max is not None
-    gmax = _nc(grad_max, acc) if has_max else gavg
-    mx = _nc(max, acc) if has_max else gavg
-    grad_x = _empty_like_x(x)
-    flat, (sx_hw, so_hw) = _hw_strides(x, grad_x)
+    gavg, mx = _in_acc(grad_avg, acc), _in_acc(max, acc)
+    gmax = None if grad_max is None else _in_acc(grad_max, acc)
+    check_channel_pool_backward(gavg, gmax, x, mx)
+    _nonempty("channel_pool_backward", "x", x)
+    n, c, h, w = x.shape
+    has_max = gmax is not None
+    grad_x = empty_like_layout(x)
+    flat, strides = _nchw_strides(x, grad_x)
     block_c, block_hw = _tiles(x, acc)
     num_cb = triton.cdiv(c, block_c)
     wrap_triton(_pool_backward_kernel)[(n * num_cb,)](
-        gavg, gmax, x, mx, grad_x,
-        c, h * w, w, num_cb,
-        *x.stride(), sx_hw,
-        *grad_x.stride(), so_hw,
+        gavg, gmax if has_max else gavg, x, mx, grad_x,
+        c, h * w, w, num_cb, *strides,
         HAS_MAX=has_max, FLAT=flat, BLOCK_C=block_c, BLOCK_HW=block_hw,
     )
     return grad_x
@@ -458,17 +400,18 @@ _SUM_ROWS_ELEMENTS = 4096
 
 
 def _sum_rows_blocks(npart: int) -> tuple[int, int]:
-    """(BLOCK_N, BLOCK_P) of the fixed-order sum of an (N, npart) partials buffer.
+    """(BLOCK_N, BLOCK_P) of the fixed-order sum of an (N, npart) partials buffer: every
+    column in one program, BLOCK_N samples at a time.
 
     Independent of N, so a new batch size compiles nothing new."""
     block_p = _pow2(npart)
     return max(1, _SUM_ROWS_ELEMENTS // block_p), block_p
 
 
-def _gate_scalars(alpha, beta, mode: int, acc: torch.dtype, dummy: torch.Tensor):
-    if mode != 2:
+def _gate_scalars(alpha, beta, mode: GateMode, acc: torch.dtype, dummy: torch.Tensor):
+    if mode != GateMode.MIX:
         return dummy, dummy
-    return alpha.reshape(1).to(acc).contiguous(), beta.reshape(1).to(acc).contiguous()
+    return _acc_vector(alpha, acc), _acc_vector(beta, acc)
 
 
 @_op("channel_gate")
@@ -480,22 +423,21 @@ def channel_gate(
     beta: Optional[torch.Tensor],
     mode: int,
 ) -> torch.Tensor:
-    """gate = sigmoid(conv1d_over_C(f)), f by mode (0 avg, 1 max, 2 adaptive mix); (N, C) acc."""
-    op = "channel_gate"
-    n, c = _check_avg_max(op, avg, max)
-    k = _check_gate_params(op, weight, alpha, beta, mode)
-    _check_device(op, "avg", avg, max=max, weight=weight, alpha=alpha, beta=beta)
+    """gate = sigmoid(conv1d_over_C(f)), f by mode (GateMode: avg, max, mix); (N, C) acc."""
     acc = accumulate_dtype(avg.dtype)
-    a = _nc(avg, acc)
-    m = _nc(max, acc)
-    wt = weight.reshape(-1).to(acc).contiguous()
+    a, m = _in_acc(avg, acc), _in_acc(max, acc)
+    mode = check_channel_gate(a, m, weight, alpha, beta, mode)
+    _nonempty("channel_gate", "avg", avg)
+    n, c = avg.shape
+    k = weight.numel()
+    wt = _acc_vector(weight, acc)
     al, be = _gate_scalars(alpha, beta, mode, acc, wt)
     gate = torch.empty((n, c), dtype=acc, device=avg.device)
     block_c = _pow2(c)
     wrap_triton(_gate_kernel)[(n,)](
         a, m, wt, al, be, gate,
         c,
-        K=k, PAD=(k - 1) // 2, MODE=mode, BLOCK_C=block_c, num_warps=_gate_warps(block_c),
+        K=k, PAD=(k - 1) // 2, MODE=int(mode), BLOCK_C=block_c, num_warps=_gate_warps(block_c),
     )
     return gate
 
@@ -512,40 +454,31 @@ def channel_gate_backward(
     mode: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad_avg, grad_max, grad_weight, grad_alpha, grad_beta) of channel_gate."""
-    op = "channel_gate_backward"
-    n, c = _check_avg_max(op, avg, max)
-    _check_nc(op, "grad_gate", grad_gate, n, c)
-    _check_nc(op, "gate", gate, n, c)
-    k = _check_gate_params(op, weight, alpha, beta, mode)
-    _check_device(
-        op, "avg", avg, grad_gate=grad_gate, gate=gate, max=max, weight=weight, alpha=alpha, beta=beta
-    )
     acc = accumulate_dtype(avg.dtype)
-    gg = _nc(grad_gate, acc)
-    g = _nc(gate, acc)
-    a = _nc(avg, acc)
-    m = _nc(max, acc)
-    wt = weight.reshape(-1).to(acc).contiguous()
+    gg, g, a, m = (_in_acc(t, acc) for t in (grad_gate, gate, avg, max))
+    mode = check_channel_gate_backward(gg, g, a, m, weight, alpha, beta, mode)
+    _nonempty("channel_gate_backward", "avg", avg)
+    n, c = avg.shape
+    k = weight.numel()
+    wt = _acc_vector(weight, acc)
     al, be = _gate_scalars(alpha, beta, mode, acc, wt)
 
-    npart = k + 2 if mode == 2 else k
+    npart = k + 2 if mode == GateMode.MIX else k
     grad_avg = torch.empty((n, c), dtype=acc, device=avg.device)
     grad_max = torch.empty((n, c), dtype=acc, device=avg.device)
     partials = torch.empty((n, npart), dtype=acc, device=avg.device)
-    sums = torch.empty((npart,), dtype=acc, device=avg.device)
     block_c = _pow2(c)
     wrap_triton(_gate_backward_kernel)[(n,)](
         gg, g, a, m, wt, al, be,
         grad_avg, grad_max, partials,
         c,
-        K=k, PAD=(k - 1) // 2, MODE=mode, NPART=npart, BLOCK_C=block_c,
+        K=k, PAD=(k - 1) // 2, MODE=int(mode), NPART=npart, BLOCK_C=block_c,
         num_warps=_gate_warps(block_c),
     )
-    block_n, block_p = _sum_rows_blocks(npart)
-    wrap_triton(_sum_rows_kernel)[(1,)](partials, sums, n, NPART=npart, BLOCK_N=block_n, BLOCK_P=block_p)
+    sums = _sum_partials(partials, _sum_rows_blocks(npart))
 
-    grad_weight = sums[:k].reshape(weight.shape).to(weight.dtype, copy=True)
-    if mode == 2:
+    grad_weight = _like_param(sums[:k], weight)
+    if mode == GateMode.MIX:
         grad_alpha = sums[k].to(alpha.dtype, copy=True)
         grad_beta = sums[k + 1].to(beta.dtype, copy=True)
     else:
@@ -557,22 +490,18 @@ def channel_gate_backward(
 @_op("channel_rescale")
 def channel_rescale(x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     """y = x * gate[:, :, None, None], multiplied in acc(x), x's dtype and layout."""
-    op = "channel_rescale"
-    _check_x(op, "x", x)
-    n, c, h, w = x.shape
-    _check_nc(op, "gate", gate, n, c)
-    _check_device(op, "x", x, gate=gate)
     acc = accumulate_dtype(x.dtype)
-    gt = _nc(gate, acc)
-    y = _empty_like_x(x)
-    flat, (sx_hw, so_hw) = _hw_strides(x, y)
+    gt = _in_acc(gate, acc)
+    check_channel_rescale(x, gt)
+    _nonempty("channel_rescale", "x", x)
+    n, c, h, w = x.shape
+    y = empty_like_layout(x)
+    flat, strides = _nchw_strides(x, y)
     block_c, block_hw = _tiles(x, acc)
     num_cb = triton.cdiv(c, block_c)
     wrap_triton(_rescale_kernel)[(n * num_cb,)](
         x, gt, y,
-        c, h * w, w, num_cb,
-        *x.stride(), sx_hw,
-        *y.stride(), so_hw,
+        c, h * w, w, num_cb, *strides,
         FLAT=flat, BLOCK_C=block_c, BLOCK_HW=block_hw,
     )
     return y
@@ -583,25 +512,23 @@ def channel_rescale_backward(
     grad_y: torch.Tensor, x: torch.Tensor, gate: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """grad_x = grad_y * gate (x's dtype and layout); grad_gate = sum_hw grad_y * x ((N, C) acc)."""
-    op = "channel_rescale_backward"
-    _check_x(op, "x", x)
-    n, c, h, w = x.shape
-    _check_same_shape(op, "grad_y", grad_y, "x", x)
-    _check_nc(op, "gate", gate, n, c)
-    _check_device(op, "x", x, grad_y=grad_y, gate=gate)
     acc = accumulate_dtype(x.dtype)
-    gt = _nc(gate, acc)
-    grad_x = _empty_like_x(x)
+    gt = _in_acc(gate, acc)
+    check_channel_rescale_backward(grad_y, x, gt)
+    _nonempty("channel_rescale_backward", "x", x)
+    n, c, h, w = x.shape
+    grad_x = empty_like_layout(x)
     grad_gate = torch.empty((n, c), dtype=acc, device=x.device)
-    flat, (sg_hw, sx_hw, so_hw) = _hw_strides(grad_y, x, grad_x)
+    flat, strides = _nchw_strides(grad_y, x, grad_x)
     block_c, block_hw = _tiles(x, acc)
     num_cb = triton.cdiv(c, block_c)
     wrap_triton(_rescale_backward_kernel)[(n * num_cb,)](
         grad_y, x, gt, grad_x, grad_gate,
-        c, h * w, w, num_cb,
-        *grad_y.stride(), sg_hw,
-        *x.stride(), sx_hw,
-        *grad_x.stride(), so_hw,
+        c, h * w, w, num_cb, *strides,
         FLAT=flat, BLOCK_C=block_c, BLOCK_HW=block_hw,
     )
     return grad_x, grad_gate
+
+
+# Importing this module gives the ops their autograd and the hot path's composite ops.
+register_hot_path(HOT_PATH, "attnkernels_triton")

@@ -1,7 +1,8 @@
 """Triton kernels of the gam_channel hot path (GAM's per-pixel channel MLP gate).
 
 Registers two ops under `torch.ops.attnkernels_triton` with the schemas and the math of
-`csrc/attnkernels.cpp` (the contract, "gam_channel hot path"):
+`csrc/gam_channel_ops.cpp` (the contract, "gam_channel hot path"), and, on import, their
+autograd (`attnkernels.ops.gam_channel`, which also holds the argument checks):
 
     gam_channel(x, w1, b1, w2, b2) -> x1
     gam_channel_backward(grad_x1, x, w1, b1, w2, b2) -> (grad_x, grad_w1, grad_b1, grad_w2, grad_b2)
@@ -47,17 +48,18 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
+from ..ops import register_hot_path
+from ..ops._common import empty_like_layout
+from ..ops.gam_channel import check_gam_channel, check_gam_channel_backward
 from ..reference.formulas import accumulate_dtype
 from ._common import (
-    _check_device,
-    _check_same_shape,
-    _check_tensor,
-    _check_vector,
-    _check_x,
-    _empty_like_x,
-    _flat_hw_stride,
+    _acc_vector,
+    _dot_block,
+    _like_param,
+    _nonempty,
     _op_registrar,
-    _pow2,
+    _pixel_block,
+    _pixel_strides,
     _precision,
     _relu,
     _sigmoid,
@@ -67,48 +69,17 @@ from ._common import (
     _warps,
 )
 
+HOT_PATH = "gam_channel"
+
 __all__ = ["gam_channel", "gam_channel_backward"]
 
 
 # ----------------------------------------------------------------------------------------
-# Input checks
+# Host-side helpers: tiles
 # ----------------------------------------------------------------------------------------
-def _check_matrix(op: str, name: str, t, rows, cols: int, what: str) -> None:
-    """t: a floating 2-D (rows, cols) tensor (rows None: any positive count)."""
-    _check_tensor(op, name, t)
-    if t.dim() != 2 or t.shape[1] != cols or t.shape[0] < 1 or (rows is not None and t.shape[0] != rows):
-        raise ValueError(f"{op}: {name} must have shape {what}, got {tuple(t.shape)}")
-
-
-def _check_gam_channel_args(op: str, x, w1, b1, w2, b2) -> int:
-    """x (N, C, H, W); w1 (rd, C), b1 rd values, w2 (C, rd), b2 C values (nn.Linear's). Returns rd."""
-    _check_x(op, "x", x)
-    c = x.shape[1]
-    _check_matrix(op, "w1", w1, None, c, f"(rd, C) = (rd, {c})")
-    rd = w1.shape[0]
-    _check_matrix(op, "w2", w2, c, rd, f"(C, rd) = ({c}, {rd})")
-    _check_vector(op, "b1", b1, rd, "rd")
-    _check_vector(op, "b2", b2, c, "C")
-    _check_device(op, "x", x, w1=w1, b1=b1, w2=w2, b2=b2)
-    return rd
-
-
-# ----------------------------------------------------------------------------------------
-# Host-side helpers: strides, tiles
-# ----------------------------------------------------------------------------------------
-def _ncp(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
-    """t and its (n, c, pixel) strides; made contiguous first if its (h, w) strides do not
-    flatten to one pixel stride (NCHW and channels_last both do: no copy)."""
-    s_p = _flat_hw_stride(t)
-    if s_p is None:
-        t = t.contiguous()
-        s_p = _flat_hw_stride(t)
-    return t, (t.stride(0), t.stride(1), s_p)
-
-
-# Module attributes, so tests can force many small blocks and splits. tl.dot needs every
-# dimension >= 16. BLOCK_P pixels per tile, BLOCK_C channels per chunk, per input dtype.
-_MIN_BLOCK = 16
+# Module attributes, so tests can force many small blocks and splits (tl.dot needs every
+# dimension >= 16: _common._dot_block). BLOCK_P pixels per tile, BLOCK_C channels per chunk,
+# per input dtype.
 _BLOCK_P = {torch.float64: 32, torch.float32: 64, torch.float16: 64, torch.bfloat16: 64}
 _BLOCK_C = {torch.float64: 16, torch.float32: 32, torch.float16: 32, torch.bfloat16: 32}
 # Largest [BLOCK_P, rd] tile (h and dh stay in registers): a wide rd narrows the pixel block.
@@ -119,24 +90,15 @@ _MAX_HIDDEN_TILE = 8192
 def _blocks(x: torch.Tensor, rd: int) -> tuple[int, int, int]:
     """(BLOCK_P, BLOCK_C, BLOCK_R)."""
     n, c, h, w = x.shape
-    block_r = max(_MIN_BLOCK, _pow2(rd))
-    block_p = max(_MIN_BLOCK, min(_BLOCK_P[x.dtype], _pow2(h * w), _MAX_HIDDEN_TILE // block_r))
-    block_c = max(_MIN_BLOCK, min(_BLOCK_C[x.dtype], _pow2(c)))
+    block_r = _dot_block(rd)
+    block_p = _dot_block(h * w, min(_BLOCK_P[x.dtype], _MAX_HIDDEN_TILE // block_r))
+    block_c = _dot_block(c, _BLOCK_C[x.dtype])
     return block_p, block_c, block_r
 
 
 # ----------------------------------------------------------------------------------------
 # Kernels
 # ----------------------------------------------------------------------------------------
-@triton.jit
-def _pixel_block(num_pb, HW, BLOCK_P: tl.constexpr):
-    """This program's sample n (int64), its BLOCK_P pixels p, p < HW (1-D grid, pixels fastest)."""
-    pid = tl.program_id(0)
-    n = (pid // num_pb).to(tl.int64)
-    p = (pid % num_pb) * BLOCK_P + tl.arange(0, BLOCK_P)
-    return n, p, p < HW
-
-
 @triton.jit
 def _hidden(
     x_ptr, x_base, p, p_mask, sx_c, sx_p, w1_ptr, b1_ptr, r, r_mask, C,
@@ -161,9 +123,9 @@ def _program_hidden(
     x_ptr, sx_n, sx_c, sx_p, w1_ptr, b1_ptr, C, RD, HW, num_pb,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, IP: tl.constexpr,
 ):
-    """The start of the per-(n, pixel block) kernels: n, p, p_mask (_pixel_block), the rd
-    columns r and r < RD, x's base n*sx_n, and h at the block's pixels (_hidden)."""
-    n, p, p_mask = _pixel_block(num_pb, HW, BLOCK_P)
+    """The start of the per-(n, pixel block) kernels: n, p, p_mask (_common._pixel_block), the
+    rd columns r and r < RD, x's base n*sx_n, and h at the block's pixels (_hidden)."""
+    n, _, p, p_mask = _pixel_block(num_pb, HW, BLOCK_P)
     r = tl.arange(0, BLOCK_R)
     r_mask = r < RD
     x_base = n * sx_n
@@ -304,22 +266,7 @@ def _grad_weights_kernel(
 # ----------------------------------------------------------------------------------------
 # Ops
 # ----------------------------------------------------------------------------------------
-# Schemas of csrc/attnkernels.cpp, verbatim.
-_SCHEMAS = {
-    "gam_channel": "(Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor b2) -> Tensor",
-    "gam_channel_backward": (
-        "(Tensor grad_x1, Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor b2) "
-        "-> (Tensor grad_x, Tensor grad_w1, Tensor grad_b1, Tensor grad_w2, Tensor grad_b2)"
-    ),
-}
-
-
-_op = _op_registrar(_SCHEMAS)
-
-
-def _params(acc: torch.dtype, *ts: torch.Tensor) -> list[torch.Tensor]:
-    """The small parameters as contiguous acc tensors (w1 (rd, C) and w2 (C, rd) row-major)."""
-    return [t.to(acc).contiguous() for t in ts]
+_op = _op_registrar(HOT_PATH)
 
 
 @_op("gam_channel")
@@ -327,13 +274,14 @@ def gam_channel(
     x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor
 ) -> torch.Tensor:
     """x1 = x * sigmoid(w2 relu(w1 x + b1) + b2) at every pixel, in x's dtype and layout."""
-    op = "gam_channel"
-    rd = _check_gam_channel_args(op, x, w1, b1, w2, b2)
+    check_gam_channel(x, w1, b1, w2, b2)
+    _nonempty("gam_channel", "x", x)
     n, c, h, w = x.shape
+    rd = w1.shape[0]
     acc = accumulate_dtype(x.dtype)
-    x1 = _empty_like_x(x)
-    (x, sx), (_, so) = _ncp(x), _ncp(x1)
-    w1a, b1a, w2a, b2a = _params(acc, w1, b1, w2, b2)
+    x1 = empty_like_layout(x)
+    (x, sx), (_, so) = _pixel_strides(x), _pixel_strides(x1)
+    w1a, b1a, w2a, b2a = (_acc_vector(t, acc) for t in (w1, b1, w2, b2))
     block_p, block_c, block_r = _blocks(x, rd)
     num_pb = triton.cdiv(h * w, block_p)
     wrap_triton(_forward_kernel)[(n * num_pb,)](
@@ -356,17 +304,16 @@ def gam_channel_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad_x, grad_w1, grad_b1, grad_w2, grad_b2) of gam_channel, h and m recomputed from x;
     grad_x in x's dtype and layout, each weight gradient in its weight's shape and dtype."""
-    op = "gam_channel_backward"
-    rd = _check_gam_channel_args(op, x, w1, b1, w2, b2)
-    _check_same_shape(op, "grad_x1", grad_x1, "x", x)
-    _check_device(op, "x", x, grad_x1=grad_x1)
+    check_gam_channel_backward(grad_x1, x, w1, b1, w2, b2)
+    _nonempty("gam_channel_backward", "x", x)
     n, c, h, w = x.shape
+    rd = w1.shape[0]
     hw = h * w
     acc = accumulate_dtype(x.dtype)
     ip = _precision(x.dtype)
-    grad_x = _empty_like_x(x)
-    (gy, sg), (x, sx), (_, so) = _ncp(grad_x1), _ncp(x), _ncp(grad_x)
-    w1a, b1a, w2a, b2a = _params(acc, w1, b1, w2, b2)
+    grad_x = empty_like_layout(x)
+    (gy, sg), (x, sx), (_, so) = _pixel_strides(grad_x1), _pixel_strides(x), _pixel_strides(grad_x)
+    w1a, b1a, w2a, b2a = (_acc_vector(t, acc) for t in (w1, b1, w2, b2))
     block_p, block_c, block_r = _blocks(x, rd)
     num_pb = triton.cdiv(hw, block_p)
     warps = _warps(block_p * block_r)
@@ -393,8 +340,9 @@ def gam_channel_backward(
     )
     total = _sum_partials(part)
     grad_w2, grad_w1, grad_b2, grad_b1 = torch.split(total, [c * rd, rd * c, c, rd])
+    return (grad_x, _like_param(grad_w1, w1), _like_param(grad_b1, b1), _like_param(grad_w2, w2),
+            _like_param(grad_b2, b2))
 
-    def like(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-        return t.reshape(ref.shape).to(ref.dtype, copy=True)
 
-    return grad_x, like(grad_w1, w1), like(grad_b1, b1), like(grad_w2, w2), like(grad_b2, b2)
+# Importing this module gives the ops their autograd.
+register_hot_path(HOT_PATH, "attnkernels_triton")

@@ -1,7 +1,8 @@
 """Triton kernels of the ham_spatial hot path (HAM's spatial half, given the channel gate Ac).
 
 Registers four ops under `torch.ops.attnkernels_triton` with the schemas and the math of
-`csrc/attnkernels.cpp` (the contract; SPEC.md's HAM for the tie and NaN rules):
+`csrc/ham_spatial_ops.cpp` (the ops' math; docs/contract.md#ham for the tie and NaN rules), and, on
+import, their autograd (`attnkernels.ops.ham_spatial`):
 
     ham_spatial_pool(x, gate, c_im) -> (d1, d2, mask)
     ham_spatial_pool_backward(grad_d1, grad_d2, x, gate, mask, d1, d2, c_im) -> (grad_x, grad_gate)
@@ -12,7 +13,8 @@ x is (N, C, H, W) with any strides: the kernels take every stride, so NCHW, chan
 and sliced views run without a copy. Outputs shaped like x are channels_last when x is
 channels_last-dense and not NCHW-contiguous, NCHW-contiguous otherwise. gate and mask are
 (N, C), d1, d2 (N, 2, H, W) and s1, s2 (N, 1, H, W), all contiguous in acc(x): float64 for
-float64 x, float32 otherwise.
+float64 x, float32 otherwise (inputs of another floating dtype or strides are cast first). The
+argument checks are the op module's (`check_<op>`), worded as the C++ ops'.
 
 Kernels (all deterministic: no atomics, every reduction in a fixed order):
   * mask: one program per (n, block of channels c), looping over the channels j in chunks;
@@ -24,7 +26,8 @@ Kernels (all deterministic: no atomics, every reduction in a fixed order):
     pass over C counts, a second writes grad_x.
   * grad_gate (a reduction over pixels, in pixel-block programs): each program stores its
     block's partial sums, (N, pixel blocks, C), and one program per (n, channel block) sums
-    them over the pixel blocks in order. With a single pixel block the partials are the result.
+    them over the pixel blocks in order (`_common._sum_partials`). With a single pixel block
+    the partials are the result.
 
 On a machine without a GPU set TRITON_INTERPRET=1 before importing this module; the ops
 then run on CPU tensors under the Triton interpreter.
@@ -34,23 +37,30 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
+from ..ops import register_hot_path
+from ..ops._common import empty_like_layout
+from ..ops.ham_spatial import (
+    check_ham_spatial_apply,
+    check_ham_spatial_apply_backward,
+    check_ham_spatial_pool,
+    check_ham_spatial_pool_backward,
+)
 from ..reference.formulas import accumulate_dtype
 from ._common import (
     _channel_block,
-    _check_device,
-    _check_nc,
-    _check_same_shape,
-    _check_tensor,
-    _check_x,
     _div,
-    _empty_like_x,
     _hw_offsets,
-    _hw_strides,
+    _in_acc,
     _min_programs,
-    _nc,
+    _nchw_strides,
+    _nonempty,
     _op_registrar,
+    _pixel_block,
     _pow2,
+    _sum_partials,
 )
+
+HOT_PATH = "ham_spatial"
 
 __all__ = [
     "ham_spatial_pool",
@@ -61,34 +71,8 @@ __all__ = [
 
 
 # ----------------------------------------------------------------------------------------
-# Input checks
-# ----------------------------------------------------------------------------------------
-def _check_c_im(op: str, c_im, c: int) -> None:
-    if isinstance(c_im, bool) or not isinstance(c_im, (int, torch.SymInt)):
-        raise TypeError(f"{op}: c_im must be an int, got {type(c_im).__name__}")
-    if not 1 <= c_im <= c:
-        raise ValueError(f"{op}: c_im must be in [1, C] = [1, {c}], got {c_im}")
-
-
-def _check_pixel_map(op: str, name: str, t, x: torch.Tensor, k: int) -> None:
-    """t must be (N, k, H, W) for x's N, H, W."""
-    _check_tensor(op, name, t)
-    n, _, h, w = x.shape
-    if tuple(t.shape) != (n, k, h, w):
-        raise ValueError(
-            f"{op}: {name} must have shape (N, {k}, H, W) = ({n}, {k}, {h}, {w}), got {tuple(t.shape)}"
-        )
-
-
-# ----------------------------------------------------------------------------------------
 # Host-side helpers: tiles
 # ----------------------------------------------------------------------------------------
-def _pixel_map(t: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
-    """An (N, k, H, W) map as an NCHW-contiguous tensor of acc (no copy if it is one).
-    Autograd may hand expanded or strided gradients to the backward ops."""
-    return t.to(acc).contiguous()
-
-
 # Elements of one [BLOCK_C, BLOCK_HW] tile, per accumulation dtype (registers per thread stay
 # modest at 4 warps). Module attributes, so tests can force many small tiles and blocks.
 _TILE_ELEMENTS = {torch.float32: 2048, torch.float64: 1024}
@@ -152,17 +136,6 @@ def _sum_blocks(npb: int, c: int) -> tuple[int, int]:
 # Kernels
 # ----------------------------------------------------------------------------------------
 @triton.jit
-def _pixel_block(num_pb, HW, BLOCK_HW: tl.constexpr):
-    """This program's sample n (int64), its block of BLOCK_HW flat pixels hw, and hw < HW.
-    The grid is 1-D over (n, pixel block): no 65535 limit on a second axis."""
-    pid = tl.program_id(0)
-    n = (pid // num_pb).to(tl.int64)
-    pb = pid % num_pb
-    hw = pb * BLOCK_HW + tl.arange(0, BLOCK_HW)
-    return n, pb, hw, hw < HW
-
-
-@triton.jit
 def _max_update(acc, v):
     # NaN-propagating running max: a NaN, once in, stays (NaN > y and y > NaN are false).
     return tl.where((v > acc) | (v != v), v, acc)
@@ -191,7 +164,7 @@ def _mask_kernel(
         j = start + tl.arange(0, BLOCK_J)
         j_mask = j < C
         g_j = tl.load(gate_ptr + row + j, mask=j_mask, other=0.0)
-        # j ranks before c: a larger gate, or an equal one at a lower index (SPEC's tie rule).
+        # j ranks before c: a larger gate, or an equal one at a lower index (docs/contract.md#top-k-rank-rule).
         ranks = (g_j[None, :] > g_c[:, None]) | ((g_j[None, :] == g_c[:, None]) & (j[None, :] < c[:, None]))
         before += (ranks & j_mask[None, :]).to(tl.int32)
     count = tl.sum(before, axis=1)
@@ -366,42 +339,10 @@ def _apply_backward_kernel(
     tl.store(gs2_ptr + n * HW + hw, tl.sum(acc_s2, axis=0), mask=hw_mask)
 
 
-@triton.jit
-def _sum_partials_kernel(
-    part_ptr, out_ptr, C, NPB, num_cb,
-    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    """out[n, c] = sum_pb part[n, pb, c], pixel blocks in a fixed order: deterministic."""
-    n, c, c_mask = _channel_block(num_cb, C, BLOCK_C)
-    acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=out_ptr.dtype.element_ty)
-    for start in range(0, NPB, BLOCK_P):
-        p = start + tl.arange(0, BLOCK_P)
-        mask = (p < NPB)[:, None] & c_mask[None, :]
-        offs = (n * NPB + p.to(tl.int64))[:, None] * C + c[None, :]
-        acc += tl.load(part_ptr + offs, mask=mask, other=0.0)
-    tl.store(out_ptr + n * C + c, tl.sum(acc, axis=0), mask=c_mask)
-
-
 # ----------------------------------------------------------------------------------------
 # Ops
 # ----------------------------------------------------------------------------------------
-# Schemas of csrc/attnkernels.cpp, verbatim (torch < 2.7 ignores them and infers an
-# equivalent one from the annotations, with SymInt for int).
-_SCHEMAS = {
-    "ham_spatial_pool": "(Tensor x, Tensor gate, int c_im) -> (Tensor d1, Tensor d2, Tensor mask)",
-    "ham_spatial_pool_backward": (
-        "(Tensor grad_d1, Tensor grad_d2, Tensor x, Tensor gate, Tensor mask, "
-        "Tensor d1, Tensor d2, int c_im) -> (Tensor grad_x, Tensor grad_gate)"
-    ),
-    "ham_spatial_apply": "(Tensor x, Tensor gate, Tensor mask, Tensor s1, Tensor s2) -> Tensor",
-    "ham_spatial_apply_backward": (
-        "(Tensor grad_y, Tensor x, Tensor gate, Tensor mask, Tensor s1, Tensor s2) "
-        "-> (Tensor grad_x, Tensor grad_gate, Tensor grad_s1, Tensor grad_s2)"
-    ),
-}
-
-
-_op = _op_registrar(_SCHEMAS)
+_op = _op_registrar(HOT_PATH)
 
 
 def _grad_gate_buffer(n: int, npb: int, c: int, acc: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -410,32 +351,22 @@ def _grad_gate_buffer(n: int, npb: int, c: int, acc: torch.dtype, device: torch.
     return torch.empty(shape, dtype=acc, device=device)
 
 
-def _sum_partials(partials: torch.Tensor, n: int, npb: int, c: int) -> torch.Tensor:
-    if npb == 1:
-        return partials
-    out = torch.empty((n, c), dtype=partials.dtype, device=partials.device)
-    block_p, block_c = _sum_blocks(npb, c)
-    num_cb = triton.cdiv(c, block_c)
-    wrap_triton(_sum_partials_kernel)[(n * num_cb,)](
-        partials, out, c, npb, num_cb, BLOCK_P=block_p, BLOCK_C=block_c
-    )
-    return out
+def _grad_gate(partials: torch.Tensor, npb: int, c: int) -> torch.Tensor:
+    """grad_gate (N, C): the (N, npb, C) pixel-block partials summed in order."""
+    return partials if npb == 1 else _sum_partials(partials, _sum_blocks(npb, c))
 
 
 @_op("ham_spatial_pool")
 def ham_spatial_pool(
     x: torch.Tensor, gate: torch.Tensor, c_im: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """mask (N, C): the c_im top channels of gate (SPEC's tie rule); d1, d2 (N, 2, H, W):
+    """mask (N, C): the c_im top channels of gate (docs/contract.md#top-k-rank-rule); d1, d2 (N, 2, H, W):
     [sum_c / divisor, max_c] of G1 = x*gate*mask and G2 = x*gate*(1 - mask), in acc(x)."""
-    op = "ham_spatial_pool"
-    _check_x(op, "x", x)
-    n, c, h, w = x.shape
-    _check_nc(op, "gate", gate, n, c)
-    _check_device(op, "x", x, gate=gate)
-    _check_c_im(op, c_im, c)
     acc = accumulate_dtype(x.dtype)
-    gt = _nc(gate, acc)
+    gt = _in_acc(gate, acc)
+    check_ham_spatial_pool(x, gt, c_im)
+    _nonempty("ham_spatial_pool", "x", x)
+    n, c, h, w = x.shape
     mask = torch.empty((n, c), dtype=acc, device=x.device)
     d1 = torch.empty((n, 2, h, w), dtype=acc, device=x.device)
     d2 = torch.empty((n, 2, h, w), dtype=acc, device=x.device)
@@ -444,13 +375,12 @@ def ham_spatial_pool(
     num_cb = triton.cdiv(c, block_c)
     wrap_triton(_mask_kernel)[(n * num_cb,)](gt, mask, c, c_im, num_cb, BLOCK_C=block_c, BLOCK_J=block_j)
 
-    flat, (sx_hw,) = _hw_strides(x)
+    flat, strides = _nchw_strides(x)
     block_c, block_hw = _pixel_tiles(x, acc)
     num_pb = triton.cdiv(h * w, block_hw)
     wrap_triton(_pool_kernel)[(n * num_pb,)](
         x, gt, mask, d1, d2,
-        c, h * w, w, num_pb, c_im, max(c - c_im, 1),
-        *x.stride(), sx_hw,
+        c, h * w, w, num_pb, c_im, max(c - c_im, 1), *strides,
         FLAT=flat, BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=_pixel_warps(block_c, block_hw),
     )
     return d1, d2, mask
@@ -469,41 +399,22 @@ def ham_spatial_pool_backward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(grad_x, grad_gate) of ham_spatial_pool: means share evenly over C, each max over the
     channels tied with it (a NaN max gives NaN, as torch.amax); no gradient through mask."""
-    op = "ham_spatial_pool_backward"
-    _check_x(op, "x", x)
-    n, c, h, w = x.shape
-    for name, t in (("grad_d1", grad_d1), ("grad_d2", grad_d2), ("d1", d1), ("d2", d2)):
-        _check_pixel_map(op, name, t, x, 2)
-    _check_nc(op, "gate", gate, n, c)
-    _check_nc(op, "mask", mask, n, c)
-    _check_device(op, "x", x, grad_d1=grad_d1, grad_d2=grad_d2, gate=gate, mask=mask, d1=d1, d2=d2)
-    _check_c_im(op, c_im, c)
     acc = accumulate_dtype(x.dtype)
-    gd1, gd2, m1, m2 = (_pixel_map(t, acc) for t in (grad_d1, grad_d2, d1, d2))
-    gt = _nc(gate, acc)
-    mk = _nc(mask, acc)
-    grad_x = _empty_like_x(x)
-    flat, (sx_hw, so_hw) = _hw_strides(x, grad_x)
+    gd1, gd2, gt, mk, m1, m2 = (_in_acc(t, acc) for t in (grad_d1, grad_d2, gate, mask, d1, d2))
+    check_ham_spatial_pool_backward(gd1, gd2, x, gt, mk, m1, m2, c_im)
+    _nonempty("ham_spatial_pool_backward", "x", x)
+    n, c, h, w = x.shape
+    grad_x = empty_like_layout(x)
+    flat, strides = _nchw_strides(x, grad_x)
     block_c, block_hw = _pixel_tiles(x, acc)
     num_pb = triton.cdiv(h * w, block_hw)
     partials = _grad_gate_buffer(n, num_pb, c, acc, x.device)
     wrap_triton(_pool_backward_kernel)[(n * num_pb,)](
         gd1, gd2, x, gt, mk, m1, m2, grad_x, partials,
-        c, h * w, w, num_pb, c_im, max(c - c_im, 1),
-        *x.stride(), sx_hw,
-        *grad_x.stride(), so_hw,
+        c, h * w, w, num_pb, c_im, max(c - c_im, 1), *strides,
         FLAT=flat, BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=_pixel_warps(block_c, block_hw),
     )
-    return grad_x, _sum_partials(partials, n, num_pb, c)
-
-
-def _check_apply_inputs(op: str, x, gate, mask, s1, s2) -> None:
-    _check_x(op, "x", x)
-    n, c, _, _ = x.shape
-    _check_nc(op, "gate", gate, n, c)
-    _check_nc(op, "mask", mask, n, c)
-    _check_pixel_map(op, "s1", s1, x, 1)
-    _check_pixel_map(op, "s2", s2, x, 1)
+    return grad_x, _grad_gate(partials, num_pb, c)
 
 
 @_op("ham_spatial_apply")
@@ -511,22 +422,18 @@ def ham_spatial_apply(
     x: torch.Tensor, gate: torch.Tensor, mask: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor
 ) -> torch.Tensor:
     """y = F1*mask*s1 + F1*(1 - mask)*s2 with F1 = x*gate, in acc(x), x's dtype and layout."""
-    op = "ham_spatial_apply"
-    _check_apply_inputs(op, x, gate, mask, s1, s2)
-    _check_device(op, "x", x, gate=gate, mask=mask, s1=s1, s2=s2)
-    n, c, h, w = x.shape
     acc = accumulate_dtype(x.dtype)
-    gt, mk = _nc(gate, acc), _nc(mask, acc)
-    sp1, sp2 = _pixel_map(s1, acc), _pixel_map(s2, acc)
-    y = _empty_like_x(x)
-    flat, (sx_hw, so_hw) = _hw_strides(x, y)
+    gt, mk, sp1, sp2 = (_in_acc(t, acc) for t in (gate, mask, s1, s2))
+    check_ham_spatial_apply(x, gt, mk, sp1, sp2)
+    _nonempty("ham_spatial_apply", "x", x)
+    n, c, h, w = x.shape
+    y = empty_like_layout(x)
+    flat, strides = _nchw_strides(x, y)
     block_c, block_hw = _pixel_tiles(x, acc)
     num_pb = triton.cdiv(h * w, block_hw)
     wrap_triton(_apply_kernel)[(n * num_pb,)](
         x, gt, mk, sp1, sp2, y,
-        c, h * w, w, num_pb,
-        *x.stride(), sx_hw,
-        *y.stride(), so_hw,
+        c, h * w, w, num_pb, *strides,
         FLAT=flat, BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=_pixel_warps(block_c, block_hw),
     )
     return y
@@ -543,27 +450,25 @@ def ham_spatial_apply_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad_x, grad_gate, grad_s1, grad_s2) of ham_spatial_apply; grad_x in x's dtype and
     layout, the rest in acc(x) (grad_s1, grad_s2: (N, 1, H, W) sums over C)."""
-    op = "ham_spatial_apply_backward"
-    _check_apply_inputs(op, x, gate, mask, s1, s2)
-    _check_same_shape(op, "grad_y", grad_y, "x", x)
-    _check_device(op, "x", x, grad_y=grad_y, gate=gate, mask=mask, s1=s1, s2=s2)
-    n, c, h, w = x.shape
     acc = accumulate_dtype(x.dtype)
-    gt, mk = _nc(gate, acc), _nc(mask, acc)
-    sp1, sp2 = _pixel_map(s1, acc), _pixel_map(s2, acc)
-    grad_x = _empty_like_x(x)
+    gt, mk, sp1, sp2 = (_in_acc(t, acc) for t in (gate, mask, s1, s2))
+    check_ham_spatial_apply_backward(grad_y, x, gt, mk, sp1, sp2)
+    _nonempty("ham_spatial_apply_backward", "x", x)
+    n, c, h, w = x.shape
+    grad_x = empty_like_layout(x)
     grad_s1 = torch.empty((n, 1, h, w), dtype=acc, device=x.device)
     grad_s2 = torch.empty((n, 1, h, w), dtype=acc, device=x.device)
-    flat, (sg_hw, sx_hw, so_hw) = _hw_strides(grad_y, x, grad_x)
+    flat, strides = _nchw_strides(grad_y, x, grad_x)
     block_c, block_hw = _pixel_tiles(x, acc)
     num_pb = triton.cdiv(h * w, block_hw)
     partials = _grad_gate_buffer(n, num_pb, c, acc, x.device)
     wrap_triton(_apply_backward_kernel)[(n * num_pb,)](
         grad_y, x, gt, mk, sp1, sp2, grad_x, partials, grad_s1, grad_s2,
-        c, h * w, w, num_pb,
-        *grad_y.stride(), sg_hw,
-        *x.stride(), sx_hw,
-        *grad_x.stride(), so_hw,
+        c, h * w, w, num_pb, *strides,
         FLAT=flat, BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=_pixel_warps(block_c, block_hw),
     )
-    return grad_x, _sum_partials(partials, n, num_pb, c), grad_s1, grad_s2
+    return grad_x, _grad_gate(partials, num_pb, c), grad_s1, grad_s2
+
+
+# Importing this module gives the ops their autograd.
+register_hot_path(HOT_PATH, "attnkernels_triton")

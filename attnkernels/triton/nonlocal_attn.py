@@ -1,7 +1,8 @@
 """Triton kernels of the nonlocal_attn hot path (PAM's HW x HW position attention, flash-style).
 
 Registers two ops under `torch.ops.attnkernels_triton` with the schemas and the math of
-`csrc/attnkernels.cpp` (the contract, "nonlocal_attn hot path"):
+`csrc/nonlocal_attn_ops.cpp` (the contract, "nonlocal_attn hot path"), and, on import, their
+autograd (`attnkernels.ops.nonlocal_attn`, which also holds the argument checks):
 
     nonlocal_attn(q, k, v, x, gamma) -> (y, out, lse)
     nonlocal_attn_backward(grad_y, q, k, v, gamma, out, lse) -> (grad_q, grad_k, grad_v, grad_gamma)
@@ -13,7 +14,8 @@ stride 1) and channels_last (d stride 1) run without a copy; a tensor whose (h, 
 do not flatten to one pixel stride is made contiguous first. y, out and every gradient have
 their tensor's dtype and layout (channels_last when it is channels_last-dense and not
 NCHW-contiguous, NCHW-contiguous otherwise); lse (N, H*W) and the R rows below are
-contiguous in acc(x): float64 for float64 inputs, float32 otherwise.
+contiguous in acc(x): float64 for float64 inputs, float32 otherwise (an lse of another floating
+dtype or strides is cast first).
 
 Matmuls are `tl.dot` on [rows, d] x [d, cols] tiles, every dimension padded to a power of
 two >= 16 (tl.dot's minimum) and masked. Energies, softmax and every accumulator are in acc:
@@ -58,83 +60,40 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
+from ..ops import register_hot_path
+from ..ops._common import empty_like_layout
+from ..ops.nonlocal_attn import check_nonlocal_attn, check_nonlocal_attn_backward
 from ..reference.formulas import accumulate_dtype
 from ._common import (
-    _check_device,
-    _check_same_shape,
-    _check_tensor,
-    _check_x,
+    _acc_vector,
     _div,
-    _empty_like_x,
-    _flat_hw_stride,
+    _dot_block,
+    _in_acc,
+    _like_param,
     _min_programs,
+    _nonempty,
     _op_registrar,
+    _pixel_strides,
     _pow2,
     _precision,
     _tile,
     _warps,
 )
 
+HOT_PATH = "nonlocal_attn"
+
 __all__ = ["nonlocal_attn", "nonlocal_attn_backward"]
 
 
 # ----------------------------------------------------------------------------------------
-# Input checks
+# Host-side helpers: tiles
 # ----------------------------------------------------------------------------------------
-def _check_qk(op: str, q, k, ref_name: str, ref: torch.Tensor) -> None:
-    """q, k: (N, D_qk, H, W) with ref's N, H, W (D_qk free)."""
-    _check_x(op, "q", q)
-    n, _, h, w = ref.shape
-    if q.shape[0] != n or tuple(q.shape[2:]) != (h, w):
-        raise ValueError(
-            f"{op}: q must have shape (N, D_qk, H, W) with {ref_name}'s N, H, W = ({n}, {h}, {w}), "
-            f"got {tuple(q.shape)}"
-        )
-    _check_same_shape(op, "k", k, "q", q)
-
-
-def _check_dtypes(op: str, ref_name: str, ref: torch.Tensor, **tensors) -> None:
-    for name, t in tensors.items():
-        if t.dtype != ref.dtype:
-            raise TypeError(f"{op}: {name} must have the dtype of {ref_name} ({ref.dtype}), got {t.dtype}")
-
-
-def _check_gamma(op: str, gamma) -> None:
-    _check_tensor(op, "gamma", gamma)
-    if gamma.numel() != 1:
-        raise ValueError(f"{op}: gamma must hold one value, got shape {tuple(gamma.shape)}")
-
-
-def _check_lse(op: str, lse, n: int, hw: int) -> None:
-    _check_tensor(op, "lse", lse)
-    if tuple(lse.shape) != (n, hw):
-        raise ValueError(f"{op}: lse must have shape (N, H*W) = ({n}, {hw}), got {tuple(lse.shape)}")
-
-
-# ----------------------------------------------------------------------------------------
-# Host-side helpers: strides, tiles
-# ----------------------------------------------------------------------------------------
-def _ndp(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
-    """t and its (n, d, pixel) strides; made contiguous first if its (h, w) strides do not
-    flatten to one pixel stride (NCHW and channels_last both do: no copy)."""
-    s_p = _flat_hw_stride(t)
-    if s_p is None:
-        t = t.contiguous()
-        s_p = _flat_hw_stride(t)
-    return t, (t.stride(0), t.stride(1), s_p)
-
-
-def _scalar(t: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
-    return t.reshape(1).to(acc).contiguous()
-
-
-# Module attributes, so tests can force many small blocks. tl.dot needs every dimension >= 16.
-_MIN_BLOCK = 16
-# Forward (BLOCK_M queries, BLOCK_N keys, widest D_v chunk BLOCK_DV) per input dtype. Each
-# D_v chunk recomputes S and its exponentials (the exp unit, not the tensor cores, bounds a
-# half-precision flash forward), so half inputs take wide chunks: a [64, 256] fp32
-# accumulator at 8 warps (64 registers per thread). fp32 ("ieee": FMA, not TF32) and fp64
-# dots keep smaller tiles.
+# Module attributes, so tests can force many small blocks (tl.dot needs every dimension >= 16:
+# _common._dot_block). Forward (BLOCK_M queries, BLOCK_N keys, widest D_v chunk BLOCK_DV) per
+# input dtype. Each D_v chunk recomputes S and its exponentials (the exp unit, not the tensor
+# cores, bounds a half-precision flash forward), so half inputs take wide chunks: a [64, 256]
+# fp32 accumulator at 8 warps (64 registers per thread). fp32 ("ieee": FMA, not TF32) and
+# fp64 dots keep smaller tiles.
 _FWD_BLOCKS = {
     torch.float16: (64, 64, 256),
     torch.bfloat16: (64, 64, 256),
@@ -159,14 +118,9 @@ _MAX_ROW_BLOCK_P = 64
 _SUM_BLOCK = 1024
 
 
-def _blk(v: int, cap: int) -> int:
-    """A power-of-two block >= _MIN_BLOCK covering v, at most max(cap, _MIN_BLOCK)."""
-    return max(_MIN_BLOCK, min(_pow2(v), cap))
-
-
 def _dqk_block(dqk: int) -> tuple[int, bool]:
     """(BLOCK_DQK, whether D_qk is one tile)."""
-    block = _blk(dqk, _MAX_BLOCK_DQK)
+    block = _dot_block(dqk, _MAX_BLOCK_DQK)
     return block, dqk <= block
 
 
@@ -174,7 +128,7 @@ def _forward_blocks(x: torch.Tensor, hw: int, dv: int) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_DV) of the forward; on small maps the D_v chunks narrow (to
     64) while the grid has fewer programs than the GPU runs at once."""
     bm, bn, bdv = _FWD_BLOCKS[x.dtype]
-    bm, bn, bdv = _blk(hw, bm), _blk(hw, bn), _blk(dv, bdv)
+    bm, bn, bdv = _dot_block(hw, bm), _dot_block(hw, bn), _dot_block(dv, bdv)
     n = x.shape[0]
     min_programs = _min_programs(x.device)
     while bdv > 64 and n * triton.cdiv(hw, bm) * triton.cdiv(dv, bdv) < min_programs:
@@ -187,7 +141,8 @@ def _backward_blocks(v: torch.Tensor, hw: int, dv: int, num_db: int) -> tuple[in
     query block (grad_q's programs) and the key block (grad_k's) narrow, to 32, while the
     grid has fewer programs than the GPU runs at once."""
     bm, bn, bdv, bdv_v = _BWD_BLOCKS[v.dtype]
-    bm, bn, bdv, bdv_v = _blk(hw, bm), _blk(hw, bn), _blk(dv, bdv), _blk(dv, bdv_v)
+    bm, bn = _dot_block(hw, bm), _dot_block(hw, bn)
+    bdv, bdv_v = _dot_block(dv, bdv), _dot_block(dv, bdv_v)
     n = v.shape[0]
     min_programs = _min_programs(v.device)
     while bm > 32 and n * num_db * triton.cdiv(hw, bm) < min_programs:
@@ -517,18 +472,7 @@ def _grad_v_kernel(
 # ----------------------------------------------------------------------------------------
 # Ops
 # ----------------------------------------------------------------------------------------
-# Schemas of csrc/attnkernels.cpp, verbatim (torch < 2.7 ignores them and infers an
-# equivalent one from the annotations).
-_SCHEMAS = {
-    "nonlocal_attn": "(Tensor q, Tensor k, Tensor v, Tensor x, Tensor gamma) -> (Tensor y, Tensor out, Tensor lse)",
-    "nonlocal_attn_backward": (
-        "(Tensor grad_y, Tensor q, Tensor k, Tensor v, Tensor gamma, Tensor out, Tensor lse) "
-        "-> (Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor grad_gamma)"
-    ),
-}
-
-
-_op = _op_registrar(_SCHEMAS)
+_op = _op_registrar(HOT_PATH)
 
 
 @_op("nonlocal_attn")
@@ -537,22 +481,17 @@ def nonlocal_attn(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """y = gamma * out + x with out[n, c, i] = sum_j softmax_j(q^T k)[i, j] v[n, c, j];
     y, out in x's dtype and layout, lse (N, H*W) = log sum_j exp(S[n, i, j]) in acc(x)."""
-    op = "nonlocal_attn"
-    _check_x(op, "x", x)
-    _check_same_shape(op, "v", v, "x", x)
-    _check_qk(op, q, k, "x", x)
-    _check_dtypes(op, "x", x, q=q, k=k, v=v)
-    _check_gamma(op, gamma)
-    _check_device(op, "x", x, q=q, k=k, v=v, gamma=gamma)
+    check_nonlocal_attn(q, k, v, x, gamma)
+    _nonempty("nonlocal_attn", "x", x)
     n, dv, h, w = x.shape
     hw, dqk = h * w, q.shape[1]
     acc = accumulate_dtype(x.dtype)
-    y = _empty_like_x(x)
-    out = _empty_like_x(x)
+    y = empty_like_layout(x)
+    out = empty_like_layout(x)
     lse = torch.empty((n, hw), dtype=acc, device=x.device)
-    (q, sq), (k, sk), (v, sv), (x, sx) = (_ndp(t) for t in (q, k, v, x))
-    _, so = _ndp(y)
-    g = _scalar(gamma, acc)
+    (q, sq), (k, sk), (v, sv), (x, sx) = (_pixel_strides(t) for t in (q, k, v, x))
+    _, so = _pixel_strides(y)
+    g = _acc_vector(gamma, acc)
 
     bm, bn, bdv = _forward_blocks(x, hw, dv)
     bdqk, one_dqk = _dqk_block(dqk)
@@ -579,25 +518,18 @@ def nonlocal_attn_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad_q, grad_k, grad_v, grad_gamma) of nonlocal_attn, P recomputed from lse block by
     block; each gradient in its input's dtype and layout (grad_gamma: gamma's shape and dtype)."""
-    op = "nonlocal_attn_backward"
-    _check_x(op, "v", v)
-    _check_same_shape(op, "grad_y", grad_y, "v", v)
-    _check_same_shape(op, "out", out, "v", v)
-    _check_qk(op, q, k, "v", v)
-    _check_dtypes(op, "v", v, grad_y=grad_y, q=q, k=k, out=out)
-    _check_gamma(op, gamma)
+    acc = accumulate_dtype(out.dtype)
+    ls = _in_acc(lse, acc)
+    check_nonlocal_attn_backward(grad_y, q, k, v, gamma, out, ls)
+    _nonempty("nonlocal_attn_backward", "v", v)
     n, dv, h, w = v.shape
     hw, dqk = h * w, q.shape[1]
-    _check_lse(op, lse, n, hw)
-    _check_device(op, "v", v, grad_y=grad_y, q=q, k=k, gamma=gamma, out=out, lse=lse)
-    acc = accumulate_dtype(v.dtype)
-    grad_q, grad_k, grad_v = _empty_like_x(q), _empty_like_x(k), _empty_like_x(v)
-    (gy, sg), (q, sq), (k, sk), (v, sv), (out, so) = (_ndp(t) for t in (grad_y, q, k, v, out))
-    _, sgq = _ndp(grad_q)
-    _, sgk = _ndp(grad_k)
-    _, sgv = _ndp(grad_v)
-    ls = lse.to(acc).contiguous()
-    g = _scalar(gamma, acc)
+    grad_q, grad_k, grad_v = empty_like_layout(q), empty_like_layout(k), empty_like_layout(v)
+    (gy, sg), (q, sq), (k, sk), (v, sv), (out, so) = (_pixel_strides(t) for t in (grad_y, q, k, v, out))
+    _, sgq = _pixel_strides(grad_q)
+    _, sgk = _pixel_strides(grad_k)
+    _, sgv = _pixel_strides(grad_v)
+    g = _acc_vector(gamma, acc)
     ip = _precision(v.dtype)
 
     # 1. R = sum_c grad_y * out, and grad_gamma = sum R (pixel-block partials, fixed order).
@@ -610,7 +542,7 @@ def nonlocal_attn_backward(
     )
     total = torch.empty((1,), dtype=acc, device=v.device)
     wrap_triton(_sum_kernel)[(1,)](partials, total, n * num_pb, BLOCK=min(_pow2(n * num_pb), _SUM_BLOCK))
-    grad_gamma = total.reshape(gamma.shape).to(gamma.dtype, copy=True)
+    grad_gamma = _like_param(total, gamma)
 
     bdqk, one_dqk = _dqk_block(dqk)
     num_db = triton.cdiv(dqk, bdqk)
@@ -646,3 +578,7 @@ def nonlocal_attn_backward(
             num_warps=_warps(bn * bdv_v, bn * bm),
         )
     return grad_q, grad_k, grad_v, grad_gamma
+
+
+# Importing this module gives the ops their autograd.
+register_hot_path(HOT_PATH, "attnkernels_triton")

@@ -1,4 +1,4 @@
-// CPU kernels of the channel_gate hot path; the math is in csrc/attnkernels.cpp.
+// CPU kernels of the channel_gate hot path; the math is in csrc/channel_gate_ops.cpp.
 //
 // Layouts: NCHW walks each (n, c) plane of H*W contiguous values, one plane per task;
 // channels_last walks pixel rows of C contiguous values, one (n, channel block) per task,
@@ -15,7 +15,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "attnkernels/common.h"
+#include "attnkernels/channel_gate.h"
 #include "attnkernels/cpu_sample.h"
 #include "attnkernels/cpu_vec.h"
 
@@ -399,21 +399,22 @@ template <typename acc_t>
 struct Mix {
   const acc_t* avg;
   const acc_t* max;
-  int64_t mode;
+  GateMode mode;
   acc_t alpha, beta;
   acc_t operator()(int64_t i) const {
     switch (mode) {
-      case kAvg: return avg[i];
-      case kMax: return max[i];
-      default: return acc_t(0.5) * (avg[i] + max[i]) + alpha * avg[i] + beta * max[i];
+      case GateMode::Avg: return avg[i];
+      case GateMode::Max: return max[i];
+      case GateMode::Mix: break;
     }
+    return acc_t(0.5) * (avg[i] + max[i]) + alpha * avg[i] + beta * max[i];
   }
 };
 
 template <typename acc_t>
 Mix<acc_t> make_mix(const at::Tensor& avg, const at::Tensor& max, const c10::optional<at::Tensor>& alpha,
-                    const c10::optional<at::Tensor>& beta, int64_t mode) {
-  const bool mix = mode == kMix;
+                    const c10::optional<at::Tensor>& beta, GateMode mode) {
+  const bool mix = mode == GateMode::Mix;
   return {avg.const_data_ptr<acc_t>(), max.const_data_ptr<acc_t>(), mode,
           mix ? alpha->item().to<acc_t>() : acc_t(0), mix ? beta->item().to<acc_t>() : acc_t(0)};
 }
@@ -434,7 +435,7 @@ void gate_sample(const Mix<acc_t>& f, const acc_t* w, int64_t k, int64_t C, int6
 at::Tensor channel_gate_cpu(const at::Tensor& avg_in, const at::Tensor& max_in, const at::Tensor& weight,
                             const c10::optional<at::Tensor>& alpha, const c10::optional<at::Tensor>& beta,
                             int64_t mode) {
-  check_gate_args(avg_in, max_in, weight, alpha, beta, mode, "channel_gate");
+  const GateMode pooling = check_gate_args(avg_in, max_in, weight, alpha, beta, mode, "channel_gate");
   const at::Tensor avg = avg_in.contiguous(), max = max_in.contiguous();
   const int64_t N = avg.size(0), C = avg.size(1), k = weight.numel();
   at::Tensor gate = at::empty_like(avg);
@@ -442,7 +443,7 @@ at::Tensor channel_gate_cpu(const at::Tensor& avg_in, const at::Tensor& max_in, 
     using acc_t = scalar_t;
     const at::Tensor w_acc = weight.reshape(-1).to(avg.scalar_type()).contiguous();
     const acc_t* w = w_acc.const_data_ptr<acc_t>();
-    const Mix<acc_t> f = make_mix<acc_t>(avg, max, alpha, beta, mode);
+    const Mix<acc_t> f = make_mix<acc_t>(avg, max, alpha, beta, pooling);
     acc_t* g = gate.data_ptr<acc_t>();
     at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
       for (int64_t n = begin; n < end; ++n) gate_sample(f, w, k, C, n, g);
@@ -456,7 +457,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> channel_g
     const at::Tensor& weight, const c10::optional<at::Tensor>& alpha, const c10::optional<at::Tensor>& beta,
     int64_t mode) {
   const char* op = "channel_gate_backward";
-  check_gate_args(avg_in, max_in, weight, alpha, beta, mode, op);
+  const GateMode pooling = check_gate_args(avg_in, max_in, weight, alpha, beta, mode, op);
   TORCH_CHECK_VALUE(grad_gate_in.sizes() == avg_in.sizes() && gate_in.sizes() == avg_in.sizes() &&
                   grad_gate_in.scalar_type() == avg_in.scalar_type() && gate_in.scalar_type() == avg_in.scalar_type(),
               op, ": grad_gate and gate must match avg's shape ", avg_in.sizes(), " and dtype ", avg_in.scalar_type());
@@ -471,7 +472,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> channel_g
     using acc_t = scalar_t;
     const at::Tensor w_acc = weight.reshape(-1).to(avg.scalar_type()).contiguous();
     const acc_t* w = w_acc.const_data_ptr<acc_t>();
-    const Mix<acc_t> f = make_mix<acc_t>(avg, max, alpha, beta, mode);
+    const Mix<acc_t> f = make_mix<acc_t>(avg, max, alpha, beta, pooling);
     const acc_t *gg = grad_gate.const_data_ptr<acc_t>(), *g = gate.const_data_ptr<acc_t>();
     const acc_t *a = avg.const_data_ptr<acc_t>(), *m = max.const_data_ptr<acc_t>();
     acc_t *ga = grad_avg.data_ptr<acc_t>(), *gm = grad_max.data_ptr<acc_t>();
@@ -492,10 +493,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> channel_g
           for (int64_t j = std::max<int64_t>(0, c + pad - (C - 1)); j < std::min(k, c + pad + 1); ++j) {
             df += w[j] * dz[c - j + pad];
           }
-          switch (mode) {
-            case kAvg: ga[row + c] = df; break;
-            case kMax: gm[row + c] = df; break;
-            default:
+          switch (pooling) {
+            case GateMode::Avg: ga[row + c] = df; break;
+            case GateMode::Max: gm[row + c] = df; break;
+            case GateMode::Mix:
               ga[row + c] = df * (acc_t(0.5) + f.alpha);
               gm[row + c] = df * (acc_t(0.5) + f.beta);
               dalpha += df * a[row + c];
@@ -510,7 +511,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> channel_g
   // Fixed-order sums over samples keep the parameter gradients deterministic.
   at::Tensor grad_weight = grad_w_partial.sum(0).to(weight.scalar_type()).view(weight.sizes());
   at::Tensor grad_ab = grad_ab_partial.sum(0);
-  const at::ScalarType ab_type = mode == kMix ? alpha->scalar_type() : avg.scalar_type();
+  const at::ScalarType ab_type = pooling == GateMode::Mix ? alpha->scalar_type() : avg.scalar_type();
   // Copies, so the two 0-dim results never alias one buffer (opcheck's schema check).
   return {grad_avg, grad_max, grad_weight, grad_ab[0].to(ab_type, false, true), grad_ab[1].to(ab_type, false, true)};
 }
@@ -564,13 +565,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> channel_attention_cpu
   const int64_t N = x.size(0), C = x.size(1);
   auto opts = x.options().dtype(acc_type(x.scalar_type()));
   at::Tensor avg = at::empty({N, C}, opts), max = at::empty({N, C}, opts), gate = at::empty({N, C}, opts);
-  check_gate_args(avg, max, weight, alpha, beta, mode, op);
+  const GateMode pooling = check_gate_args(avg, max, weight, alpha, beta, mode, op);
   at::Tensor y = empty_like_layout(x);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "channel_attention_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const at::Tensor w_acc = weight.reshape(-1).to(opts.dtype()).contiguous();
     const acc_t* w = w_acc.const_data_ptr<acc_t>();
-    const Mix<acc_t> f = make_mix<acc_t>(avg, max, alpha, beta, mode);
+    const Mix<acc_t> f = make_mix<acc_t>(avg, max, alpha, beta, pooling);
     acc_t* g = gate.data_ptr<acc_t>();
     attention_per_sample<scalar_t>(x, y, avg.data_ptr<acc_t>(), max.data_ptr<acc_t>(), g,
                                    [&](int64_t n, acc_t*) { gate_sample(f, w, weight.numel(), C, n, g); });
@@ -656,7 +657,7 @@ void channel_pool(const scalar_t* x_n, int64_t C, int64_t hw, bool channels_last
 template <typename acc_t>
 void mix_gate(const acc_t* avg, const acc_t* max, acc_t alpha, acc_t beta, const acc_t* w, int64_t k, int64_t C,
               acc_t* gate) {
-  gate_sample(Mix<acc_t>{avg, max, kMix, alpha, beta}, w, k, C, 0, gate);
+  gate_sample(Mix<acc_t>{avg, max, GateMode::Mix, alpha, beta}, w, k, C, 0, gate);
 }
 
 #define ATTNKERNELS_INSTANTIATE_POOL(T)                                                              \

@@ -1,4 +1,4 @@
-// CPU kernels of the gam_channel hot path (GAM's per-pixel MLP gate); math in csrc/attnkernels.cpp.
+// CPU kernels of the gam_channel hot path (GAM's per-pixel MLP gate); math in csrc/gam_channel_ops.cpp.
 //
 // One task per tile of up to kTile pixels of one sample. The tile of x is a (C x P) matrix read
 // through its own strides (NCHW: pixel stride 1; channels_last: channel stride 1), so neither
@@ -19,7 +19,7 @@
 #include <algorithm>
 #include <cmath>
 
-#include "attnkernels/common.h"
+#include "attnkernels/gam_channel.h"
 #include "attnkernels/cpu_vec.h"
 
 namespace attnkernels {

@@ -1,4 +1,4 @@
-// CPU kernels of the ham_spatial hot path; the math is in csrc/attnkernels.cpp.
+// CPU kernels of the ham_spatial hot path; the math is in csrc/ham_spatial_ops.cpp.
 //
 // Every op runs one task per (sample n, block of kPixelBlock pixels), which owns all C
 // channels of its pixels: the per-pixel reductions over C (d1, d2, grad_s1, grad_s2, the tie
@@ -16,7 +16,7 @@
 #include <limits>
 #include <vector>
 
-#include "attnkernels/common.h"
+#include "attnkernels/ham_spatial.h"
 #include "attnkernels/cpu_sample.h"
 #include "attnkernels/cpu_vec.h"
 
@@ -232,7 +232,7 @@ struct PixelGrad {
   acc_t r1, t1, r2, t2, max1, max2;
 };
 
-// dF1 of one element from its G1, G2 and mask value (SPEC: no gradient through the mask).
+// dF1 of one element from its G1, G2 and mask value (docs/contract.md: no gradient through the mask).
 template <typename V>
 inline V pool_dF1(const V& g1, const V& g2, const V& m, const V& max1, const V& max2, const V& r1, const V& t1,
                   const V& r2, const V& t2) {

@@ -1,4 +1,4 @@
-// CPU kernels of HAM's shared spatial conv (ham_spatial hot path); math in csrc/attnkernels.cpp.
+// CPU kernels of HAM's shared spatial conv (ham_spatial hot path); math in csrc/ham_spatial_ops.cpp.
 //
 // A k x k conv from Cd = 2 small maps to one: about 100 multiply-adds per output pixel, far too
 // little work for oneDNN's setup (its forward + backward took ~4 ms at N=32, 28x28, against
@@ -13,7 +13,7 @@
 #include <algorithm>
 #include <vector>
 
-#include "attnkernels/common.h"
+#include "attnkernels/ham_spatial.h"
 #include "attnkernels/cpu_sample.h"
 #include "attnkernels/cpu_vec.h"
 
@@ -96,7 +96,7 @@ void check_conv_args(const at::Tensor& d, const at::Tensor& weight, const char* 
                         weight.size(2) == weight.size(3) && weight.size(2) % 2 == 1,
                     op, ": weight must have shape (1, Cd, k, k) with Cd = ", d.size(1), " and k odd, got ",
                     weight.sizes());
-  TORCH_CHECK_TYPE(at::isFloatingType(weight.scalar_type()), op, ": weight must be floating, got ",
+  TORCH_CHECK_TYPE(at::isFloatingType(weight.scalar_type()), op, ": weight must be a floating-point tensor, got ",
                    weight.scalar_type());
   TORCH_CHECK_VALUE(weight.device() == d.device(), op, ": weight must be on ", d.device(), ", got ", weight.device());
 }

@@ -1,4 +1,4 @@
-// CPU kernels of the nonlocal_attn hot path (PAM's HW x HW attention); math in csrc/attnkernels.cpp.
+// CPU kernels of the nonlocal_attn hot path (PAM's HW x HW attention); math in csrc/nonlocal_attn_ops.cpp.
 //
 // Flash-style on CPU: the (HW x HW) energies exist only as (query block x key block) tiles, at
 // most 1 MB per thread. Each sample's q, k, v are (D, HW) matrices read through their own
@@ -24,7 +24,7 @@
 #include <limits>
 #include <vector>
 
-#include "attnkernels/common.h"
+#include "attnkernels/nonlocal_attn.h"
 #include "attnkernels/cpu_vec.h"
 
 namespace attnkernels {

@@ -1,4 +1,4 @@
-// CPU kernels of the shuffle_conv hot path (GAM's spatial gate); math in csrc/attnkernels.cpp.
+// CPU kernels of the shuffle_conv hot path (GAM's spatial gate); math in csrc/shuffle_conv_ops.cpp.
 //
 // The conv runs as BLAS GEMMs per (sample, group) on (channels x H*W) matrices: the input u is a
 // view of s itself when there is no prologue, shuffle or dtype change, else a copy made in one
@@ -38,7 +38,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "attnkernels/common.h"
+#include "attnkernels/shuffle_conv.h"
 #include "attnkernels/cpu_vec.h"
 
 namespace attnkernels {
@@ -602,7 +602,7 @@ at::Tensor shuffle_conv_cpu(const at::Tensor& s, const at::Tensor& weight, const
   if (bias.has_value()) check_vector(*bias, C_out, s.device(), op, "bias", "C_out");
   const bool gated = gate_x.has_value();
   TORCH_CHECK_VALUE(out_scale.has_value() == gated && out_shift.has_value() == gated, op,
-                    ": gate_x, out_scale and out_shift must be given together (the gated epilogue)");
+                    ": gate_x, out_scale and out_shift must be given together");
   if (gated) check_epilogue_args(*gate_x, *out_scale, *out_shift, {N, C_out, H, W}, s.device(), op);
 
   const at::ScalarType acc = acc_type(s.scalar_type());

@@ -1,15 +1,12 @@
 // channel_gate hot path, CUDA: pooling over H*W, the 1-D conv gate over C, the rescale, and
-// their backwards. The math of each op is in the header comment of csrc/attnkernels.cpp.
+// their backwards. The math of each op is in the header comment of csrc/channel_gate_ops.cpp.
 //
-// Two kinds of kernel do the heavy work on (N, C, H, W) tensors:
-//   * reductions over the H*W pixels of every (n, c): channel_pool (sum, max), the tie count of
-//     channel_pool_backward, and grad_gate = sum_hw grad_y * x of channel_rescale_backward.
-//     A "reducer" struct says what is accumulated; two kernels walk the layouts:
-//       NCHW: a warp (small planes, many of them) or a block per (n, c) plane, 16-byte loads;
-//       channels_last: threads along C (coalesced), each looping over a chunk of pixels; the
-//       block combines its rows in shared memory, and a second kernel combines the chunks.
-//     Every combination happens in a fixed order (no atomics): bitwise deterministic.
-//   * elementwise maps out[i] = op(nc(i), in[i]): channel_rescale, grad_x of
+// The ops on (N, C, H, W) tensors are ops of attnkernels/cuda_reduce.cuh, run by its walks:
+//   * reductions over the H*W pixels of every (n, c) (reduce_per_channel): channel_pool (sum,
+//     max), the tie count of channel_pool_backward, and grad_gate = sum_hw grad_y * x of
+//     channel_rescale_backward. NCHW: a warp or a block per plane; channels_last: tiles of
+//     channels over chunks of pixels, chunks combined in order. Bitwise deterministic.
+//   * elementwise maps out[i] = op(nc(i), in[i]) (map_per_channel): channel_rescale, grad_x of
 //     channel_rescale_backward, channel_pool_backward's write.
 // The gate ops work on (N, C) maps only and are tiny.
 #include <ATen/ATen.h>
@@ -24,514 +21,145 @@
 #include <cmath>
 #include <tuple>
 
-#include "attnkernels/common.h"
+#include "attnkernels/channel_gate.h"
+#include "attnkernels/cuda_reduce.cuh"
 #include "attnkernels/cuda_utils.cuh"
 
 namespace attnkernels {
 namespace {
 
-using cuda::aligned16;
 using cuda::block_reduce;
 using cuda::ceil_div;
 using cuda::check_cuda;
 using cuda::check_like_x;
-using cuda::elements_to_alignment;
+using cuda::kBlock;  // threads per block in every kernel here
 using cuda::kMaxGrid;
 using cuda::kWarpSize;
-using cuda::load_vec;
 using cuda::nan_max;
-using cuda::next_pow2;
-using cuda::sm_count;
-using cuda::store_vec;
-using cuda::Vec;
-using cuda::warp_allreduce;
-
-constexpr int kBlock = 256;           // threads per block in every kernel here
-constexpr int64_t kMinRowsPerThread = 16;  // channels_last: pixels each thread reduces at least
+using cuda::NoCtx;
+using cuda::NoState;
 
 // ---------------------------------------------------------------------------------------------
-// Reducers over the H*W pixels of one (n, c). Each has
-//   State            the running value (combined in a fixed order),
-//   Ctx              per-(n, c) constants it needs while visiting (channel_pool_backward: max),
-//   kInputs          1 (first()) or 2 (first(), second()) tensors read at the same element,
-//   init / visit / combine / finish(nc, ctx, state) writing the (N, C) result.
+// The ops over x (cuda_reduce.cuh): reductions over the H*W pixels of each (n, c), whose
+// ChanState's chan_finish writes the (N, C) result, and per-channel maps.
 // ---------------------------------------------------------------------------------------------
-
-struct NoCtx {};
 
 // channel_pool: avg[n,c] = sum_hw x / hw;  max[n,c] = amax_hw x (NaN propagates).
-template <typename scalar_t_>
-struct PoolReducer {
-  using scalar_t = scalar_t_;
+template <typename scalar_t>
+struct ChannelPool : cuda::OpBase<scalar_t> {
   using acc_t = at::opmath_type<scalar_t>;
-  struct State {
+  struct ChanState {
     acc_t sum;
     acc_t max;
   };
-  using Ctx = NoCtx;
-  static constexpr int kInputs = 1;
 
-  const scalar_t* x;
   acc_t* avg;
   acc_t* max;
   int64_t hw;
 
-  __host__ __device__ const scalar_t* first() const { return x; }
-  __host__ __device__ const scalar_t* second() const { return nullptr; }
-  __device__ Ctx context(int64_t) const { return {}; }
-  __device__ static State init() { return {acc_t(0), static_cast<acc_t>(-INFINITY)}; }
-  __device__ static void visit(State& s, const Ctx&, scalar_t v) {
-    const acc_t a = static_cast<acc_t>(v);
-    s.sum += a;
-    s.max = nan_max(s.max, a);
-  }
-  __device__ static State combine(State a, State b) {
+  __device__ static ChanState chan_init() { return {acc_t(0), static_cast<acc_t>(-INFINITY)}; }
+  __device__ static ChanState chan_combine(ChanState a, ChanState b) {
     return {a.sum + b.sum, nan_max(a.max, b.max)};
   }
-  __device__ void finish(int64_t nc, const Ctx&, State s) const {
+  __device__ acc_t visit(NoCtx, NoCtx, acc_t, acc_t x, NoState&, ChanState& s) const {
+    s.sum += x;
+    s.max = nan_max(s.max, x);
+    return acc_t(0);
+  }
+  __device__ void chan_finish(int64_t nc, ChanState s) const {
     avg[nc] = s.sum / static_cast<acc_t>(hw);
     max[nc] = s.max;
   }
 };
 
-// channel_pool_backward: count = #{hw : x == max}; writes the share of grad_max each tied
-// maximum receives, grad_max / count (NaN where count == 0, i.e. a NaN max,
+// channel_pool_backward, first pass: count = #{hw : x == max}; writes the share of grad_max
+// each tied maximum receives, grad_max / count (NaN where count == 0, i.e. a NaN max,
 // exactly as torch.amax's backward).
-template <typename scalar_t_>
-struct CountReducer {
-  using scalar_t = scalar_t_;
+template <typename scalar_t>
+struct ChannelPoolTies : cuda::OpBase<scalar_t> {
   using acc_t = at::opmath_type<scalar_t>;
-  struct State {
+  struct ChanState {
     int64_t count;
   };
-  struct Ctx {
+  struct ChanCtx {
     acc_t max;
   };
-  static constexpr int kInputs = 1;
 
-  const scalar_t* x;
   const acc_t* max;
   const acc_t* grad_max;
   acc_t* share;  // (N, C): grad_max / count
 
-  __host__ __device__ const scalar_t* first() const { return x; }
-  __host__ __device__ const scalar_t* second() const { return nullptr; }
-  __device__ Ctx context(int64_t nc) const { return {max[nc]}; }
-  __device__ static State init() { return {0}; }
-  __device__ static void visit(State& s, const Ctx& ctx, scalar_t v) {
-    s.count += static_cast<acc_t>(v) == ctx.max ? 1 : 0;
+  __device__ ChanCtx chan(int64_t nc) const { return {max[nc]}; }
+  __device__ static ChanState chan_init() { return {0}; }
+  __device__ static ChanState chan_combine(ChanState a, ChanState b) { return {a.count + b.count}; }
+  __device__ acc_t visit(const ChanCtx& k, NoCtx, acc_t, acc_t x, NoState&, ChanState& s) const {
+    s.count += x == k.max ? 1 : 0;
+    return acc_t(0);
   }
-  __device__ static State combine(State a, State b) { return {a.count + b.count}; }
-  __device__ void finish(int64_t nc, const Ctx&, State s) const {
+  __device__ void chan_finish(int64_t nc, ChanState s) const {
     share[nc] = grad_max[nc] / static_cast<acc_t>(s.count);
   }
 };
 
-// channel_rescale_backward: grad_gate[n,c] = sum_hw grad_y * x.
-template <typename scalar_t_>
-struct GradGateReducer {
-  using scalar_t = scalar_t_;
-  using acc_t = at::opmath_type<scalar_t>;
-  struct State {
-    acc_t sum;
-  };
-  using Ctx = NoCtx;
-  static constexpr int kInputs = 2;
-
-  const scalar_t* grad_y;
-  const scalar_t* x;
-  acc_t* grad_gate;
-
-  __host__ __device__ const scalar_t* first() const { return grad_y; }
-  __host__ __device__ const scalar_t* second() const { return x; }
-  __device__ Ctx context(int64_t) const { return {}; }
-  __device__ static State init() { return {acc_t(0)}; }
-  __device__ static void visit(State& s, const Ctx&, scalar_t g, scalar_t v) {
-    s.sum += static_cast<acc_t>(g) * static_cast<acc_t>(v);
-  }
-  __device__ static State combine(State a, State b) { return {a.sum + b.sum}; }
-  __device__ void finish(int64_t nc, const Ctx&, State s) const { grad_gate[nc] = s.sum; }
-};
-
-// Visit element i of the reducer's input(s).
-template <typename R>
-__device__ __forceinline__ void visit_at(typename R::State& s, const typename R::Ctx& ctx,
-                                         const typename R::scalar_t* a,
-                                         const typename R::scalar_t* b, int64_t i) {
-  if constexpr (R::kInputs == 1) {
-    R::visit(s, ctx, a[i]);
-  } else {
-    R::visit(s, ctx, a[i], b[i]);
-  }
-}
-
-// NCHW: a group of kGroup threads (one warp, or the whole block) reduces each H*W plane.
-// Planes start wherever nc * hw puts them, so each plane is walked as: `head` elements one by
-// one up to a 16-byte boundary, whole V-wide vectors, then the tail. With two inputs the host
-// only picks V > 1 when both base pointers share their alignment, so one head fits both.
-template <int kGroup, int V, typename R>
-__global__ void __launch_bounds__(kBlock) reduce_nchw_kernel(R r, int64_t planes, int64_t hw) {
-  using scalar_t = typename R::scalar_t;
-  using State = typename R::State;
-  constexpr int kGroupsPerBlock = kBlock / kGroup;
-  const int t = threadIdx.x % kGroup;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * kGroupsPerBlock;
-  // With kGroup == kBlock, nc is the same for the whole block, so the loop (and the
-  // __syncthreads inside block_reduce) is uniform.
-  for (int64_t nc = static_cast<int64_t>(blockIdx.x) * kGroupsPerBlock + threadIdx.x / kGroup;
-       nc < planes; nc += stride) {
-    const typename R::Ctx ctx = r.context(nc);
-    const scalar_t* a = r.first() + nc * hw;
-    const scalar_t* b = R::kInputs == 2 ? r.second() + nc * hw : nullptr;
-    State s = R::init();
-    int64_t head = hw;
-    if (V > 1) {
-      const int64_t to_aligned = elements_to_alignment<V>(a);
-      head = to_aligned < hw ? to_aligned : hw;
-    }
-    const int64_t body_end = head + (hw - head) / V * V;
-    for (int64_t i = t; i < head; i += kGroup) {
-      visit_at<R>(s, ctx, a, b, i);
-    }
-#pragma unroll 4
-    for (int64_t i = head + static_cast<int64_t>(t) * V; i < body_end;
-         i += static_cast<int64_t>(kGroup) * V) {
-      const Vec<scalar_t, V> va = load_vec<V>(a + i);
-      if constexpr (R::kInputs == 1) {
-#pragma unroll
-        for (int j = 0; j < V; ++j) R::visit(s, ctx, va.val[j]);
-      } else {
-        const Vec<scalar_t, V> vb = load_vec<V>(b + i);
-#pragma unroll
-        for (int j = 0; j < V; ++j) R::visit(s, ctx, va.val[j], vb.val[j]);
-      }
-    }
-    for (int64_t i = body_end + t; i < hw; i += kGroup) {
-      visit_at<R>(s, ctx, a, b, i);
-    }
-
-    auto combine = [](State x, State y) { return R::combine(x, y); };
-    if constexpr (kGroup == kWarpSize) {
-      s = warp_allreduce(s, combine);
-    } else {
-      static_assert(kGroup == kBlock, "a plane is reduced by a warp or by the whole block");
-      __shared__ State smem[kBlock / kWarpSize];
-      s = block_reduce(s, R::init(), combine, smem);
-    }
-    if (t == 0) {
-      r.finish(nc, ctx, s);
-    }
-  }
-}
-
-// channels_last: element (n, c, p) of pixel p = h*W + w sits at (n*hw + p)*C + c.
-// A block is (TX, TY) threads, TX*TY = kBlock, TX and TY powers of two. A "tile" is
-// (n, chunk of pixels, TX*V channels): thread (tx, ty) owns channels c0..c0+V-1 (one V-wide load
-// per pixel, C % V == 0 when V > 1) and pixels chunk_start + ty, + TY, ... of the chunk.
-// The TY rows are combined by a fixed tree in shared memory. With one chunk per sample the
-// block writes the result; otherwise it writes the chunk's State to partial (N, chunks, C) and
-// combine_chunks_kernel adds the chunks in order.
-template <int V, typename R>
-__global__ void __launch_bounds__(kBlock)
-    reduce_channels_last_kernel(R r, int64_t N, int64_t C, int64_t hw, int64_t chunks,
-                                int64_t chunk_rows, int64_t c_tiles,
-                                typename R::State* __restrict__ partial) {
-  using scalar_t = typename R::scalar_t;
-  using State = typename R::State;
-  using Ctx = typename R::Ctx;
-  __shared__ State smem[kBlock * V];
-  const int tx = threadIdx.x;
-  const int ty = threadIdx.y;
-  const int TX = blockDim.x;
-  const int TY = blockDim.y;
-  const int64_t tiles = N * chunks * c_tiles;
-  for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {  // uniform per block
-    const int64_t c_tile = tile % c_tiles;
-    const int64_t chunk = (tile / c_tiles) % chunks;
-    const int64_t n = tile / c_tiles / chunks;
-    const int64_t c0 = (c_tile * TX + tx) * V;
-    const bool active = c0 < C;
-
-    State s[V];
-    Ctx ctx[V];
-#pragma unroll
-    for (int v = 0; v < V; ++v) {
-      s[v] = R::init();
-      ctx[v] = active ? r.context(n * C + c0 + v) : Ctx{};
-    }
-    if (active) {
-      const int64_t p_end = (chunk + 1) * chunk_rows < hw ? (chunk + 1) * chunk_rows : hw;
-      for (int64_t p = chunk * chunk_rows + ty; p < p_end; p += TY) {
-        const int64_t off = (n * hw + p) * C + c0;
-        const Vec<scalar_t, V> va = load_vec<V>(r.first() + off);
-        if constexpr (R::kInputs == 1) {
-#pragma unroll
-          for (int v = 0; v < V; ++v) R::visit(s[v], ctx[v], va.val[v]);
-        } else {
-          const Vec<scalar_t, V> vb = load_vec<V>(r.second() + off);
-#pragma unroll
-          for (int v = 0; v < V; ++v) R::visit(s[v], ctx[v], va.val[v], vb.val[v]);
-        }
-      }
-    }
-
-    // Fixed tree over ty: row ty absorbs row ty + step, step = TY/2, TY/4, ..., 1.
-    State* mine = smem + (static_cast<int64_t>(ty) * TX + tx) * V;
-#pragma unroll
-    for (int v = 0; v < V; ++v) mine[v] = s[v];
-    __syncthreads();
-    for (int step = TY / 2; step > 0; step >>= 1) {
-      if (ty < step) {
-        const State* other = mine + static_cast<int64_t>(step) * TX * V;
-#pragma unroll
-        for (int v = 0; v < V; ++v) mine[v] = R::combine(mine[v], other[v]);
-      }
-      __syncthreads();
-    }
-    if (ty == 0 && active) {
-#pragma unroll
-      for (int v = 0; v < V; ++v) {
-        const int64_t c = c0 + v;
-        if (chunks == 1) {
-          r.finish(n * C + c, ctx[v], mine[v]);
-        } else {
-          partial[(n * chunks + chunk) * C + c] = mine[v];
-        }
-      }
-    }
-    __syncthreads();  // smem is rewritten by the next tile
-  }
-}
-
-// Second stage of the channels_last reduction: one thread per (n, c) combines its chunks in
-// chunk order.
-template <typename R>
-__global__ void __launch_bounds__(kBlock)
-    combine_chunks_kernel(R r, int64_t N, int64_t C, int64_t chunks,
-                          const typename R::State* __restrict__ partial) {
-  using State = typename R::State;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t nc = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; nc < N * C;
-       nc += stride) {
-    const int64_t n = nc / C;
-    const int64_t c = nc - n * C;
-    const State* p = partial + n * chunks * C + c;
-    State s = p[0];
-    for (int64_t k = 1; k < chunks; ++k) {
-      s = R::combine(s, p[k * C]);
-    }
-    r.finish(nc, r.context(nc), s);
-  }
-}
-
-template <int V, typename R>
-void launch_reduce_nchw(const R& r, int64_t planes, int64_t hw) {
-  auto stream = at::cuda::getCurrentCUDAStream();
-  // A warp per plane when planes are small or numerous enough to fill the GPU with warps;
-  // otherwise a whole block per plane so that a few large planes still use every SM.
-  const bool warp_per_plane = hw <= 512 || planes >= sm_count() * (2048 / kWarpSize);
-  if (warp_per_plane) {
-    const int64_t blocks = std::min(ceil_div(planes, kBlock / kWarpSize), kMaxGrid);
-    reduce_nchw_kernel<kWarpSize, V, R><<<blocks, kBlock, 0, stream>>>(r, planes, hw);
-  } else {
-    const int64_t blocks = std::min(planes, kMaxGrid);
-    reduce_nchw_kernel<kBlock, V, R><<<blocks, kBlock, 0, stream>>>(r, planes, hw);
-  }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-template <int V, typename R>
-void launch_reduce_channels_last(const R& r, int64_t N, int64_t C, int64_t hw,
-                                 const at::Tensor& like) {
-  using State = typename R::State;
-  auto stream = at::cuda::getCurrentCUDAStream();
-  const int64_t c_vecs = C / V;
-  const int64_t tx = std::min<int64_t>(kWarpSize, next_pow2(c_vecs));
-  const int64_t ty = kBlock / tx;
-  const int64_t c_tiles = ceil_div(c_vecs, tx);
-  // Split the pixels of a sample into chunks only as far as needed for about two waves of
-  // blocks, and never below kMinRowsPerThread pixels per thread. The split depends on shapes
-  // and the SM count only, so the summation order is fixed on a given device.
-  const int64_t target_tiles = sm_count() * (2048 / kBlock) * 2;
-  const int64_t max_chunks = std::max<int64_t>(1, hw / (ty * kMinRowsPerThread));
-  int64_t chunks = std::min(max_chunks, std::max<int64_t>(1, ceil_div(target_tiles, N * c_tiles)));
-  const int64_t chunk_rows = ceil_div(hw, chunks);
-  chunks = ceil_div(hw, chunk_rows);
-
-  at::Tensor workspace;
-  State* partial = nullptr;
-  if (chunks > 1) {
-    workspace = at::empty({N * chunks * C * static_cast<int64_t>(sizeof(State))},
-                          like.options().dtype(at::kByte));
-    partial = reinterpret_cast<State*>(workspace.data_ptr());
-  }
-  const int64_t blocks = std::min(N * chunks * c_tiles, kMaxGrid);
-  const dim3 block(static_cast<unsigned>(tx), static_cast<unsigned>(ty));
-  reduce_channels_last_kernel<V, R>
-      <<<blocks, block, 0, stream>>>(r, N, C, hw, chunks, chunk_rows, c_tiles, partial);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if (chunks > 1) {
-    const int64_t blocks2 = std::min(ceil_div(N * C, kBlock), kMaxGrid);
-    combine_chunks_kernel<R><<<blocks2, kBlock, 0, stream>>>(r, N, C, chunks, partial);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-}
-
-// Runs reducer r over every (n, c) of a dense (N, C, H, W) input in `layout`; N*C > 0, hw > 0.
-template <typename R>
-void launch_reduction(const R& r, Layout layout, int64_t N, int64_t C, int64_t hw,
-                      const at::Tensor& like) {
-  using scalar_t = typename R::scalar_t;
-  constexpr int kVec = 16 / sizeof(scalar_t);
-  const bool two = R::kInputs == 2;
-  if (layout == Layout::NCHW) {
-    // One input: any alignment works (head/tail). Two: they must be misaligned alike.
-    const bool vec = !two || (reinterpret_cast<uintptr_t>(r.first()) % 16 ==
-                              reinterpret_cast<uintptr_t>(r.second()) % 16);
-    if (vec) {
-      launch_reduce_nchw<kVec>(r, N * C, hw);
-    } else {
-      launch_reduce_nchw<1>(r, N * C, hw);
-    }
-  } else {
-    // Rows of C channels: V-wide loads need C % V == 0 and 16-byte aligned bases.
-    const bool vec = C % kVec == 0 && aligned16(r.first()) && (!two || aligned16(r.second()));
-    if (vec) {
-      launch_reduce_channels_last<kVec>(r, N, C, hw, like);
-    } else {
-      launch_reduce_channels_last<1>(r, N, C, hw, like);
-    }
-  }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Elementwise maps out[i] = op(nc(i), in[i]) over a dense (N, C, H, W) tensor.
-// A cursor gives the (n, c) index nc of element i and steps to element i + 1 without dividing.
-// ---------------------------------------------------------------------------------------------
-
-struct NchwCursor {
-  int64_t nc, p, hw;  // plane, pixel within it
-  __device__ NchwCursor(int64_t i, int64_t /*C*/, int64_t hw_) : nc(i / hw_), p(0), hw(hw_) {
-    p = i - nc * hw;
-  }
-  __device__ int64_t index() const { return nc; }
-  __device__ void next() {
-    if (++p == hw) {
-      p = 0;
-      ++nc;
-    }
-  }
-};
-
-struct ChannelsLastCursor {
-  int64_t n, q, c, C, hwc;  // sample, offset within the sample, channel
-  __device__ ChannelsLastCursor(int64_t i, int64_t C_, int64_t hw)
-      : n(0), q(0), c(0), C(C_), hwc(hw * C_) {
-    n = i / hwc;
-    q = i - n * hwc;
-    c = q % C;
-  }
-  __device__ int64_t index() const { return n * C + c; }
-  __device__ void next() {
-    if (++c == C) c = 0;
-    if (++q == hwc) {  // c wrapped to 0 on the same step
-      q = 0;
-      ++n;
-    }
-  }
-};
-
-template <typename scalar_t, int V, typename Cursor, typename Op>
-__global__ void __launch_bounds__(kBlock)
-    per_channel_map_kernel(const scalar_t* __restrict__ in, scalar_t* __restrict__ out,
-                           int64_t numel, int64_t C, int64_t hw, Op op) {
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t nvec = numel / V;
-  for (int64_t k = first; k < nvec; k += stride) {
-    const int64_t i = k * V;
-    const Vec<scalar_t, V> a = load_vec<V>(in + i);
-    Vec<scalar_t, V> y;
-    Cursor cursor(i, C, hw);
-#pragma unroll
-    for (int j = 0; j < V; ++j) {
-      y.val[j] = static_cast<scalar_t>(op(cursor.index(), a.val[j]));
-      cursor.next();
-    }
-    store_vec<V>(out + i, y);
-  }
-  for (int64_t i = nvec * V + first; i < numel; i += stride) {  // the last numel % V
-    const Cursor cursor(i, C, hw);
-    out[i] = static_cast<scalar_t>(op(cursor.index(), in[i]));
-  }
-}
-
-template <typename T>
-struct TypeTag {
-  using type = T;
-};
-
-template <typename scalar_t, typename Op>
-void launch_per_channel_map(const at::Tensor& in, const at::Tensor& out, Layout layout,
-                            int64_t C, int64_t hw, const Op& op) {
-  constexpr int kVec = 16 / sizeof(scalar_t);
-  auto stream = at::cuda::getCurrentCUDAStream();
-  const scalar_t* in_ptr = in.data_ptr<scalar_t>();
-  scalar_t* out_ptr = out.data_ptr<scalar_t>();
-  const int64_t numel = in.numel();
-  const bool vec = aligned16(in_ptr) && aligned16(out_ptr);
-  const int64_t work = vec ? std::max<int64_t>(1, numel / kVec) : numel;
-  // About four resident waves of blocks; a grid-stride loop covers the rest.
-  const int64_t blocks = std::min(ceil_div(work, kBlock), sm_count() * (2048 / kBlock) * 4);
-  auto launch = [&](auto vec_tag, auto cursor_tag) {
-    constexpr int V = decltype(vec_tag)::value;
-    using Cursor = typename decltype(cursor_tag)::type;
-    per_channel_map_kernel<scalar_t, V, Cursor, Op>
-        <<<blocks, kBlock, 0, stream>>>(in_ptr, out_ptr, numel, C, hw, op);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  };
-  using VecOn = std::integral_constant<int, kVec>;
-  using VecOff = std::integral_constant<int, 1>;
-  if (layout == Layout::NCHW) {
-    if (vec) {
-      launch(VecOn{}, TypeTag<NchwCursor>{});
-    } else {
-      launch(VecOff{}, TypeTag<NchwCursor>{});
-    }
-  } else {
-    if (vec) {
-      launch(VecOn{}, TypeTag<ChannelsLastCursor>{});
-    } else {
-      launch(VecOff{}, TypeTag<ChannelsLastCursor>{});
-    }
-  }
-}
-
-// y = x * gate[n, c] in acc; also grad_x = grad_y * gate of channel_rescale_backward.
+// channel_pool_backward, second pass (a map): grad_x = grad_avg / hw + [x == max] * share.
+// Its ChanCtx is nc itself, so max and share are read only when there is a grad_max.
 template <typename scalar_t>
-struct RescaleOp {
+struct ChannelPoolBackward : cuda::OpBase<scalar_t> {
   using acc_t = at::opmath_type<scalar_t>;
-  const acc_t* gate;
-  __device__ acc_t operator()(int64_t nc, scalar_t x) const {
-    return static_cast<acc_t>(x) * gate[nc];
-  }
-};
+  using ChanCtx = int64_t;
+  static constexpr bool kWrites = true;
 
-// grad_x = grad_avg / hw + [x == max] * share,  share = grad_max / count (CountReducer).
-template <typename scalar_t>
-struct PoolBackwardOp {
-  using acc_t = at::opmath_type<scalar_t>;
   const acc_t* grad_avg;
   const acc_t* max;
   const acc_t* share;  // nullptr without grad_max
   acc_t hw;
-  __device__ acc_t operator()(int64_t nc, scalar_t x) const {
+
+  __device__ ChanCtx chan(int64_t nc) const { return nc; }
+  __device__ acc_t visit(int64_t nc, NoCtx, acc_t, acc_t x, NoState&, NoState&) const {
     acc_t g = grad_avg[nc] / hw;
     if (share != nullptr) {  // [x == max] * share, so a NaN share (NaN max) reaches every pixel
-      g += acc_t(static_cast<acc_t>(x) == max[nc]) * share[nc];
+      g += acc_t(x == max[nc]) * share[nc];
     }
     return g;
   }
+};
+
+// channel_rescale (a map): y = x * gate[n, c] in acc; also grad_x = grad_y * gate of
+// channel_rescale_backward.
+template <typename scalar_t>
+struct ChannelRescale : cuda::OpBase<scalar_t> {
+  using acc_t = at::opmath_type<scalar_t>;
+  struct ChanCtx {
+    acc_t gate;
+  };
+  static constexpr bool kWrites = true;
+
+  const acc_t* gate;
+
+  __device__ ChanCtx chan(int64_t nc) const { return {gate[nc]}; }
+  __device__ acc_t visit(const ChanCtx& k, NoCtx, acc_t, acc_t x, NoState&, NoState&) const {
+    return x * k.gate;
+  }
+};
+
+// channel_rescale_backward: grad_gate[n,c] = sum_hw grad_y * x.
+template <typename scalar_t>
+struct ChannelRescaleGradGate : cuda::OpBase<scalar_t> {
+  using acc_t = at::opmath_type<scalar_t>;
+  struct ChanState {
+    acc_t sum;
+  };
+  static constexpr bool kGradY = true;
+
+  acc_t* grad_gate;
+
+  __device__ static ChanState chan_init() { return {acc_t(0)}; }
+  __device__ static ChanState chan_combine(ChanState a, ChanState b) { return {a.sum + b.sum}; }
+  __device__ acc_t visit(NoCtx, NoCtx, acc_t grad_y, acc_t x, NoState&, ChanState& s) const {
+    s.sum += grad_y * x;
+    return acc_t(0);
+  }
+  __device__ void chan_finish(int64_t nc, ChanState s) const { grad_gate[nc] = s.sum; }
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -581,20 +209,20 @@ struct GateArgs {
   const acc_t* max;
   const void* weight;
   c10::ScalarType weight_dtype;
-  const void* alpha;  // nullptr unless mode == kMix
+  const void* alpha;  // nullptr unless mode == GateMode::Mix
   c10::ScalarType alpha_dtype;
   const void* beta;
   c10::ScalarType beta_dtype;
   int64_t k;  // taps, odd; pad = (k - 1) / 2
   int64_t N, C;
-  int64_t mode;
+  GateMode mode;
 
   __device__ acc_t w(int64_t j) const { return load_as<acc_t>(weight, weight_dtype, j); }
   __device__ acc_t alpha_value() const {
-    return mode == kMix ? load_as<acc_t>(alpha, alpha_dtype, 0) : acc_t(0);
+    return mode == GateMode::Mix ? load_as<acc_t>(alpha, alpha_dtype, 0) : acc_t(0);
   }
   __device__ acc_t beta_value() const {
-    return mode == kMix ? load_as<acc_t>(beta, beta_dtype, 0) : acc_t(0);
+    return mode == GateMode::Mix ? load_as<acc_t>(beta, beta_dtype, 0) : acc_t(0);
   }
   // f[n, c], zero outside 0 <= c < C (the conv's zero padding).
   __device__ acc_t f(int64_t n, int64_t c, acc_t alpha_v, acc_t beta_v) const {
@@ -602,9 +230,9 @@ struct GateArgs {
     const acc_t a = avg[n * C + c];
     const acc_t m = max[n * C + c];
     switch (mode) {
-      case kAvg:
+      case GateMode::Avg:
         return a;
-      case kMax:
+      case GateMode::Max:
         return m;
       default:
         return acc_t(0.5) * (a + m) + alpha_v * a + beta_v * m;
@@ -667,11 +295,11 @@ __global__ void __launch_bounds__(kBlock)
     const int64_t c = nc - n * g.C;
     const acc_t df = gate_df(g, grad_gate, gate, n, c);
     switch (g.mode) {
-      case kAvg:
+      case GateMode::Avg:
         grad_avg[nc] = df;
         grad_max[nc] = acc_t(0);
         break;
-      case kMax:
+      case GateMode::Max:
         grad_avg[nc] = acc_t(0);
         grad_max[nc] = df;
         break;
@@ -684,7 +312,7 @@ __global__ void __launch_bounds__(kBlock)
 }
 
 // Per-sample partial sums, one block per n: partial[n, j] = sum_c dz[n,c] * f[n, c + j - pad]
-// for j < k; with mode == kMix also partial[n, k] = sum_c df*avg and partial[n, k+1] =
+// for j < k; with GateMode::Mix also partial[n, k] = sum_c df*avg and partial[n, k+1] =
 // sum_c df*max. Summed over n in order by gate_param_grads_kernel.
 template <typename acc_t>
 __global__ void __launch_bounds__(kBlock)
@@ -745,27 +373,29 @@ bool is_param_dtype(at::ScalarType t) {
   return t == at::kDouble || t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
 }
 
-void check_gate_cuda(const at::Tensor& avg, const at::Tensor& max, const at::Tensor& weight,
-                     const c10::optional<at::Tensor>& alpha,
-                     const c10::optional<at::Tensor>& beta, int64_t mode, const char* op) {
-  check_gate_args(avg, max, weight, alpha, beta, mode, op);
+// check_gate_args (channel_gate.h), and CUDA placement and parameter dtypes; returns the mode.
+GateMode check_gate_cuda(const at::Tensor& avg, const at::Tensor& max, const at::Tensor& weight,
+                         const c10::optional<at::Tensor>& alpha,
+                         const c10::optional<at::Tensor>& beta, int64_t mode_in, const char* op) {
+  const GateMode mode = check_gate_args(avg, max, weight, alpha, beta, mode_in, op);
   TORCH_CHECK_VALUE(avg.is_cuda(), op, ": avg must be a CUDA tensor, got ", avg.device());
   check_cuda(max, avg, op, "max");
   TORCH_CHECK_TYPE(is_param_dtype(weight.scalar_type()), op,
               ": weight must be float64, float32, float16 or bfloat16, got ", weight.scalar_type());
-  if (mode == kMix) {
+  if (mode == GateMode::Mix) {
     check_cuda(*alpha, avg, op, "alpha");
     check_cuda(*beta, avg, op, "beta");
     TORCH_CHECK_TYPE(is_param_dtype(alpha->scalar_type()) && is_param_dtype(beta->scalar_type()), op,
                 ": alpha and beta must be float64, float32, float16 or bfloat16, got ",
                 alpha->scalar_type(), " and ", beta->scalar_type());
   }
+  return mode;
 }
 
 template <typename acc_t>
 GateArgs<acc_t> make_gate_args(const at::Tensor& avg, const at::Tensor& max,
                                const at::Tensor& weight, const c10::optional<at::Tensor>& alpha,
-                               const c10::optional<at::Tensor>& beta, int64_t mode) {
+                               const c10::optional<at::Tensor>& beta, GateMode mode) {
   GateArgs<acc_t> g{};
   g.avg = avg.data_ptr<acc_t>();
   g.max = max.data_ptr<acc_t>();
@@ -774,7 +404,7 @@ GateArgs<acc_t> make_gate_args(const at::Tensor& avg, const at::Tensor& max,
   g.alpha = nullptr;
   g.beta = nullptr;
   g.alpha_dtype = g.beta_dtype = avg.scalar_type();
-  if (mode == kMix) {
+  if (mode == GateMode::Mix) {
     g.alpha = alpha->data_ptr();
     g.alpha_dtype = alpha->scalar_type();
     g.beta = beta->data_ptr();
@@ -805,10 +435,9 @@ std::tuple<at::Tensor, at::Tensor> channel_pool_cuda(const at::Tensor& x_in) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "channel_pool_cuda",
                                   [&] {
                                     using acc_t = at::opmath_type<scalar_t>;
-                                    const PoolReducer<scalar_t> r{x.data_ptr<scalar_t>(),
-                                                                  avg.data_ptr<acc_t>(),
-                                                                  max.data_ptr<acc_t>(), hw};
-                                    launch_reduction(r, layout_of(x), N, C, hw, x);
+                                    const ChannelPool<scalar_t> pool{
+                                        {}, avg.data_ptr<acc_t>(), max.data_ptr<acc_t>(), hw};
+                                    cuda::reduce_per_channel(pool, x, at::Tensor());
                                   });
   return {avg, max};
 }
@@ -843,24 +472,26 @@ at::Tensor channel_pool_backward_cuda(const at::Tensor& grad_avg_in,
         if (has_grad_max) {
           const at::Tensor grad_max = grad_max_in->contiguous();
           share = at::empty({N, C}, grad_avg.options());
-          const CountReducer<scalar_t> r{x.data_ptr<scalar_t>(), max.data_ptr<acc_t>(),
-                                         grad_max.data_ptr<acc_t>(), share.data_ptr<acc_t>()};
-          launch_reduction(r, layout, N, C, hw, x);
+          const ChannelPoolTies<scalar_t> ties{
+              {}, max.data_ptr<acc_t>(), grad_max.data_ptr<acc_t>(), share.data_ptr<acc_t>()};
+          cuda::reduce_per_channel(ties, x, at::Tensor());
         }
         // Second pass: grad_x = grad_avg / hw + [x == max] * share.
-        const PoolBackwardOp<scalar_t> write{grad_avg.data_ptr<acc_t>(), max.data_ptr<acc_t>(),
-                                             has_grad_max ? share.data_ptr<acc_t>() : nullptr,
-                                             static_cast<acc_t>(hw)};
-        launch_per_channel_map<scalar_t>(x, grad_x, layout, C, hw, write);
+        const ChannelPoolBackward<scalar_t> write{{},
+                                                  grad_avg.data_ptr<acc_t>(),
+                                                  max.data_ptr<acc_t>(),
+                                                  has_grad_max ? share.data_ptr<acc_t>() : nullptr,
+                                                  static_cast<acc_t>(hw)};
+        cuda::map_per_channel(write, x, grad_x, layout);
       });
   return grad_x;
 }
 
 at::Tensor channel_gate_cuda(const at::Tensor& avg_in, const at::Tensor& max_in,
                              const at::Tensor& weight_in, const c10::optional<at::Tensor>& alpha,
-                             const c10::optional<at::Tensor>& beta, int64_t mode) {
+                             const c10::optional<at::Tensor>& beta, int64_t mode_in) {
   constexpr const char* op = "channel_gate";
-  check_gate_cuda(avg_in, max_in, weight_in, alpha, beta, mode, op);
+  const GateMode mode = check_gate_cuda(avg_in, max_in, weight_in, alpha, beta, mode_in, op);
   c10::cuda::CUDAGuard device_guard(avg_in.device());
   const at::Tensor avg = avg_in.contiguous();
   const at::Tensor max = max_in.contiguous();
@@ -884,9 +515,9 @@ at::Tensor channel_gate_cuda(const at::Tensor& avg_in, const at::Tensor& max_in,
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> channel_gate_backward_cuda(
     const at::Tensor& grad_gate_in, const at::Tensor& gate_in, const at::Tensor& avg_in,
     const at::Tensor& max_in, const at::Tensor& weight_in, const c10::optional<at::Tensor>& alpha,
-    const c10::optional<at::Tensor>& beta, int64_t mode) {
+    const c10::optional<at::Tensor>& beta, int64_t mode_in) {
   constexpr const char* op = "channel_gate_backward";
-  check_gate_cuda(avg_in, max_in, weight_in, alpha, beta, mode, op);
+  const GateMode mode = check_gate_cuda(avg_in, max_in, weight_in, alpha, beta, mode_in, op);
   auto check_like_avg = [&](const at::Tensor& t, const char* name) {
     TORCH_CHECK_VALUE(t.sizes() == avg_in.sizes() && t.scalar_type() == avg_in.scalar_type(), op, ": ",
                 name, " must match avg's shape ", avg_in.sizes(), " and dtype ",
@@ -902,12 +533,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> channel_g
   const at::Tensor max = max_in.contiguous();
   const at::Tensor weight = weight_in.contiguous();
   const int64_t N = avg.size(0), C = avg.size(1), k = weight.numel();
-  const bool mix = mode == kMix;
+  const bool mix = mode == GateMode::Mix;
 
   at::Tensor grad_avg = at::empty_like(avg);
   at::Tensor grad_max = at::empty_like(avg);
   at::Tensor grad_weight = at::empty(weight_in.sizes(), weight.options());
-  // grad_alpha/grad_beta: 0-dim, in alpha's dtype for mode 2 (as the CPU kernel); zeros in acc
+  // grad_alpha/grad_beta: 0-dim, in alpha's dtype for GateMode::Mix (as the CPU kernel); zeros in acc
   // otherwise.
   at::Tensor grad_alpha = mix ? at::empty({}, alpha->options()) : at::zeros({}, avg.options());
   at::Tensor grad_beta = mix ? at::empty({}, alpha->options()) : at::zeros({}, avg.options());
@@ -952,7 +583,6 @@ at::Tensor channel_rescale_cuda(const at::Tensor& x_in, const at::Tensor& gate_i
   c10::cuda::CUDAGuard device_guard(x_in.device());
   const at::Tensor x = dense(x_in);
   const at::Tensor gate = gate_in.contiguous();
-  const int64_t C = x.size(1), hw = x.size(2) * x.size(3);
   at::Tensor y = empty_like_layout(x);
   if (x.numel() == 0) {
     return y;
@@ -960,9 +590,8 @@ at::Tensor channel_rescale_cuda(const at::Tensor& x_in, const at::Tensor& gate_i
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "channel_rescale_cuda",
                                   [&] {
                                     using acc_t = at::opmath_type<scalar_t>;
-                                    const RescaleOp<scalar_t> rescale{gate.data_ptr<acc_t>()};
-                                    launch_per_channel_map<scalar_t>(x, y, layout_of(x), C, hw,
-                                                                     rescale);
+                                    const ChannelRescale<scalar_t> rescale{{}, gate.data_ptr<acc_t>()};
+                                    cuda::map_per_channel(rescale, x, y, layout_of(x));
                                   });
   return y;
 }
@@ -994,11 +623,10 @@ std::tuple<at::Tensor, at::Tensor> channel_rescale_backward_cuda(const at::Tenso
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, x.scalar_type(), "channel_rescale_backward_cuda", [&] {
         using acc_t = at::opmath_type<scalar_t>;
-        const RescaleOp<scalar_t> scale{gate.data_ptr<acc_t>()};  // grad_x = grad_y * gate
-        launch_per_channel_map<scalar_t>(grad_y, grad_x, layout, C, hw, scale);
-        const GradGateReducer<scalar_t> r{grad_y.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
-                                          grad_gate.data_ptr<acc_t>()};
-        launch_reduction(r, layout, N, C, hw, x);
+        const ChannelRescale<scalar_t> scale{{}, gate.data_ptr<acc_t>()};  // grad_x = grad_y * gate
+        cuda::map_per_channel(scale, grad_y, grad_x, layout);
+        const ChannelRescaleGradGate<scalar_t> sum{{}, grad_gate.data_ptr<acc_t>()};
+        cuda::reduce_per_channel(sum, x, grad_y);
       });
   return {grad_x, grad_gate};
 }

@@ -1,5 +1,5 @@
 // gam_channel hot path, CUDA: GAM's per-pixel channel MLP gate and its backward. The math of both
-// ops is in the header comment of csrc/attnkernels.cpp.
+// ops is in the header comment of csrc/gam_channel_ops.cpp.
 //
 // The MLP runs on every pixel p, so a block takes a tile of TP pixels of one sample and treats the
 // two layers as small GEMMs over the tile, with every operand staged in shared memory in acc:
@@ -39,7 +39,7 @@
 #include <cstdint>
 #include <tuple>
 
-#include "attnkernels/common.h"
+#include "attnkernels/gam_channel.h"
 #include "attnkernels/cuda_utils.cuh"
 
 namespace attnkernels {

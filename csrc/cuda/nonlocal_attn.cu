@@ -1,5 +1,5 @@
 // nonlocal_attn hot path, CUDA: PAM's HW x HW softmax attention, flash-style, and its backward.
-// The math of both ops is in the header comment of csrc/attnkernels.cpp.
+// The math of both ops is in the header comment of csrc/nonlocal_attn_ops.cpp.
 //
 // Every kernel here is one "attention walk". A block owns a block of pixels (the own side) and
 // one chunk of output channels e, loops over every block of the other side, recomputes the tile
@@ -59,7 +59,7 @@
 #include <tuple>
 #include <type_traits>
 
-#include "attnkernels/common.h"
+#include "attnkernels/nonlocal_attn.h"
 #include "attnkernels/cuda_utils.cuh"
 
 namespace attnkernels {

@@ -1,6 +1,6 @@
 // shuffle_conv hot path, CUDA: GAM's grouped k x k conv read through the channel shuffle and an
 // optional affine + ReLU prologue, with its raw or gated epilogue, the epilogue alone, and the
-// backwards. The math of every op is in the header comment of csrc/attnkernels.cpp.
+// backwards. The math of every op is in the header comment of csrc/shuffle_conv_ops.cpp.
 //
 // Kernels:
 //   * conv_kernel, a direct conv used twice:
@@ -40,7 +40,7 @@
 #include <tuple>
 #include <vector>
 
-#include "attnkernels/common.h"
+#include "attnkernels/shuffle_conv.h"
 #include "attnkernels/cuda_utils.cuh"
 
 namespace attnkernels {
@@ -84,7 +84,7 @@ struct ConvInput {
   const acc_t* shift;
   int64_t H, W;
 
-  // pi(c) = (c % shuffle_groups) * (C / shuffle_groups) + c / shuffle_groups (SPEC's channel_shuffle).
+  // pi(c) = (c % shuffle_groups) * (C / shuffle_groups) + c / shuffle_groups (docs/contract.md's channel_shuffle).
   __device__ __forceinline__ int64_t source(int64_t c) const {
     return (c % shuffle_groups) * (C / shuffle_groups) + c / shuffle_groups;
   }
@@ -791,7 +791,7 @@ at::Tensor shuffle_conv_cuda(const at::Tensor& s_in, const at::Tensor& weight, c
   if (bias.has_value()) check_vector(*bias, C_out, s_in.device(), op, "bias", "C_out");
   const bool gated = gate_x_in.has_value();
   TORCH_CHECK_VALUE(out_scale.has_value() == gated && out_shift.has_value() == gated, op,
-                    ": gate_x, out_scale and out_shift must be given together (the gated epilogue)");
+                    ": gate_x, out_scale and out_shift must be given together");
   const std::vector<int64_t> out_sizes{N, C_out, H, W};
   if (gated) {
     check_epilogue_args(*gate_x_in, *out_scale, *out_shift, out_sizes, s_in.device(), op);

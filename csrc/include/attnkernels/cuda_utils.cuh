@@ -1,5 +1,5 @@
 // Helpers shared by the CUDA kernels: wide loads, NaN-propagating max, warp/block reductions
-// with a fixed combination order (SPEC.md: bitwise deterministic run to run), and the host-side
+// with a fixed combination order (docs/contract.md#determinism: bitwise deterministic run to run), and the host-side
 // launch sizes and argument checks of the CUDA ops.
 #pragma once
 

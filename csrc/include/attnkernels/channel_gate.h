@@ -1,0 +1,64 @@
+// Argument checks of the channel_gate hot path (csrc/channel_gate_ops.cpp: schemas and math):
+// the gate's pooling mode, channel_gate's arguments and SE's MLP (channel_mlp_attention).
+#pragma once
+
+#include "attnkernels/common.h"
+
+namespace attnkernels {
+
+// channel_gate's pooling mode, the schema's `int mode` (docs/contract.md HAM:
+// mix is f = 0.5*(avg + max) + alpha*avg + beta*max).
+enum class GateMode : int64_t { Avg = 0, Max = 1, Mix = 2 };
+
+// The schema's int mode as a GateMode: the one place an int becomes a mode (ValueError otherwise).
+inline GateMode gate_mode(int64_t mode, const char* op) {
+  TORCH_CHECK_VALUE(mode == static_cast<int64_t>(GateMode::Avg) || mode == static_cast<int64_t>(GateMode::Max) ||
+                        mode == static_cast<int64_t>(GateMode::Mix),
+                    op, ": mode must be 0 (avg), 1 (max) or 2 (mix), got ", mode);
+  return static_cast<GateMode>(mode);
+}
+
+// channel_gate's and channel_gate_backward's gate arguments; returns the checked mode.
+inline GateMode check_gate_args(const at::Tensor& avg, const at::Tensor& max, const at::Tensor& weight,
+                                const c10::optional<at::Tensor>& alpha, const c10::optional<at::Tensor>& beta,
+                                int64_t mode, const char* op) {
+  const GateMode checked = gate_mode(mode, op);
+  TORCH_CHECK_VALUE(avg.dim() == 2, op, ": avg must be (N, C), got ", avg.sizes());
+  TORCH_CHECK_VALUE(max.sizes() == avg.sizes() && max.scalar_type() == avg.scalar_type(), op,
+              ": max must match avg's shape ", avg.sizes(), " and dtype ", avg.scalar_type(),
+              ", got ", max.sizes(), " ", max.scalar_type());
+  TORCH_CHECK_TYPE(avg.scalar_type() == at::kFloat || avg.scalar_type() == at::kDouble, op,
+              ": avg must be float32 or float64 (an accumulation dtype), got ", avg.scalar_type());
+  TORCH_CHECK_VALUE(weight.numel() % 2 == 1, op, ": weight must hold an odd number of taps, got ",
+              weight.numel());
+  TORCH_CHECK_VALUE(weight.device() == avg.device(), op, ": weight must be on ", avg.device(), ", got ", weight.device());
+  if (checked == GateMode::Mix) {
+    TORCH_CHECK_VALUE(alpha.has_value() && beta.has_value(), op, ": mode 2 (mix) needs alpha and beta");
+    TORCH_CHECK_VALUE(alpha->numel() == 1 && beta->numel() == 1, op,
+                ": alpha and beta must hold one value each");
+  }
+  return checked;
+}
+
+// SE's MLP gate (channel_mlp_attention): w1 holds rd*C values with rd = w1.size(0), w2 C*rd,
+// the optional biases rd and C values, all floating and on x's device.
+inline void check_mlp_args(const at::Tensor& x, const at::Tensor& w1, const c10::optional<at::Tensor>& b1,
+                           const at::Tensor& w2, const c10::optional<at::Tensor>& b2, const char* op) {
+  check_feature_map(x, op, "x");
+  const int64_t C = x.size(1);
+  TORCH_CHECK_VALUE(w1.dim() >= 1 && w1.size(0) > 0 && w1.numel() == w1.size(0) * C, op,
+              ": w1 must hold (rd, C) = (rd, ", C, ") values, got shape ", w1.sizes());
+  const int64_t rd = w1.size(0);
+  TORCH_CHECK_VALUE(w2.dim() >= 1 && w2.size(0) == C && w2.numel() == C * rd, op, ": w2 must hold (C, rd) = (",
+              C, ", ", rd, ") values, got shape ", w2.sizes());
+  TORCH_CHECK_VALUE(!b1.has_value() || b1->numel() == rd, op, ": b1 must hold rd = ", rd, " values");
+  TORCH_CHECK_VALUE(!b2.has_value() || b2->numel() == C, op, ": b2 must hold C = ", C, " values");
+  for (const at::Tensor* t : {&w1, &w2, b1.has_value() ? &*b1 : &w1, b2.has_value() ? &*b2 : &w2}) {
+    TORCH_CHECK_TYPE(at::isFloatingType(t->scalar_type()), op, ": the MLP weights must be floating, got ",
+                t->scalar_type());
+    TORCH_CHECK_VALUE(t->device() == x.device(), op, ": the MLP weights must be on ", x.device(), ", got ",
+                t->device());
+  }
+}
+
+}  // namespace attnkernels

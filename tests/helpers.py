@@ -1,0 +1,260 @@
+"""Builders and assertions shared by the test files (`import helpers`: pytest puts tests/ on
+sys.path). conftest.py keeps only the fixtures and the Triton interpreter switch.
+
+* cases: `needs_gpu`, `backend_cases`, `without_reference`, `COMPILED_BACKENDS`, `LAYOUTS`;
+* explicit op registration: `load_compiled_ops`, `load_ops` (no test relies on choosing a
+  backend to register ops);
+* registry modules (tests/test_reference.py and friends): `SHAPES`, `module_kwargs`,
+  `randomize`, `build`, `bridge_inputs`, `train_modes`;
+* fused against reference: `fused_pair`, `make_input`, `leaf`, `forward_backward`,
+  `op_forward_backward`, `on_backend`, `low_precision_runs`, `compiled_and_eager`, `flat`;
+* assertions: `assert_matches`, `assert_all_close`, `assert_error_like_eager`,
+  `assert_layout_of`, `assert_bitwise_equal`, `assert_keeps_reference_interface`.
+"""
+from __future__ import annotations
+
+import copy
+import importlib
+
+import pytest
+import torch
+
+from attnkernels import backend
+from attnkernels import reference as R
+
+# ----------------------------------------------------------------------------------------
+# Cases
+# ----------------------------------------------------------------------------------------
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA tests need a GPU")
+
+#: The backends of the C++ library (its ops live in torch.ops.attnkernels): CUDA only on a GPU.
+COMPILED_BACKENDS = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+#: Input layouts of `make_input`.
+LAYOUTS = ["nchw", "channels_last", "sliced"]
+
+
+def backend_cases(cpu=("cpu", "reference"), cuda=("cuda", "triton", "reference"), algorithms=None) -> list:
+    """pytest params (backend_name, device) for each backend on CPU and, marked `needs_gpu`,
+    on CUDA; with `algorithms`, (backend_name, device, algorithm) for each algorithm too.
+    Ids: "<backend>-<device>" or "<backend>-<device>-<algorithm>"."""
+    cases = []
+    for device, names in (("cpu", cpu), ("cuda", cuda)):
+        marks = needs_gpu if device == "cuda" else ()
+        for name in names:
+            if algorithms is None:
+                cases.append(pytest.param(name, device, id=f"{name}-{device}", marks=marks))
+            else:
+                cases += [pytest.param(name, device, a, id=f"{name}-{device}-{a}", marks=marks) for a in algorithms]
+    return cases
+
+
+def without_reference(cases: list) -> list:
+    """The cases of `backend_cases` that run a fused backend."""
+    return [c for c in cases if c.values[0] != "reference"]
+
+
+# ----------------------------------------------------------------------------------------
+# Explicit op registration
+# ----------------------------------------------------------------------------------------
+def load_compiled_ops():
+    """Build (first use) and load the C++ library, which registers every hot path's ops with
+    their fakes, autograd and composites; `torch.ops.attnkernels`."""
+    from attnkernels import _ext
+
+    _ext.load()
+    return torch.ops.attnkernels
+
+
+def load_ops(backend_name: str, hot_path: str):
+    """The op namespace of a compiled backend, registered explicitly: the C++ library for
+    "cpu" / "cuda", importing `attnkernels.triton.<hot_path>` for "triton"."""
+    if backend_name == "triton":
+        importlib.import_module(f"attnkernels.triton.{hot_path}")
+        return torch.ops.attnkernels_triton
+    return load_compiled_ops()
+
+
+# ----------------------------------------------------------------------------------------
+# Registry modules
+# ----------------------------------------------------------------------------------------
+# (N, C, H, W): C not a power of two, H != W, HW = 1, N = 1.
+SHAPES = [(2, 24, 7, 5), (1, 40, 3, 4), (3, 16, 1, 1), (2, 8, 6, 6)]
+
+# Modules holding BatchNorm1d cannot train on one sample (torch refuses).
+BATCHNORM1D_MODULES = {"bridge", "bam"}
+
+
+def module_kwargs(name: str, channels: int) -> dict:
+    """Constructor arguments that make every module valid at every test channel count."""
+    if name in ("gam", "bam"):
+        return {"reduction": 8}
+    if name == "bridge":
+        return {"bridge_channels": [max(channels // 2, 1), 3]}
+    return {}
+
+
+def randomize(module: torch.nn.Module) -> torch.nn.Module:
+    """Random parameters and running stats, so no term of a formula hides behind 0 or 1."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.uniform_(-0.6, 0.6)
+        for name, b in module.named_buffers():
+            if name.endswith("running_mean"):
+                b.uniform_(-0.3, 0.3)
+            elif name.endswith("running_var"):
+                b.uniform_(0.5, 1.5)
+    return module
+
+
+def build(name: str, channels: int, dtype: torch.dtype = torch.float64, train: bool = True):
+    """A randomized module of registry `name`, in `dtype` and train/eval mode."""
+    m = R.create(name, channels, **module_kwargs(name, channels))
+    randomize(m).to(dtype)
+    return m.train(train)
+
+
+def bridge_inputs(module: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """Random bridge maps for a Bridge module (each its own spatial size); [] otherwise."""
+    if not getattr(module, "takes_bridges", False):
+        return []
+    n, _, h, w = x.shape
+    return [
+        torch.randn(n, c, h + i + 1, w + 2 * i, dtype=x.dtype) for i, c in enumerate(module.bridge_channels)
+    ]
+
+
+def train_modes(name: str, n: int) -> list[bool]:
+    """Training and eval, except training where torch's BatchNorm1d needs more than one sample."""
+    return [False] if n == 1 and name in BATCHNORM1D_MODULES else [True, False]
+
+
+# ----------------------------------------------------------------------------------------
+# Fused against reference: builders and runs
+# ----------------------------------------------------------------------------------------
+def fused_pair(fused_cls, ref_cls, *args, dtype: torch.dtype, device: str, **kwargs):
+    """(fused, reference): a randomized `ref_cls(*args, **kwargs)` and a `fused_cls` loaded
+    from its state_dict, both in `dtype` on `device`, each its own copy."""
+    ref = randomize(ref_cls(*args, **kwargs)).to(device, dtype)
+    f = fused_cls(*args, **kwargs).to(device, dtype)
+    f.load_state_dict(ref.state_dict())
+    return f, ref
+
+
+def make_input(shape: tuple, layout: str, dtype: torch.dtype, device: str) -> torch.Tensor:
+    """Random x in the given layout; `sliced` is a strided view dense in neither format."""
+    if layout == "sliced":
+        n, c, h, w = shape
+        return torch.randn(n, c, h + 2, 2 * w, dtype=dtype, device=device)[:, :, 1 : h + 1, ::2]
+    x = torch.randn(shape, dtype=dtype, device=device)
+    return x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x
+
+
+def leaf(t: torch.Tensor, grad: bool = False) -> torch.Tensor:
+    """A fresh leaf copy of t (requiring grad or not), so no sample's requires_grad leaks."""
+    return t.detach().clone().requires_grad_(grad)
+
+
+def forward_backward(module, x: torch.Tensor, g: torch.Tensor, backend_name: str | None = None):
+    """Output, x's gradient and every parameter gradient, optionally on a forced backend."""
+    module.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_()
+    with backend.use_backend(backend_name):
+        y = module(x)
+    y.backward(g)
+    return y.detach(), [x.grad] + [p.grad for p in module.parameters()]
+
+
+def op_forward_backward(op, inputs: list[torch.Tensor], grad: torch.Tensor, backend_name: str):
+    """`op(*inputs)` on `backend_name`: its output and the gradient of every input."""
+    with backend.use_backend(backend_name):
+        y = op(*inputs)
+    return y.detach(), list(torch.autograd.grad(y, inputs, grad))
+
+
+def on_backend(fn, backend_name: str):
+    """fn, run on `backend_name` at each call (for gradcheck)."""
+
+    def run(*args):
+        with backend.use_backend(backend_name):
+            return fn(*args)
+
+    return run
+
+
+def flat(out) -> list[torch.Tensor]:
+    """[y, *grads] of a (y, grads) result."""
+    return [out[0], *out[1]]
+
+
+def low_precision_runs(f, ref, x: torch.Tensor, g: torch.Tensor, dtype: torch.dtype, backend_name: str):
+    """Flat [y, *grads] of: the fp64 reference (the truth), a copy of the fused module in
+    `dtype` on `backend_name`, and a copy of the reference in `dtype` (eager)."""
+    exact = forward_backward(ref, x, g)
+    low = forward_backward(copy.deepcopy(f).to(dtype), x.to(dtype), g.to(dtype), backend_name)
+    eager = forward_backward(copy.deepcopy(ref).to(dtype), x.to(dtype), g.to(dtype))
+    return flat(exact), flat(low), flat(eager)
+
+
+def compiled_and_eager(module, layout: str, shape: tuple = (2, 24, 7, 5)):
+    """(compiled, eager) forward_backward results of torch.compile(module, fullgraph=True)
+    and of module itself, fp32 on the cpu backend."""
+    torch._dynamo.reset()
+    compiled = torch.compile(module, fullgraph=True)
+    x = make_input(shape, layout, torch.float32, "cpu")
+    g = torch.randn(shape)
+    with backend.use_backend("cpu"):
+        eager = forward_backward(module, x, g)
+        got = forward_backward(compiled, x, g)
+    return got, eager
+
+
+# ----------------------------------------------------------------------------------------
+# Assertions
+# ----------------------------------------------------------------------------------------
+def assert_matches(fused_out, ref_out, dtype: torch.dtype) -> None:
+    """Two forward_backward results agree: output and every gradient."""
+    tol = {"rtol": 1e-12, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 2e-5, "atol": 2e-6}
+    (y_f, grads_f), (y_r, grads_r) = fused_out, ref_out
+    torch.testing.assert_close(y_f, y_r, **tol)
+    assert len(grads_f) == len(grads_r)
+    for a, b in zip(grads_f, grads_r):
+        torch.testing.assert_close(a, b, **tol)
+
+
+def assert_all_close(got, want, names, **tol) -> None:
+    """torch.testing.assert_close on each pair, the failure naming the pair."""
+    for name, a, b in zip(names, got, want, strict=True):
+        torch.testing.assert_close(a, b, **tol, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def assert_error_like_eager(got, eager, exact, floor: float, names=None) -> None:
+    """flash-attention's criterion for low precision: each fused result's largest error
+    against the fp64 truth is at most twice the eager same-precision result's, plus `floor`
+    times the truth's largest magnitude."""
+    names = names or [str(i) for i in range(len(exact))]
+    for name, a, base, truth in zip(names, got, eager, exact, strict=True):
+        err_fused = (a.double() - truth).abs().max().item()
+        err_eager = (base.double() - truth).abs().max().item()
+        assert err_fused <= 2 * err_eager + floor * truth.abs().max().item(), (name, err_fused, err_eager)
+
+
+def assert_layout_of(out: torch.Tensor, x: torch.Tensor) -> None:
+    """out is in x's layout: channels_last if x is (and is not NCHW-dense too), else NCHW."""
+    want_cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    assert out.is_contiguous(memory_format=torch.channels_last if want_cl else torch.contiguous_format)
+
+
+def assert_bitwise_equal(a, b) -> None:
+    """Two (y, grads) results are bitwise the same."""
+    assert torch.equal(a[0], b[0]) and all(torch.equal(s, t) for s, t in zip(a[1], b[1]))
+
+
+def assert_keeps_reference_interface(f: torch.nn.Module, r: torch.nn.Module) -> None:
+    """Fused module f keeps reference module r's interface: the same state_dict keys (r loads
+    f's strictly), an instance of r's class, and the reference's channel check."""
+    assert f.state_dict().keys() == r.state_dict().keys(), type(r).__name__
+    r.load_state_dict(f.state_dict())
+    assert isinstance(f, type(r))
+    with pytest.raises(ValueError, match=rf"x must have {r.channels} channels"):
+        f(torch.randn(2, r.channels // 2, 4, 4))
