@@ -134,6 +134,21 @@ def test_max_pool_ties_share_the_gradient(backend_name, device) -> None:
 
 
 @pytest.mark.parametrize("backend_name,device", CASES)
+def test_se_propagates_nan_like_the_reference(backend_name, device) -> None:
+    """A NaN in x[n] makes SE's pooled row, MLP, gate and so all of y[n] NaN, as the reference
+    does (the CPU per-sample kernel's ReLU once mapped the NaN to 0: one NaN element only)."""
+    f, r = fused_pair(fused.SE, R.SE, 16, dtype=torch.float64, device=device)
+    x = torch.randn(4, 16, 5, 5, dtype=torch.float64, device=device)
+    x[1, 3, 2, 2] = float("nan")
+    with torch.no_grad(), backend.use_backend(backend_name):
+        y = f(x)
+    with torch.no_grad():
+        want = r(x)
+    assert torch.isnan(want[1]).all() and torch.isfinite(want[[0, 2, 3]]).all()
+    torch.testing.assert_close(y, want, rtol=1e-12, atol=1e-12, equal_nan=True)
+
+
+@pytest.mark.parametrize("backend_name,device", CASES)
 def test_max_pool_propagates_nan(backend_name, device) -> None:
     """A NaN makes its plane's avg and max NaN, and (as torch.amax) its max gradient NaN."""
     x = torch.randn(2, 3, 4, 4, dtype=torch.float64, device=device)

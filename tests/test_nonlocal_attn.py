@@ -293,3 +293,18 @@ def test_fused_modules_keep_reference_interface() -> None:
         assert_keeps_reference_interface(fused_cls(64), ref_cls(64))
     csm = fused.CSM(32)
     assert type(csm.channel) is fused.SE and type(csm.spatial) is fused.PAM
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5, 0, 4), (0, 3, 5, 4, 3)], ids=["no_pixels", "no_samples"])
+@pytest.mark.parametrize("backend_name", ["cpu", "reference"])
+def test_empty_inputs_give_empty_results(shape, backend_name, compiled_ops) -> None:
+    """H = 0 (forward) and N = 0 (backward) once crashed the CPU kernels (a division by zero
+    while sizing their tiles): empty inputs give empty outputs and gradients, grad_gamma 0."""
+    q, k, v, x, gamma = op_inputs(shape, "nchw", torch.float64, "cpu")
+    with backend.use_backend(backend_name):
+        y = AF.nonlocal_attn(q, k, v, x, gamma)
+    assert y.shape == x.shape
+    grads = torch.autograd.grad(y, (q, k, v, x, gamma), torch.ones_like(y))
+    for t, g in zip((q, k, v, x, gamma), grads):
+        assert g.shape == t.shape
+    assert grads[4].item() == 0

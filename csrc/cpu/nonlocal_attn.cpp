@@ -195,6 +195,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nonlocal_attn_cpu(const at::Tenso
   at::Tensor y = empty_like_layout(x_dense);
   const at::Tensor X3 = x_dense.view({N, D_v, HW}), Y3 = y.view({N, D_v, HW}), Out3 = out.view({N, D_v, HW});
   const double gamma_value = gamma.item<double>();
+  if (N * HW == 0) {  // no sample or no pixel: every output is empty (and no tile to size)
+    return {y, out.to(x.scalar_type()), lse};
+  }
   const Tiles tiles = forward_tiles(N, HW);
   const int64_t num_qb = blocks(HW, tiles.queries);
   AT_DISPATCH_FLOATING_TYPES(acc, "nonlocal_attn_cpu", [&] {
@@ -269,6 +272,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> nonlocal_attn_backwar
   // grad_k and grad_v accumulate in place, in acc and their input's layout.
   at::Tensor grad_k = empty_like_layout(dense(k), acc).zero_();
   at::Tensor grad_v = empty_like_layout(dense(v), acc).zero_();
+  if (N * HW == 0) {  // no sample or no pixel: every gradient is empty, grad_gamma 0
+    return {empty_like_layout(dense(q)), grad_k.to(k.scalar_type()), grad_v.to(v.scalar_type()), grad_gamma};
+  }
   const at::Tensor dK3 = grad_k.view({N, D_qk, HW}), dV3 = grad_v.view({N, D_v, HW});
   // Key-block ranges per sample: enough tasks for every thread; each range keeps its own dQ.
   const Tiles tiles = backward_tiles(N, HW);
