@@ -85,7 +85,7 @@ def channel_gate(
     `weight` holds the k taps of the zero-padded 1-D conv (k odd, any shape with k
     elements, e.g. a Conv1d(1, 1, k) weight); "mix" needs the scalars alpha and beta.
     """
-    m, alpha, beta = _gate_mode("channel_gate", weight, alpha, beta, mode)
+    m, alpha, beta = _gate_mode("channel_gate", alpha, beta, mode)
     check_channel_gate(avg, max, weight, alpha, beta, m)
     return _ops(avg.device).channel_gate(avg, max, weight, alpha, beta, m)
 
@@ -113,7 +113,7 @@ def channel_attention(
     On the C++ CPU backend this is one kernel that pools, gates and rescales each sample while
     it is in cache; elsewhere the three ops run in turn (one composite op).
     """
-    m, alpha, beta = _gate_mode("channel_attention", weight, alpha, beta, mode)
+    m, alpha, beta = _gate_mode("channel_attention", alpha, beta, mode)
     check_channel_attention(x, weight, alpha, beta, m)
     return _ops(x.device).channel_attention(x, weight, alpha, beta, m)[0]
 
@@ -136,14 +136,11 @@ def channel_mlp_attention(
     return _ops(x.device).channel_mlp_attention(x, w1, b1, w2, b2)[0]
 
 
-def _gate_mode(op: str, weight, alpha, beta, mode: str):
+def _gate_mode(op: str, alpha, beta, mode: str):
     """The public `mode` name as a GateMode, and (alpha, beta): None unless mode is "mix"."""
     m = GateMode.parse(op, mode)
     if m == GateMode.MIX and (alpha is None or beta is None):
         raise ValueError(f"{op}: mode 'mix' needs alpha and beta")
-    check.tensor(op, "weight", weight)
-    if weight.numel() % 2 == 0:
-        raise ValueError(f"{op}: weight must hold an odd number of taps, got {weight.numel()}")
     return (m, alpha, beta) if m == GateMode.MIX else (m, None, None)
 
 
@@ -169,19 +166,21 @@ def check_channel_gate(avg, max, weight, alpha, beta, mode, op: str = "channel_g
     if avg.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"{op}: avg must be float32 or float64 (an accumulation dtype), got {check.dtype_name(avg.dtype)}")
     check.device(op, "max", max, avg.device)
-    check.tensor(op, "weight", weight)
-    if weight.numel() % 2 == 0:
-        raise ValueError(f"{op}: weight must hold an odd number of taps, got {weight.numel()}")
-    check.device(op, "weight", weight, avg.device)
-    if mode == GateMode.MIX:
-        if alpha is None or beta is None:
-            raise ValueError(f"{op}: mode 2 (mix) needs alpha and beta")
-        _check_mix_scalars(op, alpha, beta, avg.device)
+    _check_gate_params(op, weight, alpha, beta, mode, avg.device)
     return mode
 
 
-def _check_mix_scalars(op: str, alpha, beta, where: torch.device) -> None:
-    """The mix's alpha and beta: one floating value each, on the device."""
+def _check_gate_params(op: str, weight, alpha, beta, mode: GateMode, where: torch.device) -> None:
+    """The gate's parameters: k odd taps, and for the mix alpha and beta, one floating value
+    each; all on `where`."""
+    check.tensor(op, "weight", weight)
+    if weight.numel() % 2 == 0:
+        raise ValueError(f"{op}: weight must hold an odd number of taps, got {weight.numel()}")
+    check.device(op, "weight", weight, where)
+    if mode != GateMode.MIX:
+        return
+    if alpha is None or beta is None:
+        raise ValueError(f"{op}: mode 2 (mix) needs alpha and beta")
     for name, t in (("alpha", alpha), ("beta", beta)):
         check.tensor(op, name, t)
     if alpha.numel() != 1 or beta.numel() != 1:
@@ -198,14 +197,7 @@ def check_channel_rescale(x, gate, op: str = "channel_rescale") -> None:
 def check_channel_attention(x, weight, alpha, beta, mode) -> None:
     op = "channel_attention"
     check.feature_map(op, "x", x)
-    check.tensor(op, "weight", weight)
-    if GateMode.check(op, mode) == GateMode.MIX:
-        if alpha is None or beta is None:
-            raise ValueError(f"{op}: mode 2 (mix) needs alpha and beta")
-        _check_mix_scalars(op, alpha, beta, x.device)
-    if weight.numel() % 2 == 0:
-        raise ValueError(f"{op}: weight must hold an odd number of taps, got {weight.numel()}")
-    check.device(op, "weight", weight, x.device)
+    _check_gate_params(op, weight, alpha, beta, GateMode.check(op, mode), x.device)
 
 
 def check_mlp_args(x, w1, b1, w2, b2, op: str = "channel_mlp_attention") -> None:
