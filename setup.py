@@ -85,7 +85,13 @@ setup(
     package_data={CSRC_PACKAGE: CSRC_PATTERNS},
     python_requires=">=3.9",
     install_requires=["torch>=2.6", "ninja"],  # ninja: the JIT build of csrc/
-    extras_require={"test": ["pytest", "pytest-benchmark", "timm", "numpy", "matplotlib"]},
+    extras_require={
+        "test": [
+            "pytest", "pytest-benchmark", "timm", "numpy", "matplotlib",
+            "hypothesis",  # property-based tests (tests/test_properties.py)
+            "onnx", "onnxscript", "onnxruntime",  # ONNX export tests (tests/test_export.py)
+        ]
+    },
     zip_safe=False,
     **(_extension_args() if _want_extension() else {}),
 )
