@@ -107,9 +107,16 @@ class BuildConfig:
     why_no_cuda: str = ""
 
     def digest(self) -> str:
-        """A hash of every input of the build: sources, headers, flags, torch version."""
+        """A hash of every input of the build: sources, headers, flags, torch version, and
+        where the sources are.
+
+        The build commands name the sources by absolute path, so two checkouts with the same
+        sources (two worktrees, two virtualenvs) sharing one folder would each find the other's
+        commands there and rebuild the library on every load; with the path, each has its own.
+        """
         h = hashlib.sha256()
         root = source_root()
+        h.update(str(root.resolve()).encode() + b"\0")
         for path in sorted(root.rglob("*")):
             if path.suffix in {".cpp", ".cu", ".h", ".cuh"}:
                 h.update(str(path.relative_to(root)).encode())

@@ -20,6 +20,7 @@ import contextvars
 import functools
 import importlib
 import os
+import threading
 import warnings
 from collections.abc import Iterator
 
@@ -135,9 +136,35 @@ def _select(hot_path: str, device_type: str, forced: str | None) -> str:
         problem = why_unavailable(backend, hot_path, device)
         if problem is None:
             return backend
-        if backend in ("cpu", "cuda"):  # a compiled backend that should have run: say so once
-            warnings.warn(f"attnkernels: the {backend} backend is unavailable: {problem} Falling back.", stacklevel=4)
+        if backend in ("cpu", "cuda"):  # a compiled backend that should have run: say so
+            _warn_unavailable(backend, problem)
     return "reference"
+
+
+_warned: set[str] = set()
+_warned_lock = threading.Lock()
+
+
+def _warn_unavailable(backend: str, problem: str) -> None:
+    """Warn that a compiled backend cannot run, once per process for each problem.
+
+    `_select` is cached per hot path, and every hot path meets the same unavailable library,
+    so without this set each would repeat the warning, whatever the warnings filter; the same
+    problem on CPU and on CUDA tensors is one warning too.
+    """
+    with _warned_lock:
+        if problem in _warned:
+            return
+        _warned.add(problem)
+    message = f"attnkernels: the {backend} backend is unavailable: {_sentence(problem)} Falling back."
+    warnings.warn(message, stacklevel=5)  # past this helper, _select, select and backend_ops
+
+
+def _sentence(problem: str) -> str:
+    """`problem` as a sentence inside the warning: no second "attnkernels:", a closing period."""
+    if problem.startswith("attnkernels: "):
+        problem = problem[len("attnkernels: "):]
+    return problem if problem.endswith(".") else problem + "."
 
 
 def explain(device: torch.device | str | None = None) -> str:

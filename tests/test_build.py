@@ -125,6 +125,16 @@ def test_digest_follows_every_flag() -> None:
         assert other.digest() != digest, f"the digest ignores {what}"
 
 
+def test_digest_follows_where_the_sources_are(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two checkouts of the same sources build in two folders: the build commands name the
+    sources by absolute path, so a shared folder would rebuild on every load from the other."""
+    config = _build.build_config(with_cuda=False)
+    digest = config.digest()
+    copy = shutil.copytree(_build.source_root(), tmp_path / "csrc")
+    monkeypatch.setattr(_build, "source_root", lambda: copy)
+    assert config.digest() != digest
+
+
 # --- packaging: a pure-Python wheel carries csrc/ for the JIT build (a few seconds) ---
 
 
