@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from .. import functional as AF
@@ -26,6 +27,10 @@ class GAM(FusedModule, reference.GAM):
       backward recomputes conv2's output instead of saving it.
     Backward saves x, x1 and the small maps only: conv2's output is recomputed.
 
+    When bn1 or bn2 is a SyncBatchNorm that syncs (training in a process group,
+    `syncs_batch_stats`), the forward is the reference one, so the batch statistics span the
+    processes as SyncBatchNorm computes them (the folds above see this process's batch only).
+
     `conv_algorithm` ("auto", "direct", "library") picks the convs' GEMM: the backend's own
     kernels or torch's conv2d (oneDNN / cuDNN) with the rest fused around it. A plain
     attribute, not state_dict.
@@ -35,6 +40,8 @@ class GAM(FusedModule, reference.GAM):
     conv_algorithm: str = "auto"
 
     def attend(self, x: torch.Tensor) -> torch.Tensor:
+        if syncs_batch_stats(self.bn1) or syncs_batch_stats(self.bn2):
+            return super().attend(x)
         g, conv = self.groups, self.conv_algorithm
         x1 = AF.gam_channel(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
         z1 = AF.shuffle_conv(x1, self.conv1.weight, self.conv1.bias, g, conv=conv)
@@ -52,6 +59,14 @@ class GAM(FusedModule, reference.GAM):
         # Inference: BN2 folded into the conv's epilogue, conv2's output never written.
         out_scale, out_shift = batch_norm_affine(bn, None, accumulate_dtype(z1.dtype))
         return AF.shuffle_conv(z1, c2.weight, c2.bias, g, g, in_scale, in_shift, x1, out_scale, out_shift, conv=conv)
+
+
+def syncs_batch_stats(bn: nn.Module) -> bool:
+    """Whether `bn` is a SyncBatchNorm that gathers batch statistics across processes now:
+    in training, in an initialized process group (nn.SyncBatchNorm's own test; it then also
+    checks the device and the world size)."""
+    return isinstance(bn, nn.SyncBatchNorm) and bn.training and dist.is_available() and dist.is_initialized()
+
 
 def uses_batch_stats(bn: nn.BatchNorm2d) -> bool:
     """Whether `bn` normalizes with batch statistics now (training, or no running stats)."""

@@ -21,7 +21,8 @@ class HAM(FusedModule, reference.HAM):
     them only (N, C) and (N, <=2, H, W) maps exist: the 1-D conv + sigmoid gate
     (channel_gate), and the shared 7x7 conv (ham_spatial_conv) + the reference module's BN,
     ReLU and sigmoid, BN called on group 1 then group 2 exactly as the reference calls it
-    (batch statistics and running stats included). Backward saves x and those small maps only.
+    (batch statistics and running stats included; a SyncBatchNorm there syncs them across
+    processes as it does in the reference). Backward saves x and those small maps only.
     Inference on the CPU backend runs all of it per sample in one op (`runs_per_sample`).
     """
 
