@@ -4,16 +4,17 @@
 `attnkernels.nn` the fused modules with the same constructors and weights;
 `attnkernels.functional` the fused ops, run on the backend `attnkernels.backend` picks;
 `attnkernels.models` backbones that take an `attention=` argument; `fuse(model)` swaps a
-model's attention modules for the fused ones in place (`unfuse` goes back). Importing
+model's attention modules for the fused ones in place (`unfuse` goes back);
+`attnkernels.export` how fused models trace and export (ONNX included). Importing
 builds nothing: the compiled ops build on first use.
 """
-from . import backend, functional, models, nn, reference
+from . import backend, export, functional, models, nn, reference
 from .convert import FuseReport, fuse, unfuse
 from .reference import create
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "backend", "functional", "models", "nn", "reference",
+    "backend", "export", "functional", "models", "nn", "reference",
     "create", "fuse", "unfuse", "FuseReport", "__version__",
 ]

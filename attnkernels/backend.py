@@ -8,6 +8,8 @@ Backends: `cpu` (C++ kernels), `cuda` (CUDA C++ kernels), `triton`, and `referen
 * otherwise (`auto`), the first available of the device's preference order: on CPU the
   C++ kernels, then the reference (Triton on CPU is the interpreter: a test tool, never
   picked automatically); on CUDA the CUDA kernels, then Triton, then the reference.
+* while `torch.onnx.export` traces a model, always the reference: an ONNX graph holds
+  standard ops only, and the reference backend writes each fused op in them.
 
 A compiled backend that cannot be built or loaded is reported once, with the reason and
 the fix, and the next backend runs; results are never silently wrong. `explain()` prints,
@@ -20,6 +22,7 @@ import contextvars
 import functools
 import importlib
 import os
+import sys
 import threading
 import warnings
 from collections.abc import Iterator
@@ -112,7 +115,17 @@ def select(hot_path: str, device: torch.device) -> str:
     Under torch.compile the choice is made once, while tracing, and baked into the graph
     (call `torch._dynamo.reset()` after changing backends).
     """
+    if exporting_to_onnx():
+        return "reference"
     return _select(hot_path, torch.device(device).type, requested())
+
+
+def exporting_to_onnx() -> bool:
+    """Whether `torch.onnx.export` is tracing now (`torch.onnx.is_in_onnx_export`, for the
+    dynamo and the TorchScript exporter). torch.onnx is imported only by its users: when it
+    is not loaded, no export runs, and importing it here would slow every call."""
+    onnx = sys.modules.get("torch.onnx")
+    return onnx is not None and onnx.is_in_onnx_export()
 
 
 # What torch.compiler.assume_constant_result(select) does (dynamo calls `select` while

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+import torch
 from torch import nn
 
 from .. import backend as _backend
@@ -35,17 +36,28 @@ class FusedModule(nn.Module):
     #: other attention modules (CSM: SE and PAM). `fuse`/`unfuse` swap them with the parent.
     fused_children: ClassVar[dict[str, type[nn.Module]]] = {}
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        # `x` by name, as the reference forward has it: torch.export keys dynamic_shapes by
+        # the forward's argument names ({"x": {0: batch}}).
         if self.backend is None:
-            return super().forward(*args, **kwargs)
+            return super().forward(x, *args, **kwargs)
         with _backend.use_backend(self.backend):
-            return super().forward(*args, **kwargs)
+            return super().forward(x, *args, **kwargs)
 
     def extra_repr(self) -> str:
         base = super().extra_repr()
         if self.backend is None:
             return base
         return f"{base}, backend={self.backend!r}" if base else f"backend={self.backend!r}"
+
+
+def autograd_may_record() -> bool:
+    """Whether this forward must stay differentiable: autograd is on, or `torch.jit.trace` is
+    recording it. A trace is replayed with autograd on and off (its own check re-runs it under
+    no_grad), so it must not hold an inference-only branch chosen by the grad mode: the
+    fused modules' inference-only paths (HAM's per-sample op, GAM's folded epilogue) run
+    only outside traces, with autograd off."""
+    return torch.is_grad_enabled() or torch.jit.is_tracing()
 
 
 def reference_class(cls: type[nn.Module]) -> type[nn.Module]:

@@ -9,7 +9,7 @@ from .. import functional as AF
 from ..ops._common import fold_batch_norm
 from ..reference import gam as reference
 from ..reference.formulas import accumulate_dtype
-from ._fused import FusedModule
+from ._fused import FusedModule, autograd_may_record
 
 
 class GAM(FusedModule, reference.GAM):
@@ -22,9 +22,9 @@ class GAM(FusedModule, reference.GAM):
     * BN1 (batch statistics in training, running ones in eval, running stats updated exactly as
       nn.BatchNorm2d does) is folded to a per-channel affine on z1, in torch ops on the small map.
     * `y = shuffle_conv(z1, conv2, ...)`: BN1's affine + ReLU and the channel shuffle applied as
-      conv2 loads z1, BN2 + sigmoid + `x1 *` in its epilogue (inference); with autograd,
-      `shuffle_conv_bn_gate` (BN2's batch statistics of conv2's output in training), whose
-      backward recomputes conv2's output instead of saving it.
+      conv2 loads z1, BN2 + sigmoid + `x1 *` in its epilogue (inference); with autograd or in
+      a torch.jit.trace, `shuffle_conv_bn_gate` (BN2's batch statistics of conv2's output in
+      training), whose backward recomputes conv2's output instead of saving it.
     Backward saves x, x1 and the small maps only: conv2's output is recomputed.
 
     When bn1 or bn2 is a SyncBatchNorm that syncs (training in a process group,
@@ -48,7 +48,7 @@ class GAM(FusedModule, reference.GAM):
         in_scale, in_shift = batch_norm_affine(self.bn1, z1)
         c2, bn = self.conv2, self.bn2
         batch_stats = uses_batch_stats(bn)
-        if batch_stats or torch.is_grad_enabled():
+        if batch_stats or autograd_may_record():
             # One op for conv2 + BN2 + gate whose backward recomputes conv2's output.
             running = (None, None) if batch_stats else (bn.running_mean, bn.running_var)
             y, mean, var = AF.shuffle_conv_bn_gate(
@@ -56,7 +56,8 @@ class GAM(FusedModule, reference.GAM):
             if batch_stats:
                 update_running_stats(bn, mean, var, z1.numel() // z1.shape[1])
             return y
-        # Inference: BN2 folded into the conv's epilogue, conv2's output never written.
+        # Inference (no autograd, no trace): BN2 folded into the conv's epilogue, conv2's
+        # output never written.
         out_scale, out_shift = batch_norm_affine(bn, None, accumulate_dtype(z1.dtype))
         return AF.shuffle_conv(z1, c2.weight, c2.bias, g, g, in_scale, in_shift, x1, out_scale, out_shift, conv=conv)
 
@@ -102,5 +103,7 @@ def update_running_stats(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tens
     bn.num_batches_tracked.add_(1)
     factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
     bn.running_mean.mul_(1 - factor).add_(mean.to(bn.running_mean.dtype), alpha=factor)
-    unbiased = var * (count / (count - 1))
+    # var * count first: in a torch.jit.trace count is an int64 tensor, whose true division
+    # by count - 1 would round the correction to float32.
+    unbiased = var * count / (count - 1)
     bn.running_var.mul_(1 - factor).add_(unbiased.to(bn.running_var.dtype), alpha=factor)

@@ -9,7 +9,7 @@ from ..ops import ham_spatial
 from ..ops._common import fold_batch_norm
 from ..reference import ham as reference
 from ..reference.formulas import accumulate_dtype
-from ._fused import FusedModule
+from ._fused import FusedModule, autograd_may_record
 
 
 class HAM(FusedModule, reference.HAM):
@@ -37,12 +37,13 @@ class HAM(FusedModule, reference.HAM):
         return AF.ham_spatial_apply(x, ac, mask, s1.to(acc), s2.to(acc))
 
     def runs_per_sample(self, x: torch.Tensor) -> bool:
-        """Inference on the C++ CPU backend (eval mode, no autograd, BN with running stats):
-        the whole forward runs one sample at a time in one op (ham_attention), so x crosses
-        memory once. Training and everything else run the three differentiable passes."""
+        """Inference on the C++ CPU backend (eval mode, no autograd, not inside torch.jit.trace,
+        BN with running stats): the whole forward runs one sample at a time in one op
+        (ham_attention), so x crosses memory once. Training and everything else run the three
+        differentiable passes."""
         return (
             not self.training
-            and not torch.is_grad_enabled()
+            and not autograd_may_record()
             and self.bn.running_mean is not None
             and ham_spatial.has_ham_attention(x.device)
         )

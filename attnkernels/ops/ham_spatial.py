@@ -24,6 +24,8 @@ from ..reference._base import memory_format_of
 from ..reference.formulas import accumulate_dtype, important_channel_mask
 from . import _checks as check
 from ._common import Registration, backend_ops, empty_like_layout
+from .channel_gate import GateMode
+from .channel_gate import Reference as ChannelGateReference
 
 HOT_PATH = "ham_spatial"
 
@@ -183,6 +185,18 @@ class Reference:
     @staticmethod
     def ham_spatial_conv(d, weight):
         return F.conv2d(d, weight.to(d.dtype), padding=(weight.shape[-1] - 1) // 2)
+
+    @staticmethod
+    def ham_attention(x, weight, alpha, beta, c_im, spatial_weight, bn_scale, bn_shift):
+        """ham_attention's steps in turn (no kernel runs it on this backend: it serves as the
+        op's decomposition, for `attnkernels.export.decompositions`)."""
+        avg, max_ = ChannelGateReference.channel_pool(x)
+        gate = ChannelGateReference.channel_gate(avg, max_, weight, alpha, beta, GateMode.MIX)
+        d1, d2, mask = Reference.ham_spatial_pool(x, gate, c_im)
+        scale, shift = (t.reshape(1, -1, 1, 1).to(d1.dtype) for t in (bn_scale, bn_shift))
+        z1, z2 = (Reference.ham_spatial_conv(d, spatial_weight) for d in (d1, d2))
+        s1, s2 = (torch.sigmoid(F.relu(z * scale + shift)) for z in (z1, z2))
+        return Reference.ham_spatial_apply(x, gate, mask, s1, s2)
 
 
 # ----------------------------------------------------------------------------------------
