@@ -201,8 +201,9 @@ def test_compile_fullgraph_on_cpu(groups, train) -> None:
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        ({"channels": 30, "reduction": 16}, r"reduction .* must divide channels"),
-        ({"channels": 64, "reduction": 16, "groups": 3}, r"groups .* must divide channels // reduction"),
+        ({"channels": 15, "reduction": 16}, r"channels // reduction must be >= 1, got 15 // 16 = 0"),
+        ({"channels": 64, "reduction": 16, "groups": 3}, r"groups \(3\) must divide channels \(64\)"),
+        ({"channels": 96, "reduction": 16, "groups": 4}, r"groups \(4\) must divide channels // reduction \(6\)"),
         ({"channels": 64, "reduction": 16, "kernel_size": 4}, r"kernel_size"),
     ],
 )
@@ -236,6 +237,55 @@ def test_triton_module_under_interpreter(algo, groups, train) -> None:
     f, ref = pair(16, groups, torch.float64, "cpu", algo)
     f.train(train), ref.train(train)
     x = torch.randn(2, 16, 3, 4, dtype=torch.float64)
+    g = torch.randn_like(x)
+    names = ["x"] + [n for n, _ in ref.named_parameters()]
+    assert_steps_match(step(f, x, g, "triton"), step(ref, x, g), torch.float64, names)
+
+
+# ----------------------------------------------------------------------------------------
+# The reduction rule: rd = C // reduction, rounded down
+# ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "channels,reduction,groups,rd",
+    [(24, 16, 1, 1), (40, 16, 1, 2), (30, 16, 1, 1), (16, 16, 1, 1), (48, 16, 3, 3), (100, 10, 2, 10)],
+)
+def test_rd_rounds_down(channels, reduction, groups, rd) -> None:
+    """rd = C // reduction (the published code's int(C / rate)); C need not be a multiple."""
+    for cls in (R.GAM, fused.GAM):
+        m = cls(channels, reduction=reduction, groups=groups)
+        assert (m.fc1.out_features, m.conv1.out_channels, m.bn1.num_features, m.conv2.in_channels) == (rd,) * 4
+
+
+SMALL_RD_CASES = backend_cases(cpu=("cpu",), cuda=("cuda", "triton"), algorithms=("direct", "library")) + [
+    pytest.param("reference", "cpu", "auto", id="reference-cpu")
+]
+
+
+@pytest.mark.parametrize("backend_name,device,algo", SMALL_RD_CASES)
+@pytest.mark.parametrize("channels,groups", [(24, 1), (40, 1), (40, 2), (48, 3)], ids=str)
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_small_rd_matches_reference(backend_name, device, algo, channels, groups, train) -> None:
+    """The fused kernels at the rounded-down rd of reduction 16: rd = 1 (C = 24), rd = 2
+    (C = 40, also in two groups of one), rd = 3 in three groups: forward, every gradient and the
+    BN buffers against the reference GAM."""
+    f, ref = fused_pair(fused.GAM, R.GAM, channels, dtype=torch.float64, device=device, reduction=16, groups=groups)
+    f.conv_algorithm = algo
+    f.train(train), ref.train(train)
+    x = torch.randn(2, channels, 7, 5, dtype=torch.float64, device=device)
+    g = torch.randn_like(x)
+    names = ["x"] + [n for n, _ in ref.named_parameters()]
+    assert_steps_match(step(f, x, g, backend_name), step(ref, x, g), torch.float64, names)
+
+
+@pytest.mark.parametrize("algo", ["direct", "library"])
+@pytest.mark.parametrize("channels,groups", [(24, 1), (40, 2)], ids=str)
+def test_small_rd_triton_under_interpreter(algo, channels, groups) -> None:
+    """rd = 1 and rd = 2 (groups of one) on the Triton ops (the interpreter: a tiny shape)."""
+    if torch.cuda.is_available():
+        pytest.skip("covered by the triton-cuda cases")
+    f, ref = fused_pair(fused.GAM, R.GAM, channels, dtype=torch.float64, device="cpu", reduction=16, groups=groups)
+    f.conv_algorithm = algo
+    x = torch.randn(2, channels, 3, 4, dtype=torch.float64)
     g = torch.randn_like(x)
     names = ["x"] + [n for n, _ in ref.named_parameters()]
     assert_steps_match(step(f, x, g, "triton"), step(ref, x, g), torch.float64, names)

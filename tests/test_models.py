@@ -135,6 +135,17 @@ def test_gam_counts_match_paper(name: str, expected: float) -> None:
     assert abs(count - expected) <= 0.06e6, count
 
 
+def test_mobilenet_v2_gam_count_matches_paper() -> None:
+    """MobileNetV2 with a GAM (reduction 16) on every inverted-residual block's output: 4.93M
+    parameters (1000 classes), the GAM paper's figure. rd = C // 16 rounds down (1 in the 16-
+    and 24-channel blocks); each GAM holds fc1, fc2 (2*C*rd + rd + C), conv1, conv2 (7x7:
+    98*C*rd + rd + C) and two BNs (2*rd + 2*C): 100*C*rd + 4*rd + 4*C."""
+    count = n_params(models.mobilenet_v2(attention="gam"))
+    gam = sum(100 * c * (c // 16) + 4 * (c // 16) + 4 * c for c in _MNV2)
+    assert count == 3_504_872 + gam == 4_932_060
+    assert round(count / 1e6, 2) == 4.93
+
+
 # --- attention placement -----------------------------------------------------------------
 
 
@@ -299,9 +310,9 @@ def test_bad_attention_kwargs() -> None:
 
 
 def test_module_that_cannot_take_a_block_names_attention() -> None:
-    # GAM needs reduction | C; MobileNetV2's 24-channel blocks do not allow 16.
-    with pytest.raises(ValueError, match="attention='gam'.*24 channels"):
-        models.mobilenet_v2(attention="gam")
+    # GAM needs rd = C // reduction >= 1; MobileNetV2's first block has 16 channels.
+    with pytest.raises(ValueError, match="attention='gam'.*16 channels.*channels // reduction must be >= 1"):
+        models.mobilenet_v2(attention="gam", attention_kwargs={"reduction": 32})
 
 
 def test_bad_model_options() -> None:

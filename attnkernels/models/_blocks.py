@@ -33,7 +33,7 @@ def attention_factory(
     extra modules. Otherwise it calls the registry's `create(attention, channels,
     **attention_kwargs)`, adding `bridge_channels` for modules that take bridges.
     An unknown name raises ValueError here, before any block is built; a ValueError
-    from the module's constructor (e.g. GAM's reduction not dividing the channels) is
+    from the module's constructor (e.g. GAM's reduction leaving rd = C // reduction = 0) is
     re-raised naming `attention` and the channel count.
     """
     known = isinstance(attention, str) and attention.lower() in REGISTRY

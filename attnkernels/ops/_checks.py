@@ -6,6 +6,9 @@ device (as TORCH_CHECK_TYPE / TORCH_CHECK_VALUE do), naming the op and the argum
 """
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 
 from ..reference.formulas import accumulate_dtype
@@ -13,7 +16,13 @@ from ..reference.formulas import accumulate_dtype
 # c10's names for the dtypes, so a message reads the same from Python and from C++.
 _C10_NAMES = {torch.float64: "Double", torch.float32: "Float", torch.float16: "Half", torch.bfloat16: "BFloat16",
               torch.uint8: "Byte", torch.int8: "Char", torch.int16: "Short", torch.int32: "Int", torch.int64: "Long",
-              torch.bool: "Bool", torch.complex64: "ComplexFloat", torch.complex128: "ComplexDouble"}
+              torch.bool: "Bool", torch.complex64: "ComplexFloat", torch.complex128: "ComplexDouble",
+              torch.float8_e4m3fn: "Float8_e4m3fn", torch.float8_e5m2: "Float8_e5m2",
+              torch.float8_e4m3fnuz: "Float8_e4m3fnuz", torch.float8_e5m2fnuz: "Float8_e5m2fnuz"}
+
+#: The dtypes the kernels compute feature maps in (float8 is floating but storage only: none of
+#: the kernels, nor the reference modules, run it).
+FEATURE_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -29,15 +38,23 @@ def tensor(op: str, name: str, t) -> None:
         raise TypeError(f"{op}: {name} must be a floating-point tensor, got {dtype_name(t.dtype)}")
 
 
+def feature_dtype(op: str, name: str, t) -> None:
+    """t is a tensor in one of FEATURE_DTYPES (a feature map, or a map shaped like one)."""
+    tensor(op, name, t)
+    if t.dtype not in FEATURE_DTYPES:
+        raise TypeError(f"{op}: {name} must be float64, float32, float16 or bfloat16, got {dtype_name(t.dtype)}")
+
+
 def feature_map(op: str, name: str, x) -> None:
-    """x is a floating (N, C, H, W) tensor."""
+    """x is an (N, C, H, W) tensor in one of FEATURE_DTYPES."""
     if isinstance(x, torch.Tensor) and x.dim() != 4:
         raise ValueError(f"{op}: {name} must be 4-D (N, C, H, W), got {x.dim()}-D")
-    tensor(op, name, x)
+    feature_dtype(op, name, x)
 
 
 def device(op: str, name: str, t: torch.Tensor, where: torch.device) -> None:
-    """t is on device `where` (the op's feature map's device)."""
+    """t is on device `where` (the op's feature map's device). Every tensor argument of every
+    op is checked: a kernel handed another device's tensor would read memory that is not there."""
     if t.device != where:
         raise ValueError(f"{op}: {name} must be on {where}, got {t.device}")
 
@@ -93,3 +110,25 @@ def together(op: str, **tensors) -> bool:
         listed = " and ".join(names) if len(names) == 2 else ", ".join(names[:-1]) + " and " + names[-1]
         raise ValueError(f"{op}: {listed} must be given together")
     return all(given)
+
+
+def fakes_that_check(fakes: dict[str, Callable], checks: dict[str, Callable]) -> dict[str, Callable]:
+    """Each op's fake (meta) implementation, running the op's argument check first.
+
+    The dispatcher sends a call with any argument on the meta device to the op's fake, so a CPU
+    input with one meta argument never reaches the kernel's own checks: an unchecked fake would
+    return an uninitialised tensor where the kernel raises. `checks` holds each op's
+    `check_<op>`, taking the op's arguments in schema order; every fake must have one."""
+    missing = sorted(fakes.keys() - checks.keys())
+    if missing:
+        raise KeyError(f"no argument check for the fakes of {', '.join(missing)}")
+    return {name: _checking(checks[name], fake) for name, fake in fakes.items()}
+
+
+def _checking(check_args: Callable, fake: Callable) -> Callable:
+    @functools.wraps(fake)
+    def checked_fake(*args):
+        check_args(*args)
+        return fake(*args)
+
+    return checked_fake

@@ -83,7 +83,9 @@ def channel_gate(
     """`sigmoid(conv1d_over_C(f))` (N, C), f chosen by `mode` ("avg", "max", "mix").
 
     `weight` holds the k taps of the zero-padded 1-D conv (k odd, any shape with k
-    elements, e.g. a Conv1d(1, 1, k) weight); "mix" needs the scalars alpha and beta.
+    elements, e.g. a Conv1d(1, 1, k) weight); "mix" needs the scalars alpha and beta: one
+    floating value each, of any shape (0-d, or (1,) as some checkpoints store them), on the
+    inputs' device. Their gradients come back in their own shapes, on every backend.
     """
     m, alpha, beta = _gate_mode("channel_gate", alpha, beta, mode)
     check_channel_gate(avg, max, weight, alpha, beta, m)
@@ -109,6 +111,8 @@ def channel_attention(
     mode: str = "avg",
 ) -> torch.Tensor:
     """The whole ECA-style gate: `channel_rescale(x, channel_gate(*channel_pool(x), ...))`.
+
+    alpha and beta ("mix"): one value each, of any shape, as for `channel_gate`.
 
     On the C++ CPU backend this is one kernel that pools, gates and rescales each sample while
     it is in cache; elsewhere the three ops run in turn (one composite op).
@@ -172,7 +176,8 @@ def check_channel_gate(avg, max, weight, alpha, beta, mode, op: str = "channel_g
 
 def _check_gate_params(op: str, weight, alpha, beta, mode: GateMode, where: torch.device) -> None:
     """The gate's parameters: k odd taps, and for the mix alpha and beta, one floating value
-    each; all on `where`."""
+    each of any shape (0-d or (1,): the autograd returns their gradients in their own shapes);
+    all on `where`."""
     check.tensor(op, "weight", weight)
     if weight.numel() % 2 == 0:
         raise ValueError(f"{op}: weight must hold an odd number of taps, got {weight.numel()}")
@@ -307,8 +312,9 @@ class Reference:
             f = avg
         elif mode == GateMode.MAX:
             f = max
-        else:
-            f = 0.5 * (avg + max) + alpha.to(avg.dtype) * avg + beta.to(avg.dtype) * max
+        else:  # alpha and beta as 0-d values, whatever their one-element shape
+            a, b = alpha.reshape(()).to(avg.dtype), beta.reshape(()).to(avg.dtype)
+            f = 0.5 * (avg + max) + a * avg + b * max
         k = weight.numel()
         z = F.conv1d(f[:, None, :], weight.reshape(1, 1, k).to(avg.dtype), padding=(k - 1) // 2)
         return torch.sigmoid(z[:, 0, :])
@@ -368,7 +374,7 @@ def _fake_channel_mlp_attention(x, w1, b1, w2, b2):
     return empty_like_layout(x), _per_channel(x), _per_channel(x)
 
 
-_FAKES = {
+_FAKES = check.fakes_that_check({
     "channel_pool": _fake_channel_pool,
     "channel_pool_backward": _fake_channel_pool_backward,
     "channel_gate": _fake_channel_gate,
@@ -377,7 +383,16 @@ _FAKES = {
     "channel_rescale_backward": _fake_channel_rescale_backward,
     "channel_attention": _fake_channel_attention,
     "channel_mlp_attention": _fake_channel_mlp_attention,
-}
+}, {
+    "channel_pool": check_channel_pool,
+    "channel_pool_backward": check_channel_pool_backward,
+    "channel_gate": check_channel_gate,
+    "channel_gate_backward": check_channel_gate_backward,
+    "channel_rescale": check_channel_rescale,
+    "channel_rescale_backward": check_channel_rescale_backward,
+    "channel_attention": check_channel_attention,
+    "channel_mlp_attention": check_mlp_args,
+})
 
 
 # ----------------------------------------------------------------------------------------
@@ -401,6 +416,14 @@ def _mlp_gate_backward(grad_gate, avg, gate, w1, b1, w2, b2):
     grad_b1 = None if b1 is None else dh.sum(0).to(b1.dtype).reshape(b1.shape)
     grad_b2 = None if b2 is None else dz.sum(0).to(b2.dtype).reshape(b2.shape)
     return dh @ w1a, grad_w1, grad_b1, grad_w2, grad_b2
+
+
+def _mix_grads(grad_alpha: torch.Tensor, grad_beta: torch.Tensor, alpha, beta, has_mix: bool):
+    """channel_gate_backward's 0-d grad_alpha and grad_beta in alpha's and beta's own shapes
+    (e.g. (1,)), or None without the mix."""
+    if not has_mix:
+        return None, None
+    return grad_alpha.reshape(alpha.shape), grad_beta.reshape(beta.shape)
 
 
 def _register_autograd(namespace: str) -> None:
@@ -427,8 +450,7 @@ def _register_autograd(namespace: str) -> None:
         avg, max_, weight, alpha, beta, gate = ctx.saved_tensors
         grads = ops.channel_gate_backward(grad_gate, gate, avg, max_, weight, alpha, beta, ctx.mode)
         grad_avg, grad_max, grad_weight, grad_alpha, grad_beta = grads
-        if not ctx.has_mix:
-            grad_alpha = grad_beta = None
+        grad_alpha, grad_beta = _mix_grads(grad_alpha, grad_beta, alpha, beta, ctx.has_mix)
         return grad_avg, grad_max, grad_weight, grad_alpha, grad_beta, None
 
     def setup_rescale(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
@@ -459,8 +481,7 @@ def _register_autograd(namespace: str) -> None:
         # no third x-sized tensor is alive at the peak.
         grad_max_in = None if ctx.mode == GateMode.AVG else grad_max_in
         grad_x.add_(ops.channel_pool_backward(grad_avg_in, grad_max_in, x, max_))
-        if not ctx.has_mix:
-            grad_alpha = grad_beta = None
+        grad_alpha, grad_beta = _mix_grads(grad_alpha, grad_beta, alpha, beta, ctx.has_mix)
         return grad_x, grad_weight, grad_alpha, grad_beta, None
 
     def setup_mlp_attention(ctx: Any, inputs: tuple, output: tuple) -> None:

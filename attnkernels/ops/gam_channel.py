@@ -101,7 +101,10 @@ def _fake_gam_channel_backward(grad_x1, x, w1, b1, w2, b2):
     return (empty_like_layout(x), *(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (w1, b1, w2, b2)))
 
 
-_FAKES = {"gam_channel": _fake_gam_channel, "gam_channel_backward": _fake_gam_channel_backward}
+_FAKES = check.fakes_that_check(
+    {"gam_channel": _fake_gam_channel, "gam_channel_backward": _fake_gam_channel_backward},
+    {"gam_channel": check_gam_channel, "gam_channel_backward": check_gam_channel_backward},
+)
 
 
 def _register_autograd(namespace: str) -> None:

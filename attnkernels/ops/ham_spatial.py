@@ -81,6 +81,7 @@ def ham_spatial_conv(d: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     ~100-multiply-add-per-pixel conv itself); on every other backend torch's conv2d (cuDNN on
     GPUs), as the reference runs it.
     """
+    check_ham_spatial_conv(d, weight)
     if select(HOT_PATH, d.device) == "cpu":
         return torch.ops.attnkernels.ham_spatial_conv(d, weight)
     return Reference.ham_spatial_conv(d, weight)
@@ -107,6 +108,7 @@ def ham_attention(
     `S_g = sigmoid(relu(bn_scale * ham_spatial_conv(d_g, spatial_weight) + bn_shift))` with the
     eval-mode BatchNorm folded to (bn_scale, bn_shift), and ham_spatial_apply. Not differentiable.
     """
+    check_ham_attention(x, weight, alpha, beta, c_im, spatial_weight, bn_scale, bn_shift)
     if not has_ham_attention(x.device):
         raise RuntimeError(f"ham_attention runs on the C++ CPU backend only, not on {select(HOT_PATH, x.device)}")
     return torch.ops.attnkernels.ham_attention(x, weight, alpha, beta, c_im, spatial_weight, bn_scale, bn_shift)
@@ -137,6 +139,41 @@ def check_ham_spatial_apply(x, gate, mask, s1, s2, op: str = "ham_spatial_apply"
     check.pixel_map(op, "s2", s2, x, 1)
 
 
+def check_ham_spatial_conv(d, weight, op: str = "ham_spatial_conv") -> None:
+    """d (N, Cd, H, W) in an accumulation dtype; weight (1, Cd, k, k), k odd, floating, on d's device."""
+    check.tensor(op, "d", d)
+    if d.dim() != 4:
+        raise ValueError(f"{op}: d must be 4-D (N, Cd, H, W), got {d.dim()}-D")
+    if d.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"{op}: d must be float32 or float64 (an accumulation dtype), got {check.dtype_name(d.dtype)}")
+    check.tensor(op, "weight", weight)
+    w = weight.shape
+    if weight.dim() != 4 or w[0] != 1 or w[1] != d.shape[1] or w[2] != w[3] or w[2] % 2 == 0:
+        raise ValueError(f"{op}: weight must have shape (1, Cd, k, k) with Cd = {d.shape[1]} and k odd, got {list(w)}")
+    check.device(op, "weight", weight, d.device)
+
+
+def check_ham_attention(x, weight, alpha, beta, c_im, spatial_weight, bn_scale, bn_shift,
+                        op: str = "ham_attention") -> None:
+    """x (N, C, H, W); c_im in [1, C]; weight k odd taps; alpha, beta, bn_scale, bn_shift one value
+    each; spatial_weight (1, 2, k, k), k odd; every parameter floating, on x's device."""
+    check.feature_map(op, "x", x)
+    check_c_im(op, c_im, x.shape[1])
+    params = {"weight": weight, "alpha": alpha, "beta": beta, "spatial_weight": spatial_weight,
+              "bn_scale": bn_scale, "bn_shift": bn_shift}
+    for name, t in params.items():
+        check.tensor(op, name, t)
+    if weight.numel() % 2 == 0:
+        raise ValueError(f"{op}: weight must hold an odd number of taps, got {weight.numel()}")
+    if any(t.numel() != 1 for t in (alpha, beta, bn_scale, bn_shift)):
+        raise ValueError(f"{op}: alpha, beta, bn_scale and bn_shift must hold one value each")
+    sw = spatial_weight.shape
+    if spatial_weight.dim() != 4 or sw[0] != 1 or sw[1] != 2 or sw[2] != sw[3] or sw[2] % 2 == 0:
+        raise ValueError(f"{op}: spatial_weight must have shape (1, 2, k, k) with k odd, got {list(sw)}")
+    for name, t in params.items():
+        check.device(op, name, t, x.device)
+
+
 # ----------------------------------------------------------------------------------------
 # Argument checks of the backward ops (worded as csrc/cpu/ham_spatial.cpp's; the Triton ops
 # use them)
@@ -156,6 +193,17 @@ def check_ham_spatial_apply_backward(grad_y, x, gate, mask, s1, s2, op: str = "h
     """ham_spatial_apply's arguments, and grad_y shaped like x in its dtype."""
     check_ham_spatial_apply(x, gate, mask, s1, s2, op)
     check.like_x(op, "grad_y", grad_y, x)
+
+
+def check_ham_spatial_conv_backward(grad_z, d, weight, op: str = "ham_spatial_conv_backward") -> None:
+    """ham_spatial_conv's arguments, and grad_z (N, 1, H, W) in d's dtype, on d's device."""
+    check_ham_spatial_conv(d, weight, op)
+    check.tensor(op, "grad_z", grad_z)
+    n, _, h, w = d.shape
+    if tuple(grad_z.shape) != (n, 1, h, w) or grad_z.dtype != d.dtype:
+        raise ValueError(f"{op}: grad_z must have shape (N, 1, H, W) = ({n}, 1, {h}, {w}) and dtype "
+                         f"{check.dtype_name(d.dtype)}, got {list(grad_z.shape)} {check.dtype_name(grad_z.dtype)}")
+    check.device(op, "grad_z", grad_z, d.device)
 
 
 # ----------------------------------------------------------------------------------------
@@ -240,7 +288,7 @@ def _fake_ham_attention(x, weight, alpha, beta, c_im, spatial_weight, bn_scale, 
     return empty_like_layout(x)
 
 
-_FAKES = {
+_FAKES = check.fakes_that_check({
     "ham_spatial_pool": _fake_pool,
     "ham_spatial_pool_backward": _fake_pool_backward,
     "ham_spatial_apply": _fake_apply,
@@ -248,7 +296,15 @@ _FAKES = {
     "ham_spatial_conv": _fake_conv,
     "ham_spatial_conv_backward": _fake_conv_backward,
     "ham_attention": _fake_ham_attention,
-}
+}, {
+    "ham_spatial_pool": check_ham_spatial_pool,
+    "ham_spatial_pool_backward": check_ham_spatial_pool_backward,
+    "ham_spatial_apply": check_ham_spatial_apply,
+    "ham_spatial_apply_backward": check_ham_spatial_apply_backward,
+    "ham_spatial_conv": check_ham_spatial_conv,
+    "ham_spatial_conv_backward": check_ham_spatial_conv_backward,
+    "ham_attention": check_ham_attention,
+})
 
 
 def _register_autograd(namespace: str) -> None:

@@ -124,10 +124,10 @@ def _fake_nonlocal_attn_backward(grad_y, q, k, v, gamma, out, lse):
     return empty_like_layout(q), empty_like_layout(k), empty_like_layout(v), torch.empty_like(gamma)
 
 
-_FAKES = {
-    "nonlocal_attn": _fake_nonlocal_attn,
-    "nonlocal_attn_backward": _fake_nonlocal_attn_backward,
-}
+_FAKES = check.fakes_that_check(
+    {"nonlocal_attn": _fake_nonlocal_attn, "nonlocal_attn_backward": _fake_nonlocal_attn_backward},
+    {"nonlocal_attn": check_nonlocal_attn, "nonlocal_attn_backward": check_nonlocal_attn_backward},
+)
 
 
 def _register_autograd(namespace: str) -> None:

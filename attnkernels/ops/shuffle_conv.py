@@ -149,8 +149,8 @@ def shuffle_conv_bn_gate(
     update; no gradient flows through them as outputs, while y's gradient includes the batch
     statistics'). Saves no full-size intermediate: the backward recomputes z.
     """
-    check_shuffle_conv(s, weight, bias, groups, shuffle_groups, in_scale, in_shift, None, None, None)
-    check_shuffle_conv_bn_gate(s, weight, gate_x, bn_weight, bn_bias, bn_mean, bn_var)
+    check_shuffle_conv_bn_gate(s, weight, bias, groups, shuffle_groups, in_scale, in_shift, gate_x, bn_weight, bn_bias,
+                               bn_mean, bn_var)
     algorithm = conv_algorithm(conv, select(HOT_PATH, s.device), groups, s.shape[2] * s.shape[3])
     return backend_ops(HOT_PATH, s.device, Reference).shuffle_conv_bn_gate(
         s, weight, bias, groups, shuffle_groups, in_scale, in_shift, gate_x, bn_weight, bn_bias, bn_mean, bn_var,
@@ -188,8 +188,8 @@ def check_shuffle_conv(s, weight, bias, groups, shuffle_groups, in_scale, in_shi
 
 
 def check_epilogue(gate_x, out_scale, out_shift, out_shape, where: torch.device, op: str) -> None:
-    """gate_x (N, C_out, H, W) floating on the device; out_scale, out_shift C_out values."""
-    check.tensor(op, "gate_x", gate_x)
+    """gate_x (N, C_out, H, W) a feature map on the device; out_scale, out_shift C_out values."""
+    check.feature_dtype(op, "gate_x", gate_x)
     if tuple(gate_x.shape) != tuple(out_shape):
         raise ValueError(f"{op}: gate_x must have the output's shape (N, C_out, H, W) = {list(out_shape)}, "
                          f"got {list(gate_x.shape)}")
@@ -198,11 +198,23 @@ def check_epilogue(gate_x, out_scale, out_shift, out_shape, where: torch.device,
     check.vector(op, "out_shift", out_shift, out_shape[1], where, "C_out")
 
 
-def check_shuffle_conv_bn_gate(s, weight, gate_x, bn_weight, bn_bias, bn_mean, bn_var,
+def check_shuffle_conv_epilogue(z, gate_x, out_scale, out_shift, op: str = "shuffle_conv_epilogue") -> None:
+    """z (N, C, H, W) and the epilogue's arguments for it (`check_epilogue`)."""
+    check.feature_map(op, "z", z)
+    check_epilogue(gate_x, out_scale, out_shift, tuple(z.shape), z.device, op)
+
+
+def check_shuffle_conv_bn_gate(s, weight, bias, groups, shuffle_groups, in_scale, in_shift, gate_x, bn_weight,
+                               bn_bias, bn_mean, bn_var, eps: float = 1e-5, conv: int = ConvAlgorithm.DIRECT,
                                op: str = "shuffle_conv") -> None:
-    """gate_x the conv output's shape; BatchNorm's weight, bias and running statistics C_out values."""
+    """The raw conv's arguments (`check_shuffle_conv`, no epilogue); gate_x the conv output's
+    shape; BatchNorm's weight, bias and running statistics C_out values; conv a ConvAlgorithm.
+    The op shuffle_conv_bn_gate's arguments in its schema's order."""
+    check_shuffle_conv(s, weight, bias, groups, shuffle_groups, in_scale, in_shift, None, None, None, op)
+    if isinstance(conv, bool) or not isinstance(conv, int) or conv not in ConvAlgorithm._value2member_map_:
+        raise ValueError(f"{op}: conv must be 0 (direct) or 1 (library), got {conv}")
     c_out = weight.shape[0]
-    check.tensor(op, "gate_x", gate_x)
+    check.feature_dtype(op, "gate_x", gate_x)
     want = (s.shape[0], c_out, *s.shape[2:])
     if tuple(gate_x.shape) != want:
         raise ValueError(f"{op}: gate_x must have the output's shape (N, C_out, H, W) = {list(want)}, "
@@ -236,8 +248,7 @@ def check_shuffle_conv_epilogue_backward(grad_y, z, gate_x, out_scale, out_shift
                                          op: str = "shuffle_conv_epilogue_backward") -> None:
     """z (N, C, H, W) with the epilogue's arguments for it (`check_epilogue`); grad_y a floating
     map of z's shape on its device; mean and rstd both or neither, C values each."""
-    check.feature_map(op, "z", z)
-    check_epilogue(gate_x, out_scale, out_shift, tuple(z.shape), z.device, op)
+    check_shuffle_conv_epilogue(z, gate_x, out_scale, out_shift, op)
     check.feature_map(op, "grad_y", grad_y)
     if grad_y.shape != z.shape:
         raise ValueError(f"{op}: grad_y must have z's shape {list(z.shape)}, got {list(grad_y.shape)}")
@@ -423,13 +434,19 @@ def _fake_bn_gate(s, weight, bias, groups, shuffle_groups, in_scale, in_shift, g
     return empty_like_layout(gate_x), stat, torch.empty_like(stat)
 
 
-_FAKES = {
+_FAKES = check.fakes_that_check({
     "shuffle_conv_bn_gate": _fake_bn_gate,
     "shuffle_conv": _fake_shuffle_conv,
     "shuffle_conv_backward": _fake_shuffle_conv_backward,
     "shuffle_conv_epilogue": _fake_epilogue,
     "shuffle_conv_epilogue_backward": _fake_epilogue_backward,
-}
+}, {
+    "shuffle_conv_bn_gate": check_shuffle_conv_bn_gate,
+    "shuffle_conv": check_shuffle_conv,
+    "shuffle_conv_backward": check_shuffle_conv_backward,
+    "shuffle_conv_epilogue": check_shuffle_conv_epilogue,
+    "shuffle_conv_epilogue_backward": check_shuffle_conv_epilogue_backward,
+})
 
 
 

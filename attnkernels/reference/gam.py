@@ -20,7 +20,10 @@ class GAM(AttentionModule):
     Ms = sigmoid(bn2(conv2(s)))              # Conv2d(rd, C, 7, padding 3, groups=g)
     y  = x1 * Ms
     ```
-    `rd = C // reduction`; `reduction` must divide C and, for g > 1, g must divide rd.
+    `rd = C // reduction`, rounded down as the published code's `int(C / rate)` (C = 24 at
+    reduction 16 gives rd = 1), so C need not be a multiple of the reduction. Valid when rd >= 1
+    and g divides both C and rd (conv1 maps C to rd channels in g groups, conv2 back, and the
+    shuffle splits rd into g groups); otherwise ValueError.
 
     Args:
         channels: C, the input's channel count.
@@ -36,9 +39,7 @@ class GAM(AttentionModule):
         check_positive_int(reduction, "reduction", "GAM")
         check_positive_int(groups, "groups", "GAM")
         check_odd_kernel(kernel_size, "kernel_size", "GAM")
-        check_divides(reduction, "reduction", channels, "channels", "GAM")
-        rd = channels // reduction
-        check_divides(groups, "groups", rd, "channels // reduction", "GAM")
+        rd = reduced_channels(channels, reduction, groups)
         self.groups = groups
         pad = (kernel_size - 1) // 2
         self.fc1 = nn.Linear(channels, rd)
@@ -60,3 +61,17 @@ class GAM(AttentionModule):
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, groups={self.groups}"
+
+
+def reduced_channels(channels: int, reduction: int, groups: int) -> int:
+    """GAM's hidden width rd = channels // reduction (rounded down), checked: rd >= 1, and
+    `groups` divides both channels and rd. Raises ValueError naming the rule broken."""
+    rd = channels // reduction
+    if rd < 1:
+        raise ValueError(
+            f"GAM: channels // reduction must be >= 1, got {channels} // {reduction} = {rd}; "
+            f"use a reduction of at most {channels}"
+        )
+    check_divides(groups, "groups", channels, "channels", "GAM")
+    check_divides(groups, "groups", rd, "channels // reduction", "GAM")
+    return rd

@@ -458,9 +458,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> channel_g
     int64_t mode) {
   const char* op = "channel_gate_backward";
   const GateMode pooling = check_gate_args(avg_in, max_in, weight, alpha, beta, mode, op);
-  TORCH_CHECK_VALUE(grad_gate_in.sizes() == avg_in.sizes() && gate_in.sizes() == avg_in.sizes() &&
-                  grad_gate_in.scalar_type() == avg_in.scalar_type() && gate_in.scalar_type() == avg_in.scalar_type(),
-              op, ": grad_gate and gate must match avg's shape ", avg_in.sizes(), " and dtype ", avg_in.scalar_type());
+  check_gate_grads(grad_gate_in, gate_in, avg_in, op);
   const at::Tensor avg = avg_in.contiguous(), max = max_in.contiguous();
   const at::Tensor grad_gate = grad_gate_in.contiguous(), gate = gate_in.contiguous();
   const int64_t N = avg.size(0), C = avg.size(1), k = weight.numel(), pad = (k - 1) / 2;
@@ -556,6 +554,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> channel_attention_cpu
     const c10::optional<at::Tensor>& beta, int64_t mode) {
   const char* op = "channel_attention";
   check_feature_map(x_in, op, "x");
+  // Before any pass over x: every argument on x's device.
+  check_gate_params(weight, alpha, beta, gate_mode(mode, op), x_in.device(), op);
   const at::Tensor x = dense(x_in);
   if (!per_sample_pays(x)) {
     auto [avg, max] = channel_pool_cpu(x);

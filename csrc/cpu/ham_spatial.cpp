@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <utility>
 #include <vector>
 
 #include "attnkernels/ham_spatial.h"
@@ -622,9 +623,11 @@ at::Tensor ham_attention_cpu(const at::Tensor& x_in, const at::Tensor& weight, c
   TORCH_CHECK_VALUE(spatial_weight.dim() == 4 && spatial_weight.size(0) == 1 && spatial_weight.size(1) == 2 &&
                         spatial_weight.size(2) == spatial_weight.size(3) && spatial_weight.size(2) % 2 == 1,
                     op, ": spatial_weight must have shape (1, 2, k, k) with k odd, got ", spatial_weight.sizes());
-  for (const at::Tensor* t : {&weight, &alpha, &beta, &spatial_weight, &bn_scale, &bn_shift}) {
-    TORCH_CHECK_VALUE(t->device() == x.device(), op, ": every parameter must be on ", x.device(), ", got ",
-                      t->device());
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"weight", &weight}, {"alpha", &alpha},
+                                {"beta", &beta}, {"spatial_weight", &spatial_weight}, {"bn_scale", &bn_scale},
+                                {"bn_shift", &bn_shift}}) {
+    check_floating(*t, op, name);
+    check_device(*t, x.device(), op, name);
   }
   const at::ScalarType acc = acc_type(x.scalar_type());
   auto as_acc = [&](const at::Tensor& t) { return t.reshape(-1).to(acc).contiguous(); };

@@ -96,9 +96,8 @@ void check_conv_args(const at::Tensor& d, const at::Tensor& weight, const char* 
                         weight.size(2) == weight.size(3) && weight.size(2) % 2 == 1,
                     op, ": weight must have shape (1, Cd, k, k) with Cd = ", d.size(1), " and k odd, got ",
                     weight.sizes());
-  TORCH_CHECK_TYPE(at::isFloatingType(weight.scalar_type()), op, ": weight must be a floating-point tensor, got ",
-                   weight.scalar_type());
-  TORCH_CHECK_VALUE(weight.device() == d.device(), op, ": weight must be on ", d.device(), ", got ", weight.device());
+  check_floating(weight, op, "weight");
+  check_device(weight, d.device(), op, "weight");
 }
 
 at::Tensor ham_spatial_conv_cpu(const at::Tensor& d_in, const at::Tensor& weight) {
@@ -126,9 +125,11 @@ std::tuple<at::Tensor, at::Tensor> ham_spatial_conv_backward_cpu(const at::Tenso
   check_conv_args(d_in, weight, op);
   const at::Tensor d = d_in.contiguous(), w = weight.to(d.scalar_type()).contiguous();
   const int64_t N = d.size(0), Cd = d.size(1), H = d.size(2), W = d.size(3), k = w.size(2), P = (k - 1) / 2;
+  check_floating(grad_z_in, op, "grad_z");
   TORCH_CHECK_VALUE(grad_z_in.sizes() == at::IntArrayRef({N, 1, H, W}) && grad_z_in.scalar_type() == d.scalar_type(),
                     op, ": grad_z must have shape (N, 1, H, W) = (", N, ", 1, ", H, ", ", W, ") and dtype ",
                     d.scalar_type(), ", got ", grad_z_in.sizes(), " ", grad_z_in.scalar_type());
+  check_device(grad_z_in, d.device(), op, "grad_z");
   const at::Tensor gz = grad_z_in.contiguous();
   at::Tensor grad_d = at::zeros_like(d);
   at::Tensor partial = at::zeros({N, Cd * k * k}, d.options());

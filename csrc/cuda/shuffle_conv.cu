@@ -724,14 +724,7 @@ void launch_elementwise(Kernel kernel, const Args& a, int64_t numel) {
 // Host side.
 // ---------------------------------------------------------------------------------------------
 
-bool is_feature_dtype(at::ScalarType t) {
-  return t == at::kDouble || t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
-}
-
-void check_feature_dtype(const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK_TYPE(is_feature_dtype(t.scalar_type()), op, ": ", name,
-                   " must be float64, float32, float16 or bfloat16, got ", t.scalar_type());
-}
+// Feature maps' dtypes: common.h's check_feature_dtype, as the CPU kernels check them.
 
 // A small parameter as a contiguous vector in acc (nullptr-able through ptr_or_null).
 at::Tensor acc_vector(const at::Tensor& t, at::ScalarType acc) { return t.reshape(-1).to(acc).contiguous(); }

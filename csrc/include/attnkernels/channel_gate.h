@@ -18,6 +18,25 @@ inline GateMode gate_mode(int64_t mode, const char* op) {
   return static_cast<GateMode>(mode);
 }
 
+// The gate's parameters (channel_gate, channel_attention): k odd taps, and for the mix alpha and beta,
+// one value each of any shape (0-d or (1,): autograd returns each gradient in its own shape); all
+// floating and on `device`.
+inline void check_gate_params(const at::Tensor& weight, const c10::optional<at::Tensor>& alpha,
+                              const c10::optional<at::Tensor>& beta, GateMode mode, const at::Device& device,
+                              const char* op) {
+  check_floating(weight, op, "weight");
+  TORCH_CHECK_VALUE(weight.numel() % 2 == 1, op, ": weight must hold an odd number of taps, got ",
+              weight.numel());
+  check_device(weight, device, op, "weight");
+  if (mode != GateMode::Mix) return;
+  TORCH_CHECK_VALUE(alpha.has_value() && beta.has_value(), op, ": mode 2 (mix) needs alpha and beta");
+  check_floating(*alpha, op, "alpha");
+  check_floating(*beta, op, "beta");
+  TORCH_CHECK_VALUE(alpha->numel() == 1 && beta->numel() == 1, op, ": alpha and beta must hold one value each");
+  check_device(*alpha, device, op, "alpha");
+  check_device(*beta, device, op, "beta");
+}
+
 // channel_gate's and channel_gate_backward's gate arguments; returns the checked mode.
 inline GateMode check_gate_args(const at::Tensor& avg, const at::Tensor& max, const at::Tensor& weight,
                                 const c10::optional<at::Tensor>& alpha, const c10::optional<at::Tensor>& beta,
@@ -29,15 +48,19 @@ inline GateMode check_gate_args(const at::Tensor& avg, const at::Tensor& max, co
               ", got ", max.sizes(), " ", max.scalar_type());
   TORCH_CHECK_TYPE(avg.scalar_type() == at::kFloat || avg.scalar_type() == at::kDouble, op,
               ": avg must be float32 or float64 (an accumulation dtype), got ", avg.scalar_type());
-  TORCH_CHECK_VALUE(weight.numel() % 2 == 1, op, ": weight must hold an odd number of taps, got ",
-              weight.numel());
-  TORCH_CHECK_VALUE(weight.device() == avg.device(), op, ": weight must be on ", avg.device(), ", got ", weight.device());
-  if (checked == GateMode::Mix) {
-    TORCH_CHECK_VALUE(alpha.has_value() && beta.has_value(), op, ": mode 2 (mix) needs alpha and beta");
-    TORCH_CHECK_VALUE(alpha->numel() == 1 && beta->numel() == 1, op,
-                ": alpha and beta must hold one value each");
-  }
+  check_device(max, avg.device(), op, "max");
+  check_gate_params(weight, alpha, beta, checked, avg.device(), op);
   return checked;
+}
+
+// channel_gate_backward's grad_gate and gate: avg's shape and dtype, on avg's device.
+inline void check_gate_grads(const at::Tensor& grad_gate, const at::Tensor& gate, const at::Tensor& avg,
+                             const char* op) {
+  TORCH_CHECK_VALUE(grad_gate.sizes() == avg.sizes() && gate.sizes() == avg.sizes() &&
+                        grad_gate.scalar_type() == avg.scalar_type() && gate.scalar_type() == avg.scalar_type(),
+                    op, ": grad_gate and gate must match avg's shape ", avg.sizes(), " and dtype ", avg.scalar_type());
+  check_device(grad_gate, avg.device(), op, "grad_gate");
+  check_device(gate, avg.device(), op, "gate");
 }
 
 // SE's MLP gate (channel_mlp_attention): w1 holds rd*C values with rd = w1.size(0), w2 C*rd,
@@ -45,20 +68,18 @@ inline GateMode check_gate_args(const at::Tensor& avg, const at::Tensor& max, co
 inline void check_mlp_args(const at::Tensor& x, const at::Tensor& w1, const c10::optional<at::Tensor>& b1,
                            const at::Tensor& w2, const c10::optional<at::Tensor>& b2, const char* op) {
   check_feature_map(x, op, "x");
+  check_floating(w1, op, "w1");
+  check_floating(w2, op, "w2");
   const int64_t C = x.size(1);
   TORCH_CHECK_VALUE(w1.dim() >= 1 && w1.size(0) > 0 && w1.numel() == w1.size(0) * C, op,
               ": w1 must hold (rd, C) = (rd, ", C, ") values, got shape ", w1.sizes());
   const int64_t rd = w1.size(0);
   TORCH_CHECK_VALUE(w2.dim() >= 1 && w2.size(0) == C && w2.numel() == C * rd, op, ": w2 must hold (C, rd) = (",
               C, ", ", rd, ") values, got shape ", w2.sizes());
-  TORCH_CHECK_VALUE(!b1.has_value() || b1->numel() == rd, op, ": b1 must hold rd = ", rd, " values");
-  TORCH_CHECK_VALUE(!b2.has_value() || b2->numel() == C, op, ": b2 must hold C = ", C, " values");
-  for (const at::Tensor* t : {&w1, &w2, b1.has_value() ? &*b1 : &w1, b2.has_value() ? &*b2 : &w2}) {
-    TORCH_CHECK_TYPE(at::isFloatingType(t->scalar_type()), op, ": the MLP weights must be floating, got ",
-                t->scalar_type());
-    TORCH_CHECK_VALUE(t->device() == x.device(), op, ": the MLP weights must be on ", x.device(), ", got ",
-                t->device());
-  }
+  if (b1.has_value()) check_vector(*b1, rd, x.device(), op, "b1", "rd");
+  if (b2.has_value()) check_vector(*b2, C, x.device(), op, "b2", "C");
+  check_device(w1, x.device(), op, "w1");
+  check_device(w2, x.device(), op, "w2");
 }
 
 }  // namespace attnkernels

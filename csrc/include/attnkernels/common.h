@@ -56,10 +56,29 @@ inline at::Tensor empty_like_layout(const at::Tensor& x, at::ScalarType dtype) {
   return at::empty_like(x, x.options().dtype(dtype), memory_format_of(layout_of(x)));
 }
 
+// t is on `device`, the op's feature map's device. Every tensor argument of every op is checked:
+// a kernel handed another device's tensor would read memory that is not there.
+inline void check_device(const at::Tensor& t, const at::Device& device, const char* op, const char* name) {
+  TORCH_CHECK_VALUE(t.device() == device, op, ": ", name, " must be on ", device, ", got ", t.device());
+}
+
+// t holds floating-point values (small parameters: any floating dtype, used in acc(x)).
+inline void check_floating(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), op, ": ", name, " must be a floating-point tensor, got ",
+                   t.scalar_type());
+}
+
+// A feature map's dtype: one the kernels run (float8 and other storage-only floating types are not).
+inline void check_feature_dtype(const at::Tensor& t, const char* op, const char* name) {
+  check_floating(t, op, name);
+  const at::ScalarType s = t.scalar_type();
+  TORCH_CHECK_TYPE(s == at::kDouble || s == at::kFloat || s == at::kHalf || s == at::kBFloat16, op, ": ", name,
+                   " must be float64, float32, float16 or bfloat16, got ", s);
+}
+
 inline void check_feature_map(const at::Tensor& x, const char* op, const char* name) {
   TORCH_CHECK_VALUE(x.dim() == 4, op, ": ", name, " must be 4-D (N, C, H, W), got ", x.dim(), "-D");
-  TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()), op, ": ", name,
-              " must be a floating-point tensor, got ", x.scalar_type());
+  check_feature_dtype(x, op, name);
 }
 
 // A per-(n, c) map such as avg, max, gate or their gradients: (N, C), acc(x), on x's device.
@@ -70,15 +89,15 @@ inline void check_per_channel(const at::Tensor& t, const at::Tensor& x, const ch
   TORCH_CHECK_TYPE(t.scalar_type() == acc_type(x.scalar_type()), op, ": ", name, " must be ",
               acc_type(x.scalar_type()), " (the accumulation dtype of x, ", x.scalar_type(),
               "), got ", t.scalar_type());
-  TORCH_CHECK_VALUE(t.device() == x.device(), op, ": ", name, " must be on ", x.device(), ", got ",
-              t.device());
+  check_device(t, x.device(), op, name);
 }
 
-// A tensor shaped like x (grad_y of a backward op): x's shape and dtype.
+// A tensor shaped like x (grad_y of a backward op): x's shape and dtype, on x's device.
 inline void check_like_x(const at::Tensor& t, const at::Tensor& x, const char* op, const char* name) {
   TORCH_CHECK_VALUE(t.sizes() == x.sizes() && t.scalar_type() == x.scalar_type(), op, ": ", name,
                     " must match x's shape ", x.sizes(), " and dtype ", x.scalar_type(), ", got ", t.sizes(), " ",
                     t.scalar_type());
+  check_device(t, x.device(), op, name);
 }
 
 // check_like_x, then t in dense x's layout, so one index walks both.
@@ -92,8 +111,8 @@ inline void check_vector(const at::Tensor& t, int64_t count, const at::Device& d
                          const char* name, const char* what) {
   TORCH_CHECK_VALUE(t.numel() == count, op, ": ", name, " must hold ", what, " = ", count, " values, got shape ",
                     t.sizes());
-  TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), op, ": ", name, " must be a floating-point tensor, got ", t.scalar_type());
-  TORCH_CHECK_VALUE(t.device() == device, op, ": ", name, " must be on ", device, ", got ", t.device());
+  check_floating(t, op, name);
+  check_device(t, device, op, name);
 }
 
 }  // namespace attnkernels

@@ -15,7 +15,7 @@ inline void check_pixel_map(const at::Tensor& t, const at::Tensor& x, int64_t k,
   TORCH_CHECK_TYPE(t.scalar_type() == acc_type(x.scalar_type()), op, ": ", name, " must be ",
                    acc_type(x.scalar_type()), " (the accumulation dtype of x, ", x.scalar_type(), "), got ",
                    t.scalar_type());
-  TORCH_CHECK_VALUE(t.device() == x.device(), op, ": ", name, " must be on ", x.device(), ", got ", t.device());
+  check_device(t, x.device(), op, name);
 }
 
 // HAM's important-channel count C_im, 1 <= c_im <= C.

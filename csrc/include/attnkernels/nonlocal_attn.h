@@ -22,12 +22,11 @@ inline void check_nonlocal_args(const at::Tensor& q, const at::Tensor& k, const 
   for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"q", &q}, {"k", &k}, {"v", &v}}) {
     TORCH_CHECK_TYPE(t->scalar_type() == x.scalar_type(), op, ": ", name, " must have x's dtype ",
                      x.scalar_type(), ", got ", t->scalar_type());
-    TORCH_CHECK_VALUE(t->device() == x.device(), op, ": ", name, " must be on ", x.device(), ", got ", t->device());
+    check_device(*t, x.device(), op, name);
   }
   TORCH_CHECK_VALUE(gamma.numel() == 1, op, ": gamma must hold one value, got shape ", gamma.sizes());
-  TORCH_CHECK_TYPE(at::isFloatingType(gamma.scalar_type()), op, ": gamma must be a floating-point tensor, got ",
-                   gamma.scalar_type());
-  TORCH_CHECK_VALUE(gamma.device() == x.device(), op, ": gamma must be on ", x.device(), ", got ", gamma.device());
+  check_floating(gamma, op, "gamma");
+  check_device(gamma, x.device(), op, "gamma");
 }
 
 // nonlocal_attn's lse: (N, H*W) in acc(x), on x's device.
@@ -37,7 +36,7 @@ inline void check_row_stats(const at::Tensor& lse, const at::Tensor& x, const ch
                     ": lse must have shape (N, H*W) = (", x.size(0), ", ", HW, "), got ", lse.sizes());
   TORCH_CHECK_TYPE(lse.scalar_type() == acc_type(x.scalar_type()), op, ": lse must be ", acc_type(x.scalar_type()),
                    " (the accumulation dtype of x, ", x.scalar_type(), "), got ", lse.scalar_type());
-  TORCH_CHECK_VALUE(lse.device() == x.device(), op, ": lse must be on ", x.device(), ", got ", lse.device());
+  check_device(lse, x.device(), op, "lse");
 }
 
 }  // namespace attnkernels

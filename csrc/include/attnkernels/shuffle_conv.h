@@ -20,9 +20,8 @@ inline void check_shuffle_conv_args(const at::Tensor& s, const at::Tensor& weigh
                         weight.size(1) == C_in / groups && weight.size(2) == weight.size(3) && weight.size(2) % 2 == 1,
                     op, ": weight must have shape (C_out, C_in / groups, k, k) = (C_out, ", C_in / groups,
                     ", k, k) with k odd and groups = ", groups, " dividing C_out, got ", weight.sizes());
-  TORCH_CHECK_TYPE(at::isFloatingType(weight.scalar_type()), op, ": weight must be a floating-point tensor, got ",
-                   weight.scalar_type());
-  TORCH_CHECK_VALUE(weight.device() == s.device(), op, ": weight must be on ", s.device(), ", got ", weight.device());
+  check_floating(weight, op, "weight");
+  check_device(weight, s.device(), op, "weight");
   TORCH_CHECK_VALUE(in_scale.has_value() == in_shift.has_value(), op,
                     ": in_scale and in_shift must be given together");
   if (in_scale.has_value()) {
@@ -31,14 +30,13 @@ inline void check_shuffle_conv_args(const at::Tensor& s, const at::Tensor& weigh
   }
 }
 
-// shuffle_conv's epilogue inputs: gate_x (N, C_out, H, W) floating on the device; out_scale, out_shift C_out values.
+// shuffle_conv's epilogue inputs: gate_x (N, C_out, H, W) a feature map on the device; out_scale, out_shift C_out values.
 inline void check_epilogue_args(const at::Tensor& gate_x, const at::Tensor& out_scale, const at::Tensor& out_shift,
                                 at::IntArrayRef out_sizes, const at::Device& device, const char* op) {
   TORCH_CHECK_VALUE(gate_x.sizes() == out_sizes, op, ": gate_x must have the output's shape (N, C_out, H, W) = ",
                     out_sizes, ", got ", gate_x.sizes());
-  TORCH_CHECK_TYPE(at::isFloatingType(gate_x.scalar_type()), op, ": gate_x must be a floating-point tensor, got ",
-                   gate_x.scalar_type());
-  TORCH_CHECK_VALUE(gate_x.device() == device, op, ": gate_x must be on ", device, ", got ", gate_x.device());
+  check_feature_dtype(gate_x, op, "gate_x");
+  check_device(gate_x, device, op, "gate_x");
   check_vector(out_scale, out_sizes[1], device, op, "out_scale", "C_out");
   check_vector(out_shift, out_sizes[1], device, op, "out_shift", "C_out");
 }
