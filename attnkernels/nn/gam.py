@@ -8,7 +8,7 @@ from .. import functional as AF
 from ..ops._common import fold_batch_norm
 from ..reference import gam as reference
 from ..reference.formulas import accumulate_dtype
-from ._fused import FusedModule
+from ._fused import FusedModule, without_autocast
 
 
 class GAM(FusedModule, reference.GAM):
@@ -34,6 +34,7 @@ class GAM(FusedModule, reference.GAM):
     hot_paths = ("gam_channel", "shuffle_conv")
     conv_algorithm: str = "auto"
 
+    @without_autocast
     def attend(self, x: torch.Tensor) -> torch.Tensor:
         g, conv = self.groups, self.conv_algorithm
         x1 = AF.gam_channel(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
