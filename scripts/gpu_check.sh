@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One command for a GPU machine with torch preinstalled and no network (DESIGN.md):
 #   scripts/gpu_check.sh [--out DIR]       (or OUT=DIR scripts/gpu_check.sh)
-# 1. the CUDA and Triton tests of the fused ops (the JIT build compiles csrc/ for this GPU),
+# 1. the CUDA and Triton tests of the fused ops, the fused modules under CUDA autocast (fp16,
+#    bf16) included (the JIT build compiles csrc/ for this GPU),
 # 2. compute-sanitizer memcheck over every CUDA op on a small case,
 # 3. the benchmark tables (fp32 and bf16) of the modules with fused kernels, PAM/CSM vs SDPA,
 #    GAM's conv algorithms and time breakdown.
@@ -32,7 +33,7 @@ step() {  # step NAME COMMAND...: run, log to $out/NAME.log, remember failure
 
 step environment "$python" -c "import torch, attnkernels.backend as b; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name()); print(b.explain())"
 if "$python" -c "import pytest" 2>/dev/null; then
-  step tests "$python" -m pytest -q -rs -m "not slow" tests/test_channel_gate.py tests/test_channel_gate_triton.py tests/test_ham_spatial.py tests/test_ham_spatial_triton.py tests/test_nonlocal_attn.py tests/test_nonlocal_attn_triton.py tests/test_gam_channel.py tests/test_gam_channel_triton.py tests/test_shuffle_conv.py tests/test_shuffle_conv_triton.py tests/test_gam.py tests/test_backend.py tests/test_build.py
+  step tests "$python" -m pytest -q -rs -m "not slow" tests/test_channel_gate.py tests/test_channel_gate_triton.py tests/test_ham_spatial.py tests/test_ham_spatial_triton.py tests/test_nonlocal_attn.py tests/test_nonlocal_attn_triton.py tests/test_gam_channel.py tests/test_gam_channel_triton.py tests/test_shuffle_conv.py tests/test_shuffle_conv_triton.py tests/test_gam.py tests/test_autocast.py tests/test_backend.py tests/test_build.py
 else
   echo "pytest is not installed here: carry its wheel (see the device tool's README)" | tee "$out/tests.log"
   status=1

@@ -1,6 +1,8 @@
-"""The mixin every fused module shares: an optional pin to one backend."""
+"""The mixin every fused module shares: an optional pin to one backend; autocast handling."""
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -74,3 +76,36 @@ def rebind(module: nn.Module, cls: type[nn.Module]) -> nn.Module:
     new = cls.__new__(cls)
     new.__dict__.update(module.__dict__)
     return new
+
+
+#: A fused module's attend(self, x).
+Attend = Callable[[nn.Module, torch.Tensor], torch.Tensor]
+
+
+def without_autocast(attend: Attend) -> Attend:
+    """Decorates a fused module's `attend`: under torch.autocast it runs with autocast off for
+    x's device type, so its ops and the torch layers around them run in x's dtype.
+
+    Autocast does not know the fused ops: they compute in the dtypes they are given (x's,
+    accumulating in acc(x)) on every backend. The torch layers around and inside them would
+    not: PAM's projection conv, GAM's library convs, the composites' MLP and the reference
+    backend's ops would return the autocast dtype, so a fused op would get q, k, v in bf16
+    beside an fp32 x (a TypeError), or a gate in fp16 where acc(x) is due, and a backward that
+    recomputes a conv outside autocast would differentiate another forward than the one run.
+    With autocast off they run in x's dtype too. x keeps its dtype (the full-size tensor,
+    whose dtype the output has; PAM alone converts it, where the reference's output is wider);
+    where a torch layer needs matching dtypes the module casts its small parameters to x's
+    dtype instead (an fp32 module given the bf16 output of an autocast layer). The reference
+    module under the same autocast is the precision baseline: the fused path rounds no more
+    (tests/test_autocast.py).
+    """
+
+    @functools.wraps(attend)
+    def attend_without_autocast(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        device_type = x.device.type
+        if not torch.is_autocast_enabled(device_type):
+            return attend(self, x)
+        with torch.autocast(device_type, enabled=False):
+            return attend(self, x)
+
+    return attend_without_autocast

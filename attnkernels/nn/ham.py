@@ -9,7 +9,7 @@ from ..ops import ham_spatial
 from ..ops._common import fold_batch_norm
 from ..reference import ham as reference
 from ..reference.formulas import accumulate_dtype
-from ._fused import FusedModule, autograd_may_record
+from ._fused import FusedModule, autograd_may_record, without_autocast
 
 
 class HAM(FusedModule, reference.HAM):
@@ -26,6 +26,7 @@ class HAM(FusedModule, reference.HAM):
     Inference on the CPU backend runs all of it per sample in one op (`runs_per_sample`).
     """
 
+    @without_autocast
     def attend(self, x: torch.Tensor) -> torch.Tensor:
         if self.runs_per_sample(x):
             return self.attend_per_sample(x)

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from .. import functional as AF
 from ..reference import pam as reference
-from ._fused import FusedModule
+from ._fused import FusedModule, without_autocast
 
 
 class PAM(FusedModule, reference.PAM):
@@ -17,19 +17,32 @@ class PAM(FusedModule, reference.PAM):
     `nonlocal_attn` computes `gamma * (v @ softmax(q^T k)^T) + x` flash-style: the
     (H*W x H*W) attention never exists, forward or backward. Backward saves q, k, v, the
     attention output and one log-sum-exp per pixel.
+
+    Under torch.autocast the projections run in x's dtype too (`without_autocast`): the op
+    needs q, k, v in x's dtype, and x is the residual, whose rounding would show in y.
     """
 
     hot_paths = ("nonlocal_attn",)
 
+    @without_autocast
     def attend(self, x: torch.Tensor) -> torch.Tensor:
+        # y = gamma * out + x has the dtype torch promotes gamma (shape (1,)) and x to, as in the
+        # reference: x's own, except for an fp32 module given a half x under autocast, where it
+        # is fp32. The op writes y in x's dtype, so x (the full-size residual) is converted then:
+        # a half y converted afterwards would carry a rounding the reference's y does not.
+        x = x.to(torch.promote_types(x.dtype, self.gamma.dtype))
         q, k, v = self.projections(x)
         return AF.nonlocal_attn(q, k, v, x, self.gamma)
 
     def projections(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """query(x), key(x), value(x) from one conv with the three weights stacked."""
+        """query(x), key(x), value(x) from one conv with the three weights stacked, in x's dtype.
+
+        The weights are cast to x's dtype, a no-op unless an fp32 module gets a half x under
+        autocast: casting the small weights, not x, leaves the full-size input as it is.
+        """
         convs = (self.query, self.key, self.value)
-        weight = torch.cat([c.weight for c in convs])
-        bias = torch.cat([c.bias for c in convs])
+        weight = torch.cat([c.weight for c in convs]).to(x.dtype)
+        bias = torch.cat([c.bias for c in convs]).to(x.dtype)
         qkv = F.conv2d(x, weight, bias)
         d = self.query.out_channels
         return qkv[:, :d], qkv[:, d : 2 * d], qkv[:, 2 * d :]
