@@ -3,7 +3,8 @@
 The JIT build runs once per source version: the library's name carries a hash of every
 source, header and flag (`_build.BuildConfig.digest`), so a changed source builds anew and
 an unchanged one loads from the torch extensions cache (or `ATTNKERNELS_BUILD_DIR`). torch's
-builder holds a file lock in the build directory, so two processes starting at once build it
+builder holds a file lock in the build directory, and attnkernels its own around it (one that
+a killed build cannot leave held: `_build_lock`), so two processes starting at once build it
 once. While it builds, one line says so.
 
 A library is checked before it is loaded (`attnkernels._integrity`): a damaged one, such as a
@@ -28,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from . import _build, _integrity
+from . import _build, _build_lock, _integrity
 
 
 class ExtensionUnavailable(RuntimeError):
@@ -119,28 +120,28 @@ def _jit_build() -> str:
     library = build_dir / f"{name}{cpp_extension.LIB_EXT}"
     if not os.access(build_dir, os.W_OK | os.X_OK):
         return _load_without_building(library)
-    _discard_if_damaged(library)
-    if not library.is_file():
-        _require_compiler()
-        what = "C++ and CUDA" if config.with_cuda else "C++"
-        print(
-            f"attnkernels: building the {what} ops (first use; a few minutes) in {build_dir}",
-            file=sys.stderr,
-            flush=True,
-        )
     try:
-        cpp_extension.load(
-            name=name,
-            sources=config.sources,
-            extra_include_paths=config.include_dirs,
-            extra_cflags=config.cflags,
-            extra_cuda_cflags=config.cuda_cflags,
-            extra_ldflags=config.ldflags,
-            with_cuda=config.with_cuda,
-            build_directory=str(build_dir),
-            is_python_module=False,
-            verbose=os.environ.get("ATTNKERNELS_VERBOSE_BUILD", "") not in ("", "0"),
-        )
+        with _build_lock.holding(build_dir):
+            _discard_if_damaged(library)
+            if not library.is_file():
+                _require_compiler()
+                what = "C++ and CUDA" if config.with_cuda else "C++"
+                print(f"attnkernels: building the {what} ops (first use; a few minutes) in {build_dir}",
+                      file=sys.stderr, flush=True)
+            cpp_extension.load(
+                name=name,
+                sources=config.sources,
+                extra_include_paths=config.include_dirs,
+                extra_cflags=config.cflags,
+                extra_cuda_cflags=config.cuda_cflags,
+                extra_ldflags=config.ldflags,
+                with_cuda=config.with_cuda,
+                build_directory=str(build_dir),
+                is_python_module=False,
+                verbose=os.environ.get("ATTNKERNELS_VERBOSE_BUILD", "") not in ("", "0"),
+            )
+    except ExtensionUnavailable:
+        raise
     except Exception as err:  # the compiler's own message is the useful part
         raise ExtensionUnavailable(_explain_build_failure(err, str(build_dir))) from err
     global _cuda_compiled
@@ -192,24 +193,18 @@ def _load_without_building(library: Path) -> str:
 def _discard_if_damaged(library: Path) -> None:
     """Remove a damaged library, so the build makes it anew instead of loading it.
 
-    Done under torch's lock of the build folder, so a library that another process is still
-    linking is never judged half-written.
+    Called holding the build folder's lock (`_build_lock`), so a library that another process
+    is still linking is never judged half-written.
     """
-    from filelock import FileLock  # what torch's builder locks the folder with
-
-    try:
-        with FileLock(str(library.parent / "lock")):
-            if not library.is_file():
-                _integrity.forget(library)  # the record of a library that is gone
-                return
-            damage = _integrity.problem(library)
-            if damage is None:
-                return
-            print(f"attnkernels: {library} is damaged: {damage}; rebuilding it", file=sys.stderr, flush=True)
-            library.unlink()
-            _integrity.forget(library)
-    except OSError as err:
-        raise ExtensionUnavailable(_explain_build_failure(err, str(library.parent))) from err
+    if not library.is_file():
+        _integrity.forget(library)  # the record of a library that is gone
+        return
+    damage = _integrity.problem(library)
+    if damage is None:
+        return
+    print(f"attnkernels: {library} is damaged: {damage}; rebuilding it", file=sys.stderr, flush=True)
+    library.unlink()
+    _integrity.forget(library)
 
 
 def _remember_checksum(library: Path) -> None:

@@ -8,6 +8,10 @@ The child runs every fused module against its reference module and reports, as J
 backends chosen, the largest difference and the warnings; a child killed by a signal (SIGBUS
 from a truncated library) is a test failure, not a crash of pytest.
 
+A lock left by a killed build: torch 2.11's builder (the GPU machine's) is a FileBaton, whose
+lock file blocks by existing; a child of a newer torch gets the same builder from
+AS_FILE_BATON.
+
 Read-only folders: `chmod` where the tests run unprivileged; as root (who writes regardless
 of modes) the child runs in a private mount namespace where the folder is bind-mounted
 read-only (`unshare`, `mount`; nothing changes outside the child). As root without that, the
@@ -30,7 +34,7 @@ from pathlib import Path
 import pytest
 import torch.utils.cpp_extension as cpp_extension
 
-from attnkernels import _ext, _integrity
+from attnkernels import _build_lock, _ext, _integrity
 from attnkernels.nn import FUSED
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -83,7 +87,7 @@ def copy_build(folder: Path, root: Path) -> Path:
     """A copy of build folder `folder` under `root`, where ATTNKERNELS_BUILD_DIR=root finds
     it, times kept so ninja sees the objects up to date; returns the library's path. The
     lock file and any checksum record stay behind."""
-    shutil.copytree(folder, root / folder.name, ignore=shutil.ignore_patterns("lock", "*.sha256"))
+    shutil.copytree(folder, root / folder.name, ignore=shutil.ignore_patterns("lock", "*.lock", "*.sha256"))
     return root / folder.name / f"{folder.name}{cpp_extension.LIB_EXT}"
 
 
@@ -129,22 +133,37 @@ def read_only(folder: Path) -> Iterator[list[str]]:
 # ----------------------------------------------------------------------------------------
 # The child
 # ----------------------------------------------------------------------------------------
-def run_child(
-    build_root: Path, *, prefix: Sequence[str] = (), env: dict[str, str | None] | None = None
-) -> tuple[dict, str]:
-    """Run every fused module in a child with ATTNKERNELS_BUILD_DIR=build_root and this
-    environment changed by `env` (None unsets a variable); (report, stderr)."""
+def start_child(
+    build_root: Path, *, prefix: Sequence[str] = (), env: dict[str, str | None] | None = None, prelude: str = ""
+) -> subprocess.Popen:
+    """Start the child with ATTNKERNELS_BUILD_DIR=build_root and this environment changed by
+    `env` (None unsets a variable), running `prelude` first."""
     child_env = {**os.environ, **(env or {})}
     child_env["ATTNKERNELS_BUILD_DIR"] = str(build_root)
     child_env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests")])
     child_env = {k: v for k, v in child_env.items() if v is not None}
-    cmd = [*prefix, sys.executable, "-c", CHILD, ",".join(ALL_MODULES)]
-    result = subprocess.run(cmd, cwd=ROOT, env=child_env, capture_output=True, text=True, timeout=600)
-    if result.returncode < 0:
-        name = signal.Signals(-result.returncode).name
-        pytest.fail(f"the child was killed by {name} (loading the library?):\n{result.stderr[-4000:]}")
-    assert result.returncode == 0, f"the child failed ({result.returncode}):\n{result.stderr[-4000:]}"
-    return json.loads(result.stdout.strip().splitlines()[-1]), result.stderr
+    cmd = [*prefix, sys.executable, "-c", prelude + CHILD, ",".join(ALL_MODULES)]
+    return subprocess.Popen(cmd, cwd=ROOT, env=child_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish_child(child: subprocess.Popen, timeout: float = 600) -> tuple[dict, str]:
+    """The child's (report, stderr), once it ends; a hang or a signal fails the test."""
+    try:
+        stdout, stderr = child.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        _, stderr = child.communicate()
+        pytest.fail(f"the child still ran after {timeout} s (waiting on a lock?):\n{stderr[-4000:]}")
+    if child.returncode < 0:
+        name = signal.Signals(-child.returncode).name
+        pytest.fail(f"the child was killed by {name} (loading the library?):\n{stderr[-4000:]}")
+    assert child.returncode == 0, f"the child failed ({child.returncode}):\n{stderr[-4000:]}"
+    return json.loads(stdout.strip().splitlines()[-1]), stderr
+
+
+def run_child(build_root: Path, *, timeout: float = 600, **kwargs) -> tuple[dict, str]:
+    """Run every fused module in a child (`start_child`'s arguments); (report, stderr)."""
+    return finish_child(start_child(build_root, **kwargs), timeout)
 
 
 def assert_right_numbers(report: dict, backend: str) -> None:
@@ -230,6 +249,7 @@ def test_read_only_folder_with_a_whole_library_loads_it_without_building(
     assert_right_numbers(report, "cpu")
     assert report["warnings"] == [] and report["loaded_from"] == str(library)
     assert "building" not in stderr and not (library.parent / "lock").exists()
+    assert not (library.parent / _build_lock.LOCK_NAME).exists()
 
 
 # ----------------------------------------------------------------------------------------
@@ -267,3 +287,62 @@ def test_disabled_extension_warns_once_per_process(tmp_path: Path) -> None:
     assert_right_numbers(report, "reference")
     warning = the_one_warning(report)
     assert "disabled on purpose by ATTNKERNELS_NO_EXTENSION=1" in warning
+
+
+# ----------------------------------------------------------------------------------------
+# Case 5: a lock left behind by a killed build
+# ----------------------------------------------------------------------------------------
+# torch 2.11's builder in a child of a torch whose builder takes an OS lock instead:
+# cpp_extension.load behind a FileBaton on the folder's `lock`, as 2.11's _jit_compile is.
+AS_FILE_BATON = """
+import os
+import torch.utils.cpp_extension as cpp_extension
+if not hasattr(cpp_extension, "FileBaton"):
+    from torch.utils.file_baton import FileBaton
+    _load = cpp_extension.load
+
+    def load(*args, build_directory, **kwargs):
+        baton = FileBaton(os.path.join(build_directory, "lock"))
+        if baton.try_acquire():
+            try:
+                return _load(*args, build_directory=build_directory, **kwargs)
+            finally:
+                baton.release()
+        baton.wait()
+        return _load(*args, build_directory=build_directory, **kwargs)
+
+    cpp_extension.load, cpp_extension.FileBaton = load, FileBaton
+"""
+
+
+def test_lock_left_by_a_killed_file_baton_build_is_removed(built_folder: Path, tmp_path: Path) -> None:
+    """Before, every later load waited on the file forever."""
+    library = copy_build(built_folder, tmp_path)
+    (library.parent / "lock").touch()  # what a FileBaton build killed midway leaves
+    report, stderr = run_child(tmp_path, prelude=AS_FILE_BATON, timeout=300)
+    assert_right_numbers(report, "cpu")
+    assert report["warnings"] == [] and report["loaded_from"] == str(library)
+    assert "left by a build that was killed" in stderr
+    assert not (library.parent / "lock").exists()
+
+
+def test_a_build_in_progress_is_waited_for_not_broken(built_folder: Path, tmp_path: Path) -> None:
+    """While another process holds the folder's lock (building), a FileBaton `lock` is its own:
+    the child waits, and goes on once the lock is released."""
+    from filelock import FileLock
+
+    library = copy_build(built_folder, tmp_path)
+    folder = library.parent
+    (folder / "lock").touch()
+    with FileLock(str(folder / _build_lock.LOCK_NAME)):
+        child = start_child(tmp_path, prelude=AS_FILE_BATON)
+        try:
+            child.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            pass
+        assert child.poll() is None, "the child went on while another process held the build folder"
+        assert (folder / "lock").exists(), "a live build's lock was removed"
+        (folder / "lock").unlink()  # the other process's build ends, releasing its baton
+    report, stderr = finish_child(child, timeout=300)
+    assert_right_numbers(report, "cpu")
+    assert "left by a build that was killed" not in stderr
