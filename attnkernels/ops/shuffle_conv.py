@@ -302,7 +302,7 @@ def library_conv_backward(grad_z, s, weight, groups, shuffle_groups, in_scale, i
     if in_scale is not None:
         a, b = in_scale.reshape(1, c, 1, 1).to(acc), in_shift.reshape(1, c, 1, 1).to(acc)
         sf = s.to(acc)
-        du = du * (sf * a + b > 0)
+        du = torch.where(sf * a + b <= 0, 0.0, du)  # relu's gradient by torch's rule (docs/contract.md)
         grad_in_scale, grad_in_shift = (du * sf).sum((0, 2, 3)), du.sum((0, 2, 3))
         du = du * a
     grad_s = du.to(s.dtype).contiguous(memory_format=memory_format_of(s))
