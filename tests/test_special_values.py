@@ -357,6 +357,23 @@ def test_module_special_values_in_state(backend_name, device, name, entry, value
         assert_same_special_values([got], [want], ["inference y"])
 
 
+@pytest.mark.parametrize("backend_name,device", BACKENDS)
+def test_nonlocal_attn_query_with_every_energy_minus_inf(backend_name, device) -> None:
+    """A query whose energies are all -inf (q = +inf in a channel where every key is negative):
+    torch's softmax row is 0/0 = NaN, so that query's output and every gradient summing over
+    the row (all of grad_v and grad_k) are NaN. Before, the CPU backward took that row's P as 0
+    and gave a finite grad_v."""
+    n, d, dv, h, w = 2, 2, 3, 3, 4
+    q, k = rand(n, d, h, w, device=device), rand(n, d, h, w, device=device)
+    k[:, 0] = -(k[:, 0].abs() + 0.5)  # every key negative in channel 0 ...
+    q[1, 0, 2, 1] = INF  # ... so sample 1's query (2, 1) has S = -inf against all of them
+    args = [q, k, rand(n, dv, h, w, device=device), rand(n, dv, h, w, device=device),
+            torch.tensor([0.7], dtype=F64, device=device)]
+    assert assert_op_matches_reference(AF.nonlocal_attn, args, [0, 1, 2, 3, 4], backend_name)
+    _, grads = run_op(AF.nonlocal_attn, args, [2], "reference")
+    assert grads[0][1].isnan().all() and not grads[0][0].isnan().any()  # what the case is about
+
+
 # ----------------------------------------------------------------------------------------
 # Underflow: PAM's gamma starts at 0
 # ----------------------------------------------------------------------------------------
