@@ -13,7 +13,7 @@
 //     x1 = x * m   (acc(x), rounded to x's dtype, in x's layout). Nothing else is written.
 //   gam_channel_backward(grad_x1, x, w1, b1, w2, b2) -> (grad_x, grad_w1, grad_b1, grad_w2, grad_b2)
 //     recomputes h and m from x;  g = grad_x1 * x * m * (1 - m)          (the gradient of fc2's output)
-//     dh[n,r,p] = [h > 0] * sum_c w2[c,r] * g[n,c,p]                      (the gradient of fc1's output)
+//     dh[n,r,p] = relu_grad(sum_c w2[c,r] * g[n,c,p], h)                 (the gradient of fc1's output)
 //     grad_x = grad_x1 * m + sum_r w1[r,c] * dh[n,r,p]   (x's dtype and layout)
 //     grad_w2[c,r] = sum_{n,p} g * h;  grad_b2[c] = sum_{n,p} g;  grad_w1[r,c] = sum_{n,p} dh * x;
 //     grad_b1[r] = sum_{n,p} dh   (each weight's shape and dtype; deterministic sums)

@@ -27,7 +27,7 @@
 //       -> (grad_s, grad_weight, grad_bias, grad_in_scale, grad_in_shift)
 //     grad_z is the gradient of the raw output z (any floating dtype and strides);
 //     grad_u[n,c,h,w] = sum_{o in c's group, i, j} weight[o,c-gCg,i,j] * grad_z[n,o,h-i+P,w-j+P]
-//     t = in_scale[pi(c)] * s[n,pi(c)] + in_shift[pi(c)];  du = grad_u * [t > 0]   (du = grad_u without the affine)
+//     t = in_scale[pi(c)] * s[n,pi(c)] + in_shift[pi(c)];  du = relu_grad(grad_u, t)   (du = grad_u without the affine)
 //     grad_s[n,pi(c)] = du * in_scale[pi(c)]  (s's dtype and layout);  grad_in_scale[pi(c)] = sum_{n,h,w} du * s[n,pi(c)];
 //     grad_in_shift[pi(c)] = sum_{n,h,w} du  (each in its parameter's dtype; shape (0,) in acc(s) without the affine)
 //     grad_weight[o,c,i,j] = sum_{n,h,w} grad_z[n,o,h,w] * u[n,(o/Og)*Cg+c,h+i-P,w+j-P]  (weight's shape, dtype)

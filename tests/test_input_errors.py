@@ -404,3 +404,23 @@ def test_shuffle_conv_bn_gate_refuses_a_dtype_alike_for_both_algorithms(compiled
     for conv in ("direct", "library"):
         with backend.use_backend(backend_name), pytest.raises(TypeError, match=_dtype_error(name, dtype)):
             AF.shuffle_conv_bn_gate(**args, conv=conv)
+
+
+@pytest.mark.parametrize("backend_name", ["cpu", "reference"])
+@pytest.mark.parametrize("conv", ["direct", "library"])
+def test_shuffle_conv_bn_gate_refuses_batch_statistics_of_one_value(compiled_ops, backend_name, conv) -> None:
+    """N * H * W = 1 without running statistics: BatchNorm raises, and so does the op (the
+    public function, its fake, and torch.ops directly). Before, the fused op normalised by var 0."""
+    s, gate_x = _rand(1, C, 1, 1), _rand(1, C, 1, 1)
+    args = (s, _rand(C, C, 1, 1), _rand(C), 1, 1, None, None, gate_x, _positive(C), _rand(C))
+    want = r"^shuffle_conv_bn_gate: batch statistics need more than one value per channel"
+    with backend.use_backend(backend_name), pytest.raises(ValueError, match=want):
+        AF.shuffle_conv_bn_gate(*args, conv=conv)
+    with pytest.raises(ValueError, match=want):
+        compiled_ops.shuffle_conv_bn_gate(*args, None, None, 1e-5, 0 if conv == "direct" else 1)
+    with pytest.raises(ValueError, match=want):
+        compiled_ops.shuffle_conv_bn_gate(*(a.to("meta") if isinstance(a, torch.Tensor) else a for a in args),
+                                          None, None, 1e-5, 0)
+    # Running statistics make one value per channel fine, as in BatchNorm's eval.
+    y, _, _ = AF.shuffle_conv_bn_gate(*args, conv=conv, bn_mean=_rand(C), bn_var=_positive(C))
+    assert y.shape == gate_x.shape and torch.isfinite(y).all()

@@ -410,7 +410,7 @@ def _mlp_gate_backward(grad_gate, avg, gate, w1, b1, w2, b2):
         h_pre = h_pre + b1.reshape(rd).to(acc)
     h = torch.relu(h_pre)
     dz = grad_gate * gate * (1 - gate)
-    dh = (dz @ w2a) * (h_pre > 0)
+    dh = torch.where(h_pre <= 0, 0.0, dz @ w2a)  # relu's gradient by torch's rule (docs/contract.md)
     grad_w1 = (dh.T @ avg).to(w1.dtype).reshape(w1.shape)
     grad_w2 = (dz.T @ h).to(w2.dtype).reshape(w2.shape)
     grad_b1 = None if b1 is None else dh.sum(0).to(b1.dtype).reshape(b1.shape)

@@ -208,7 +208,8 @@ def check_shuffle_conv_bn_gate(s, weight, bias, groups, shuffle_groups, in_scale
                                bn_bias, bn_mean, bn_var, eps: float = 1e-5, conv: int = ConvAlgorithm.DIRECT,
                                op: str = "shuffle_conv") -> None:
     """The raw conv's arguments (`check_shuffle_conv`, no epilogue); gate_x the conv output's
-    shape; BatchNorm's weight, bias and running statistics C_out values; conv a ConvAlgorithm.
+    shape; BatchNorm's weight, bias and running statistics C_out values; conv a ConvAlgorithm;
+    batch statistics (no running ones) over more than one value per channel, as BatchNorm asks.
     The op shuffle_conv_bn_gate's arguments in its schema's order."""
     check_shuffle_conv(s, weight, bias, groups, shuffle_groups, in_scale, in_shift, None, None, None, op)
     if isinstance(conv, bool) or not isinstance(conv, int) or conv not in ConvAlgorithm._value2member_map_:
@@ -220,10 +221,19 @@ def check_shuffle_conv_bn_gate(s, weight, bias, groups, shuffle_groups, in_scale
         raise ValueError(f"{op}: gate_x must have the output's shape (N, C_out, H, W) = {list(want)}, "
                          f"got {list(gate_x.shape)}")
     check.device(op, "gate_x", gate_x, s.device)
-    check.together(op, bn_mean=bn_mean, bn_var=bn_var)
+    if not check.together(op, bn_mean=bn_mean, bn_var=bn_var):
+        check_batch_statistics(s)
     for name, t in (("bn_weight", bn_weight), ("bn_bias", bn_bias), ("bn_mean", bn_mean), ("bn_var", bn_var)):
         if t is not None:
             check.vector(op, name, t, c_out, s.device, "C_out")
+
+
+def check_batch_statistics(s: torch.Tensor, op: str = "shuffle_conv_bn_gate") -> None:
+    """Batch statistics over N * H * W values per channel need more than one, as BatchNorm's."""
+    n, _, h, w = s.shape
+    if n * h * w == 1:
+        raise ValueError(f"{op}: batch statistics need more than one value per channel (N * H * W = 1); "
+                         "pass bn_mean and bn_var, or a larger batch")
 
 
 # ----------------------------------------------------------------------------------------
@@ -264,7 +274,11 @@ def check_shuffle_conv_epilogue_backward(grad_y, z, gate_x, out_scale, out_shift
 # ----------------------------------------------------------------------------------------
 def library_input(s, shuffle_groups, in_scale, in_shift, dtype) -> torch.Tensor:
     """The conv's input u for torch's conv2d, in `dtype`: s itself when there is no prologue
-    and no shuffle; else relu(affine(s)) shuffled (GAM's conv2 input: rd channels, small)."""
+    and no shuffle; else relu(affine(s)) shuffled (GAM's conv2 input: rd channels, small).
+    Read from s in s's layout (docs/contract.md), so that torch's autograd, which differentiates
+    this path when there is no epilogue, gives grad s in it too: conv2d and the elementwise ops
+    would follow a sliced channels_last view's strides."""
+    s = s.contiguous(memory_format=memory_format_of(s))  # a copy only for a view dense in neither
     if in_scale is None and shuffle_groups == 1:
         return s.to(dtype)
     acc = accumulate_dtype(s.dtype)
@@ -278,10 +292,12 @@ def library_input(s, shuffle_groups, in_scale, in_shift, dtype) -> torch.Tensor:
 
 
 def library_conv(s, weight, bias, groups, shuffle_groups, in_scale, in_shift, dtype) -> torch.Tensor:
-    """The raw z = conv(u) + bias on torch's conv2d (oneDNN / cuDNN) in `dtype`."""
+    """The raw z = conv(u) + bias on torch's conv2d (oneDNN / cuDNN) in `dtype`, in s's layout
+    (conv2d keeps channels_last for a sliced channels_last view; the contract says NCHW)."""
     u = library_input(s, shuffle_groups, in_scale, in_shift, dtype)
     b = None if bias is None else bias.reshape(-1).to(dtype)
-    return F.conv2d(u, weight.to(dtype), b, padding=(weight.shape[-1] - 1) // 2, groups=groups)
+    z = F.conv2d(u, weight.to(dtype), b, padding=(weight.shape[-1] - 1) // 2, groups=groups)
+    return z.contiguous(memory_format=memory_format_of(s))
 
 
 def library_conv_backward(grad_z, s, weight, groups, shuffle_groups, in_scale, in_shift, dtype):
@@ -302,7 +318,7 @@ def library_conv_backward(grad_z, s, weight, groups, shuffle_groups, in_scale, i
     if in_scale is not None:
         a, b = in_scale.reshape(1, c, 1, 1).to(acc), in_shift.reshape(1, c, 1, 1).to(acc)
         sf = s.to(acc)
-        du = du * (sf * a + b > 0)
+        du = torch.where(sf * a + b <= 0, 0.0, du)  # relu's gradient by torch's rule (docs/contract.md)
         grad_in_scale, grad_in_shift = (du * sf).sum((0, 2, 3)), du.sum((0, 2, 3))
         du = du * a
     grad_s = du.to(s.dtype).contiguous(memory_format=memory_format_of(s))
@@ -323,6 +339,8 @@ def shuffle_conv_bn_gate_sequence(ops, s, weight, bias, groups, shuffle_groups, 
     """shuffle_conv_bn_gate on the ops of namespace `ops`: the raw conv (algorithm `conv`, a
     ConvAlgorithm), z's statistics (or the running ones given), BN folded into the epilogue.
     Returns (y, mean, var): the statistics used (C_out values, acc)."""
+    if bn_mean is None:
+        check_batch_statistics(s)
     z = _raw_conv(ops, conv, s, weight, bias, groups, shuffle_groups, in_scale, in_shift, gate_x.dtype)
     acc = accumulate_dtype(z.dtype)
     var, mean = _stats(z) if bn_mean is None else (bn_var.to(acc), bn_mean.to(acc))
@@ -383,8 +401,9 @@ class Reference:
     def shuffle_conv_bn_gate(s, weight, bias, groups, shuffle_groups, in_scale, in_shift, gate_x, bn_weight, bn_bias,
                              bn_mean, bn_var, eps, conv):
         z = Reference.shuffle_conv(s, weight, bias, groups, shuffle_groups, in_scale, in_shift)
-        if bn_mean is None:
-            var, mean = torch.var_mean(z, dim=(0, 2, 3), correction=0)
+        if bn_mean is None:  # as BatchNorm: the sum over count (torch.var_mean's running update
+            mean = z.mean((0, 2, 3))  # makes the mean of [inf, 0.3, inf] NaN), then centred squares
+            var = (z - mean[None, :, None, None]).square().mean((0, 2, 3))
         else:
             var, mean = bn_var.to(z.dtype), bn_mean.to(z.dtype)
         w, b = (None if t is None else t.to(z.dtype) for t in (bn_weight, bn_bias))

@@ -31,7 +31,7 @@ Kernels (all deterministic: no atomics, every reduction in a fixed order):
   * backward, in three launches:
       1. one program per (n, pixel block): recompute h; per C chunk recompute m,
          g = grad_x1 * x * m * (1 - m) and accumulate dh = g w2 ([BLOCK_P, rd]);
-         dh = [h > 0] dh; a second pass over the C chunks writes grad_x = grad_x1 * m + dh w1.
+         dh = relu_grad(dh, h); a second pass over the C chunks writes grad_x = grad_x1 * m + dh w1.
          h and dh (N*H*W, rd) are stored in acc for launch 2 (rd/C of x's size).
       2. weight gradients: one program per (C chunk, split of the (n, pixel block) tiles),
          each split a fixed, strided set of tiles: grad_w2 chunk += g^T h, grad_w1 chunk +=
@@ -105,7 +105,7 @@ def _hidden(
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, IP: tl.constexpr,
 ):
     """h [BLOCK_P, BLOCK_R] = relu(x^T w1^T + b1): fc1 at every pixel, over C in chunks.
-    Padded rd columns are 0 (w1 and b1 load 0 there)."""
+    Padded rd columns are 0: selected, since x * 0 is NaN where x is infinite."""
     ACC = w1_ptr.dtype.element_ty
     acc = tl.zeros([BLOCK_P, BLOCK_R], dtype=ACC)
     for c0 in range(0, C, BLOCK_C):
@@ -115,7 +115,7 @@ def _hidden(
         w1t = _tile(w1_ptr, 0, c, 1, c_mask, r, C, r_mask)  # w1^T chunk [BLOCK_C, BLOCK_R]
         acc = tl.dot(xt, w1t, acc, input_precision=IP)
     b1 = tl.load(b1_ptr + r, mask=r_mask, other=0.0)
-    return _relu(acc + b1[None, :])
+    return tl.where(r_mask[None, :], _relu(acc + b1[None, :]), 0.0)
 
 
 @triton.jit
@@ -142,11 +142,12 @@ def _store_pc(ptr, n, s_n, p, s_p, p_mask, c, s_c, c_mask, v):
 
 @triton.jit
 def _gate(h, w2_ptr, b2_ptr, c, c_mask, r, r_mask, RD, IP: tl.constexpr):
-    """m [BLOCK_P, BLOCK_C] = sigmoid(h w2^T + b2) for the channel chunk c: fc2 and the gate."""
+    """m [BLOCK_P, BLOCK_C] = sigmoid(h w2^T + b2) for the channel chunk c: fc2 and the gate;
+    0 on padded channels (selected: an infinite h times their zero weights is NaN)."""
     w2t = _tile(w2_ptr, 0, r, 1, r_mask, c, RD, c_mask)  # w2^T chunk [BLOCK_R, BLOCK_C]
     pre = tl.dot(h, w2t, input_precision=IP, out_dtype=h.dtype)
     b2 = tl.load(b2_ptr + c, mask=c_mask, other=0.0)
-    return _sigmoid(pre + b2[None, :])
+    return tl.where(c_mask[None, :], _sigmoid(pre + b2[None, :]), 0.0)
 
 
 @triton.jit

@@ -41,8 +41,10 @@ K/V (or Q) tiles in L2.
          order: grad_gamma.
       2. grad_q: one program per (n, D_qk chunk, query block) looping over key blocks:
          recompute S, P = exp(S - lse), G = sum_c grad_y v (loop over D_v chunks of
-         BLOCK_DV), dS = gamma * P * (G - R) (= P * (dP - gamma * R), dP = gamma * G),
-         grad_q += dS k.
+         BLOCK_DV), dS / gamma = P * (G - R) (dS = P * (dP - gamma * R), dP = gamma * G),
+         grad_q += (dS / gamma) k, times gamma once at the end: dS / gamma is what fp16/bf16
+         tiles round for their matmul, and PAM's gamma starts at 0, where gamma * P * (G - R)
+         would fall into fp16's subnormals.
       3. grad_k: one program per (n, D_qk chunk, key block) looping over query blocks, the
          same in transposed form: grad_k += dS^T q. When D_v fits one BLOCK_DV chunk (and
          D_qk one chunk), it also accumulates grad_v = gamma * P^T grad_y^T from the same
@@ -300,7 +302,8 @@ def _grad_q_kernel(
     ONE_DQK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr, IP: tl.constexpr,
 ):
-    """grad_q[:, e, i] = sum_j dS[i, j] k[e, j] for this program's query block i and D_qk chunk e."""
+    """grad_q[:, e, i] = gamma * sum_j (dS / gamma)[i, j] k[e, j] for this program's query block i
+    and D_qk chunk e."""
     ACC = lse_ptr.dtype.element_ty
     n, db, mb = _program(num_mb, num_db)
     i = mb * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -339,11 +342,11 @@ def _grad_q_kernel(
             v_ptr, v_base, j, sv_p, j_mask, sv_d,
             DV, dp, BLOCK_DV, IP,
         )
-        ds = tl.where(valid, p * (dp - r_i[:, None]) * gamma, 0.0)
+        ds = tl.where(valid, p * (dp - r_i[:, None]), 0.0)  # dS / gamma
         dq = tl.dot(ds.to(kk.dtype), tl.trans(kk), dq, input_precision=IP)
 
     offs = n * so_n + i.to(tl.int64)[:, None] * so_p + e.to(tl.int64)[None, :] * so_d
-    tl.store(gq_ptr + offs, dq.to(gq_ptr.dtype.element_ty), mask=i_mask[:, None] & e_mask[None, :])
+    tl.store(gq_ptr + offs, (dq * gamma).to(gq_ptr.dtype.element_ty), mask=i_mask[:, None] & e_mask[None, :])
 
 
 @triton.jit
@@ -359,7 +362,7 @@ def _grad_k_kernel(
     ONE_DQK: tl.constexpr, FUSE_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr, IP: tl.constexpr,
 ):
-    """grad_k[:, e, j] = sum_i dS[i, j] q[e, i] for this program's key block j and D_qk
+    """grad_k[:, e, j] = gamma * sum_i (dS / gamma)[i, j] q[e, i] for this program's key block j and D_qk
     chunk e; with FUSE_V (D_v and D_qk one chunk each) also grad_v[:, :, j]."""
     ACC = lse_ptr.dtype.element_ty
     n, db, nb = _program(num_nb, num_db)
@@ -409,11 +412,11 @@ def _grad_k_kernel(
                 gy_ptr, g_base, i, sg_p, i_mask, sg_d,
                 DV, dpt, BLOCK_DV, IP,
             )
-        dst = tl.where(valid, pt * (dpt - r_i[None, :]) * gamma, 0.0)
+        dst = tl.where(valid, pt * (dpt - r_i[None, :]), 0.0)  # (dS / gamma)^T
         dk = tl.dot(dst.to(qq.dtype), tl.trans(qq), dk, input_precision=IP)
 
     offs = n * sok_n + j.to(tl.int64)[:, None] * sok_p + e.to(tl.int64)[None, :] * sok_d
-    tl.store(gk_ptr + offs, dk.to(gk_ptr.dtype.element_ty), mask=j_mask[:, None] & e_mask[None, :])
+    tl.store(gk_ptr + offs, (dk * gamma).to(gk_ptr.dtype.element_ty), mask=j_mask[:, None] & e_mask[None, :])
     if FUSE_V:
         offs = n * sov_n + j.to(tl.int64)[:, None] * sov_p + c.to(tl.int64)[None, :] * sov_d
         tl.store(gv_ptr + offs, (dv * gamma).to(gv_ptr.dtype.element_ty), mask=j_mask[:, None] & c_mask[None, :])

@@ -588,7 +588,7 @@ void mlp_gate_sample(const acc_t* avg, const acc_t* w1, const acc_t* b1, const a
   for (int64_t r = 0; r < rd; ++r) {
     acc_t z = b1 != nullptr ? b1[r] : acc_t(0);
     for (int64_t c = 0; c < C; ++c) z += w1[r * C + c] * avg[c];
-    h[r] = z < acc_t(0) ? acc_t(0) : z;  // relu as torch's: a NaN passes through
+    h[r] = relu(z);
   }
   for (int64_t c = 0; c < C; ++c) {
     acc_t z = b2 != nullptr ? b2[c] : acc_t(0);

@@ -7,8 +7,8 @@
 // writes x1 = x * sigmoid(m + b2) while the tile is in cache. x is read once, x1 written once;
 // h and m live in per-thread buffers of at most C x kTile values.
 //
-// Backward: the same tiles recompute h and m, then g = grad_x1 * x * m (1 - m), dh = [h > 0]
-// w2^T g and grad_x = grad_x1 * m + w1^T dh. The weight gradients accumulate per slot, a fixed
+// Backward: the same tiles recompute h and m, then g = grad_x1 * x * m (1 - m), dh = relu_grad(w2^T g, h)
+// and grad_x = grad_x1 * m + w1^T dh. The weight gradients accumulate per slot, a fixed
 // range of tiles (kSlots of them, whatever the thread count), and the slots are summed in
 // order: bitwise the same result on every run and every thread count.
 #include <ATen/ATen.h>
@@ -67,7 +67,7 @@ at::Tensor tile_buffer(at::Tensor& buf, int64_t C, int64_t P, bool channels_last
 template <typename acc_t>
 void bias_relu(acc_t* h, const acc_t* b1, int64_t rd, int64_t P) {
   for (int64_t r = 0; r < rd; ++r) {
-    for (int64_t p = 0; p < P; ++p) h[r * P + p] = std::max(h[r * P + p] + b1[r], acc_t(0));
+    for (int64_t p = 0; p < P; ++p) h[r * P + p] = relu(h[r * P + p] + b1[r]);
   }
 }
 
@@ -148,11 +148,10 @@ at::Tensor gam_channel_cpu(const at::Tensor& x, const at::Tensor& w1, const at::
   return x1;
 }
 
-// dh = [h > 0] * dh on the (rd x P) hidden tile; a NaN h passes dh, as torch's relu backward
-// (it zeroes where h <= 0) does.
+// dh = relu_grad(dh, h) on the (rd x P) hidden tile (h = relu(t) is <= 0 exactly where t is).
 template <typename acc_t>
 void relu_mask(acc_t* dh, const acc_t* h, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dh[i] = h[i] <= acc_t(0) ? acc_t(0) : dh[i];
+  for (int64_t i = 0; i < n; ++i) dh[i] = relu_grad(dh[i], h[i]);
 }
 
 // One row of the backward's elementwise pass: from grad_x1, x and m = sigmoid(m_pre + b2),

@@ -661,8 +661,7 @@ at::Tensor ham_attention_cpu(const at::Tensor& x_in, const at::Tensor& weight, c
         cpu_sample::spatial_conv(sum1, 2, H, W, sw.const_data_ptr<acc_t>(), ks, z.data());
         cpu_sample::spatial_conv(sum2, 2, H, W, sw.const_data_ptr<acc_t>(), ks, z.data() + hw);
         for (int64_t p = 0; p < 2 * hw; ++p) {  // s = sigmoid(relu(bn(z))), BN folded to an affine
-          const acc_t t = z[p] * scale + shift;
-          z[p] = sigmoid(t > acc_t(0) ? t : acc_t(0));
+          z[p] = sigmoid(relu(z[p] * scale + shift));
         }
         apply_block<scalar_t>(v, n, 0, hw, nullptr, z.data(), z.data() + hw, yp, nullptr, nullptr, nullptr);
       }

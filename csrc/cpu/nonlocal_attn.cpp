@@ -66,13 +66,14 @@ at::Tensor pixel_matrix(const at::Tensor& t, at::ScalarType acc) {
 }
 
 // Row i of the (rows x cols) tile s, stored with row stride ld: s[i, :] = exp(s[i, :] - shift),
-// returning the row's sum. A shift of -inf (a row whose energies so far are all -inf) gives
-// zeros: such keys have no weight yet, and a row that stays all -inf ends as 0/0 = NaN, as
-// torch.softmax gives.
-template <typename acc_t>
+// returning the row's sum. In the forward's online softmax (kOnline), a shift of -inf (a row
+// whose energies so far are all -inf) gives zeros: such keys have no weight yet, and a row
+// that stays all -inf ends as 0/0 = NaN, as torch.softmax gives. The backward's shift is the
+// final lse, and there exp(-inf - (-inf)) = NaN is torch's P for such a row.
+template <bool kOnline, typename acc_t>
 acc_t exp_shifted(acc_t* s, int64_t cols, acc_t shift) {
   using V = Vectorized<acc_t>;
-  if (shift == -std::numeric_limits<acc_t>::infinity()) {
+  if (kOnline && shift == -std::numeric_limits<acc_t>::infinity()) {
     std::fill_n(s, cols, acc_t(0));
     return acc_t(0);
   }
@@ -168,7 +169,7 @@ void forward_tile(const at::Tensor& Q, const at::Tensor& K, const at::Tensor& V,
       const acc_t m_new = nan_max(m[i], row_max(s_i, bk));
       // Rescale what earlier key blocks summed to the new max (nothing was summed at -inf).
       alpha[i] = (m_new == m[i] || m[i] == neg_inf) ? acc_t(1) : std::exp(m[i] - m_new);
-      l[i] = l[i] * alpha[i] + exp_shifted(s_i, bk, m_new);
+      l[i] = l[i] * alpha[i] + exp_shifted</*kOnline=*/true>(s_i, bk, m_new);
       m[i] = m_new;
     }
     if (j0 > 0) scale_columns(O, alpha.data());
@@ -241,7 +242,7 @@ void backward_keys(const at::Tensor& Q, const at::Tensor& K, const at::Tensor& V
       acc_t* p = P_buf.data_ptr<acc_t>();
       acc_t* ds = dS_buf.data_ptr<acc_t>();
       for (int64_t i = 0; i < bq; ++i) {
-        exp_shifted(p + i * ld, bk, lse[i0 + i]);  // P = exp(S - lse)
+        exp_shifted</*kOnline=*/false>(p + i * ld, bk, lse[i0 + i]);  // P = exp(S - lse)
         scale_row(ds + i * ld, bk, gamma);         // dP
         softmax_grad_row(p + i * ld, ds + i * ld, bk, gamma * R[i0 + i]);
       }

@@ -373,11 +373,6 @@ void correlate(Correlation& corr, const at::Tensor& A, int64_t g, int64_t o0, co
 
 // ---------------------------------------------------------------- prologue: s -> the conv's input
 
-template <typename acc_t>
-inline acc_t relu(acc_t v) {
-  return (v > acc_t(0) || std::isnan(v)) ? v : acc_t(0);  // NaN passes, as torch.relu
-}
-
 // dst[i] = relu(a * x[i] + b) (kAffine) or x[i] over n contiguous values; *sum += the values
 // when sum is given.
 template <typename scalar_t, bool kAffine>
@@ -709,7 +704,7 @@ void add_row_sums(const at::Tensor& m, acc_t* sums) {
   }
 }
 
-// The prologue's backward over n contiguous values: du = grad_u * [t > 0], t = a*s + b;
+// The prologue's backward over n contiguous values: du = relu_grad(grad_u, t), t = a*s + b;
 // grad_s = du * a; sum_scale += du * s, sum_shift += du. Without the prologue grad_s = grad_u.
 template <typename scalar_t, bool kAffine>
 void prologue_grad_row(const at::opmath_type<scalar_t>* gu, const scalar_t* s, int64_t n, at::opmath_type<scalar_t> a,
@@ -728,7 +723,7 @@ void prologue_grad_row(const at::opmath_type<scalar_t>* gu, const scalar_t* s, i
       AccVec x[S::kVecs];
       S::load(s + i, x);
       for (int k = 0; k < S::kVecs; ++k) {
-        const AccVec du = g[k] & (x[k] * AccVec(a) + AccVec(b) > AccVec(0));
+        const AccVec du = vec_relu_grad(g[k], x[k] * AccVec(a) + AccVec(b));
         ts[k] = ts[k] + du * x[k];
         th[k] = th[k] + du;
         g[k] = du * AccVec(a);
@@ -741,7 +736,7 @@ void prologue_grad_row(const at::opmath_type<scalar_t>* gu, const scalar_t* s, i
     acc_t g = gu[i];
     if constexpr (kAffine) {
       const acc_t x = static_cast<acc_t>(s[i]);
-      const acc_t du = x * a + b > acc_t(0) ? g : acc_t(0);
+      const acc_t du = relu_grad(g, x * a + b);
       rs += du * x;
       rh += du;
       g = du * a;
@@ -789,7 +784,7 @@ void prologue_grad(const at::opmath_type<scalar_t>* gu, const SampleView<scalar_
         acc_t g = gu[c * geo.HW + h * geo.W + w];
         if (scale != nullptr) {
           const acc_t v = static_cast<acc_t>(x.data[off]);
-          const acc_t du = v * scale[sc] + shift[sc] > acc_t(0) ? g : acc_t(0);
+          const acc_t du = relu_grad(g, v * scale[sc] + shift[sc]);
           sum_scale[sc] += du * v;
           sum_shift[sc] += du;
           g = du * scale[sc];

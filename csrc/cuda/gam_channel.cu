@@ -10,7 +10,7 @@
 //
 // The backward recomputes h, then makes two passes over the channel chunks:
 //   pass A: g = grad_x1 * x * m * (1 - m);  dh += W2^T g;  grad_w2 += g h^T;  grad_b2 += sum_p g
-//   (dh = dh * [h > 0];  grad_b1 += sum_p dh)
+//   (dh = relu_grad(dh, h);  grad_b1 += sum_p dh)
 //   pass B: m again;  grad_x = grad_x1 * m + W1^T dh;  grad_w1 += dh x^T
 // m is recomputed in pass B rather than kept, since C x TP values would not fit next to the rest.
 // The weight gradients are per-block partial sums ("slots", one per block, accumulated over the
@@ -49,6 +49,7 @@ using cuda::ceil_div;
 using cuda::feature_map;
 using cuda::FeatureMap;
 using cuda::relu;
+using cuda::relu_grad;
 using cuda::sigmoid;
 using cuda::check_cuda;
 using cuda::kMaxGrid;
@@ -362,10 +363,10 @@ __global__ void __launch_bounds__(kThreads) gam_channel_backward_kernel(GamArgs<
       __syncthreads();
     }
 
-    // Through fc1's ReLU: dh = dh * [h > 0] (h = relu(...) > 0 exactly where the ReLU passed).
+    // Through fc1's ReLU: dh = relu_grad(dh, h) (h = relu(t) is <= 0 exactly where t is).
     for (int e = threadIdx.x; e < rd * t.np; e += kThreads) {
       const int r = e / t.np, p = e - r * t.np;
-      if (!(hs[r * ldp + p] > acc_t(0))) dhs[r * ldp + p] = acc_t(0);
+      dhs[r * ldp + p] = relu_grad(dhs[r * ldp + p], hs[r * ldp + p]);
     }
     __syncthreads();
     block_gemm<acc_t>(rd, 1, t.np, {dhs, 1, ldp}, ones, scratch, [&](int r, int, acc_t v) { slot_b1[r] += v; });

@@ -8,9 +8,13 @@
 //
 //   kernel    own  other  X          Y = own2^T other2 (all D_v)   Z                        T
 //   forward   i    j      S = q^T k  -                             P (online softmax)       v
-//   grad_v    j    i      S^T        -                             P^T = exp(S^T - lse_i)   grad_y (acc x gamma)
-//   grad_q    i    j      S          grad_y^T v = dP / gamma       dS = P gamma (Y - R_i)   k
-//   grad_k    j    i      S^T        v^T grad_y = dP^T / gamma     dS^T                     q
+//   grad_v    j    i      S^T        -                             P^T = exp(S^T - lse_i)   grad_y
+//   grad_q    i    j      S          grad_y^T v = dP / gamma       dS / gamma = P (Y - R_i) k
+//   grad_k    j    i      S^T        v^T grad_y = dP^T / gamma     (dS / gamma)^T           q
+//
+// Every backward acc is scaled by gamma once, in the epilogue: Z carries no gamma. The tensor-core
+// walk rounds Z to fp16/bf16 for its mma, and PAM's gamma starts at 0, so gamma * P (Y - R) would
+// fall into the subnormals early in training (dS / gamma keeps its full precision).
 //
 // R[n,i] = sum_c grad_y*out comes from a small row-dot kernel first, which also writes per-block
 // partial sums of grad_gamma; a one-block kernel adds them in a fixed order. No tile of S leaves
@@ -652,7 +656,7 @@ __global__ void __launch_bounds__(kThreads, (kTcMinBlocks<kMode, kCL, kAcc>))
               float z = p;
               if constexpr (kY) {
                 const float R = kQ ? R_r[e >> 1] : st[kBN + col];
-                z = p * (gamma * (Y[nt][e] - R));  // dS = P (dP - gamma R), dP = gamma Y
+                z = p * (Y[nt][e] - R);  // dS / gamma: dS = P (dP - gamma R), dP = gamma Y
               }
               X[nt][e] = valid ? z : 0.f;
             }
@@ -695,7 +699,7 @@ __global__ void __launch_bounds__(kThreads, (kTcMinBlocks<kMode, kCL, kAcc>))
           a.lse_out[n * HW + o] = m_r[h] + logf(l);
         }
       }
-    } else if constexpr (kMode == Mode::kGradV) {
+    } else {  // every gradient carries one factor gamma, applied here
       row_scale[0] = row_scale[1] = gamma;
     }
     cp_async_wait_all();  // nothing is in flight; kept so the staging never races a load
@@ -885,7 +889,7 @@ __global__ void __launch_bounds__(kThreads) attn_simt_kernel(const WalkArgs<T, a
             acc_t z = acc_exp(X[r][q] - lse);
             if constexpr (kY) {
               const acc_t R = kQ ? R_r[r] : sm.stats[1][col];
-              z = z * (gamma * (Y[r][q] - R));
+              z = z * (Y[r][q] - R);  // dS / gamma
             }
             X[r][q] = j0 + col < HW ? z : acc_t(0);
           }
@@ -920,7 +924,7 @@ __global__ void __launch_bounds__(kThreads) attn_simt_kernel(const WalkArgs<T, a
         if (ec == 0 && tc == 0 && o < HW) {
           a.lse_out[n * HW + o] = m_r[r] + acc_log(l);
         }
-      } else if constexpr (kMode == Mode::kGradV) {
+      } else {  // every gradient carries one factor gamma, applied here
         row_scale[r] = gamma;
       }
     }

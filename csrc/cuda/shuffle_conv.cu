@@ -8,7 +8,7 @@
 //                written raw (acc, s's layout) or as y = gate_x * sigmoid(out_scale * z + out_shift);
 //       grad_s:  grad_z -> grad_u, the transposed conv: the same conv with the weights flipped in
 //                (i, j) and transposed within each group (W'[g*Cg + c][o][i][j] = W[g*Og + o][c][k-1-i][k-1-j]),
-//                then du = grad_u * [t > 0] and grad_s[pi(c)] = du * in_scale, plus per-block partial
+//                then du = relu_grad(grad_u, t) and grad_s[pi(c)] = du * in_scale, plus per-block partial
 //                sums of du * s and du for grad_in_scale and grad_in_shift.
 //     A block takes one sample, one group, a chunk of the group's output channels and a TY x 32 pixel
 //     tile. Input channels are staged a few at a time: their (TY + k - 1) x (32 + k - 1) halo tile (the
@@ -50,6 +50,7 @@ using cuda::ceil_div;
 using cuda::feature_map;
 using cuda::FeatureMap;
 using cuda::relu;
+using cuda::relu_grad;
 using cuda::sigmoid;
 using cuda::check_cuda;
 using cuda::kMaxGrid;
@@ -110,7 +111,7 @@ __device__ __forceinline__ acc_t* shared_base() {
 enum class ConvEpilogue : int {
   kRaw,    // out = z (+ bias)
   kGated,  // out = gate_x * sigmoid(out_scale * z + out_shift)
-  kGradS,  // out[pi(c)] = du * in_scale (or grad_u), du = grad_u * [t > 0]; partial sums
+  kGradS,  // out[pi(c)] = du * in_scale (or grad_u), du = relu_grad(grad_u, t); partial sums
 };
 
 template <typename acc_t>
@@ -128,7 +129,7 @@ struct ConvArgs {
   FeatureMap gate_x;  // kGated
   const acc_t* out_scale;
   const acc_t* out_shift;
-  ConvInput<acc_t> s;  // kGradS: s read through pi and its affine (for [t > 0] and the sums)
+  ConvInput<acc_t> s;  // kGradS: s read through pi and its affine (for relu_grad and the sums)
   bool channel_sums;   // kGradS with the affine: per-block sums for grad_in_scale / grad_in_shift
   acc_t* part_scale;   // (N * tiles, C_in) partial sums of du * s ...
   acc_t* part_shift;   // ... and of du, at s's channel pi(c)
@@ -282,7 +283,7 @@ __global__ void __launch_bounds__(kThreads) conv_kernel(ConvArgs<acc_t> a) {
           } else {
             const acc_t s_val = a.s.map.template load<acc_t>(n, sc, p);
             const acc_t t = a.s.scale[sc] * s_val + a.s.shift[sc];
-            const acc_t du = t > acc_t(0) ? v : acc_t(0);  // relu's gradient (0 at t = 0 and NaN)
+            const acc_t du = relu_grad(v, t);
             a.out.store(n, sc, p, du * a.s.scale[sc]);
             sum_ds[q] += du * s_val;
             sum_d[q] += du;

@@ -54,6 +54,21 @@ inline V vec_sigmoid(const V& v) {
   return V(1) / (V(1) + v.neg().exp());
 }
 
+// relu and its gradient by torch's rule (docs/contract.md "NaN propagation"): relu(t) =
+// t < 0 ? 0 : t keeps a NaN, and the gradient (t <= 0) ? 0 : grad passes grad on where t is NaN.
+template <typename acc_t>
+inline acc_t relu(acc_t t) {
+  return t < acc_t(0) ? acc_t(0) : t;
+}
+template <typename acc_t>
+inline acc_t relu_grad(acc_t grad, acc_t t) {
+  return t <= acc_t(0) ? acc_t(0) : grad;
+}
+template <typename V>
+inline V vec_relu_grad(const V& grad, const V& t) {
+  return V::blendv(grad, V(0), t <= V(0));
+}
+
 // max that propagates NaN from either side, as torch.amax.
 template <typename acc_t>
 inline acc_t nan_max(acc_t m, acc_t v) {

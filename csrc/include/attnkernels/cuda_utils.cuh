@@ -210,10 +210,15 @@ __device__ __forceinline__ acc_t sigmoid(acc_t v) {
   return acc_t(1) / (acc_t(1) + acc_exp(-v));  // as torch.sigmoid computes it
 }
 
-// relu that keeps NaN (torch.relu does): NaN < 0 is false.
+// relu and its gradient by torch's rule (docs/contract.md "NaN propagation"): relu keeps a NaN
+// (NaN < 0 is false), and the gradient (t <= 0) ? 0 : grad passes grad on where t is NaN.
 template <typename acc_t>
 __device__ __forceinline__ acc_t relu(acc_t v) {
   return v < acc_t(0) ? acc_t(0) : v;
+}
+template <typename acc_t>
+__device__ __forceinline__ acc_t relu_grad(acc_t grad, acc_t t) {
+  return t <= acc_t(0) ? acc_t(0) : grad;
 }
 
 }  // namespace cuda
