@@ -156,9 +156,10 @@ def leaf(t: torch.Tensor, grad: bool = False) -> torch.Tensor:
 
 
 def forward_backward(module, x: torch.Tensor, g: torch.Tensor, backend_name: str | None = None):
-    """Output, x's gradient and every parameter gradient, optionally on a forced backend."""
+    """Output, x's gradient and every parameter gradient, optionally on a forced backend. x
+    keeps its strides (a detached alias, not a clone, which would make a sliced view dense)."""
     module.zero_grad(set_to_none=True)
-    x = x.detach().clone().requires_grad_()
+    x = x.detach().requires_grad_()
     with backend.use_backend(backend_name):
         y = module(x)
     y.backward(g)
