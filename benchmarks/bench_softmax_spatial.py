@@ -26,7 +26,7 @@ def test_softmax_spatial(benchmark, shape: str, groups: int, variant: str, phase
     train = phase == "forward_backward"
     x = torch.randn(n, c, h, w, device=DEVICE, dtype=DTYPE, requires_grad=train)
     weight = (torch.randn(groups, c, device=DEVICE, dtype=DTYPE) * 0.05).requires_grad_(train)
-    bias = torch.zeros(groups, device=DEVICE, dtype=DTYPE, requires_grad=train)
+    bias = (torch.randn(groups, device=DEVICE, dtype=DTYPE) * 0.05).requires_grad_(train)
     g = torch.randn_like(x)
 
     def run():
