@@ -26,6 +26,7 @@ from helpers import (
     backend_cases,
     compiled_and_eager,
     forward_backward,
+    full_size_saved,
     fused_pair,
     make_input,
     needs_gpu,
@@ -215,27 +216,13 @@ def test_half_precision_error_like_eager(device, dtype, groups) -> None:
     assert_error_like_eager(low, eager, exact, floor=2e-3, names=NAMES)
 
 
-def _full_size_saved(module, x: torch.Tensor, backend_name: str) -> set[int]:
-    """The storages of the x-sized tensors autograd saves for module(x)."""
-    storages = set()
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        if t.numel() >= x.numel():
-            storages.add(t.untyped_storage().data_ptr())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), backend.use_backend(backend_name):
-        module(x)
-    return storages
-
-
 @pytest.mark.parametrize("groups", [1, 4])
 def test_backward_saves_only_x(groups) -> None:
     """Nothing x-sized is saved but x itself (a is (N, g, H, W), in any dtype)."""
     f, _ = pair(16, groups, True, torch.float32, "cpu")
     for layout in ("nchw", "channels_last"):
         x = make_input((2, 16, 8, 8), layout, torch.float32, "cpu").requires_grad_()
-        assert _full_size_saved(f, x, "cpu") == {x.untyped_storage().data_ptr()}
+        assert full_size_saved(f, x, "cpu") == {x.untyped_storage().data_ptr()}
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
