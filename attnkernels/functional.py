@@ -27,6 +27,9 @@ gam_channel and shuffle_conv (GAM):
                       gate_x=x1, out_scale=..., out_shift=...)   # BN1+ReLU+shuffle on load,
                                                                  # BN2+sigmoid+multiply epilogue
     y, mean, var = shuffle_conv_bn_gate(...)              # the same with BN2's batch statistics
+
+softmax_spatial (SoftmaxSpatial):
+    y = softmax_spatial(x, weight, bias, rescale)   # x * softmax_p(conv1x1(x))[c // (C/g)] * (H*W or 1)
 """
 from __future__ import annotations
 

@@ -166,6 +166,21 @@ def forward_backward(module, x: torch.Tensor, g: torch.Tensor, backend_name: str
     return y.detach(), [x.grad] + [p.grad for p in module.parameters()]
 
 
+def full_size_saved(module, x: torch.Tensor, backend_name: str) -> set[int]:
+    """The storages of the full-size tensors (x's numel or more) autograd saves for backward
+    of module(x) on `backend_name`."""
+    storages = set()
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.numel() >= x.numel():
+            storages.add(t.untyped_storage().data_ptr())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), backend.use_backend(backend_name):
+        module(x)
+    return storages
+
+
 def op_forward_backward(op, inputs: list[torch.Tensor], grad: torch.Tensor, backend_name: str):
     """`op(*inputs)` on `backend_name`: its output and the gradient of every input."""
     with backend.use_backend(backend_name):

@@ -404,6 +404,17 @@ def gam_channel_problem(data, m: Maker) -> Problem:
     return Problem(AF.gam_channel, [x, *params], ["x", "w1", "b1", "w2", "b2"], layout_of=x, seed=m.seed)
 
 
+def softmax_spatial_problem(data, m: Maker) -> Problem:
+    shape = data.draw(m.sizes.shapes(), label="shape")
+    c = shape[1]
+    g = data.draw(st.sampled_from([d for d in range(1, c + 1) if c % d == 0]), label="g")
+    rescale = data.draw(st.booleans(), label="rescale")
+    x = m.feature(shape)
+    params = [m.param((g, c), 0.5), m.param(g, 0.5)]
+    return Problem(lambda x, w, b: AF.softmax_spatial(x, w, b, rescale), [x, *params], ["x", "weight", "bias"],
+                   layout_of=x, seed=m.seed)
+
+
 @st.composite
 def conv_geometry(draw, sizes: Sizes):
     """(groups, shuffle_groups, C_in, C_out, k): groups divides C_in and C_out, shuffle_groups C_in."""
@@ -496,6 +507,7 @@ OPS: dict[str, Callable] = {
     "ham_spatial_conv": ham_spatial_conv_problem,
     "nonlocal_attn": nonlocal_attn_problem,
     "gam_channel": gam_channel_problem,
+    "softmax_spatial": softmax_spatial_problem,
     "shuffle_conv": shuffle_conv_problem,
     "shuffle_conv_bn_gate": shuffle_conv_bn_gate_problem,
 }
@@ -521,6 +533,9 @@ def module_config(draw, name: str, sizes: Sizes) -> tuple[int, dict]:
         c = draw(st.integers(rd * reduction, rd * reduction + reduction - 1).filter(lambda c: c % g == 0))
         return c, {"reduction": reduction, "groups": g, "kernel_size": draw(sizes.kernels(7))}
     c = draw(st.integers(1, sizes.channels))
+    if name == "softmax_spatial":
+        groups = draw(st.sampled_from([d for d in range(1, c + 1) if c % d == 0]))
+        return c, {"groups": groups, "rescale": draw(st.booleans())}
     if name == "se":
         return c, {"reduction": draw(st.sampled_from([1, 4, 16])), "divisor": draw(st.sampled_from([1, 2, 8]))}
     if name == "eca":

@@ -39,6 +39,7 @@ MODULES = {
     "csm": ("csm", {}),
     "gam": ("gam", {"reduction": 4}),
     "gam-gc": ("gam", {"reduction": 4, "groups": 4}),
+    "softmax_spatial": ("softmax_spatial", {"groups": 4}),
 }
 SHAPE = (2, 32, 6, 5)
 FP32 = {"rtol": 1e-5, "atol": 1e-5}

@@ -169,6 +169,19 @@ def gam_channel_case(device):
     return AF.gam_channel, args, [0, 1, 2, 3, 4], [0]
 
 
+def softmax_spatial_case(rescale: bool):
+    """One map per pair of channels (g = C/2 needs C even; else g = 1) and its bias; a special
+    value in x spreads over its sample, one in the weight over the whole batch."""
+
+    def make(device):
+        c = SHAPE[1]
+        g = c // 2 if c % 2 == 0 else 1
+        args = [rand(*SHAPE, device=device), rand(g, c, device=device), rand(g, device=device)]
+        return (lambda *a: AF.softmax_spatial(*a, rescale)), args, [0, 1, 2], [0, 1]
+
+    return make
+
+
 def shuffle_conv_case(conv: str, epilogue: str):
     """GAM's second conv: relu(in_scale * s + in_shift) through the shuffle on load, then the
     raw output ("raw"), BN folded into the gate ("gate") or BN's batch statistics ("bn")."""
@@ -212,6 +225,8 @@ OP_CASES = {
     "ham_spatial_conv": ham_conv_case,
     "nonlocal_attn": nonlocal_case,
     "gam_channel": gam_channel_case,
+    "softmax_spatial-rescale": softmax_spatial_case(True),
+    "softmax_spatial-plain": softmax_spatial_case(False),
     **{f"shuffle_conv-{conv}-{epi}": shuffle_conv_case(conv, epi)
        for conv in ("direct", "library") for epi in ("raw", "gate", "bn")},
 }
@@ -260,6 +275,8 @@ MODULES = {
     "gam-library": (N.GAM, {"reduction": 4}, "library"),
     "gam_gc-direct": (N.GAM, {"reduction": 4, "groups": 4}, "direct"),
     "gam_gc-library": (N.GAM, {"reduction": 4, "groups": 4}, "library"),
+    "softmax_spatial": (N.SoftmaxSpatial, {}, None),
+    "softmax_spatial-g4": (N.SoftmaxSpatial, {"groups": 4, "rescale": False}, None),
 }
 
 
@@ -328,6 +345,8 @@ PARAMETER_CASES = [
     ("gam-direct", "bn2.running_mean", NAN, False),
     ("gam_gc-direct", "fc1.bias", NAN, False),
     ("gam-library", "bn1.running_var", INF, False),
+    ("softmax_spatial-g4", "conv.bias", INF, True),
+    ("softmax_spatial", "conv.weight", NAN, False),
 ]
 
 

@@ -16,11 +16,12 @@ from .gam import GAM
 from .ham import HAM
 from .pam import PAM
 from .se import SE
+from .softmax_spatial import SoftmaxSpatial
 
 #: Registry name -> fused class, for the modules with fused kernels so far.
-FUSED = {"eca": ECA, "se": SE, "ham": HAM, "pam": PAM, "csm": CSM, "gam": GAM}
+FUSED = {"eca": ECA, "se": SE, "ham": HAM, "pam": PAM, "csm": CSM, "gam": GAM, "softmax_spatial": SoftmaxSpatial}
 
-__all__ = ["ECA", "SE", "HAM", "PAM", "CSM", "GAM", "FUSED", "FusedModule", "reference_class", "fused_class", "as_fused"]
+__all__ = ["ECA", "SE", "HAM", "PAM", "CSM", "GAM", "SoftmaxSpatial", "FUSED", "FusedModule", "reference_class", "fused_class", "as_fused"]
 
 
 def fused_class(module: nn.Module) -> type[nn.Module] | None:
