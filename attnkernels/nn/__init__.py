@@ -10,6 +10,7 @@ from __future__ import annotations
 from torch import nn
 
 from ._fused import FusedModule, reference_class
+from .bridge import Bridge
 from .csm import CSM
 from .eca import ECA
 from .gam import GAM
@@ -18,9 +19,9 @@ from .pam import PAM
 from .se import SE
 
 #: Registry name -> fused class, for the modules with fused kernels so far.
-FUSED = {"eca": ECA, "se": SE, "ham": HAM, "pam": PAM, "csm": CSM, "gam": GAM}
+FUSED = {"eca": ECA, "se": SE, "ham": HAM, "pam": PAM, "csm": CSM, "gam": GAM, "bridge": Bridge}
 
-__all__ = ["ECA", "SE", "HAM", "PAM", "CSM", "GAM", "FUSED", "FusedModule", "reference_class", "fused_class", "as_fused"]
+__all__ = ["ECA", "SE", "HAM", "PAM", "CSM", "GAM", "Bridge", "FUSED", "FusedModule", "reference_class", "fused_class", "as_fused"]
 
 
 def fused_class(module: nn.Module) -> type[nn.Module] | None:

@@ -609,6 +609,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_mlp_attention_cpu(const a
   auto as_acc = [&](const at::Tensor& t) { return t.reshape(-1).to(acc).contiguous(); };
   const at::Tensor w1a = as_acc(w1), w2a = as_acc(w2);
   const at::Tensor b1a = b1.has_value() ? as_acc(*b1) : at::Tensor(), b2a = b2.has_value() ? as_acc(*b2) : at::Tensor();
+  // A per-sample b1 (N, rd) steps one row per sample; a shared one stays put.
+  const int64_t b1_step = b1.has_value() && check_mlp_b1(*b1, x, rd, op) ? rd : 0;
   auto opts = x.options().dtype(acc);
   at::Tensor avg, gate = at::empty({N, C}, opts), y;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "channel_mlp_attention_cpu", [&] {
@@ -616,15 +618,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_mlp_attention_cpu(const a
     const acc_t *pw1 = w1a.const_data_ptr<acc_t>(), *pw2 = w2a.const_data_ptr<acc_t>();
     const acc_t* pb1 = b1a.defined() ? b1a.const_data_ptr<acc_t>() : nullptr;
     const acc_t* pb2 = b2a.defined() ? b2a.const_data_ptr<acc_t>() : nullptr;
-    auto gate_fn = [&](const acc_t* a, acc_t* g) {
+    auto gate_fn = [&](int64_t n, const acc_t* a, acc_t* g) {
       std::vector<acc_t> h(rd);
-      mlp_gate_sample(a, pw1, pb1, pw2, pb2, C, rd, h.data(), g);
+      mlp_gate_sample(a, pw1, pb1 != nullptr ? pb1 + n * b1_step : nullptr, pw2, pb2, C, rd, h.data(), g);
     };
     if (!per_sample_pays(x)) {
       avg = std::get<0>(channel_pool_cpu(x));
       const acc_t* a = avg.const_data_ptr<acc_t>();
       acc_t* g = gate.data_ptr<acc_t>();
-      for (int64_t n = 0; n < N; ++n) gate_fn(a + n * C, g + n * C);
+      for (int64_t n = 0; n < N; ++n) gate_fn(n, a + n * C, g + n * C);
       y = channel_rescale_cpu(x, gate);
       return;
     }
@@ -633,7 +635,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_mlp_attention_cpu(const a
     y = empty_like_layout(x);
     acc_t* a = avg.data_ptr<acc_t>();
     attention_per_sample<scalar_t>(x, y, a, max.data_ptr<acc_t>(), gate.data_ptr<acc_t>(),
-                                   [&](int64_t n, acc_t* g) { gate_fn(a + n * C, g); });
+                                   [&](int64_t n, acc_t* g) { gate_fn(n, a + n * C, g); });
   });
   return {y, avg, gate};
 }
