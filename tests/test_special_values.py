@@ -260,6 +260,7 @@ MODULES = {
     "gam-library": (N.GAM, {"reduction": 4}, "library"),
     "gam_gc-direct": (N.GAM, {"reduction": 4, "groups": 4}, "direct"),
     "gam_gc-library": (N.GAM, {"reduction": 4, "groups": 4}, "library"),
+    "bridge": (N.Bridge, helpers.module_kwargs("bridge", CHANNELS), None),  # maps from x: FeedsBridges
 }
 
 
@@ -328,6 +329,9 @@ PARAMETER_CASES = [
     ("gam-direct", "bn2.running_mean", NAN, False),
     ("gam_gc-direct", "fc1.bias", NAN, False),
     ("gam-library", "bn1.running_var", INF, False),
+    ("bridge", "attn.bn.2.running_mean", NAN, False),  # x's BN, folded into the per-sample op
+    ("bridge", "attn.bn.0.running_var", INF, False),  # a bridge's BN: its term of b1
+    ("bridge", "attn.proj.2.weight", INF, True),
 ]
 
 
