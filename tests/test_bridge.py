@@ -186,6 +186,27 @@ def test_gradcheck(backend_name, device, train) -> None:
 
 
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_backward_saves_no_full_size_intermediate(train) -> None:
+    """Autograd keeps x and the bridge maps themselves (inputs, alive anyway) and (N, C) or
+    smaller maps only: no full-size intermediate, no copy of an input."""
+    shape, bridge_shapes = SMALL
+    f, _ = pair(shape, bridge_shapes, torch.float32, "cpu", train)
+    x, bridges = inputs(shape, bridge_shapes, "channels_last", torch.float32, "cpu")
+    ins = [t.requires_grad_() for t in (x, *bridges)]
+    smallest = min(t.numel() for t in ins)
+    saved = []
+
+    def pack(t):
+        if t.numel() >= smallest:
+            saved.append(t.untyped_storage().data_ptr())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), backend.use_backend("cpu"):
+        f(*ins)
+    assert saved and set(saved) <= {t.untyped_storage().data_ptr() for t in ins}
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_compile_fullgraph_on_cpu(train, layout) -> None:
     """torch.compile(fullgraph=True): no graph break, the eager fused module's numbers."""
