@@ -10,6 +10,7 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <type_traits>
@@ -176,25 +177,25 @@ void pool_backward_nchw(const scalar_t* x, scalar_t* gx, int64_t planes, int64_t
       const scalar_t* xp = x + p * hw;
       scalar_t* gp = gx + p * hw;
       const acc_t a = grad_avg[p] / static_cast<acc_t>(hw);
-      acc_t b = 0;
-      if (grad_max != nullptr) {
-        // The tied maxima share grad_max evenly: count them (vector compares give 1 or 0).
-        const AccVec vm(max[p]);
-        AccVec vcount[S::kVecs], v[S::kVecs];
-        for (int k = 0; k < S::kVecs; ++k) vcount[k] = AccVec(0);
-        int64_t i = 0;
-        for (; i + S::kWidth <= hw; i += S::kWidth) {
-          S::load(xp + i, v);
-          for (int k = 0; k < S::kVecs; ++k) vcount[k] += v[k].eq(vm);
-        }
-        acc_t count = 0;
-        for (int k = 0; k < S::kVecs; ++k) count += reduce_sum(vcount[k]);
-        for (; i < hw; ++i) count += static_cast<acc_t>(xp[i]) == max[p];
-        b = grad_max[p] / count;  // count 0 (a NaN max): NaN, as torch.amax
+      if (grad_max == nullptr) {  // the mean's gradient alone does not depend on x: x is not read
+        std::fill(gp, gp + hw, static_cast<scalar_t>(a));
+        continue;
       }
-      const AccVec va(a), vb(b), vm(max[p]);
-      AccVec v[S::kVecs];
+      // The tied maxima share grad_max evenly: count them (vector compares give 1 or 0).
+      const AccVec vm(max[p]);
+      AccVec vcount[S::kVecs], v[S::kVecs];
+      for (int k = 0; k < S::kVecs; ++k) vcount[k] = AccVec(0);
       int64_t i = 0;
+      for (; i + S::kWidth <= hw; i += S::kWidth) {
+        S::load(xp + i, v);
+        for (int k = 0; k < S::kVecs; ++k) vcount[k] += v[k].eq(vm);
+      }
+      acc_t count = 0;
+      for (int k = 0; k < S::kVecs; ++k) count += reduce_sum(vcount[k]);
+      for (; i < hw; ++i) count += static_cast<acc_t>(xp[i]) == max[p];
+      const acc_t b = grad_max[p] / count;  // count 0 (a NaN max): NaN, as torch.amax
+      const AccVec va(a), vb(b);
+      i = 0;
       for (; i + S::kWidth <= hw; i += S::kWidth) {
         S::load(xp + i, v);
         for (int k = 0; k < S::kVecs; ++k) v[k] = va + v[k].eq(vm) * vb;
@@ -224,6 +225,13 @@ void pool_backward_channels_last(const scalar_t* x, scalar_t* gx, int64_t N, int
     for (int64_t c = c0; c < c1; ++c) {
       a[c - c0] = grad_avg[n * C + c] / static_cast<acc_t>(hw);
       if (grad_max != nullptr) b[c - c0] = grad_max[n * C + c] / static_cast<acc_t>(count[c - c0]);
+    }
+    if (grad_max == nullptr) {  // the mean's gradient alone: x is not read
+      for (int64_t p = 0; p < hw; ++p) {
+        scalar_t* grow = gx + (n * hw + p) * C;
+        for (int64_t c = c0; c < c1; ++c) grow[c] = static_cast<scalar_t>(a[c - c0]);
+      }
+      return;
     }
     const int64_t vec_end = c0 + (c1 - c0) / S::kWidth * S::kWidth;
     typename S::AccVec v[S::kVecs], va[S::kVecs], vb[S::kVecs], vm[S::kVecs];
