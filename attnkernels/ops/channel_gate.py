@@ -134,9 +134,10 @@ def channel_mlp_attention(
 
     `w1` holds (rd, C) values and `w2` (C, rd) (e.g. the weights of SE's 1x1 convs fc1 and
     fc2); the MLP runs in the accumulation dtype of x. `b1` holds rd values shared by every
-    sample, or is (N, rd): one row per sample (Bridge adds its bridges' pooled terms there). On the C++ CPU backend one kernel pools,
-    gates and rescales each sample while it is in cache; elsewhere channel_pool, the MLP in
-    torch and channel_rescale run in turn (one composite op).
+    sample, or is (N, rd): one row per sample (Bridge adds its bridges' pooled terms there).
+    On the C++ CPU backend one kernel pools, gates and rescales each sample while it is in
+    cache; elsewhere channel_pool, the MLP in torch and channel_rescale run in turn (one
+    composite op).
     """
     check_mlp_args(x, w1, b1, w2, b2)
     return _ops(x.device).channel_mlp_attention(x, w1, b1, w2, b2)[0]
@@ -426,8 +427,9 @@ _FAKES = check.fakes_that_check({
 # ----------------------------------------------------------------------------------------
 def _mlp_gate_backward(grad_gate, avg, gate, w1, b1, w2, b2):
     """Gradients of `gate = sigmoid(w2 @ relu(w1 @ avg + b1) + b2)` (SE's MLP on (N, C) maps,
-    in the accumulation dtype; b1 shared or (N, rd)): (grad_avg, grad_w1, grad_b1, grad_w2, grad_b2), each
-    parameter gradient in its parameter's shape and dtype (a bias's is None if it is None)."""
+    in the accumulation dtype; b1 shared or (N, rd)): (grad_avg, grad_w1, grad_b1, grad_w2,
+    grad_b2), each parameter gradient in its parameter's shape and dtype (a bias's is None if
+    it is None)."""
     acc = avg.dtype
     rd, c = w1.shape[0], avg.shape[1]
     w1a, w2a = w1.reshape(rd, c).to(acc), w2.reshape(c, rd).to(acc)
@@ -440,7 +442,9 @@ def _mlp_gate_backward(grad_gate, avg, gate, w1, b1, w2, b2):
     grad_w1 = (dh.T @ avg).to(w1.dtype).reshape(w1.shape)
     grad_w2 = (dz.T @ h).to(w2.dtype).reshape(w2.shape)
     # A per-sample b1 (N, rd) gets each sample's own row; a shared one their sum.
-    grad_b1 = None if b1 is None else (dh if b1_is_per_sample(b1, rd) else dh.sum(0)).to(b1.dtype).reshape(b1.shape)
+    grad_b1 = None
+    if b1 is not None:
+        grad_b1 = (dh if b1_is_per_sample(b1, rd) else dh.sum(0)).to(b1.dtype).reshape(b1.shape)
     grad_b2 = None if b2 is None else dz.sum(0).to(b2.dtype).reshape(b2.shape)
     return dh @ w1a, grad_w1, grad_b1, grad_w2, grad_b2
 
