@@ -44,19 +44,21 @@ def _sync(fn: Callable[[], Any]) -> Callable[[], Any]:
     return run
 
 
-def module_step(m: nn.Module, x: torch.Tensor, phase: str) -> Callable[[], Any]:
+def module_step(m: nn.Module, x: torch.Tensor, phase: str, *bridges: torch.Tensor) -> Callable[[], Any]:
     """One call of module `m` in `phase`: "forward" (eval mode, under inference_mode) or
-    "forward_backward" (train mode, `m(x).backward(g)` with a fixed random g, x.grad reset).
-    Sets m's mode; x must require grad for "forward_backward"."""
+    "forward_backward" (train mode, `m(x, *bridges).backward(g)` with a fixed random g, the
+    inputs' grads reset). Sets m's mode; x (and any bridge maps, Bridge's) must require grad
+    for "forward_backward"."""
     m.train(phase == "forward_backward")
     g = torch.randn_like(x)
 
     def forward():
         with torch.inference_mode():
-            return m(x)
+            return m(x, *bridges)
 
     def forward_backward():
-        m(x).backward(g)
-        x.grad = None
+        m(x, *bridges).backward(g)
+        for t in (x, *bridges):
+            t.grad = None
 
     return _sync(forward if phase == "forward" else forward_backward)

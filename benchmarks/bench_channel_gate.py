@@ -52,3 +52,17 @@ def test_module(benchmark, shape: str, module: str, variant: str, phase: str) ->
     m = ref if variant == "eager" else fused.as_fused(ref)
     with backend.use_backend(None if variant == "eager" else variant):
         benchmark(module_step(m, x, phase))
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("variant", ["eager", *BACKENDS])
+@pytest.mark.parametrize("phase", PHASES)
+def test_bridge(benchmark, shape: str, variant: str, phase: str) -> None:
+    """Bridge as a ResNet bottleneck feeds it: two maps of width C/4 at x's size."""
+    x = _x(shape, requires_grad=phase == "forward_backward")
+    n, c, h, w = x.shape
+    bridges = [_x(f"{n}x{c // 4}x{h}x{w}", requires_grad=phase == "forward_backward") for _ in range(2)]
+    ref = R.create("bridge", c, bridge_channels=[c // 4] * 2).to(DEVICE)
+    m = ref if variant == "eager" else fused.as_fused(ref)
+    with backend.use_backend(None if variant == "eager" else variant):
+        benchmark(module_step(m, x, phase, *bridges))

@@ -37,6 +37,8 @@
 //     SE's gate in place of the 1-D conv: avg = mean_hw x; h = relu(w1 @ avg + b1) (rd values);
 //     gate = sigmoid(w2 @ h + b2); y = channel_rescale(x, gate). w1 holds rd*C values
 //     (rd = w1.size(0), e.g. a Conv2d(C, rd, 1) weight), w2 C*rd; the MLP runs in acc(x).
+//     b1 holds rd values shared by every sample, or is (N, rd), one row per sample: Bridge's
+//     folded x term plus its bridges' pooled terms (docs/contract.md "Bridge").
 //     Same per-sample CPU kernel as channel_attention; elsewhere the Python composite.
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>

@@ -6,8 +6,8 @@ sys.path). conftest.py keeps only the fixtures and the Triton interpreter switch
   backend to register ops);
 * registry modules (tests/test_reference.py and friends): `SHAPES`, `module_kwargs`,
   `randomize`, `build`, `bridge_inputs`, `train_modes`;
-* fused against reference: `fused_pair`, `make_input`, `leaf`, `forward_backward`,
-  `op_forward_backward`, `on_backend`, `low_precision_runs`, `compiled_and_eager`, `flat`;
+* fused against reference: `fused_pair` (`FeedsBridges`, `bridge_maps`), `make_input`,
+  `leaf`, `forward_backward`, `op_forward_backward`, `on_backend`, `low_precision_runs`, `compiled_and_eager`, `flat`;
 * assertions: `assert_matches`, `assert_all_close`, `assert_error_like_eager`,
   `assert_layout_of`, `assert_bitwise_equal`, `assert_keeps_reference_interface`.
 """
@@ -132,13 +132,47 @@ def train_modes(name: str, n: int) -> list[bool]:
 # ----------------------------------------------------------------------------------------
 # Fused against reference: builders and runs
 # ----------------------------------------------------------------------------------------
-def fused_pair(fused_cls, ref_cls, *args, dtype: torch.dtype, device: str, **kwargs):
+def fused_pair(fused_cls, ref_cls, *args, dtype: torch.dtype, device: str, feed_bridges: bool = True, **kwargs):
     """(fused, reference): a randomized `ref_cls(*args, **kwargs)` and a `fused_cls` loaded
-    from its state_dict, both in `dtype` on `device`, each its own copy."""
+    from its state_dict, both in `dtype` on `device`, each its own copy. A module that takes
+    bridge maps comes inside `FeedsBridges` (called as `module(x)`) unless `feed_bridges` is False."""
     ref = randomize(ref_cls(*args, **kwargs)).to(device, dtype)
     f = fused_cls(*args, **kwargs).to(device, dtype)
     f.load_state_dict(ref.state_dict())
+    if feed_bridges:
+        return feeding_bridges(f), feeding_bridges(ref)
     return f, ref
+
+
+def bridge_maps(x: torch.Tensor, channels) -> list[torch.Tensor]:
+    """Bridge maps made from x by fixed differentiable ops, as a block's earlier layers make
+    them: map i has channels[i] channels (x's, reversed and repeated) and its own spatial size
+    (zero padding), so every map's gradient reaches x's gradient."""
+    maps = []
+    for i, c in enumerate(channels):
+        t = x.flip(1).repeat(1, -(-c // x.shape[1]), 1, 1)[:, :c]
+        maps.append(torch.nn.functional.pad(t, (0, i + 1, i % 2, 0)))
+    return maps
+
+
+class FeedsBridges(torch.nn.Module):
+    """A module that takes bridges (Bridge), fed as a block feeds it: `forward(x)` passes
+    `bridge_maps(x, ...)` after x. The generic tests (they call `module(x)`) run Bridge this
+    way; its parameters and buffers are the wrapped module's, under `attn.`."""
+
+    def __init__(self, attn: torch.nn.Module) -> None:
+        super().__init__()
+        self.attn = attn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attn(x, *bridge_maps(x, self.attn.bridge_channels))
+
+
+def feeding_bridges(module: torch.nn.Module) -> torch.nn.Module:
+    """`module` inside FeedsBridges if it takes bridge maps and has any; else module itself."""
+    if getattr(module, "takes_bridges", False) and module.bridge_channels:
+        return FeedsBridges(module)
+    return module
 
 
 def make_input(shape: tuple, layout: str, dtype: torch.dtype, device: str) -> torch.Tensor:

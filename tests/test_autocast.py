@@ -30,6 +30,7 @@ import pytest
 import torch
 from helpers import (
     assert_all_close,
+    module_kwargs,
     backend_cases,
     flat,
     forward_backward,
@@ -46,11 +47,12 @@ from attnkernels.reference import GAM
 #: Autocast dtypes per device: bf16 on CPU (fp16 autocast on CPU is rare and slow), both on CUDA.
 AUTOCAST_DTYPES = {"cpu": (torch.bfloat16,), "cuda": (torch.float16, torch.bfloat16)}
 
-#: Case name -> (fused class, constructor kwargs): every module of attnkernels.nn.FUSED, and
+#: Case name -> (fused class, constructor kwargs): every module of attnkernels.nn.FUSED with
+#: helpers.module_kwargs (Bridge: two bridge maps, fed from x by helpers.FeedsBridges), and
 #: GAM's "gc" variant (grouped convs with the channel shuffle). C = 32 below: GAM's rd = 4.
-MODULES = {name: (cls, {"reduction": 8} if name == "gam" else {}) for name, cls in fused.FUSED.items()}
-MODULES["gam-gc"] = (fused.GAM, {"reduction": 8, "groups": 4})
 SHAPE = (4, 32, 12, 12)
+MODULES = {name: (cls, module_kwargs(name, SHAPE[1])) for name, cls in fused.FUSED.items()}
+MODULES["gam-gc"] = (fused.GAM, {"reduction": 8, "groups": 4})
 #: Random draws (weights, x, grad_y) per case, whose errors are summed (see the assertion).
 DRAWS = 4
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_matches, forward_backward, fused_pair, randomize
+from helpers import FeedsBridges, assert_matches, feeding_bridges, forward_backward, fused_pair, randomize
 from torch import nn
 
 import attnkernels
@@ -40,6 +40,7 @@ MODULES = {
     "gam": ("gam", {"reduction": 4}),
     "gam-gc": ("gam", {"reduction": 4, "groups": 4}),
     "softmax_spatial": ("softmax_spatial", {"groups": 4}),
+    "bridge": ("bridge", {"bridge_channels": [16, 3]}),  # maps from x: helpers.FeedsBridges
 }
 SHAPE = (2, 32, 6, 5)
 FP32 = {"rtol": 1e-5, "atol": 1e-5}
@@ -119,9 +120,10 @@ def test_saved_trace_loads_in_a_fresh_process(compiled_ops, tmp_path: Path):
 # ONNX: the plain torch.onnx.export of a fused model
 # ----------------------------------------------------------------------------------------
 def small_backbone(name: str, kwargs: dict) -> nn.Sequential:
-    """conv-BN-ReLU, the reference attention module, pooling and a classifier (randomized)."""
+    """conv-BN-ReLU, the reference attention module (Bridge fed maps from x), pooling and a
+    classifier (randomized)."""
     c = SHAPE[1]
-    layers = [nn.Conv2d(3, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU(), R.create(name, c, **kwargs),
+    layers = [nn.Conv2d(3, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU(), feeding_bridges(R.create(name, c, **kwargs)),
               nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, 10)]
     return randomize(nn.Sequential(*layers)).eval()
 
@@ -131,7 +133,8 @@ def test_onnx_export_of_fused_backbone_runs_like_reference(compiled_ops, case):
     """Exported with a dynamic batch and size, checked, run at two shapes in ONNX Runtime."""
     ref = small_backbone(*MODULES[case])
     fused = attnkernels.fuse(copy.deepcopy(ref))
-    assert isinstance(fused[3], FUSED[MODULES[case][0]])
+    attention = fused[3].attn if isinstance(fused[3], FeedsBridges) else fused[3]
+    assert isinstance(attention, FUSED[MODULES[case][0]])
     n, _, h, w = SHAPE
     dims = ({0: "batch", 2: "height", 3: "width"},)
     program = torch.onnx.export(fused, (torch.randn(n, 3, h, w),), dynamo=True, dynamic_shapes=dims, verbose=False)

@@ -277,6 +277,7 @@ MODULES = {
     "gam_gc-library": (N.GAM, {"reduction": 4, "groups": 4}, "library"),
     "softmax_spatial": (N.SoftmaxSpatial, {}, None),
     "softmax_spatial-g4": (N.SoftmaxSpatial, {"groups": 4, "rescale": False}, None),
+    "bridge": (N.Bridge, helpers.module_kwargs("bridge", CHANNELS), None),  # maps from x: FeedsBridges
 }
 
 
@@ -347,6 +348,9 @@ PARAMETER_CASES = [
     ("gam-library", "bn1.running_var", INF, False),
     ("softmax_spatial-g4", "conv.bias", INF, True),
     ("softmax_spatial", "conv.weight", NAN, False),
+    ("bridge", "attn.bn.2.running_mean", NAN, False),  # x's BN, folded into the per-sample op
+    ("bridge", "attn.bn.0.running_var", INF, False),  # a bridge's BN: its term of b1
+    ("bridge", "attn.proj.2.weight", INF, True),
 ]
 
 

@@ -160,9 +160,10 @@ def test_throughput_writes_complete_rows(throughput, tmp_path, capsys):
         "fwd_bwd_speedup", "fwd_vs_compile", "fwd_bwd_vs_compile", "tflops_fwd", "tflops_fwd_bwd",
         "first_call_s", "error",
     ]
-    # SE has a fused version (the C++ backend runs it on CPU); Bridge has none yet: no row.
+    # SE and Bridge have fused versions (the C++ backend runs them on CPU); Bridge gets its maps.
     assert [(r["module"], r["variant"]) for r in rows] == [
-        ("se", "memcpy"), ("se", "eager"), ("se", "fused-cpu"), ("bridge", "memcpy"), ("bridge", "eager"),
+        ("se", "memcpy"), ("se", "eager"), ("se", "fused-cpu"),
+        ("bridge", "memcpy"), ("bridge", "eager"), ("bridge", "fused-cpu"),
     ]
     for r in rows:
         assert (r["shape"], r["dtype"], r["device"], r["error"]) == ("2x16x8x8", "float32", "cpu", "")
@@ -175,7 +176,7 @@ def test_throughput_writes_complete_rows(throughput, tmp_path, capsys):
         elif r["variant"] == "eager":
             assert float(r["fwd_speedup"]) == 1.0 and float(r["fwd_bwd_speedup"]) == 1.0
     assert doc["meta"]["dtype"] == "float32" and doc["meta"]["repeats"] == 2
-    assert len(doc["rows"]) == 5 and doc["rows"][1]["fwd_ms"] > 0
+    assert len(doc["rows"]) == 6 and doc["rows"][1]["fwd_ms"] > 0
     printed = capsys.readouterr().out
     assert "threads" in printed and "bridge" in printed and "eager" in printed
     assert doc["meta"]["last_level_cache"]["bytes"] > 0
@@ -391,7 +392,8 @@ def test_backend_choice_comes_from_hot_paths(harness, monkeypatch, no_nonlocal_a
     assert B.backend_problems(FUSED["pam"].hot_paths, "cpu", ["cpu"]) == {"cpu": off}
     assert B.fused_backends(FUSED["csm"].hot_paths, "cpu", ["cpu"]) == []  # CSM runs SE's and PAM's hot paths
     assert B.module_backends("eca", "cpu", ["cpu"]) == {"cpu": None}
-    assert B.module_backends("bridge", "cpu", ["cpu"]) == {}  # no fused class
+    assert B.module_backends("bridge", "cpu", ["cpu"]) == {"cpu": None}  # channel_gate only
+    assert B.module_backends("bam", "cpu", ["cpu"]) == {}  # no fused class
     monkeypatch.setattr(FUSED["eca"], "hot_paths", ("channel_gate", "nonlocal_attn"))  # the class attribute decides
     assert B.module_backends("eca", "cpu", ["cpu"]) == {"cpu": off}
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from torch import nn
 
 from ._fused import FusedModule, reference_class
+from .bridge import Bridge
 from .csm import CSM
 from .eca import ECA
 from .gam import GAM
@@ -19,9 +20,11 @@ from .se import SE
 from .softmax_spatial import SoftmaxSpatial
 
 #: Registry name -> fused class, for the modules with fused kernels so far.
-FUSED = {"eca": ECA, "se": SE, "ham": HAM, "pam": PAM, "csm": CSM, "gam": GAM, "softmax_spatial": SoftmaxSpatial}
+FUSED = {"eca": ECA, "se": SE, "ham": HAM, "pam": PAM, "csm": CSM, "gam": GAM, "softmax_spatial": SoftmaxSpatial,
+         "bridge": Bridge}
 
-__all__ = ["ECA", "SE", "HAM", "PAM", "CSM", "GAM", "SoftmaxSpatial", "FUSED", "FusedModule", "reference_class", "fused_class", "as_fused"]
+__all__ = ["ECA", "SE", "HAM", "PAM", "CSM", "GAM", "SoftmaxSpatial", "Bridge", "FUSED", "FusedModule",
+           "reference_class", "fused_class", "as_fused"]
 
 
 def fused_class(module: nn.Module) -> type[nn.Module] | None:

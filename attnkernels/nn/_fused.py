@@ -78,8 +78,8 @@ def rebind(module: nn.Module, cls: type[nn.Module]) -> nn.Module:
     return new
 
 
-#: A fused module's attend(self, x).
-Attend = Callable[[nn.Module, torch.Tensor], torch.Tensor]
+#: A fused module's attend(self, x, *extra) (extra: Bridge's bridge maps).
+Attend = Callable[..., torch.Tensor]
 
 
 def without_autocast(attend: Attend) -> Attend:
@@ -101,11 +101,11 @@ def without_autocast(attend: Attend) -> Attend:
     """
 
     @functools.wraps(attend)
-    def attend_without_autocast(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def attend_without_autocast(self: nn.Module, x: torch.Tensor, *extra: torch.Tensor) -> torch.Tensor:
         device_type = x.device.type
         if not torch.is_autocast_enabled(device_type):
-            return attend(self, x)
+            return attend(self, x, *extra)
         with torch.autocast(device_type, enabled=False):
-            return attend(self, x)
+            return attend(self, x, *extra)
 
     return attend_without_autocast

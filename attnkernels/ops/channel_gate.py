@@ -5,6 +5,7 @@
     y        = channel_rescale(x, gate)                  # one read of x, one write of y
     y        = channel_attention(x, weight, mode=...)    # the three in one (per sample on CPU)
     y        = channel_mlp_attention(x, w1, b1, w2, b2)  # SE: pool, MLP gate, rescale in one
+                                                         # (b1 (N, rd): Bridge's per-sample term)
 
 The math of every op is in csrc/channel_gate_ops.cpp with the schemas; kernels in
 csrc/cpu/channel_gate.cpp, csrc/cuda/channel_gate.cu and attnkernels/triton/channel_gate.py.
@@ -132,9 +133,11 @@ def channel_mlp_attention(
     """SE's whole gate: `y = x * sigmoid(w2 @ relu(w1 @ mean_hw(x) + b1) + b2)`.
 
     `w1` holds (rd, C) values and `w2` (C, rd) (e.g. the weights of SE's 1x1 convs fc1 and
-    fc2); the MLP runs in the accumulation dtype of x. On the C++ CPU backend one kernel pools,
-    gates and rescales each sample while it is in cache; elsewhere channel_pool, the MLP in
-    torch and channel_rescale run in turn (one composite op).
+    fc2); the MLP runs in the accumulation dtype of x. `b1` holds rd values shared by every
+    sample, or is (N, rd): one row per sample (Bridge adds its bridges' pooled terms there).
+    On the C++ CPU backend one kernel pools, gates and rescales each sample while it is in
+    cache; elsewhere channel_pool, the MLP in torch and channel_rescale run in turn (one
+    composite op).
     """
     check_mlp_args(x, w1, b1, w2, b2)
     return _ops(x.device).channel_mlp_attention(x, w1, b1, w2, b2)[0]
@@ -207,7 +210,7 @@ def check_channel_attention(x, weight, alpha, beta, mode) -> None:
 
 def check_mlp_args(x, w1, b1, w2, b2, op: str = "channel_mlp_attention") -> None:
     """SE's MLP gate: w1 holds rd*C values with rd = w1.size(0), w2 C*rd, the optional biases
-    rd and C values, all floating and on x's device."""
+    rd (or b1 (N, rd), one row per sample) and C values, all floating and on x's device."""
     check.feature_map(op, "x", x)
     c = x.shape[1]
     for name, t in (("w1", w1), ("w2", w2)):
@@ -217,11 +220,27 @@ def check_mlp_args(x, w1, b1, w2, b2, op: str = "channel_mlp_attention") -> None
     rd = w1.shape[0]
     if w2.dim() < 1 or w2.shape[0] != c or w2.numel() != c * rd:
         raise ValueError(f"{op}: w2 must hold (C, rd) = ({c}, {rd}) values, got shape {list(w2.shape)}")
-    for name, t, count, what in (("b1", b1, rd, "rd"), ("b2", b2, c, "C")):
-        if t is not None:
-            check.vector(op, name, t, count, x.device, what)
+    if b1 is not None:
+        _check_b1(op, b1, rd, x)
+    if b2 is not None:
+        check.vector(op, "b2", b2, c, x.device, "C")
     for name, t in (("w1", w1), ("w2", w2)):
         check.device(op, name, t, x.device)
+
+
+def _check_b1(op: str, b1, rd: int, x) -> None:
+    """b1: rd values shared by every sample, or (N, rd), one row per sample; on x's device."""
+    check.tensor(op, "b1", b1)
+    if b1.numel() != rd and tuple(b1.shape) != (x.shape[0], rd):
+        raise ValueError(f"{op}: b1 must hold rd = {rd} values or be (N, rd) = ({x.shape[0]}, {rd}), "
+                         f"got shape {list(b1.shape)}")
+    check.device(op, "b1", b1, x.device)
+
+
+def b1_is_per_sample(b1, rd: int) -> bool:
+    """Whether channel_mlp_attention's b1 is (N, rd), one row per sample, rather than rd shared
+    values (with N = 1 both read alike)."""
+    return b1 is not None and b1.numel() != rd
 
 
 # ----------------------------------------------------------------------------------------
@@ -262,11 +281,17 @@ def check_channel_rescale_backward(grad_y, x, gate, op: str = "channel_rescale_b
 # Composites: the three ops in turn, for every namespace without a per-sample kernel
 # ----------------------------------------------------------------------------------------
 def mlp_gate(avg: torch.Tensor, w1, b1, w2, b2) -> torch.Tensor:
-    """SE's gate on pooled (N, C) maps: `sigmoid(w2 @ relu(w1 @ avg + b1) + b2)` in avg's dtype."""
+    """SE's gate on pooled (N, C) maps: `sigmoid(w2 @ relu(w1 @ avg + b1) + b2)` in avg's dtype;
+    b1 holds rd values or is (N, rd)."""
     rd = w1.shape[0]
     acc = avg.dtype
-    h = F.relu(F.linear(avg, w1.reshape(rd, -1).to(acc), None if b1 is None else b1.reshape(-1).to(acc)))
+    h = F.relu(F.linear(avg, w1.reshape(rd, -1).to(acc), None if b1 is None else _b1_rows(b1, rd).to(acc)))
     return torch.sigmoid(F.linear(h, w2.reshape(-1, rd).to(acc), None if b2 is None else b2.reshape(-1).to(acc)))
+
+
+def _b1_rows(b1: torch.Tensor, rd: int) -> torch.Tensor:
+    """b1 as (rd,) when shared, (N, rd) when per sample: F.linear's bias broadcasts either."""
+    return b1.reshape(-1, rd) if b1_is_per_sample(b1, rd) else b1.reshape(rd)
 
 
 def channel_attention_sequence(ops, x, weight, alpha, beta, mode):
@@ -277,7 +302,9 @@ def channel_attention_sequence(ops, x, weight, alpha, beta, mode):
 
 
 def channel_mlp_attention_sequence(ops, x, w1, b1, w2, b2):
-    """channel_mlp_attention as pool, SE's MLP (torch ops), rescale on namespace `ops`: (y, avg, gate)."""
+    """channel_mlp_attention as pool, SE's MLP (torch ops), rescale on namespace `ops`: (y, avg, gate).
+    Checks its arguments first: the ops it calls see neither w1, w2 nor the biases."""
+    check_mlp_args(x, w1, b1, w2, b2)
     avg, _ = ops.channel_pool(x)
     gate = mlp_gate(avg, w1, b1, w2, b2)
     return ops.channel_rescale(x, gate), avg, gate
@@ -400,20 +427,24 @@ _FAKES = check.fakes_that_check({
 # ----------------------------------------------------------------------------------------
 def _mlp_gate_backward(grad_gate, avg, gate, w1, b1, w2, b2):
     """Gradients of `gate = sigmoid(w2 @ relu(w1 @ avg + b1) + b2)` (SE's MLP on (N, C) maps,
-    in the accumulation dtype): (grad_avg, grad_w1, grad_b1, grad_w2, grad_b2), each
-    parameter gradient in its parameter's shape and dtype (a bias's is None if it is None)."""
+    in the accumulation dtype; b1 shared or (N, rd)): (grad_avg, grad_w1, grad_b1, grad_w2,
+    grad_b2), each parameter gradient in its parameter's shape and dtype (a bias's is None if
+    it is None)."""
     acc = avg.dtype
     rd, c = w1.shape[0], avg.shape[1]
     w1a, w2a = w1.reshape(rd, c).to(acc), w2.reshape(c, rd).to(acc)
     h_pre = avg @ w1a.T
     if b1 is not None:
-        h_pre = h_pre + b1.reshape(rd).to(acc)
+        h_pre = h_pre + _b1_rows(b1, rd).to(acc)
     h = torch.relu(h_pre)
     dz = grad_gate * gate * (1 - gate)
     dh = torch.where(h_pre <= 0, 0.0, dz @ w2a)  # relu's gradient by torch's rule (docs/contract.md)
     grad_w1 = (dh.T @ avg).to(w1.dtype).reshape(w1.shape)
     grad_w2 = (dz.T @ h).to(w2.dtype).reshape(w2.shape)
-    grad_b1 = None if b1 is None else dh.sum(0).to(b1.dtype).reshape(b1.shape)
+    # A per-sample b1 (N, rd) gets each sample's own row; a shared one their sum.
+    grad_b1 = None
+    if b1 is not None:
+        grad_b1 = (dh if b1_is_per_sample(b1, rd) else dh.sum(0)).to(b1.dtype).reshape(b1.shape)
     grad_b2 = None if b2 is None else dz.sum(0).to(b2.dtype).reshape(b2.shape)
     return dh @ w1a, grad_w1, grad_b1, grad_w2, grad_b2
 

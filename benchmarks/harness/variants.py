@@ -38,7 +38,8 @@ from .timing import Step
 
 # Constructor arguments a module needs beyond its channel count, by registry name.
 MODULE_KWARGS: Dict[str, Callable[[int], Dict[str, Any]]] = {
-    "bridge": lambda channels: {"bridge_channels": [channels]},
+    # A ResNet bottleneck's bridges: its 1x1 and 3x3 stages, width C/4, at x's size.
+    "bridge": lambda channels: {"bridge_channels": [max(channels // 4, 1)] * 2},
 }
 # Table-only names for a registry module built with other arguments: GAM's "gc" variant
 # (group convs + channel shuffle) next to the plain one.

@@ -10,6 +10,7 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <type_traits>
@@ -176,25 +177,25 @@ void pool_backward_nchw(const scalar_t* x, scalar_t* gx, int64_t planes, int64_t
       const scalar_t* xp = x + p * hw;
       scalar_t* gp = gx + p * hw;
       const acc_t a = grad_avg[p] / static_cast<acc_t>(hw);
-      acc_t b = 0;
-      if (grad_max != nullptr) {
-        // The tied maxima share grad_max evenly: count them (vector compares give 1 or 0).
-        const AccVec vm(max[p]);
-        AccVec vcount[S::kVecs], v[S::kVecs];
-        for (int k = 0; k < S::kVecs; ++k) vcount[k] = AccVec(0);
-        int64_t i = 0;
-        for (; i + S::kWidth <= hw; i += S::kWidth) {
-          S::load(xp + i, v);
-          for (int k = 0; k < S::kVecs; ++k) vcount[k] += v[k].eq(vm);
-        }
-        acc_t count = 0;
-        for (int k = 0; k < S::kVecs; ++k) count += reduce_sum(vcount[k]);
-        for (; i < hw; ++i) count += static_cast<acc_t>(xp[i]) == max[p];
-        b = grad_max[p] / count;  // count 0 (a NaN max): NaN, as torch.amax
+      if (grad_max == nullptr) {  // the mean's gradient alone does not depend on x: x is not read
+        std::fill(gp, gp + hw, static_cast<scalar_t>(a));
+        continue;
       }
-      const AccVec va(a), vb(b), vm(max[p]);
-      AccVec v[S::kVecs];
+      // The tied maxima share grad_max evenly: count them (vector compares give 1 or 0).
+      const AccVec vm(max[p]);
+      AccVec vcount[S::kVecs], v[S::kVecs];
+      for (int k = 0; k < S::kVecs; ++k) vcount[k] = AccVec(0);
       int64_t i = 0;
+      for (; i + S::kWidth <= hw; i += S::kWidth) {
+        S::load(xp + i, v);
+        for (int k = 0; k < S::kVecs; ++k) vcount[k] += v[k].eq(vm);
+      }
+      acc_t count = 0;
+      for (int k = 0; k < S::kVecs; ++k) count += reduce_sum(vcount[k]);
+      for (; i < hw; ++i) count += static_cast<acc_t>(xp[i]) == max[p];
+      const acc_t b = grad_max[p] / count;  // count 0 (a NaN max): NaN, as torch.amax
+      const AccVec va(a), vb(b);
+      i = 0;
       for (; i + S::kWidth <= hw; i += S::kWidth) {
         S::load(xp + i, v);
         for (int k = 0; k < S::kVecs; ++k) v[k] = va + v[k].eq(vm) * vb;
@@ -224,6 +225,13 @@ void pool_backward_channels_last(const scalar_t* x, scalar_t* gx, int64_t N, int
     for (int64_t c = c0; c < c1; ++c) {
       a[c - c0] = grad_avg[n * C + c] / static_cast<acc_t>(hw);
       if (grad_max != nullptr) b[c - c0] = grad_max[n * C + c] / static_cast<acc_t>(count[c - c0]);
+    }
+    if (grad_max == nullptr) {  // the mean's gradient alone: x is not read
+      for (int64_t p = 0; p < hw; ++p) {
+        scalar_t* grow = gx + (n * hw + p) * C;
+        for (int64_t c = c0; c < c1; ++c) grow[c] = static_cast<scalar_t>(a[c - c0]);
+      }
+      return;
     }
     const int64_t vec_end = c0 + (c1 - c0) / S::kWidth * S::kWidth;
     typename S::AccVec v[S::kVecs], va[S::kVecs], vb[S::kVecs], vm[S::kVecs];
@@ -581,19 +589,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> channel_attention_cpu
 
 // ---------------------------------------------------------------- channel_mlp_attention
 
+// sum_i a[i] * b[i] with two vector accumulators, in a fixed order: a scalar loop would be
+// one chain of n dependent adds, latency-bound (a third of the per-sample op's time at C = 256).
+template <typename acc_t>
+acc_t dot(const acc_t* a, const acc_t* b, int64_t n) {
+  using V = Vectorized<acc_t>;
+  constexpr int64_t kW = V::size();
+  V s0(0), s1(0);
+  int64_t i = 0;
+  for (; i + 2 * kW <= n; i += 2 * kW) {
+    s0 = at::vec::fmadd(V::loadu(a + i), V::loadu(b + i), s0);
+    s1 = at::vec::fmadd(V::loadu(a + i + kW), V::loadu(b + i + kW), s1);
+  }
+  if (i + kW <= n) {
+    s0 = at::vec::fmadd(V::loadu(a + i), V::loadu(b + i), s0);
+    i += kW;
+  }
+  acc_t s = reduce_sum(s0 + s1);
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
 // SE's gate for one sample: gate = sigmoid(w2 @ relu(w1 @ avg + b1) + b2), all in acc_t.
 template <typename acc_t>
 void mlp_gate_sample(const acc_t* avg, const acc_t* w1, const acc_t* b1, const acc_t* w2, const acc_t* b2, int64_t C,
                      int64_t rd, acc_t* h, acc_t* gate) {
   for (int64_t r = 0; r < rd; ++r) {
-    acc_t z = b1 != nullptr ? b1[r] : acc_t(0);
-    for (int64_t c = 0; c < C; ++c) z += w1[r * C + c] * avg[c];
-    h[r] = relu(z);
+    h[r] = relu((b1 != nullptr ? b1[r] : acc_t(0)) + dot(w1 + r * C, avg, C));
   }
   for (int64_t c = 0; c < C; ++c) {
-    acc_t z = b2 != nullptr ? b2[c] : acc_t(0);
-    for (int64_t r = 0; r < rd; ++r) z += w2[c * rd + r] * h[r];
-    gate[c] = sigmoid(z);
+    gate[c] = sigmoid((b2 != nullptr ? b2[c] : acc_t(0)) + dot(w2 + c * rd, h, rd));
   }
 }
 
@@ -609,6 +634,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_mlp_attention_cpu(const a
   auto as_acc = [&](const at::Tensor& t) { return t.reshape(-1).to(acc).contiguous(); };
   const at::Tensor w1a = as_acc(w1), w2a = as_acc(w2);
   const at::Tensor b1a = b1.has_value() ? as_acc(*b1) : at::Tensor(), b2a = b2.has_value() ? as_acc(*b2) : at::Tensor();
+  // A per-sample b1 (N, rd) steps one row per sample; a shared one stays put.
+  const int64_t b1_step = b1.has_value() && check_mlp_b1(*b1, x, rd, op) ? rd : 0;
   auto opts = x.options().dtype(acc);
   at::Tensor avg, gate = at::empty({N, C}, opts), y;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "channel_mlp_attention_cpu", [&] {
@@ -616,15 +643,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_mlp_attention_cpu(const a
     const acc_t *pw1 = w1a.const_data_ptr<acc_t>(), *pw2 = w2a.const_data_ptr<acc_t>();
     const acc_t* pb1 = b1a.defined() ? b1a.const_data_ptr<acc_t>() : nullptr;
     const acc_t* pb2 = b2a.defined() ? b2a.const_data_ptr<acc_t>() : nullptr;
-    auto gate_fn = [&](const acc_t* a, acc_t* g) {
+    auto gate_fn = [&](int64_t n, const acc_t* a, acc_t* g) {
       std::vector<acc_t> h(rd);
-      mlp_gate_sample(a, pw1, pb1, pw2, pb2, C, rd, h.data(), g);
+      mlp_gate_sample(a, pw1, pb1 != nullptr ? pb1 + n * b1_step : nullptr, pw2, pb2, C, rd, h.data(), g);
     };
     if (!per_sample_pays(x)) {
       avg = std::get<0>(channel_pool_cpu(x));
       const acc_t* a = avg.const_data_ptr<acc_t>();
       acc_t* g = gate.data_ptr<acc_t>();
-      for (int64_t n = 0; n < N; ++n) gate_fn(a + n * C, g + n * C);
+      for (int64_t n = 0; n < N; ++n) gate_fn(n, a + n * C, g + n * C);
       y = channel_rescale_cpu(x, gate);
       return;
     }
@@ -633,7 +660,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_mlp_attention_cpu(const a
     y = empty_like_layout(x);
     acc_t* a = avg.data_ptr<acc_t>();
     attention_per_sample<scalar_t>(x, y, a, max.data_ptr<acc_t>(), gate.data_ptr<acc_t>(),
-                                   [&](int64_t n, acc_t* g) { gate_fn(a + n * C, g); });
+                                   [&](int64_t n, acc_t* g) { gate_fn(n, a + n * C, g); });
   });
   return {y, avg, gate};
 }

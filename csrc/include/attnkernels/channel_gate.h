@@ -63,8 +63,20 @@ inline void check_gate_grads(const at::Tensor& grad_gate, const at::Tensor& gate
   check_device(gate, avg.device(), op, "gate");
 }
 
+// channel_mlp_attention's b1: rd values shared by every sample, or (N, rd), one row per sample
+// (Bridge's bridge terms); floating, on x's device. Returns whether it is per sample.
+inline bool check_mlp_b1(const at::Tensor& b1, const at::Tensor& x, int64_t rd, const char* op) {
+  check_floating(b1, op, "b1");
+  const int64_t N = x.size(0);
+  const bool per_sample = b1.numel() != rd;
+  TORCH_CHECK_VALUE(!per_sample || (b1.dim() == 2 && b1.size(0) == N && b1.size(1) == rd), op,
+                    ": b1 must hold rd = ", rd, " values or be (N, rd) = (", N, ", ", rd, "), got shape ", b1.sizes());
+  check_device(b1, x.device(), op, "b1");
+  return per_sample;
+}
+
 // SE's MLP gate (channel_mlp_attention): w1 holds rd*C values with rd = w1.size(0), w2 C*rd,
-// the optional biases rd and C values, all floating and on x's device.
+// the optional biases rd (b1: or (N, rd)) and C values, all floating and on x's device.
 inline void check_mlp_args(const at::Tensor& x, const at::Tensor& w1, const c10::optional<at::Tensor>& b1,
                            const at::Tensor& w2, const c10::optional<at::Tensor>& b2, const char* op) {
   check_feature_map(x, op, "x");
@@ -76,7 +88,7 @@ inline void check_mlp_args(const at::Tensor& x, const at::Tensor& w1, const c10:
   const int64_t rd = w1.size(0);
   TORCH_CHECK_VALUE(w2.dim() >= 1 && w2.size(0) == C && w2.numel() == C * rd, op, ": w2 must hold (C, rd) = (",
               C, ", ", rd, ") values, got shape ", w2.sizes());
-  if (b1.has_value()) check_vector(*b1, rd, x.device(), op, "b1", "rd");
+  if (b1.has_value()) check_mlp_b1(*b1, x, rd, op);
   if (b2.has_value()) check_vector(*b2, C, x.device(), op, "b2", "C");
   check_device(w1, x.device(), op, "w1");
   check_device(w2, x.device(), op, "w2");
