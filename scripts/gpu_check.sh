@@ -33,7 +33,7 @@ step() {  # step NAME COMMAND...: run, log to $out/NAME.log, remember failure
 
 step environment "$python" -c "import torch, attnkernels.backend as b; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name()); print(b.explain())"
 if "$python" -c "import pytest" 2>/dev/null; then
-  step tests "$python" -m pytest -q -rs -m "not slow" tests/test_channel_gate.py tests/test_channel_gate_triton.py tests/test_ham_spatial.py tests/test_ham_spatial_triton.py tests/test_nonlocal_attn.py tests/test_nonlocal_attn_triton.py tests/test_gam_channel.py tests/test_gam_channel_triton.py tests/test_shuffle_conv.py tests/test_shuffle_conv_triton.py tests/test_gam.py tests/test_autocast.py tests/test_backend.py tests/test_build.py
+  step tests "$python" -m pytest -q -rs -m "not slow" tests/test_channel_gate.py tests/test_channel_gate_triton.py tests/test_ham_spatial.py tests/test_ham_spatial_triton.py tests/test_nonlocal_attn.py tests/test_nonlocal_attn_triton.py tests/test_gam_channel.py tests/test_gam_channel_triton.py tests/test_shuffle_conv.py tests/test_shuffle_conv_triton.py tests/test_gam.py tests/test_softmax_spatial.py tests/test_softmax_spatial_triton.py tests/test_bridge.py tests/test_special_values.py tests/test_autocast.py tests/test_backend.py tests/test_build.py
 else
   echo "pytest is not installed here: carry its wheel (see the device tool's README)" | tee "$out/tests.log"
   status=1
