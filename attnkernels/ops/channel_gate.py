@@ -467,6 +467,14 @@ def _register_autograd(namespace: str) -> None:
 
     def backward_pool(ctx: Any, grad_avg: torch.Tensor | None, grad_max: torch.Tensor | None):
         x, max_ = ctx.saved_tensors
+        if grad_max is None:
+            # The mean alone spreads grad_avg / HW evenly: returned broadcast (stride 0), as
+            # torch's own mean backward does, so no x-sized tensor is written here and
+            # autograd adds it to x's other gradient in one pass (Bridge: the rescale's).
+            if grad_avg is None:
+                return None
+            hw = x.shape[2] * x.shape[3]
+            return (grad_avg / hw).to(x.dtype)[:, :, None, None].expand(x.shape)
         if grad_avg is None:
             grad_avg = torch.zeros_like(max_)
         return ops.channel_pool_backward(grad_avg, grad_max, x, max_)

@@ -285,7 +285,7 @@ at::Tensor channel_pool_backward_cpu(const at::Tensor& grad_avg, const c10::opti
 // x is grad_y, other is the forward input, y is grad_x).
 template <typename scalar_t>
 void rescale_nchw(const scalar_t* x, const scalar_t* other, scalar_t* y, int64_t planes, int64_t hw,
-                  const at::opmath_type<scalar_t>* gate, at::opmath_type<scalar_t>* grad_gate) {
+                  const at::opmath_type<scalar_t>* gate, at::opmath_type<scalar_t>* grad_gate, bool stream) {
   using S = Step<scalar_t>;
   using acc_t = typename S::acc_t;
   using AccVec = typename S::AccVec;
@@ -304,7 +304,7 @@ void rescale_nchw(const scalar_t* x, const scalar_t* other, scalar_t* y, int64_t
           for (int k = 0; k < S::kVecs; ++k) vsum[k] += v[k] * o[k];
         }
         for (int k = 0; k < S::kVecs; ++k) v[k] = v[k] * vg;
-        S::store(yp + i, v);
+        S::store(yp + i, v, stream);
       }
       acc_t sum = 0;
       for (int k = 0; k < S::kVecs; ++k) sum += reduce_sum(vsum[k]);
@@ -315,12 +315,13 @@ void rescale_nchw(const scalar_t* x, const scalar_t* other, scalar_t* y, int64_t
       }
       if (grad_gate != nullptr) grad_gate[p] = sum;
     }
+    if (stream) stream_fence();
   });
 }
 
 template <typename scalar_t>
 void rescale_channels_last(const scalar_t* x, const scalar_t* other, scalar_t* y, int64_t N, int64_t C, int64_t hw,
-                           const at::opmath_type<scalar_t>* gate, at::opmath_type<scalar_t>* grad_gate) {
+                           const at::opmath_type<scalar_t>* gate, at::opmath_type<scalar_t>* grad_gate, bool stream) {
   using S = Step<scalar_t>;
   using acc_t = typename S::acc_t;
   for_channel_blocks(N, C, [&](int64_t n, int64_t c0, int64_t c1) {
@@ -341,7 +342,7 @@ void rescale_channels_last(const scalar_t* x, const scalar_t* other, scalar_t* y
         }
         S::load_acc(g + c, vg);
         for (int k = 0; k < S::kVecs; ++k) v[k] = v[k] * vg[k];
-        S::store(y + row + c, v);
+        S::store(y + row + c, v, stream);
       }
       for (; c < c1; ++c) {
         const acc_t xv = static_cast<acc_t>(x[row + c]);
@@ -352,6 +353,7 @@ void rescale_channels_last(const scalar_t* x, const scalar_t* other, scalar_t* y
     if (grad_gate != nullptr) {
       for (int64_t c = c0; c < c1; ++c) grad_gate[n * C + c] = sum[c - c0];
     }
+    if (stream) stream_fence();
   });
 }
 
@@ -363,12 +365,13 @@ void rescale(const at::Tensor& x, const at::Tensor& other, const at::Tensor& y, 
   const int64_t N = x.size(0), C = x.size(1), hw = x.size(2) * x.size(3);
   const scalar_t* other_ptr = other.defined() ? other.const_data_ptr<scalar_t>() : nullptr;
   acc_t* gg_ptr = grad_gate.defined() ? grad_gate.data_ptr<acc_t>() : nullptr;
+  const bool stream = should_stream((other.defined() ? 3 : 2) * x.nbytes());
   if (layout_of(x) == Layout::ChannelsLast) {
     rescale_channels_last(x.const_data_ptr<scalar_t>(), other_ptr, y.data_ptr<scalar_t>(), N, C, hw,
-                          gate.const_data_ptr<acc_t>(), gg_ptr);
+                          gate.const_data_ptr<acc_t>(), gg_ptr, stream);
   } else {
     rescale_nchw(x.const_data_ptr<scalar_t>(), other_ptr, y.data_ptr<scalar_t>(), N * C, hw,
-                 gate.const_data_ptr<acc_t>(), gg_ptr);
+                 gate.const_data_ptr<acc_t>(), gg_ptr, stream);
   }
 }
 
@@ -534,6 +537,9 @@ void attention_per_sample(const at::Tensor& x, const at::Tensor& y, at::opmath_t
   const bool channels_last = layout_of(x) == Layout::ChannelsLast;
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   scalar_t* yp = y.data_ptr<scalar_t>();
+  // y streams past the caches when x and y cannot stay there: then x[n], not y, keeps the
+  // cache for the rescale's second read.
+  const bool stream = should_stream(2 * x.nbytes());
   // Inside this region the helpers' own parallel_for runs inline, on this task's thread.
   at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
@@ -545,9 +551,9 @@ void attention_per_sample(const at::Tensor& x, const at::Tensor& y, at::opmath_t
       }
       gate_fn(n, gate + n * C);
       if (channels_last) {
-        rescale_channels_last<scalar_t>(xp + offset, nullptr, yp + offset, 1, C, hw, gate + n * C, nullptr);
+        rescale_channels_last<scalar_t>(xp + offset, nullptr, yp + offset, 1, C, hw, gate + n * C, nullptr, stream);
       } else {
-        rescale_nchw<scalar_t>(xp + offset, nullptr, yp + offset, C, hw, gate + n * C, nullptr);
+        rescale_nchw<scalar_t>(xp + offset, nullptr, yp + offset, C, hw, gate + n * C, nullptr, stream);
       }
     }
   });

@@ -85,15 +85,18 @@ void softmax_row(acc_t* v, acc_t b, int64_t P) {
   for (int64_t i = vec_end; i < P; ++i) v[i] /= sum;
 }
 
-// y[i] = (x[i] * f) * s, f = f[i] (per_element) or f[0]: one row of the apply.
+// y[i] = (x[i] * f) * s, f = f[i] (per_element) or f[0]: one row of the apply; y streamed
+// past the caches when `stream` (cpu_vec.h).
 template <typename scalar_t, typename acc_t>
-void reweight_row(const scalar_t* x, const acc_t* f, bool per_element, acc_t s, scalar_t* y, int64_t len) {
+void reweight_row(const scalar_t* x, const acc_t* f, bool per_element, acc_t s, scalar_t* y, int64_t len,
+                  bool stream) {
   using V = Vectorized<acc_t>;
   int64_t i = 0;
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
     for (; i + V::size() <= len; i += V::size()) {
       const V fv = per_element ? V::loadu(f + i) : V(*f);
-      (V::loadu(x + i) * fv * V(s)).store(y + i);
+      const V out = V::loadu(x + i) * fv * V(s);
+      stream ? store_stream(y + i, out) : out.store(y + i);
     }
   }
   for (; i < len; ++i) y[i] = static_cast<scalar_t>(static_cast<acc_t>(x[i]) * f[per_element ? i : 0] * s);
@@ -127,16 +130,18 @@ void add_products(const scalar_t* go, const scalar_t* x, acc_t* d, int64_t len) 
   for (; i < len; ++i) d[i] += static_cast<acc_t>(go[i]) * static_cast<acc_t>(x[i]);
 }
 
-// gx[i] = go[i] * f * s + r[i], f = f[i] (per_element) or f[0]: one row of grad_x.
+// gx[i] = go[i] * f * s + r[i], f = f[i] (per_element) or f[0]: one row of grad_x; gx streamed
+// when `stream`.
 template <typename scalar_t, typename acc_t>
 void grad_x_row(const scalar_t* go, const acc_t* f, bool per_element, acc_t s, const acc_t* r, scalar_t* gx,
-                int64_t len) {
+                int64_t len, bool stream) {
   using V = Vectorized<acc_t>;
   int64_t i = 0;
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
     for (; i + V::size() <= len; i += V::size()) {
       const V fv = per_element ? V::loadu(f + i) : V(*f);
-      (V::loadu(go + i) * fv * V(s) + V::loadu(r + i)).store(gx + i);
+      const V out = V::loadu(go + i) * fv * V(s) + V::loadu(r + i);
+      stream ? store_stream(gx + i, out) : out.store(gx + i);
     }
   }
   for (; i < len; ++i) {
@@ -184,6 +189,7 @@ std::tuple<at::Tensor, at::Tensor> softmax_spatial_cpu(const at::Tensor& x, cons
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "softmax_spatial_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t s = rescale ? static_cast<acc_t>(P) : acc_t(1);
+    const bool stream = should_stream(2 * x_dense.nbytes());
     at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
       BelowAutograd below;
       const auto opts = x.options().dtype(acc);
@@ -198,9 +204,10 @@ std::tuple<at::Tensor, at::Tensor> softmax_spatial_cpu(const at::Tensor& x, cons
         const scalar_t* xs = x_dense.data_ptr<scalar_t>() + n * C * P;
         scalar_t* ys = y.data_ptr<scalar_t>() + n * C * P;
         for_each_row(C, P, G, channels_last, ap, aT, [&](int64_t off, const acc_t* f, bool per_element, int64_t len) {
-          reweight_row(xs + off, f, per_element, s, ys + off, len);
+          reweight_row(xs + off, f, per_element, s, ys + off, len, stream);
         });
       }
+      if (stream) stream_fence();
     });
   });
   return {y, a};
@@ -227,6 +234,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_spatial_backward_cpu(cons
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "softmax_spatial_backward_cpu", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       const acc_t s = rescale ? static_cast<acc_t>(P) : acc_t(1);
+      const bool stream = should_stream(3 * x_dense.nbytes());  // reads x and grad_y, writes grad_x
       at::parallel_for(0, slots, 1, [&](int64_t begin, int64_t end) {
         BelowAutograd below;
         const auto opts = gw.options();
@@ -271,12 +279,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_spatial_backward_cpu(cons
             scalar_t* gxs = grad_x.data_ptr<scalar_t>() + n * C * P;
             const acc_t* aT = transposed<acc_t>(an, t_buf, channels_last);
             for_each_row(C, P, G, channels_last, ap, aT, [&](int64_t off, const acc_t* f, bool per_element, int64_t len) {
-              grad_x_row(gos + off, f, per_element, s, rs + off, gxs + off, len);
+              grad_x_row(gos + off, f, per_element, s, rs + off, gxs + off, len, stream);
             });
             gw[slot].addmm_(dL, matrix_in_acc(sample_matrix(x_dense, n), x_buf, channels_last).t());
             gb[slot] += dL.sum(1);
           }
         }
+        if (stream) stream_fence();
       });
     });
   }

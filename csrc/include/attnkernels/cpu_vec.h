@@ -6,9 +6,90 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <cmath>
+#include <cstdint>
+#include <cstdlib>
 #include <type_traits>
 
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+#if defined(__linux__)
+#include <unistd.h>
+#endif
+
 namespace attnkernels {
+
+// ---- Streaming (non-temporal) stores, for outputs too big to stay in the caches.
+// A plain store first reads the line it writes (read-for-ownership), so writing y costs
+// two crossings of memory per byte; a streaming store writes the line whole, past the
+// caches, as memcpy does for large copies. Measured on the 2-vCPU EPYC: x * s over 25.7 MB,
+// one thread, 2.9-3.2 ms with plain stores and 1.8 ms streamed (benchmarks/NOTES.md,
+// session 14). Streaming is wrong for an output that the next op would find in cache, so a
+// kernel streams only when should_stream says its traffic exceeds the last-level cache.
+
+// Bytes of the last-level cache (sysconf on Linux; 32 MiB where it cannot tell).
+inline int64_t last_level_cache_bytes() {
+  static const int64_t bytes = [] {
+    int64_t b = -1;
+#if defined(__linux__) && defined(_SC_LEVEL3_CACHE_SIZE)
+    b = sysconf(_SC_LEVEL3_CACHE_SIZE);
+    if (b <= 0) b = sysconf(_SC_LEVEL2_CACHE_SIZE);
+#endif
+    return b > 0 ? b : int64_t(32) << 20;
+  }();
+  return bytes;
+}
+
+// Bytes an op must touch before it streams: ATTNKERNELS_STREAM_THRESHOLD (bytes; 0 streams
+// every aligned vector: the tests use it) where set, else the last-level cache's size.
+inline int64_t stream_threshold_bytes() {
+  static const int64_t bytes = [] {
+    const char* env = std::getenv("ATTNKERNELS_STREAM_THRESHOLD");
+    if (env != nullptr && *env != '\0') {
+      char* end = nullptr;
+      const long long v = std::strtoll(env, &end, 10);
+      if (end != nullptr && *end == '\0' && v >= 0) return static_cast<int64_t>(v);
+    }
+    return last_level_cache_bytes();
+  }();
+  return bytes;
+}
+
+// Whether an op that reads and writes `bytes_touched` bytes should stream its output:
+// when the data cannot all stay in the last-level cache, the output would be evicted
+// before anyone reads it, so reading it in for ownership is wasted.
+inline bool should_stream(int64_t bytes_touched) { return bytes_touched > stream_threshold_bytes(); }
+
+// v stored at p with streaming stores, 16 bytes at a time, where p is 16-byte aligned (every
+// vector of a plane or row whose start is: fp32 maps with H*W or C a multiple of 4); a
+// plain store elsewhere and off x86. Call stream_fence() before the written data is handed
+// to another thread (at the end of each parallel task).
+template <typename T>
+inline void store_stream(T* p, const at::vec::Vectorized<T>& v) {
+#if defined(__SSE2__)
+  constexpr int kBytes = static_cast<int>(sizeof(T) * at::vec::Vectorized<T>::size());
+  if constexpr (kBytes % 16 == 0) {
+    if (reinterpret_cast<std::uintptr_t>(p) % 16 == 0) {
+      alignas(64) T staged[at::vec::Vectorized<T>::size()];
+      v.store(staged);
+      for (int b = 0; b < kBytes; b += 16) {
+        const __m128i part = _mm_load_si128(reinterpret_cast<const __m128i*>(reinterpret_cast<const char*>(staged) + b));
+        _mm_stream_si128(reinterpret_cast<__m128i*>(reinterpret_cast<char*>(p) + b), part);
+      }
+      return;
+    }
+  }
+#endif
+  v.store(p);
+}
+
+// Orders this thread's streaming stores before whatever it does next (they are weakly
+// ordered); a no-op where store_stream never streams.
+inline void stream_fence() {
+#if defined(__SSE2__)
+  _mm_sfence();
+#endif
+}
 
 // One vector step over scalar_t values, held as accumulation-type vectors: one vector for
 // float/double, two float vectors for half/bfloat16 (a Vectorized<Half> holds twice as many).
@@ -32,6 +113,15 @@ struct Step {
       v[0].store(p);
     } else {
       at::vec::convert_from_float<scalar_t>(v[0], v[1]).store(p);
+    }
+  }
+  // store, or a streaming store past the caches when `stream` (see store_stream).
+  static void store(scalar_t* p, const AccVec (&v)[kVecs], bool stream) {
+    if constexpr (kSame) {
+      stream ? store_stream(p, v[0]) : v[0].store(p);
+    } else {
+      const at::vec::Vectorized<scalar_t> out = at::vec::convert_from_float<scalar_t>(v[0], v[1]);
+      stream ? store_stream(p, out) : out.store(p);
     }
   }
   // kWidth consecutive accumulation-type values (a gate row, a partial-sum buffer).
