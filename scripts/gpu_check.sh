@@ -1,67 +1,140 @@
 #!/usr/bin/env bash
 # One command for a GPU machine with torch preinstalled and no network (DESIGN.md):
-#   scripts/gpu_check.sh [--out DIR]       (or OUT=DIR scripts/gpu_check.sh)
-# 1. the CUDA and Triton tests of the fused ops, the fused modules under CUDA autocast (fp16,
-#    bf16) included (the JIT build compiles csrc/ for this GPU),
-# 2. compute-sanitizer memcheck over every CUDA op on a small case,
-# 3. the benchmark tables (fp32 and bf16) of the modules with fused kernels, PAM/CSM vs SDPA,
-#    GAM's conv algorithms and time breakdown.
-# Logs and CSVs go to the output folder; the exit code is non-zero if any step failed.
+#   scripts/gpu_check.sh [--quick] [--out DIR]       (or OUT=DIR scripts/gpu_check.sh)
+# A lease is short (minutes), so the steps run in order of risk, and each answers a question
+# even if a later one never runs:
+#   1. build: the JIT build of csrc/ for this GPU (a compile or link error stops the rest);
+#   2. tensor_core: nonlocal_attn's fp16/bf16 tensor-core path (CUDA mma and Triton tl.dot),
+#      forward and every gradient at 100 and 137 keys, NCHW and channels_last, against fp64;
+#   3. ops: every other CUDA and Triton op and fused module against the reference (CUDA
+#      autocast included); --quick: the op-level comparisons of each hot path only;
+#   4. memcheck: compute-sanitizer over every CUDA op on a small case;
+#   5. the benchmark tables (fp32 and bf16; --quick: bf16 only, fewer repeats), then PAM/CSM
+#      vs SDPA, GAM's conv algorithms and the whole-model rows (full run only).
+# Budget on an H100/H200: under 8 minutes in all with the build, under 3 with --quick.
+# Logs and CSVs go to the output folder; $out/SUMMARY.md holds one line per step (exit code,
+# seconds, pytest's count line) and the benchmark tables, ready to paste into a closing note.
+# The exit code is non-zero if any step failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-gpu_check_out}"
+quick=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --out) out="$2"; shift 2 ;;
-    *) echo "usage: $0 [--out DIR]" >&2; exit 2 ;;
+    --quick) quick=1; shift ;;
+    *) echo "usage: $0 [--quick] [--out DIR]" >&2; exit 2 ;;
   esac
 done
 mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export TRITON_INTERPRET=0  # real Triton on the GPU, not the interpreter
 python=${PYTHON:-python3}
+summary="$out/SUMMARY.md"
 status=0
-step() {  # step NAME COMMAND...: run, log to $out/NAME.log, remember failure
+started=$SECONDS
+{
+  echo "# gpu_check $([ $quick -eq 1 ] && echo --quick) ($(date -u '+%Y-%m-%d %H:%M UTC'), $(git rev-parse --short HEAD 2>/dev/null || echo 'no git'))"
+  echo
+  echo "| step | exit | seconds | result |"
+  echo "|---|---|---|---|"
+} > "$summary"
+
+step() {  # step NAME COMMAND...: run, log to $out/NAME.log, add a summary row, remember failure
   local name="$1"; shift
   echo "== $name: $*" | tee "$out/$name.log"
   local start=$SECONDS
   "$@" 2>&1 | tee -a "$out/$name.log"
   local rc=${PIPESTATUS[0]}
-  echo "== $name: exit $rc after $((SECONDS - start)) s" | tee -a "$out/$name.log"
+  local took=$((SECONDS - start))
+  echo "== $name: exit $rc after $took s" | tee -a "$out/$name.log"
+  # pytest's last "N passed, M skipped ..." line, else the log's last line.
+  local result
+  result=$(grep -E '^=*.*[0-9]+ (passed|failed|error)' "$out/$name.log" | tail -1 | tr -d '=' | sed 's/^ *//')
+  [ -n "$result" ] || result=$(grep -v '^== ' "$out/$name.log" | tail -1 | cut -c1-160)
+  echo "| $name | $rc | $took | ${result//|/\\|} |" >> "$summary"
   [ "$rc" -eq 0 ] || status=1
+  return "$rc"
 }
 
-step environment "$python" -c "import torch, attnkernels.backend as b; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name()); print(b.explain())"
-if "$python" -c "import pytest" 2>/dev/null; then
-  step tests "$python" -m pytest -q -rs -m "not slow" tests/test_channel_gate.py tests/test_channel_gate_triton.py tests/test_ham_spatial.py tests/test_ham_spatial_triton.py tests/test_nonlocal_attn.py tests/test_nonlocal_attn_triton.py tests/test_gam_channel.py tests/test_gam_channel_triton.py tests/test_shuffle_conv.py tests/test_shuffle_conv_triton.py tests/test_gam.py tests/test_softmax_spatial.py tests/test_softmax_spatial_triton.py tests/test_bridge.py tests/test_special_values.py tests/test_autocast.py tests/test_backend.py tests/test_build.py
-else
-  echo "pytest is not installed here: carry its wheel (see the device tool's README)" | tee "$out/tests.log"
+have_pytest() {
+  "$python" -c "import pytest" 2>/dev/null && return 0
+  echo "pytest is not installed here: carry its wheel (see the device tool's README)" | tee -a "$out/tests.log"
+  echo "| pytest | missing | 0 | carry its wheel |" >> "$summary"
   status=1
+  return 1
+}
+
+pytest_gpu() { "$python" -m pytest -q -rs -p no:cacheprovider -m "not slow" "$@"; }
+
+# 1. Build: nothing else can run without it.
+step environment "$python" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, torch.cuda.get_device_name())"
+if ! step build "$python" -c "import attnkernels._ext as e, attnkernels.backend as b; e.load(); assert e.cuda_compiled(), 'the CUDA kernels were not compiled'; print(b.explain())"; then
+  echo "gpu_check: the build failed; nothing else can run (logs in $out)" | tee -a "$summary"
+  exit 1
 fi
+
+if have_pytest; then
+  # 2. The tensor-core attention: the code most likely to be wrong that no CPU can run.
+  step tensor_core pytest_gpu tests/test_nonlocal_attn.py -k "tensor_core or half_precision"
+  # 3. Every other GPU op and module against the reference.
+  ops_tests=(tests/test_channel_gate.py tests/test_channel_gate_triton.py tests/test_ham_spatial.py
+    tests/test_ham_spatial_triton.py tests/test_nonlocal_attn.py tests/test_nonlocal_attn_triton.py
+    tests/test_gam_channel.py tests/test_gam_channel_triton.py tests/test_shuffle_conv.py
+    tests/test_shuffle_conv_triton.py tests/test_softmax_spatial.py tests/test_softmax_spatial_triton.py)
+  if [ $quick -eq 1 ]; then
+    # Each hot path's comparisons with the reference: the CUDA ops and modules (ids carry
+    # "cuda"), the Triton files' fp32 and half-precision cases.
+    step ops pytest_gpu "${ops_tests[@]}" -k "(cuda and matches_reference and not tensor_core) or \
+matches_reference_f32 or half_gpu or low_precision or chain_matches_autograd or epilogue_matches_reference"
+  else
+    step ops pytest_gpu "${ops_tests[@]}" tests/test_gam.py tests/test_bridge.py tests/test_special_values.py \
+      tests/test_autocast.py tests/test_backend.py tests/test_build.py -k "not tensor_core"
+  fi
+fi
+
+# 4. Out-of-bounds and uninitialised reads the comparisons can miss.
 sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)
 if [ -n "$sanitizer" ]; then
   step memcheck "$sanitizer" --tool memcheck --error-exitcode 1 "$python" scripts/gpu_sanitizer_case.py
 else
-  echo "compute-sanitizer not found" | tee "$out/memcheck.log"; status=1
+  echo "compute-sanitizer not found" | tee "$out/memcheck.log"
+  echo "| memcheck | missing | 0 | compute-sanitizer not found |" >> "$summary"
+  status=1
 fi
-for dtype in float32 bfloat16; do
-  step "throughput_$dtype" "$python" benchmarks/throughput.py --device cuda --dtype "$dtype" \
-    --modules eca,se,ham,cbam --models none --out "$out/throughput_$dtype"
-done
-# Position attention against projections + SDPA (memory-efficient kernel), bf16, the issue's
-# shapes: 32x32 and 64x64 maps, C = 256..1024; TFLOP/s in the table (bf16 tensor-core peak:
-# 989 dense on H100 SXM / H200). No compile variant: the eager reference holds N x HW^2.
-step throughput_pam "$python" benchmarks/throughput.py --device cuda --dtype bfloat16 --modules pam,csm \
-  --shapes 8x256x64x64,8x512x32x32,8x1024x32x32,4x1024x64x64 --variants eager,sdpa,fused-cuda,fused-triton \
-  --repeats 20 --models none --out "$out/throughput_pam"
-# GAM (plain and gc), bf16: eager vs compile vs fused; then the conv algorithms side by side
-# and the share of time outside the convs (benchmarks/gam_breakdown.py).
-step throughput_gam "$python" benchmarks/throughput.py --device cuda --dtype bfloat16 --modules gam,gam-gc \
-  --shapes 32x256x56x56,32x512x28x28 --repeats 20 --models none --out "$out/throughput_gam"
-step gam_breakdown "$python" benchmarks/gam_breakdown.py --device cuda --dtype bfloat16 --shape 32x256x56x56 --out "$out/gam_breakdown"
-# Whole-model ResNet-50 training steps (bf16 autocast, channels_last); no compile: a compiled
-# ResNet-50 per attention module would take minutes of the 10-minute budget.
-step throughput_models "$python" benchmarks/throughput.py --device cuda --modules none \
-  --models ham,se,eca,gam --variants eager,fused-cuda,fused-triton --out "$out/throughput_models"
-echo "gpu_check: $([ $status -eq 0 ] && echo all steps passed || echo some step FAILED) (logs in $out)"
+
+# 5. The numbers.
+bench() {  # bench NAME ARGS...: a throughput table; its text goes into the summary too
+  local name="$1"; shift
+  step "$name" "$python" benchmarks/throughput.py --device cuda --out "$out/$name" "$@"
+  { echo; echo "### $name"; echo '```'; sed -n '/^module /,/^[0-9]* rows in/p' "$out/$name.log"; echo '```'; } >> "$out/tables.md"
+}
+if [ $quick -eq 1 ]; then
+  bench throughput_bfloat16 --dtype bfloat16 --modules eca,se,ham,pam,gam,softmax_spatial,bridge --models none \
+    --variants memcpy,eager,fused-cuda,fused-triton --repeats 5
+else
+  for dtype in float32 bfloat16; do
+    bench "throughput_$dtype" --dtype "$dtype" --modules eca,se,ham,cbam,softmax_spatial,bridge --models none
+  done
+  # Position attention against projections + SDPA (memory-efficient kernel), bf16, the issue's
+  # shapes: 32x32 and 64x64 maps, C = 256..1024; TFLOP/s in the table (bf16 tensor-core peak:
+  # 989 dense on H100 SXM / H200). No compile variant: the eager reference holds N x HW^2.
+  bench throughput_pam --dtype bfloat16 --modules pam,csm \
+    --shapes 8x256x64x64,8x512x32x32,8x1024x32x32,4x1024x64x64 --variants eager,sdpa,fused-cuda,fused-triton \
+    --repeats 20 --models none
+  # GAM (plain and gc), bf16: eager vs compile vs fused; then the conv algorithms side by side
+  # and the share of time outside the convs (benchmarks/gam_breakdown.py).
+  bench throughput_gam --dtype bfloat16 --modules gam,gam-gc --shapes 32x256x56x56,32x512x28x28 --repeats 20 --models none
+  step gam_breakdown "$python" benchmarks/gam_breakdown.py --device cuda --dtype bfloat16 --shape 32x256x56x56 --out "$out/gam_breakdown"
+  # Whole-model ResNet-50 training steps (bf16 autocast, channels_last); no compile: a compiled
+  # ResNet-50 per attention module would take minutes of the budget.
+  bench throughput_models --modules none --models ham,se,eca,gam,softmax_spatial,bridge --variants eager,fused-cuda,fused-triton
+fi
+
+{
+  echo
+  echo "Total: $((SECONDS - started)) s; $([ $status -eq 0 ] && echo 'every step passed' || echo 'some step FAILED')."
+  [ -f "$out/tables.md" ] && cat "$out/tables.md"
+} >> "$summary"
+echo "gpu_check: $([ $status -eq 0 ] && echo all steps passed || echo some step FAILED) (summary: $summary)"
 exit $status

@@ -188,6 +188,30 @@ def test_half_precision_error_like_eager(device, dtype, name) -> None:
     assert_error_like_eager(got, base, truth, floor=1e-3, names=names)
 
 
+# The GPU kernels' tensor-core path (fp16/bf16 tl.dot / mma): key counts that are not a
+# multiple of any tile (100 = 10x10, 137 = 1x137), head sizes the block choice treats apart
+# (D_qk 16 and 128 = C/8 at C = 128 and 1024; D_v 64 and 160, not a power of two).
+TENSOR_CORE_SHAPES = [(2, 16, 64, 10, 10), (1, 128, 160, 1, 137), (2, 64, 64, 10, 10)]
+
+
+@needs_gpu
+@pytest.mark.parametrize("backend_name", ["cuda", "triton"])
+@pytest.mark.parametrize("shape", TENSOR_CORE_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_tensor_core_path_error_like_eager(backend_name, shape, dtype, layout) -> None:
+    """fp16/bf16 forward and every gradient against fp64: no worse than twice the error of the
+    reference path (the materialised attention) in the same precision, plus a small floor.
+    scripts/gpu_check.sh runs this first after the build: it is the riskiest GPU code."""
+    truth_inputs = op_inputs(shape, layout, torch.float64, "cuda", scale=0.5)
+    grad_y = make_input(tuple(truth_inputs[3].shape), layout, torch.float64, "cuda")
+    exact = flat(attn_forward_backward(truth_inputs, grad_y, "reference"))
+    low_inputs = [t.detach().to(dtype).requires_grad_() for t in truth_inputs]
+    low = flat(attn_forward_backward(low_inputs, grad_y.to(dtype), backend_name))
+    eager = flat(attn_forward_backward(low_inputs, grad_y.to(dtype), "reference"))
+    assert_error_like_eager(low, eager, exact, floor=2e-3, names=["y", "q", "k", "v", "x", "gamma"])
+
+
 @pytest.mark.parametrize("name", list(MODULES))
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_compile_fullgraph_on_cpu(name, layout) -> None:
