@@ -457,6 +457,11 @@ def _mix_grads(grad_alpha: torch.Tensor, grad_beta: torch.Tensor, alpha, beta, h
     return grad_alpha.reshape(alpha.shape), grad_beta.reshape(beta.shape)
 
 
+def _mean_hw_grad(grad_avg: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """mean_hw's gradient, (N, C, 1, 1) in x's dtype: grad_avg / HW on every pixel."""
+    return (grad_avg / (x.shape[2] * x.shape[3])).to(x.dtype)[:, :, None, None]
+
+
 def _register_autograd(namespace: str) -> None:
     ops = getattr(torch.ops, namespace)
 
@@ -473,8 +478,7 @@ def _register_autograd(namespace: str) -> None:
             # autograd adds it to x's other gradient in one pass (Bridge: the rescale's).
             if grad_avg is None:
                 return None
-            hw = x.shape[2] * x.shape[3]
-            return (grad_avg / hw).to(x.dtype)[:, :, None, None].expand(x.shape)
+            return _mean_hw_grad(grad_avg, x).expand(x.shape)
         if grad_avg is None:
             grad_avg = torch.zeros_like(max_)
         return ops.channel_pool_backward(grad_avg, grad_max, x, max_)
@@ -538,8 +542,7 @@ def _register_autograd(namespace: str) -> None:
         grad_x, grad_gate = ops.channel_rescale_backward(grad_y, x, gate)
         grad_avg_in, grad_w1, grad_b1, grad_w2, grad_b2 = _mlp_gate_backward(grad_gate, avg, gate, w1, b1, w2, b2)
         # mean_hw's backward spreads grad_avg evenly: added in place, no third x-sized tensor.
-        hw = x.shape[2] * x.shape[3]
-        grad_x.add_((grad_avg_in / hw).to(grad_x.dtype)[:, :, None, None])
+        grad_x.add_(_mean_hw_grad(grad_avg_in, x))
         return (grad_x, grad_w1, grad_b1 if ctx.has_bias[0] else None,
                 grad_w2, grad_b2 if ctx.has_bias[1] else None)
 

@@ -108,13 +108,7 @@ struct Step {
       at::vec::load_to_float<scalar_t>(p, v[0], v[1]);
     }
   }
-  static void store(scalar_t* p, const AccVec (&v)[kVecs]) {
-    if constexpr (kSame) {
-      v[0].store(p);
-    } else {
-      at::vec::convert_from_float<scalar_t>(v[0], v[1]).store(p);
-    }
-  }
+  static void store(scalar_t* p, const AccVec (&v)[kVecs]) { store(p, v, false); }
   // store, or a streaming store past the caches when `stream` (see store_stream).
   static void store(scalar_t* p, const AccVec (&v)[kVecs], bool stream) {
     if constexpr (kSame) {
