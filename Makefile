@@ -1,13 +1,21 @@
 # The README's two commands: `make bench` (the main job) and `make test`.
 # Each creates .venv on first use and installs what it needs into it.
+# `make test-torch2.11` runs a subset of the tests on the oldest supported torch, in .venv-torch2.11.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.14.1
 # Extra arguments for the benchmark, e.g. make bench ARGS="--modules ham,se --dtype float64"
 ARGS ?=
+# The oldest supported torch (README, setup.py), with the Triton it pulls in (3.6): the GPU
+# machine's versions.
+VENV_OLDEST ?= .venv-torch2.11
+PY_OLDEST := $(VENV_OLDEST)/bin/python
+TORCH_OLDEST ?= 2.11.0
+# What test-torch2.11 runs: one pytest argument a line, each with a comment.
+SUBSET_OLDEST ?= tests/torch2_11_subset.txt
 
-.PHONY: install bench test clean
+.PHONY: install bench test test-torch2.11 clean
 
 # The stamp depends on setup.py, so a changed dependency list reinstalls.
 $(VENV)/.installed: setup.py
@@ -24,5 +32,25 @@ bench: install
 test: install
 	$(PY) -m pytest -q tests
 
+# torch is pinned in the same pip command as the test tools, so their torch dependents
+# (torchvision, through timm) resolve to 2.11's. numpy < 2.4: Triton 3.6's interpreter calls
+# int() on one-element arrays, an error since numpy 2.4 (a DeprecationWarning before, which
+# the target silences; Triton 3.8 no longer does it).
+$(VENV_OLDEST)/.installed: setup.py
+	test -x $(PY_OLDEST) || $(PYTHON) -m venv $(VENV_OLDEST)
+	$(PY_OLDEST) -m pip install -q torch==$(TORCH_OLDEST) "numpy<2.4" -e ".[test]"
+	touch $@
+
+# The Python layer (triton_op, wrap_triton, torch.compile, export) on torch 2.11 with
+# Triton 3.6, on CPU. ATTNKERNELS_WITH_CUDA=0: `make test` proves the CUDA build; this step
+# proves the Python layer and would only add minutes of nvcc. set -f: node ids hold [ ].
+# Any failure, and pytest collecting nothing (exit 5), fails the target.
+OLDEST_PYTEST := $(PY_OLDEST) -m pytest -q --durations=10 -Wignore::DeprecationWarning:triton.runtime.interpreter
+test-torch2.11: $(VENV_OLDEST)/.installed
+	@set -f; args="$$(sed -e 's/#.*//' $(SUBSET_OLDEST))"; \
+	test -n "$$(echo $$args)" || { echo "$(SUBSET_OLDEST) selects no tests" >&2; exit 1; }; \
+	echo ATTNKERNELS_WITH_CUDA=0 $(OLDEST_PYTEST) $$args; \
+	ATTNKERNELS_WITH_CUDA=0 $(OLDEST_PYTEST) $$args
+
 clean:
-	rm -rf $(VENV) build *.egg-info benchmarks/results .pytest_cache
+	rm -rf $(VENV) $(VENV_OLDEST) build *.egg-info benchmarks/results .pytest_cache

@@ -84,7 +84,8 @@ setup(
     package_dir={CSRC_PACKAGE: "csrc"},
     package_data={CSRC_PACKAGE: CSRC_PATTERNS},
     python_requires=">=3.9",
-    install_requires=["torch>=2.6", "ninja"],  # ninja: the JIT build of csrc/
+    # torch 2.11 (with Triton 3.6) is the oldest supported, tested by `make test-torch2.11`.
+    install_requires=["torch>=2.11", "ninja"],  # ninja: the JIT build of csrc/
     extras_require={
         "test": [
             "pytest", "pytest-benchmark", "timm", "numpy", "matplotlib",

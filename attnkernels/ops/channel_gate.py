@@ -43,7 +43,9 @@ class GateMode(enum.IntEnum):
     @classmethod
     def parse(cls, op: str, mode: str) -> GateMode:
         """The mode named `mode` ("avg", "max", "mix")."""
-        names = {m.name.lower(): m for m in cls}
+        # A table built at import, not `for m in cls`: torch.compile on torch 2.11 cannot
+        # iterate an enum class (a graph break, so fullgraph=True failed).
+        names = _GATE_MODES_BY_NAME
         if not isinstance(mode, str) or mode not in names:
             raise ValueError(f"{op}: mode must be one of {', '.join(names)}; got {mode!r}")
         return names[mode]
@@ -55,6 +57,9 @@ class GateMode(enum.IntEnum):
             raise ValueError(f"{op}: mode must be 0 (avg), 1 (max) or 2 (mix), got {mode}")
         return cls(mode)
 
+
+# GateMode.parse's table.
+_GATE_MODES_BY_NAME = {m.name.lower(): m for m in GateMode}
 
 #: channel_gate's pooling modes by name (the public functions' `mode`).
 GATE_MODES = {m.name.lower(): int(m) for m in GateMode}

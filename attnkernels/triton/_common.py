@@ -16,9 +16,9 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
 
 from ..ops._schemas import schemas
+from ._compat import triton_op, wrap_triton
 
 
 # ----------------------------------------------------------------------------------------

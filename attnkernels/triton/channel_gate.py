@@ -36,7 +36,6 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
 from ..ops import register_hot_path
 from ..ops._common import empty_like_layout
@@ -65,6 +64,7 @@ from ._common import (
     _sigmoid,
     _sum_partials,
 )
+from ._compat import wrap_triton
 
 HOT_PATH = "channel_gate"
 

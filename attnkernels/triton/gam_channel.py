@@ -46,7 +46,6 @@ then run on CPU tensors under the Triton interpreter.
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
 from ..ops import register_hot_path
 from ..ops._common import empty_like_layout
@@ -68,6 +67,7 @@ from ._common import (
     _tile,
     _warps,
 )
+from ._compat import _dot, wrap_triton
 
 HOT_PATH = "gam_channel"
 
@@ -113,7 +113,7 @@ def _hidden(
         c_mask = c < C
         xt = _tile(x_ptr, x_base, p, sx_p, p_mask, c, sx_c, c_mask).to(ACC)  # [BLOCK_P, BLOCK_C]
         w1t = _tile(w1_ptr, 0, c, 1, c_mask, r, C, r_mask)  # w1^T chunk [BLOCK_C, BLOCK_R]
-        acc = tl.dot(xt, w1t, acc, input_precision=IP)
+        acc = _dot(xt, w1t, acc, IP)
     b1 = tl.load(b1_ptr + r, mask=r_mask, other=0.0)
     return tl.where(r_mask[None, :], _relu(acc + b1[None, :]), 0.0)
 
@@ -196,7 +196,7 @@ def _grad_x_kernel(
         xt = _tile(x_ptr, x_base, p, sx_p, p_mask, c, sx_c, c_mask).to(ACC)
         g = gy * xt * m * (1.0 - m)  # fc2's output gradient; 0 on padding (gy loads 0)
         w2c = _tile(w2_ptr, 0, c, RD, c_mask, r, 1, r_mask)  # w2 chunk [BLOCK_C, BLOCK_R]
-        dh = tl.dot(g, w2c, dh, input_precision=IP)
+        dh = _dot(g, w2c, dh, IP)
     dh = tl.where(h <= 0, 0.0, dh)  # relu's gradient; a NaN h passes it on, as torch's
 
     rows = n * HW + p.to(tl.int64)
@@ -212,7 +212,7 @@ def _grad_x_kernel(
         gy = _tile(gy_ptr, g_base, p, sg_p, p_mask, c, sg_c, c_mask).to(ACC)
         w1c = _tile(w1_ptr, 0, r, C, r_mask, c, 1, c_mask)  # w1 chunk [BLOCK_R, BLOCK_C]
         gx = gy * m
-        gx = tl.dot(dh, w1c, gx, input_precision=IP)
+        gx = _dot(dh, w1c, gx, IP)
         _store_pc(gx_ptr, n, so_n, p, so_p, p_mask, c, so_c, c_mask, gx)
 
 
@@ -252,8 +252,8 @@ def _grad_weights_kernel(
         gy = _tile(gy_ptr, n * sg_n, p, sg_p, p_mask, c, sg_c, c_mask).to(ACC)
         xt = _tile(x_ptr, n * sx_n, p, sx_p, p_mask, c, sx_c, c_mask).to(ACC)
         g = gy * xt * m * (1.0 - m)  # 0 on padded pixels and channels
-        acc_w2 = tl.dot(tl.trans(g), h, acc_w2, input_precision=IP)
-        acc_w1 = tl.dot(tl.trans(dh), xt, acc_w1, input_precision=IP)
+        acc_w2 = _dot(tl.trans(g), h, acc_w2, IP)
+        acc_w1 = _dot(tl.trans(dh), xt, acc_w1, IP)
         acc_b2 += tl.sum(g, axis=0)
         acc_b1 += tl.sum(dh, axis=0)
 

@@ -35,7 +35,6 @@ then run on CPU tensors under the Triton interpreter.
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
 from ..ops import register_hot_path
 from ..ops._common import empty_like_layout
@@ -59,6 +58,7 @@ from ._common import (
     _pow2,
     _sum_partials,
 )
+from ._compat import wrap_triton
 
 HOT_PATH = "ham_spatial"
 

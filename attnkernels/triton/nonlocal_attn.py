@@ -60,7 +60,6 @@ then run on CPU tensors under the Triton interpreter.
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
 from ..ops import register_hot_path
 from ..ops._common import empty_like_layout
@@ -81,6 +80,7 @@ from ._common import (
     _tile,
     _warps,
 )
+from ._compat import _dot, wrap_triton
 
 HOT_PATH = "nonlocal_attn"
 
@@ -184,7 +184,7 @@ def _contract(
         d_mask = d < D
         a = _tile(a_ptr, a_base, a_rows, a_s_row, a_row_mask, d, a_s_d, d_mask)
         b = _tile(b_ptr, b_base, d, b_s_d, d_mask, b_cols, b_s_col, b_col_mask)
-        acc = tl.dot(a, b, acc, input_precision=IP)
+        acc = _dot(a, b, acc, IP)
     return acc
 
 
@@ -223,7 +223,7 @@ def _forward_kernel(
         s = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
         if ONE_DQK:
             kk = _tile(k_ptr, k_base, d, sk_d, d_mask, j, sk_p, j_mask)
-            s = tl.dot(qt, kk, s, input_precision=IP)
+            s = _dot(qt, kk, s, IP)
         else:
             s = _contract(
                 q_ptr, q_base, i, sq_p, i_mask, sq_d,
@@ -240,7 +240,7 @@ def _forward_kernel(
         l_i = l_i * alpha + tl.sum(p, axis=1)
         vt = _tile(v_ptr, v_base, j, sv_p, j_mask, c, sv_d, c_mask)  # v^T [BLOCK_N, BLOCK_DV]
         acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(vt.dtype), vt, acc, input_precision=IP)
+        acc = _dot(p.to(vt.dtype), vt, acc, IP)
         m_i = m_new
 
     out = _div(acc, l_i[:, None])  # an all -inf row: 0/0 = NaN, as torch's softmax
@@ -327,7 +327,7 @@ def _grad_q_kernel(
         s = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
         kk = _tile(k_ptr, k_base, e, sk_d, e_mask, j, sk_p, j_mask)  # k [BLOCK_DQK, BLOCK_N]
         if ONE_DQK:
-            s = tl.dot(qt, kk, s, input_precision=IP)
+            s = _dot(qt, kk, s, IP)
         else:
             s = _contract(
                 q_ptr, q_base, i, sq_p, i_mask, sq_d,
@@ -343,7 +343,7 @@ def _grad_q_kernel(
             DV, dp, BLOCK_DV, IP,
         )
         ds = tl.where(valid, p * (dp - r_i[:, None]), 0.0)  # dS / gamma
-        dq = tl.dot(ds.to(kk.dtype), tl.trans(kk), dq, input_precision=IP)
+        dq = _dot(ds.to(kk.dtype), tl.trans(kk), dq, IP)
 
     offs = n * so_n + i.to(tl.int64)[:, None] * so_p + e.to(tl.int64)[None, :] * so_d
     tl.store(gq_ptr + offs, (dq * gamma).to(gq_ptr.dtype.element_ty), mask=i_mask[:, None] & e_mask[None, :])
@@ -392,7 +392,7 @@ def _grad_k_kernel(
         st = tl.zeros([BLOCK_N, BLOCK_M], dtype=ACC)
         qq = _tile(q_ptr, q_base, e, sq_d, e_mask, i, sq_p, i_mask)  # q [BLOCK_DQK, BLOCK_M]
         if ONE_DQK:
-            st = tl.dot(kt, qq, st, input_precision=IP)
+            st = _dot(kt, qq, st, IP)
         else:
             st = _contract(
                 k_ptr, k_base, j, sk_p, j_mask, sk_d,
@@ -404,8 +404,8 @@ def _grad_k_kernel(
         dpt = tl.zeros([BLOCK_N, BLOCK_M], dtype=ACC)
         if FUSE_V:
             gg = _tile(gy_ptr, g_base, c, sg_d, c_mask, i, sg_p, i_mask)  # grad_y [BLOCK_DV, BLOCK_M]
-            dpt = tl.dot(vt, gg, dpt, input_precision=IP)
-            dv = tl.dot(pt.to(gg.dtype), tl.trans(gg), dv, input_precision=IP)
+            dpt = _dot(vt, gg, dpt, IP)
+            dv = _dot(pt.to(gg.dtype), tl.trans(gg), dv, IP)
         else:
             dpt = _contract(
                 v_ptr, v_base, j, sv_p, j_mask, sv_d,
@@ -413,7 +413,7 @@ def _grad_k_kernel(
                 DV, dpt, BLOCK_DV, IP,
             )
         dst = tl.where(valid, pt * (dpt - r_i[None, :]), 0.0)  # (dS / gamma)^T
-        dk = tl.dot(dst.to(qq.dtype), tl.trans(qq), dk, input_precision=IP)
+        dk = _dot(dst.to(qq.dtype), tl.trans(qq), dk, IP)
 
     offs = n * sok_n + j.to(tl.int64)[:, None] * sok_p + e.to(tl.int64)[None, :] * sok_d
     tl.store(gk_ptr + offs, (dk * gamma).to(gk_ptr.dtype.element_ty), mask=j_mask[:, None] & e_mask[None, :])
@@ -456,7 +456,7 @@ def _grad_v_kernel(
         st = tl.zeros([BLOCK_N, BLOCK_M], dtype=ACC)
         if ONE_DQK:
             qq = _tile(q_ptr, q_base, d, sq_d, d_mask, i, sq_p, i_mask)
-            st = tl.dot(kt, qq, st, input_precision=IP)
+            st = _dot(kt, qq, st, IP)
         else:
             st = _contract(
                 k_ptr, k_base, j, sk_p, j_mask, sk_d,
@@ -465,7 +465,7 @@ def _grad_v_kernel(
             )
         pt = tl.where(j_mask[:, None] & i_mask[None, :], tl.exp(st - lse_i[None, :]), 0.0)
         gt = _tile(gy_ptr, g_base, i, sg_p, i_mask, c, sg_d, c_mask)  # grad_y^T [BLOCK_M, BLOCK_DV]
-        dv = tl.dot(pt.to(gt.dtype), gt, dv, input_precision=IP)
+        dv = _dot(pt.to(gt.dtype), gt, dv, IP)
 
     gamma = tl.load(gamma_ptr)
     offs = n * so_n + j.to(tl.int64)[:, None] * so_p + c.to(tl.int64)[None, :] * so_d

@@ -61,7 +61,6 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
 from ..ops import _checks as check
 from ..ops import register_hot_path
@@ -91,6 +90,7 @@ from ._common import (
     _sum_partials,
     _warps,
 )
+from ._compat import _dot, wrap_triton
 
 HOT_PATH = "shuffle_conv"
 
@@ -240,7 +240,7 @@ def _conv_kernel(
             hh, ww, inside = _tap_pixels(ph, pw, p_mask, t // K - P, t % K - P, H, W)
             u = _load_u(s_ptr, s_base, cs, c_mask, hh, ww, inside, ss_c, ss_h, ss_w, sc, sh, PROLOGUE)
             wt = tl.load(w_ptr + w_offs + t, mask=w_mask, other=0.0)
-            acc = tl.dot(u, wt, acc, input_precision=IP)
+            acc = _dot(u, wt, acc, IP)
 
     z = acc
     if HAS_BIAS:
@@ -288,7 +288,7 @@ def _grad_s_kernel(
             gz_offs = _pix_offsets(z_base, hh, ww, sz_h, sz_w, o, sz_c)
             gz = tl.load(gz_ptr + gz_offs, mask=inside[:, None] & o_mask[None, :], other=0.0).to(ACC)
             wt = tl.load(w_ptr + w_offs + t, mask=w_mask, other=0.0)
-            acc = tl.dot(gz, wt, acc, input_precision=IP)
+            acc = _dot(gz, wt, acc, IP)
 
     cs = _shuffled(g, cl, Cg, SG, CPS)
     mask = p_mask[:, None] & c_mask[None, :]
@@ -348,7 +348,7 @@ def _grad_weight_kernel(
         gz = tl.load(gz_ptr + gz_offs, mask=p_mask[:, None] & o_mask[None, :], other=0.0).to(ACC)
         hh, ww, inside = _tap_pixels(ph, pw, p_mask, t // K - P, t % K - P, H, W)
         u = _load_u(s_ptr, n * ss_n, cs, c_mask, hh, ww, inside, ss_c, ss_h, ss_w, sc, sh, PROLOGUE)
-        acc = tl.dot(tl.trans(gz), u, acc, input_precision=IP)
+        acc = _dot(tl.trans(gz), u, acc, IP)
         acc_b += tl.sum(gz, axis=0)
 
     row = part_ptr + sp.to(tl.int64) * part_len

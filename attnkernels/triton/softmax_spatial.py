@@ -35,7 +35,6 @@ on CPU tensors under the Triton interpreter.
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
 from ..ops import register_hot_path
 from ..ops._common import empty_like_layout
@@ -43,6 +42,7 @@ from ..ops.softmax_spatial import check_softmax_spatial, check_softmax_spatial_b
 from ..reference.formulas import accumulate_dtype
 from ._common import _acc_vector, _in_acc, _like_param, _nonempty, _op_registrar, _pixel_strides, _pow2, _splits, \
     _sum_partials, _tile
+from ._compat import wrap_triton
 
 HOT_PATH = "softmax_spatial"
 
