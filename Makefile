@@ -15,7 +15,12 @@ TORCH_OLDEST ?= 2.11.0
 # What test-torch2.11 runs: one pytest argument a line, each with a comment.
 SUBSET_OLDEST ?= tests/torch2_11_subset.txt
 
-.PHONY: install bench test test-torch2.11 clean
+# The ahead-of-time Triton check (scripts/triton_aot/): launch records and results.
+AOT := build/triton_aot
+TRITON_SOURCES := $(wildcard attnkernels/triton/*.py)
+AOT_CHECK := scripts/triton_aot/check.py $(AOT)/test_launches.json $(AOT)/bench_launches.json
+
+.PHONY: install bench test test-torch2.11 triton-aot triton-aot-full triton-aot-3.6 cuda-resources clean
 
 # The stamp depends on setup.py, so a changed dependency list reinstalls.
 $(VENV)/.installed: setup.py
@@ -51,6 +56,36 @@ test-torch2.11: $(VENV_OLDEST)/.installed
 	test -n "$$(echo $$args)" || { echo "$(SUBSET_OLDEST) selects no tests" >&2; exit 1; }; \
 	echo ATTNKERNELS_WITH_CUDA=0 $(OLDEST_PYTEST) $$args; \
 	ATTNKERNELS_WITH_CUDA=0 $(OLDEST_PYTEST) $$args
+
+# Every Triton launch of the tests, recorded under the interpreter. `make test` records the same
+# when ATTNKERNELS_TRITON_LAUNCHES names this file (CI does), which saves this rerun.
+$(AOT)/test_launches.json: $(TRITON_SOURCES) | install
+	rm -f $@
+	ATTNKERNELS_WITH_CUDA=0 ATTNKERNELS_TRITON_LAUNCHES=$(abspath $@) \
+	  $(PY) -m pytest -q -p no:cacheprovider $(wildcard tests/test_*_triton.py)
+
+# The benchmark modules' launches at its CPU and GPU default shapes (dry: nothing executes).
+$(AOT)/bench_launches.json: $(TRITON_SOURCES) scripts/triton_aot/bench_launches.py | install
+	rm -f $@
+	$(PY) scripts/triton_aot/bench_launches.py $@
+
+# Compile every recorded launch for sm_90 and sm_80 with Triton 3.8 (representative subset;
+# results cached in ~/.cache/attnkernels/triton_aot); fails on a compile error, shared memory
+# over the limit or spills over scripts/triton_aot/limits.py's threshold.
+triton-aot: $(AOT)/test_launches.json $(AOT)/bench_launches.json
+	$(PY) $(AOT_CHECK)
+
+triton-aot-full: $(AOT)/test_launches.json $(AOT)/bench_launches.json
+	$(PY) $(AOT_CHECK) --full
+
+# The same launches with Triton 3.6 (the GPU machine's), sm_90.
+triton-aot-3.6: $(AOT)/test_launches.json $(AOT)/bench_launches.json $(VENV_OLDEST)/.installed
+	$(PY_OLDEST) $(AOT_CHECK) --arch 90
+
+# Rebuild the CUDA objects with ptxas -v; table of registers, spills and shared memory per kernel
+# in build/cuda_resources/; fails on spills in kernels that had none (scripts/cuda_resources.py).
+cuda-resources: install
+	$(PY) scripts/cuda_resources.py --build
 
 clean:
 	rm -rf $(VENV) $(VENV_OLDEST) build *.egg-info benchmarks/results .pytest_cache

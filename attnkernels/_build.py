@@ -162,7 +162,9 @@ def build_config(with_cuda: bool | None = None) -> BuildConfig:
         sources=cpu_sources + (cuda_sources if with_cuda else []),
         include_dirs=include_dirs,
         cflags=cpu_flags(),
-        cuda_cflags=["-O3", "-lineinfo"] if with_cuda else [],
+        # -Xptxas=-v: ptxas reports registers, spills and shared memory per kernel; a verbose
+        # build (ATTNKERNELS_VERBOSE_BUILD=1) prints it, and scripts/cuda_resources.py tabulates it.
+        cuda_cflags=["-O3", "-lineinfo", "-Xptxas=-v"] if with_cuda else [],
         with_cuda=with_cuda,
         cuda_home=cuda_home if with_cuda else None,
         why_no_cuda=why_no_cuda,

@@ -13,6 +13,17 @@ import torch  # noqa: E402
 
 import helpers  # noqa: E402
 
+# ATTNKERNELS_TRITON_LAUNCHES=<file>: record every Triton launch of the run there, for the
+# ahead-of-time compile check (scripts/triton_aot/, `make triton-aot`).
+if os.environ.get("ATTNKERNELS_TRITON_LAUNCHES"):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts" / "triton_aot"))
+    import launches  # noqa: E402
+
+    launches.record(Path(os.environ["ATTNKERNELS_TRITON_LAUNCHES"]).resolve())
+
 
 @pytest.fixture(autouse=True)
 def _seed() -> None:

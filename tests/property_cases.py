@@ -379,10 +379,13 @@ def ham_spatial_conv_problem(data, m: Maker) -> Problem:
 
 
 def large_energies_ok(m: Maker) -> bool:
-    """Whether attention energies (sums of q*k) may take "large" values: in float64 only.
-    In fp32, energies of 1e6 carry rounding of 0.1, and the flash backward's
-    `dS = P * (dP - rowsum(dO * O))` then leaves noise of eps * |dO| |v| |k| (hundreds) in
-    gradients that vanish exactly (a single key): rounding, not a contract violation."""
+    """Whether attention energies (sums of q*k; softmax_spatial's logits w . x + b) may take
+    "large" values: in float64 only. In fp32, energies of 1e6 carry rounding of 0.1, and the
+    flash backward's `dS = P * (dP - rowsum(dO * O))` then leaves noise of eps * |dO| |v| |k|
+    (hundreds) in gradients that vanish exactly (a single key): rounding, not a contract
+    violation. softmax_spatial alike: at x ~ 1e3 its softmax saturates, and the logits'
+    gradient, the difference of terms of eps * |g| |x|^2, is noise whose sum order decides it
+    (grad weight 0.09 against 0.05 at 1x4 pixels, both right to fp32's precision)."""
     return m.dtype == F64
 
 
@@ -409,7 +412,7 @@ def softmax_spatial_problem(data, m: Maker) -> Problem:
     c = shape[1]
     g = data.draw(st.sampled_from([d for d in range(1, c + 1) if c % d == 0]), label="g")
     rescale = data.draw(st.booleans(), label="rescale")
-    x = m.feature(shape)
+    x = m.feature(shape, large=large_energies_ok(m))  # x makes the softmax's logits
     params = [m.param((g, c), 0.5), m.param(g, 0.5)]
     return Problem(lambda x, w, b: AF.softmax_spatial(x, w, b, rescale), [x, *params], ["x", "weight", "bias"],
                    layout_of=x, seed=m.seed)
@@ -583,7 +586,8 @@ def module_case(data, name: str, m: Maker) -> ModuleCase:
     if name == "gam":
         f.conv_algorithm = data.draw(st.sampled_from(["auto", "direct", "library"]), label="conv_algorithm")
     f.train(mode == "train"), ref.train(mode == "train")
-    large = name not in ("pam", "csm") or large_energies_ok(m)  # x feeds PAM's q and k
+    # x feeds PAM's q and k, softmax_spatial's logits
+    large = name not in ("pam", "csm", "softmax_spatial") or large_energies_ok(m)
     return ModuleCase(f, ref, m.feature((n, c, h, w), large, special=where != "state"), mode, m.seed)
 
 

@@ -115,6 +115,7 @@ SMALL_TILES = dict(
     _FWD_BLOCKS={dt: (16, 16, 16) for dt in (F64, F32, F16, BF16)},
     _BWD_BLOCKS={dt: (16, 16, 16, 16) for dt in (F64, F32, F16, BF16)},
     _MAX_BLOCK_DQK=16,
+    _MAX_FMA_BLOCK_DQK=16,
     _MAX_ROW_BLOCK_P=4,
     _ROW_TILE_ELEMENTS=8,
     _SUM_BLOCK=2,
@@ -175,8 +176,13 @@ def test_small_tiles_really_split(monkeypatch):
     # Default tiles: the f64/f32 tests' D_v = 40 / 80 do not fit one chunk, D_v = 5 does.
     monkeypatch.undo()
     assert T._forward_blocks(x, 12, 40)[2] == 32 and T._forward_blocks(x.float(), 9, 80)[2] == 64
-    assert T._backward_blocks(x, 12, 40, 1)[2] == 32 and T._backward_blocks(x.float(), 9, 80, 1)[2:] == (64, 64)
+    assert T._backward_blocks(x, 12, 40, 1)[2] == 32 and T._backward_blocks(x.float(), 9, 80, 1)[2:] == (32, 64)
     assert T._backward_blocks(x, 35, 5, 1)[2] == 16
+    # FMA-dot forwards (fp32, fp64) contract D_qk = 128 (C = 1024) in chunks of 32 (no spills);
+    # tensor-core ones and every backward hold it as one tile.
+    for dtype in (F32, F64):
+        assert T._dqk_block(128, dtype) == (32, False)
+    assert T._dqk_block(128, F16) == T._dqk_block(128, BF16) == T._dqk_block(128) == (128, True)
 
 
 def test_out_and_lse(tiles):

@@ -85,6 +85,8 @@ _BLOCK_C = {torch.float64: 16, torch.float32: 32, torch.float16: 32, torch.bfloa
 # Largest [BLOCK_P, rd] tile (h and dh stay in registers): a wide rd narrows the pixel block.
 # (The split count and the partials' sum tiles are _common's _MIN_SPLITS, _SUM_*.)
 _MAX_HIDDEN_TILE = 8192
+# num_warps of the two backward kernels (gam_channel_backward says why).
+_BACKWARD_WARPS = 8
 
 
 def _blocks(x: torch.Tensor, rd: int) -> tuple[int, int, int]:
@@ -317,7 +319,11 @@ def gam_channel_backward(
     w1a, b1a, w2a, b2a = (_acc_vector(t, acc) for t in (w1, b1, w2, b2))
     block_p, block_c, block_r = _blocks(x, rd)
     num_pb = triton.cdiv(hw, block_p)
-    warps = _warps(block_p * block_r)
+    # The backward kernels hold h, dh, the gradient tiles and (launch 2) two weight accumulators
+    # at once: compiled for sm_90/sm_80 (scripts/triton_aot/) at 4 warps, fp32 rd = 64 reached 255
+    # registers and spilled 256-720 B per thread in grad_x and up to 10.6 KB in grad_weights
+    # (sm_80); at 8 warps they spill nothing (fp32) or under 100 B.
+    warps = _BACKWARD_WARPS
 
     # 1. grad_x, and h, dh for the weight gradients.
     hid = torch.empty((n * hw, rd), dtype=acc, device=x.device)

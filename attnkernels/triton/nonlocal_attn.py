@@ -109,20 +109,43 @@ _FWD_BLOCKS = {
 _BWD_BLOCKS = {
     torch.float16: (64, 64, 64, 256),
     torch.bfloat16: (64, 64, 64, 256),
-    torch.float32: (32, 32, 64, 64),
+    torch.float32: (32, 32, 32, 64),
     torch.float64: (32, 32, 32, 32),
 }
 # Widest D_qk tile: wider D_qk loops over chunks (forward) or tiles the gradient (backward).
 _MAX_BLOCK_DQK = 128
+# fp32 ("ieee") and fp64 tl.dot run on the FMA units, not the tensor cores: each thread keeps,
+# in registers, the operand rows and columns of its share of the output. Compiled for sm_90
+# (scripts/triton_aot/, `make triton-aot`), the fp32 forward at C = 1024 (D_qk = 128 as one
+# [64, 128] q tile, 4 warps) got 56 registers and spilled 3.9 KB per thread (7.8 KB on sm_80),
+# and the backward at D_qk = 64-128 spilled 450-660 B on sm_80. So FMA dots contract D_qk in
+# the forward in chunks of at most _MAX_FMA_BLOCK_DQK (the q chunk is reloaded per key block, from
+# L1/L2: 128 registers, no spill), the backward's dP = grad_y^T v in D_v chunks of 32 (fp32
+# _BWD_BLOCKS: the gradient tile keeps D_qk whole, so dP is not recomputed per D_qk chunk), and
+# every FMA-dot kernel runs 8 warps, which halves each thread's share.
+_MAX_FMA_BLOCK_DQK = 32
+_FMA_DOT_WARPS = 8
+
+
+def _fma_dots(dtype: torch.dtype) -> bool:
+    """Whether tl.dot on this input dtype runs on the FMA units (fp32 exact, fp64)."""
+    return dtype in (torch.float32, torch.float64)
+
+
+def _dot_warps(dtype: torch.dtype, *tiles: int) -> int:
+    """num_warps of a kernel whose tiles meet in tl.dot: 8 for FMA dots, else by tile size."""
+    return _FMA_DOT_WARPS if _fma_dots(dtype) else _warps(*tiles)
 # The R kernel's [BLOCK_C, BLOCK_P] tile and the grad_gamma sum's block.
 _ROW_TILE_ELEMENTS = 2048
 _MAX_ROW_BLOCK_P = 64
 _SUM_BLOCK = 1024
 
 
-def _dqk_block(dqk: int) -> tuple[int, bool]:
-    """(BLOCK_DQK, whether D_qk is one tile)."""
-    block = _dot_block(dqk, _MAX_BLOCK_DQK)
+def _dqk_block(dqk: int, dtype: torch.dtype | None = None) -> tuple[int, bool]:
+    """(BLOCK_DQK, whether D_qk is one tile). With the input dtype (the forward), FMA dots take
+    chunks of at most _MAX_FMA_BLOCK_DQK; else (the backward's gradient tiles) _MAX_BLOCK_DQK."""
+    cap = _MAX_FMA_BLOCK_DQK if dtype is not None and _fma_dots(dtype) else _MAX_BLOCK_DQK
+    block = _dot_block(dqk, cap)
     return block, dqk <= block
 
 
@@ -497,14 +520,14 @@ def nonlocal_attn(
     g = _acc_vector(gamma, acc)
 
     bm, bn, bdv = _forward_blocks(x, hw, dv)
-    bdqk, one_dqk = _dqk_block(dqk)
+    bdqk, one_dqk = _dqk_block(dqk, x.dtype)
     num_mb, num_cb = triton.cdiv(hw, bm), triton.cdiv(dv, bdv)
     wrap_triton(_forward_kernel)[(n * num_cb * num_mb,)](
         q, k, v, x, g, y, out, lse,
         hw, dqk, dv, num_mb, num_cb,
         *sq, *sk, *sv, *sx, *so,
         ONE_DQK=one_dqk, BLOCK_M=bm, BLOCK_N=bn, BLOCK_DQK=bdqk, BLOCK_DV=bdv,
-        IP=_precision(x.dtype), num_warps=_warps(bm * bdv, bm * bn),
+        IP=_precision(x.dtype), num_warps=_dot_warps(x.dtype, bm * bdv, bm * bn),
     )
     return y, out, lse
 
@@ -559,7 +582,7 @@ def nonlocal_attn_backward(
         gy, q, k, v, g, ls, r, grad_q,
         hw, dqk, dv, num_mb, num_db,
         *sg, *sq, *sk, *sv, *sgq,
-        ONE_DQK=one_dqk, **common, num_warps=_warps(bm * bdqk, bm * bn, bm * bdv),
+        ONE_DQK=one_dqk, **common, num_warps=_dot_warps(v.dtype, bm * bdqk, bm * bn, bm * bdv),
     )
     # 3. grad_k over key blocks (and grad_v when D_v fits one chunk).
     num_nb = triton.cdiv(hw, bn)
@@ -568,7 +591,7 @@ def nonlocal_attn_backward(
         hw, dqk, dv, num_nb, num_db,
         *sg, *sq, *sk, *sv, *sgk, *sgv,
         ONE_DQK=one_dqk, FUSE_V=fuse_v, **common,
-        num_warps=_warps(bn * bdqk + (bn * bdv if fuse_v else 0), bn * bm),
+        num_warps=_dot_warps(v.dtype, bn * bdqk + (bn * bdv if fuse_v else 0), bn * bm),
     )
     # 4. grad_v over (key block, D_v chunk) otherwise.
     if not fuse_v:
@@ -578,7 +601,7 @@ def nonlocal_attn_backward(
             hw, dqk, dv, num_nb, num_cb,
             *sg, *sq, *sk, *sgv,
             ONE_DQK=one_dqk, BLOCK_M=bm, BLOCK_N=bn, BLOCK_DQK=bdqk, BLOCK_DV=bdv_v, IP=ip,
-            num_warps=_warps(bn * bdv_v, bn * bm),
+            num_warps=_dot_warps(v.dtype, bn * bdv_v, bn * bm),
         )
     return grad_q, grad_k, grad_v, grad_gamma
 
