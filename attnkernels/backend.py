@@ -197,4 +197,6 @@ def explain(device: torch.device | str | None = None) -> str:
                 problem = why_unavailable(backend, hot_path, dev)
                 state = "available" if problem is None else f"unavailable: {problem}"
                 lines.append(f"  {backend:<9} {state}")
-    return "\n".join(lines)
+    from . import choose  # the algorithm choices within a backend, measured or static
+
+    return "\n".join(lines) + "\n" + choose.explain()

@@ -100,6 +100,7 @@ if str(_BENCH_DIR) not in sys.path:
 
 import torch  # noqa: E402
 
+from attnkernels import choose  # noqa: E402
 from attnkernels.profiling import benchmark_env_ready, ensure_benchmark_env  # noqa: E402
 from attnkernels.reference import names  # noqa: E402
 
@@ -331,6 +332,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     wall = time.perf_counter() - start
     meta["wall_s"] = round(wall, 1)
     say(summary_line(rows, models, wall))
+    # Which algorithms the fused rows ran, measured the first time each shape was seen.
+    say(choose.explain())
+    meta["choose_mode"] = choose.current_mode()
+    meta["choices"] = [c.strip() for c in choose.explain().splitlines()[1:]]
     if cfg.out is not None:
         paths, notes = write_results(rows, meta, cfg.out, models)
         say(f"wrote {', '.join(str(p) for p in paths[:-1])} and {paths[-1]}")

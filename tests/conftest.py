@@ -7,6 +7,9 @@ import os
 # Triton kernels run on CPU tensors under the interpreter, which must be switched on before
 # triton is first imported. A GPU run (scripts/gpu_check.sh) sets TRITON_INTERPRET=0.
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# Algorithm choices by their static rules (attnkernels.choose): the same kernels every run, and
+# no timing runs inside the tests. tests/test_choose.py measures, on a fake clock and for real.
+os.environ.setdefault("ATTNKERNELS_CHOOSE", "static")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

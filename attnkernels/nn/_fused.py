@@ -9,6 +9,8 @@ import torch
 from torch import nn
 
 from .. import backend as _backend
+from .. import choose
+from ..reference._base import memory_format_of
 
 
 class FusedModule(nn.Module):
@@ -51,6 +53,17 @@ class FusedModule(nn.Module):
         if self.backend is None:
             return base
         return f"{base}, backend={self.backend!r}" if base else f"backend={self.backend!r}"
+
+
+def pick_inference(site: str, x: torch.Tensor, params: tuple, runs: dict[str, Callable[..., torch.Tensor]],
+                   static: str, *extra: torch.Tensor) -> Callable[..., torch.Tensor]:
+    """For an inference-only forward (no autograd, no state update): the function among `runs`
+    (name -> fn(x, *extra), the reference's eager forward among them) that
+    `attnkernels.choose` measures fastest for x's shape (key: the device, x's dtype, shape
+    and layout, `params`: what else sets the cost), or `static` when not measuring."""
+    shapes = tuple(tuple(t.shape) for t in extra)
+    key = (x.device.type, x.dtype, tuple(x.shape), memory_format_of(x), *params, *shapes)
+    return choose.pick(site, key, runs, static, (x, *extra))
 
 
 def autograd_may_record() -> bool:

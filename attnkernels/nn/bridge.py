@@ -9,7 +9,7 @@ from .. import functional as AF
 from ..ops._common import fold_batch_norm
 from ..reference import bridge as reference
 from ..reference.formulas import accumulate_dtype
-from ._fused import FusedModule, without_autocast
+from ._fused import FusedModule, autograd_may_record, pick_inference, without_autocast
 
 
 class Bridge(FusedModule, reference.Bridge):
@@ -31,6 +31,10 @@ class Bridge(FusedModule, reference.Bridge):
 
     @without_autocast
     def attend(self, x: torch.Tensor, *bridges: torch.Tensor) -> torch.Tensor:
+        if self.folds_batch_norm() and not autograd_may_record():
+            # Inference: the folded per-sample op or the reference's eager forward, measured.
+            runs = {"folded": lambda x, *b: self.attend_folded(x, b), "eager": super().attend}
+            return pick_inference("bridge", x, (self.fc.weight.shape[1],), runs, "folded", *bridges)(x, *bridges)
         if self.folds_batch_norm():
             return self.attend_folded(x, bridges)
         u = 0

@@ -9,7 +9,7 @@ from ..ops import ham_spatial
 from ..ops._common import fold_batch_norm
 from ..reference import ham as reference
 from ..reference.formulas import accumulate_dtype
-from ._fused import FusedModule, autograd_may_record, without_autocast
+from ._fused import FusedModule, autograd_may_record, pick_inference, without_autocast
 
 
 class HAM(FusedModule, reference.HAM):
@@ -23,13 +23,21 @@ class HAM(FusedModule, reference.HAM):
     ReLU and sigmoid, BN called on group 1 then group 2 exactly as the reference calls it
     (batch statistics and running stats included; a SyncBatchNorm there syncs them across
     processes as it does in the reference). Backward saves x and those small maps only.
-    Inference on the CPU backend runs all of it per sample in one op (`runs_per_sample`).
+    Inference on the CPU backend can run all of it per sample in one op (`runs_per_sample`):
+    there `attnkernels.choose` measures that op, the three passes and the reference's eager
+    forward the first time a shape is seen (static rule: the per-sample op).
     """
 
     @without_autocast
     def attend(self, x: torch.Tensor) -> torch.Tensor:
         if self.runs_per_sample(x):
-            return self.attend_per_sample(x)
+            runs = {"per_sample": self.attend_per_sample, "passes": self.attend_passes, "eager": super().attend}
+            params = (self.conv.weight.numel(), tuple(self.spatial_conv.weight.shape))
+            return pick_inference("ham_attention", x, params, runs, "per_sample")(x)
+        return self.attend_passes(x)
+
+    def attend_passes(self, x: torch.Tensor) -> torch.Tensor:
+        """The three differentiable passes (training, and inference where they win)."""
         avg, max_ = AF.channel_pool(x)
         ac = AF.channel_gate(avg, max_, self.conv.weight, self.alpha, self.beta, mode="mix")
         d1, d2, mask = AF.ham_spatial_pool(x, ac, self.c_im)

@@ -20,6 +20,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .. import choose
+from ..backend import select
 from ..reference._base import memory_format_of
 from ..reference.formulas import accumulate_dtype
 from . import _checks as check
@@ -125,7 +127,8 @@ def channel_attention(
     """
     m, alpha, beta = _gate_mode("channel_attention", alpha, beta, mode)
     check_channel_attention(x, weight, alpha, beta, m)
-    return _ops(x.device).channel_attention(x, weight, alpha, beta, m)[0]
+    args = (x, weight, alpha, beta, m)
+    return _attention("channel_attention", channel_attention_sequence, args, (weight.numel(), m))(*args)
 
 
 def channel_mlp_attention(
@@ -145,7 +148,28 @@ def channel_mlp_attention(
     composite op).
     """
     check_mlp_args(x, w1, b1, w2, b2)
-    return _ops(x.device).channel_mlp_attention(x, w1, b1, w2, b2)[0]
+    args = (x, w1, b1, w2, b2)
+    key = (tuple(w1.shape), b1 is not None and tuple(b1.shape), b2 is not None)
+    return _attention("channel_mlp_attention", channel_mlp_attention_sequence, args, key)(*args)
+
+
+def _attention(op: str, sequence, args: tuple, key: tuple):
+    """The function that runs whole-gate op `op` (channel_attention, channel_mlp_attention) as
+    `fn(*args)` and returns y: on the reference backend its reference; else chosen by
+    `attnkernels.choose` (key: the backend, x's dtype, shape and layout, then `key`) among the
+    backend's op ("fused", the static choice), on CPU also its three passes in turn
+    (`sequence`: the C++ op is one per-sample kernel there) and the eager torch composition."""
+    x = args[0]
+    ops = _ops(x.device)
+    if ops is Reference:
+        return lambda *a: getattr(Reference, op)(*a)[0]
+    backend = select(HOT_PATH, x.device)
+    runs = {"fused": lambda *a: getattr(ops, op)(*a)[0]}
+    if backend == "cpu":
+        runs["passes"] = lambda *a: sequence(ops, *a)[0]
+    runs["eager"] = lambda *a: getattr(Reference, op)(*a)[0]
+    full_key = (backend, x.dtype, tuple(x.shape), memory_format_of(x), *key, choose.autograd_records(args))
+    return choose.pick(op, full_key, runs, "fused", args)
 
 
 def _gate_mode(op: str, alpha, beta, mode: str):

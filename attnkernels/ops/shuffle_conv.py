@@ -34,11 +34,14 @@ The conv itself runs either on the backend's own kernels ("direct") or on torch'
 from __future__ import annotations
 
 import enum
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from .. import choose
 from ..backend import select
 from ..reference._base import memory_format_of
 from ..reference.formulas import accumulate_dtype
@@ -86,6 +89,38 @@ def conv_algorithm(conv: str, backend: str, groups: int, pixels: int) -> ConvAlg
     return ConvAlgorithm.LIBRARY
 
 
+# As tuples and a dict: torch 2.11's dynamo cannot iterate an Enum class while tracing.
+_ALGORITHMS = tuple(ConvAlgorithm)
+_NAMES = {a: a.name.lower() for a in ConvAlgorithm}
+
+#: What "auto" chooses between by measurement (attnkernels.choose): the two algorithms on the
+#: chosen backend, and the eager composition of torch ops (the reference backend's ops).
+EAGER = "eager"
+
+
+def conv_plan(site: str, conv: str, s: torch.Tensor, weight: torch.Tensor, groups: int, shuffle_groups: int,
+              run: Callable[..., Any], args: tuple, variants: dict[str, Callable[..., Any]] | None = None
+              ) -> Callable[..., Any]:
+    """The function that runs a shuffle_conv op at `site` as `fn(*args)`: `run(ops, algorithm,
+    *args)` with an explicit `conv`, or on the reference backend, as asked; for "auto", chosen by
+    `attnkernels.choose` among direct, library and eager (the reference backend's ops), the
+    static rule (`conv_algorithm`) first, which wins ties and serves when nothing is measured.
+    `variants` (suffix -> a function like `run`) adds "<algorithm>+<suffix>" candidates."""
+    backend = select(HOT_PATH, s.device)
+    ops = backend_ops(HOT_PATH, s.device, Reference)
+    static = conv_algorithm(conv, backend, groups, s.shape[2] * s.shape[3])
+    if conv != "auto" or ops is Reference:
+        return functools.partial(run, ops, static)
+    order = (static, *(a for a in _ALGORITHMS if a != static))
+    runs = {_NAMES[a]: functools.partial(run, ops, a) for a in order}
+    for suffix, variant in (variants or {}).items():
+        runs.update({f"{_NAMES[a]}+{suffix}": functools.partial(variant, ops, a) for a in order})
+    runs[EAGER] = functools.partial(run, Reference, ConvAlgorithm.LIBRARY)
+    key = (backend, s.dtype, tuple(s.shape), memory_format_of(s), tuple(weight.shape), groups, shuffle_groups,
+           *(t is not None for t in args[3:]), choose.autograd_records(args))
+    return choose.pick(site, key, runs, _NAMES[static], args)
+
+
 # ----------------------------------------------------------------------------------------
 # Public functions (attnkernels.functional)
 # ----------------------------------------------------------------------------------------
@@ -113,15 +148,19 @@ def shuffle_conv(
     `conv_algorithm`).
     """
     check_shuffle_conv(s, weight, bias, groups, shuffle_groups, in_scale, in_shift, gate_x, out_scale, out_shift)
-    algorithm = conv_algorithm(conv, select(HOT_PATH, s.device), groups, s.shape[2] * s.shape[3])
-    ops = backend_ops(HOT_PATH, s.device, Reference)
-    if ops is Reference or algorithm == ConvAlgorithm.DIRECT:
-        return ops.shuffle_conv(s, weight, bias, groups, shuffle_groups, in_scale, in_shift, gate_x, out_scale, out_shift)
-    dtype = s.dtype if gate_x is None else gate_x.dtype
-    z = library_conv(s, weight, bias, groups, shuffle_groups, in_scale, in_shift, dtype)
-    if gate_x is None:
-        return z.to(accumulate_dtype(s.dtype))
-    return ops.shuffle_conv_epilogue(z, gate_x, out_scale, out_shift)
+
+    def run(ops, algorithm, s, weight, bias, in_scale, in_shift, gate_x, out_scale, out_shift):
+        if ops is Reference or algorithm == ConvAlgorithm.DIRECT:
+            return ops.shuffle_conv(s, weight, bias, groups, shuffle_groups, in_scale, in_shift, gate_x, out_scale,
+                                    out_shift)
+        dtype = s.dtype if gate_x is None else gate_x.dtype
+        z = library_conv(s, weight, bias, groups, shuffle_groups, in_scale, in_shift, dtype)
+        if gate_x is None:
+            return z.to(accumulate_dtype(s.dtype))
+        return ops.shuffle_conv_epilogue(z, gate_x, out_scale, out_shift)
+
+    args = (s, weight, bias, in_scale, in_shift, gate_x, out_scale, out_shift)
+    return conv_plan("shuffle_conv", conv, s, weight, groups, shuffle_groups, run, args)(*args)
 
 
 def shuffle_conv_bn_gate(
@@ -151,10 +190,22 @@ def shuffle_conv_bn_gate(
     """
     check_shuffle_conv_bn_gate(s, weight, bias, groups, shuffle_groups, in_scale, in_shift, gate_x, bn_weight, bn_bias,
                                bn_mean, bn_var)
-    algorithm = conv_algorithm(conv, select(HOT_PATH, s.device), groups, s.shape[2] * s.shape[3])
-    return backend_ops(HOT_PATH, s.device, Reference).shuffle_conv_bn_gate(
-        s, weight, bias, groups, shuffle_groups, in_scale, in_shift, gate_x, bn_weight, bn_bias, bn_mean, bn_var,
-        float(eps), int(algorithm))
+
+    def run(ops, algorithm, s, weight, bias, in_scale, in_shift, gate_x, bn_weight, bn_bias, bn_mean, bn_var):
+        return ops.shuffle_conv_bn_gate(s, weight, bias, groups, shuffle_groups, in_scale, in_shift, gate_x,
+                                        bn_weight, bn_bias, bn_mean, bn_var, float(eps), int(algorithm))
+
+    def run_saving_z(ops, algorithm, s, weight, bias, in_scale, in_shift, gate_x, bn_weight, bn_bias, bn_mean,
+                     bn_var):
+        # The op's steps as separate differentiable ops: autograd saves the conv's output z
+        # (a full-size map in acc) where the op recomputes it in its backward (one conv).
+        return shuffle_conv_bn_gate_sequence(ops, s, weight, bias, groups, shuffle_groups, in_scale, in_shift, gate_x,
+                                             bn_weight, bn_bias, bn_mean, bn_var, float(eps), algorithm)
+
+    args = (s, weight, bias, in_scale, in_shift, gate_x, bn_weight, bn_bias, bn_mean, bn_var)
+    # Saving z trades memory for one conv in the backward: a candidate only when there is one.
+    variants = {"save_z": run_saving_z} if choose.autograd_records(args) else None
+    return conv_plan("shuffle_conv_bn_gate", conv, s, weight, groups, shuffle_groups, run, args, variants)(*args)
 
 
 # ----------------------------------------------------------------------------------------

@@ -1,0 +1,277 @@
+"""attnkernels.choose: algorithm choices by measurement, on a fake clock (which candidate wins,
+ties, caching, static mode, the choices file, explain) and once for real (GAM's conv: the
+winner runs, gives the reference's numbers, and is not measured again)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from attnkernels import backend, choose
+from attnkernels import functional as AF
+from attnkernels.ops.shuffle_conv import Reference
+
+
+@pytest.fixture(autouse=True)
+def fresh(monkeypatch, tmp_path):
+    """Measure mode, no choices file, no choices remembered, before and after each test."""
+    monkeypatch.setenv(choose.ENV_MODE, "measure")
+    monkeypatch.delenv(choose.ENV_FILE, raising=False)
+    choose.clear()
+    yield
+    choose.clear()
+
+
+def timer(times: dict[str, float]):
+    """A fake `measure`: candidate -> seconds, counting the calls."""
+    calls: list[str] = []
+
+    def measure(name: str) -> float:
+        calls.append(name)
+        return times[name]
+
+    measure.calls = calls
+    return measure
+
+
+CANDIDATES = ("direct", "library", "eager")
+
+
+def test_the_fastest_candidate_wins_and_is_remembered():
+    measure = timer({"direct": 3e-3, "library": 1e-3, "eager": 2e-3})
+    assert choose.choose("site", (1, 2), CANDIDATES, "direct", measure) == "library"
+    # A warm-up run each, then interleaved rounds: cheap candidates get MAX_ROUNDS of them.
+    assert measure.calls == list(CANDIDATES) * (1 + choose.MAX_ROUNDS)
+    # Same key: no second measurement, even if the clock would now say otherwise.
+    slower = timer({"direct": 1e-3, "library": 9e-3, "eager": 9e-3})
+    assert choose.choose("site", (1, 2), CANDIDATES, "direct", slower) == "library"
+    assert slower.calls == []
+    # Another key, another site: measured on their own.
+    assert choose.choose("site", (1, 3), CANDIDATES, "direct", slower) == "direct"
+    assert choose.choose("other", (1, 2), CANDIDATES, "direct", slower) == "direct"
+    assert len(slower.calls) == 2 * len(CANDIDATES) * (1 + choose.MAX_ROUNDS)
+
+
+def test_ties_go_to_the_earlier_candidate():
+    assert choose.choose("site", (), CANDIDATES, "library", timer(dict.fromkeys(CANDIDATES, 1e-3))) == "direct"
+    assert choose.choose("site", (0,), ("library", "direct"), "library", timer(dict.fromkeys(CANDIDATES, 1e-3))) \
+        == "library"
+
+
+def test_static_mode_never_measures(monkeypatch):
+    measure = timer({"direct": 3e-3, "library": 1e-3, "eager": 2e-3})
+    with choose.mode("static"):
+        assert choose.choose("site", (), CANDIDATES, "eager", measure) == "eager"
+    monkeypatch.setenv(choose.ENV_MODE, "static")
+    assert choose.choose("site", (), CANDIDATES, "direct", measure) == "direct"
+    assert measure.calls == []
+    # ... and in static mode even a remembered measured choice gives way to the static rule.
+    monkeypatch.setenv(choose.ENV_MODE, "measure")
+    assert choose.choose("site", (), CANDIDATES, "direct", measure) == "library"
+    monkeypatch.setenv(choose.ENV_MODE, "static")
+    assert choose.choose("site", (), CANDIDATES, "direct", measure) == "direct"
+
+
+def test_not_measurable_takes_the_static_rule_and_remembers_nothing():
+    measure = timer({"direct": 3e-3, "library": 1e-3, "eager": 2e-3})
+    assert choose.choose("site", (), CANDIDATES, "eager", measure, can_measure=False) == "eager"
+    assert measure.calls == []
+    assert choose.decide("site", (), CANDIDATES, "eager") == "eager"
+    assert choose.choose("site", (), CANDIDATES, "eager", measure) == "library"
+    assert choose.decide("site", (), CANDIDATES, "eager") == "library"  # what a compiled graph bakes in
+
+
+def test_bad_mode_and_bad_static_are_named(monkeypatch):
+    monkeypatch.setenv(choose.ENV_MODE, "fast")
+    with pytest.raises(ValueError, match="ATTNKERNELS_CHOOSE must be one of measure, static; got 'fast'"):
+        choose.current_mode()
+    with pytest.raises(ValueError, match=r"choose.mode\(name\) must be one of"):
+        with choose.mode("always"):
+            pass
+    monkeypatch.setenv(choose.ENV_MODE, "measure")
+    with pytest.raises(ValueError, match="static choice 'cudnn' is not a candidate"):
+        choose.choose("site", (), CANDIDATES, "cudnn", timer({}))
+
+
+def test_choices_file_is_written_per_machine_and_read_back(monkeypatch, tmp_path):
+    path = tmp_path / "choices.json"
+    path.write_text(json.dumps({"another machine": {"site|9": {"winner": "eager", "times_ms": {}}}}))
+    monkeypatch.setenv(choose.ENV_FILE, str(path))
+    assert choose.choose("site", (7, torch.float32), CANDIDATES, "direct",
+                         timer({"direct": 3e-3, "library": 2e-3, "eager": 1e-3})) == "eager"
+    data = json.loads(path.read_text())
+    assert set(data) == {"another machine", choose.machine()}
+    assert data[choose.machine()] == {"site|7 float32": {"winner": "eager",
+                                                         "times_ms": {"direct": 3.0, "library": 2.0, "eager": 1.0}}}
+    choose.clear()  # a new process: the file's choice is used, nothing measured
+    measure = timer({"direct": 1e-3, "library": 2e-3, "eager": 3e-3})
+    assert choose.choose("site", (7, torch.float32), CANDIDATES, "direct", measure) == "eager"
+    assert measure.calls == []
+    assert choose.choose("site", (9,), CANDIDATES, "direct", measure) == "direct"  # not this machine's
+    path.write_text("{not json")
+    choose.clear()
+    with pytest.raises(RuntimeError, match="is not a readable choices file"):
+        choose.choose("site", (8,), CANDIDATES, "direct", measure)
+
+
+def test_explain_lists_choices_with_their_times():
+    assert "none made yet" in choose.explain()
+    choose.choose("shuffle_conv", ("cpu", 4), CANDIDATES, "direct", timer({"direct": 3e-3, "library": 1e-3,
+                                                                            "eager": 2e-3}))
+    text = choose.explain()
+    assert "mode: measure" in text
+    assert "shuffle_conv [cpu 4]: library (measured: direct 3 ms, library 1 ms, eager 2 ms)" in text
+    assert text in backend.explain("cpu")
+
+
+def test_slow_candidates_get_fewer_rounds_and_the_median_decides():
+    """Runs of 0.3 s: the budget is spent after MIN_ROUNDS; one outlier round does not decide."""
+    times = {"a": iter([9, 0.3, 0.9, 0.3]), "b": iter([9, 0.4, 0.4, 0.4])}  # a warm-up each first
+    measure = lambda name: next(times[name])  # noqa: E731
+    assert choose.choose("site", (), ("b", "a"), "b", measure) == "a"  # medians 0.3 < 0.4
+    assert "a 300 ms, " not in choose.explain() and "b 400 ms, a 300 ms" in choose.explain()
+
+
+def test_time_once_times_one_run_after_flushing_the_cache():
+    ticks = iter([1.0, 1.25])
+    ran = []
+    assert choose.time_once(lambda: ran.append(1), torch.device("cpu"), clock=lambda: next(ticks)) == 0.25
+    assert ran == [1] and choose._flush_buffer is not None and choose._flush_buffer.numel() * 4 >= 64 << 20
+    # Made under inference_mode (the benchmark's forward phase), usable outside it (its f+b).
+    choose._flush_buffer = None
+    with torch.inference_mode():
+        choose.time_once(lambda: None, torch.device("cpu"))
+    choose.time_once(lambda: None, torch.device("cpu"))
+
+
+def test_forward_backward_runs_on_copies():
+    x = torch.randn(3, requires_grad=True)
+    seen = []
+
+    def fn(t):
+        seen.append(t)
+        return (t * 2).sum()
+
+    out = choose.forward_backward(fn, [x])()
+    assert seen[0] is not x and torch.equal(seen[0], x) and x.grad is None
+    assert out.requires_grad and seen[0].grad is None  # backward ran, its gradient dropped
+    with torch.no_grad():
+        out = choose.forward_backward(fn, [x])()
+    assert not out.requires_grad  # inference: forward only
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["inference", "training"])
+def test_gam_conv_measured_for_real(grad, compiled_ops):
+    """shuffle_conv's "auto" on the C++ backend: the first call measures direct, library and
+    eager; the result is the reference's whichever wins; the second call does not measure."""
+    torch.manual_seed(0)
+    s = torch.randn(2, 8, 9, 7, dtype=torch.float64, requires_grad=grad)
+    weight = torch.randn(8, 2, 7, 7, dtype=torch.float64, requires_grad=grad)
+    bias = torch.randn(8, dtype=torch.float64)
+    with backend.use_backend("cpu"):
+        with torch.set_grad_enabled(grad):
+            y = AF.shuffle_conv(s, weight, bias, 4)
+            lines = [line for line in choose.explain().splitlines() if "shuffle_conv [" in line]
+            assert len(lines) == 1 and "measured" in lines[0]
+            assert all(f"{name} " in lines[0] for name in ("direct", "library", "eager"))
+            again = AF.shuffle_conv(s, weight, bias, 4)
+    torch.testing.assert_close(y, Reference.shuffle_conv(s, weight, bias, 4, 1))
+    assert torch.equal(y, again)  # the same winner, the same bits
+    assert choose.explain().count("shuffle_conv [") == 1
+    if grad:
+        (gs,) = torch.autograd.grad(y.sum(), s)
+        (want,) = torch.autograd.grad(Reference.shuffle_conv(s, weight, bias, 4, 1).sum(), s)
+        torch.testing.assert_close(gs, want)
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_compile_fullgraph_uses_the_eager_choice(train, compiled_ops):
+    """Under torch.compile nothing is measured (no graph break: `decide` is a constant to
+    dynamo); a compiled GAM runs the algorithm the eager runs chose, or the static rule when
+    none was made yet."""
+    import copy
+
+    from attnkernels import nn as fused
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    module = fused.GAM(32, reduction=4, groups=4).train(train)
+    x = torch.randn(2, 32, 7, 5)
+    with backend.use_backend("cpu"):
+        # Compiled before any choice: the static rule, nothing measured.
+        torch.compile(copy.deepcopy(module), fullgraph=True)(x).sum().backward()
+        assert "none made yet" in choose.explain()
+        want = module(x)  # eager: measures
+        made = choose.explain()
+        assert made.count("measured") == 2 if train else made.count("measured") >= 1
+        torch._dynamo.reset()
+        got = torch.compile(copy.deepcopy(module), fullgraph=True)(x)
+    assert choose.explain() == made  # compiling measured nothing more
+    torch.testing.assert_close(got, want, rtol=2e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize("name,site,modes,candidates", [
+    ("SE", "channel_mlp_attention", ("train", "inference"), ("fused", "passes", "eager")),
+    ("ECA", "channel_attention", ("train", "inference"), ("fused", "passes", "eager")),
+    # Module-level choices, in inference only (no autograd, no BatchNorm update to measure).
+    ("HAM", "ham_attention", ("inference",), ("per_sample", "passes", "eager")),
+    ("Bridge", "bridge", ("inference",), ("folded", "eager")),
+])
+def test_modules_measure_their_choice_for_real(name, site, modes, candidates, compiled_ops):
+    """A fused module whose op is chosen by measurement on the C++ backend: the candidates are
+    measured once per shape (the per-sample kernel, the passes, eager), the result is the
+    reference module's whichever wins, and the next call repeats it bit for bit."""
+    from helpers import fused_pair
+
+    from attnkernels import nn as fused
+    from attnkernels import reference as R
+
+    f, ref = fused_pair(getattr(fused, name), getattr(R, name), 16, dtype=torch.float64, device="cpu")
+    x = torch.randn(3, 16, 6, 5, dtype=torch.float64)
+    for mode in modes:
+        choose.clear()
+        f.train(mode == "train"), ref.train(mode == "train")
+        with backend.use_backend("cpu"), torch.set_grad_enabled(mode == "train"):
+            y, again = f(x), f(x)
+            want = ref(x)
+        lines = [line for line in choose.explain().splitlines() if f"{site} [" in line]
+        assert len(lines) == 1 and "measured" in lines[0], choose.explain()
+        assert all(f"{c} " in lines[0] for c in candidates), lines[0]
+        torch.testing.assert_close(y, want, rtol=1e-10, atol=1e-10)
+        assert torch.equal(y, again)
+
+
+@pytest.mark.parametrize("winner", ["direct+save_z", "library+save_z", "eager", "library"])
+def test_gam_training_step_matches_the_reference_whichever_candidate_wins(winner, monkeypatch, compiled_ops):
+    """GAM's conv2 + BN2 + gate in training: each candidate (the op, which recomputes conv2's
+    output in backward; the steps with autograd saving it; eager), made the winner by a fake
+    clock, gives the reference module's output, gradients and running statistics."""
+    from helpers import fused_pair
+
+    from attnkernels import nn as fused
+    from attnkernels import reference as R
+
+    measured: list[str] = []
+
+    def fake_clock(name, fn, args, prepared):
+        measured.append(name)
+        return 1e-3 if name == winner else 1.0
+
+    monkeypatch.setattr(choose, "measure_candidate", fake_clock)
+    f, ref = fused_pair(fused.GAM, R.GAM, 16, dtype=torch.float64, device="cpu", reduction=4, groups=1)
+    f.train(), ref.train()
+    x = torch.randn(2, 16, 6, 5, dtype=torch.float64, requires_grad=True)
+    g = torch.randn_like(x)
+    with backend.use_backend("cpu"):
+        y = f(x)
+    (y * g).sum().backward()
+    want = ref(x.detach().requires_grad_())
+    (want * g).sum().backward()
+    assert {"direct+save_z", "library+save_z"} <= set(measured)
+    assert "shuffle_conv_bn_gate [" in choose.explain() and f": {winner} (measured" in choose.explain()
+    torch.testing.assert_close(y, want, rtol=1e-10, atol=1e-10)
+    for (name, a), b in zip(f.named_parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-9, atol=1e-9, msg=name)
+    for a, b in zip(f.buffers(), ref.buffers(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
