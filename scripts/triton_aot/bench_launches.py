@@ -17,6 +17,9 @@ import time
 from pathlib import Path
 
 os.environ["TRITON_INTERPRET"] = "1"
+# The fused kernels' launches, not a measured pick among candidates (which could be eager, and
+# would time dry launches).
+os.environ["ATTNKERNELS_CHOOSE"] = "static"
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 sys.path[:0] = [str(HERE), str(ROOT), str(ROOT / "benchmarks")]
