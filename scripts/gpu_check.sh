@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # One command for a GPU machine with torch preinstalled and no network (DESIGN.md):
-#   scripts/gpu_check.sh [--quick] [--out DIR]       (or OUT=DIR scripts/gpu_check.sh)
+#   scripts/gpu_check.sh [--quick] [--out DIR] [--deadline S] [--no-compile]   (or OUT=DIR ...)
 # A lease is short (minutes), so the steps run in order of risk, and each answers a question
 # even if a later one never runs:
 #   1. build: the JIT build of csrc/ for this GPU (a compile or link error stops the rest);
+#      then whether C++ errors reach Python or crash the process (scripts/gpu_error_paths.py);
 #   2. tensor_core: nonlocal_attn's fp16/bf16 tensor-core path (CUDA mma and Triton tl.dot),
 #      forward and every gradient at 100 and 137 keys, NCHW and channels_last, against fp64;
 #   3. ops: every other CUDA and Triton op and fused module against the reference (CUDA
@@ -12,6 +13,11 @@
 #   5. the benchmark tables (fp32 and bf16; --quick: bf16 only, fewer repeats), then PAM/CSM
 #      vs SDPA, GAM's conv algorithms and the whole-model rows (full run only).
 # Budget on an H100/H200: under 8 minutes in all with the build, under 3 with --quick.
+# --deadline S: no step starts after S seconds, and the running one is stopped at S (its row
+# says so), so the summary is complete when a lease's time is short. --no-compile drops the
+# torch.compile variant from the tables (each compiled module costs tens of seconds).
+# pytest runs its tests on several processes when pytest-xdist is installed (the Triton JIT
+# compiles are the slow part), each test bounded by pytest-timeout when that is installed.
 # Logs and CSVs go to the output folder; $out/SUMMARY.md holds one line per step (exit code,
 # seconds, pytest's count line) and the benchmark tables, ready to paste into a closing note.
 # The exit code is non-zero if any step failed.
@@ -19,11 +25,15 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-gpu_check_out}"
 quick=0
+deadline=0  # seconds after the start; 0: none
+bench_extra=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --out) out="$2"; shift 2 ;;
     --quick) quick=1; shift ;;
-    *) echo "usage: $0 [--quick] [--out DIR]" >&2; exit 2 ;;
+    --deadline) deadline="$2"; shift 2 ;;
+    --no-compile) bench_extra+=(--no-compile); shift ;;
+    *) echo "usage: $0 [--quick] [--out DIR] [--deadline SECONDS] [--no-compile]" >&2; exit 2 ;;
   esac
 done
 mkdir -p "$out"
@@ -42,9 +52,20 @@ started=$SECONDS
 
 step() {  # step NAME COMMAND...: run, log to $out/NAME.log, add a summary row, remember failure
   local name="$1"; shift
+  local limit=()
+  if [ "$deadline" -gt 0 ]; then
+    local left=$((deadline - (SECONDS - started)))
+    if [ "$left" -le 0 ]; then
+      echo "== $name: skipped, past the deadline of $deadline s"
+      echo "| $name | skipped | 0 | past the --deadline of $deadline s |" >> "$summary"
+      status=1
+      return 1
+    fi
+    limit=(timeout --kill-after=10 "$left")  # exit 124: stopped at the deadline
+  fi
   echo "== $name: $*" | tee "$out/$name.log"
   local start=$SECONDS
-  "$@" 2>&1 | tee -a "$out/$name.log"
+  "${limit[@]}" "$@" 2>&1 | tee -a "$out/$name.log"
   local rc=${PIPESTATUS[0]}
   local took=$((SECONDS - start))
   echo "== $name: exit $rc after $took s" | tee -a "$out/$name.log"
@@ -65,7 +86,16 @@ have_pytest() {
   return 1
 }
 
-pytest_gpu() { "$python" -m pytest -q -rs -p no:cacheprovider -m "not slow" "$@"; }
+# pytest, on several processes when pytest-xdist is there (each compiles its own Triton
+# specialisations; the GPU is shared), each test bounded when pytest-timeout is there.
+pytest_gpu=("$python" -m pytest -q -rs -p no:cacheprovider -m "not slow")
+if "$python" -c "import xdist" 2>/dev/null; then
+  cores=$(nproc 2>/dev/null || echo 1)
+  pytest_gpu+=(-n "${GPU_CHECK_WORKERS:-$((cores < 12 ? cores : 12))}")
+fi
+if "$python" -c "import pytest_timeout" 2>/dev/null; then
+  pytest_gpu+=(--timeout "${GPU_CHECK_TEST_TIMEOUT:-300}")
+fi
 
 # 1. Build: nothing else can run without it.
 step environment "$python" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, torch.cuda.get_device_name())"
@@ -74,9 +104,14 @@ if ! step build "$python" -c "import attnkernels._ext as e, attnkernels.backend 
   exit 1
 fi
 
+# 1b. A bad argument must raise, not kill the process: in the first GPU run an op's argument
+# check, thrown from CUDA host code, crashed pytest workers (scripts/gpu_error_paths.py says
+# which throws crash there, with a native backtrace of the first).
+step error_paths "$python" scripts/gpu_error_paths.py --gdb
+
 if have_pytest; then
   # 2. The tensor-core attention: the code most likely to be wrong that no CPU can run.
-  step tensor_core pytest_gpu tests/test_nonlocal_attn.py -k "tensor_core or half_precision"
+  step tensor_core "${pytest_gpu[@]}" tests/test_nonlocal_attn.py -k "tensor_core or half_precision"
   # 3. Every other GPU op and module against the reference.
   ops_tests=(tests/test_channel_gate.py tests/test_channel_gate_triton.py tests/test_ham_spatial.py
     tests/test_ham_spatial_triton.py tests/test_nonlocal_attn.py tests/test_nonlocal_attn_triton.py
@@ -85,11 +120,13 @@ if have_pytest; then
   if [ $quick -eq 1 ]; then
     # Each hot path's comparisons with the reference: the CUDA ops and modules (ids carry
     # "cuda"), the Triton files' fp32 and half-precision cases.
-    step ops pytest_gpu "${ops_tests[@]}" -k "(cuda and matches_reference and not tensor_core) or \
+    step ops "${pytest_gpu[@]}" "${ops_tests[@]}" -k "(cuda and matches_reference and not tensor_core) or \
 matches_reference_f32 or half_gpu or low_precision or chain_matches_autograd or epilogue_matches_reference"
   else
-    step ops pytest_gpu "${ops_tests[@]}" tests/test_gam.py tests/test_bridge.py tests/test_special_values.py \
-      tests/test_autocast.py tests/test_backend.py tests/test_build.py -k "not tensor_core"
+    # The GPU cases only: the Triton files run on CUDA tensors, the others' ids carry "cuda"
+    # or "triton" (the CPU cases, "triton-cpu" under the interpreter included, are CI's).
+    step ops "${pytest_gpu[@]}" "${ops_tests[@]}" tests/test_gam.py tests/test_bridge.py tests/test_special_values.py \
+      tests/test_autocast.py tests/test_backend.py tests/test_build.py -k "(triton or cuda) and not tensor_core and not triton-cpu"
   fi
 fi
 
@@ -106,29 +143,28 @@ fi
 # 5. The numbers.
 bench() {  # bench NAME ARGS...: a throughput table; its text goes into the summary too
   local name="$1"; shift
-  step "$name" "$python" benchmarks/throughput.py --device cuda --out "$out/$name" "$@"
+  step "$name" "$python" benchmarks/throughput.py --device cuda --out "$out/$name" "${bench_extra[@]}" "$@"
   { echo; echo "### $name"; echo '```'; sed -n '/^module /,/^[0-9]* rows in/p' "$out/$name.log"; echo '```'; } >> "$out/tables.md"
 }
 if [ $quick -eq 1 ]; then
   bench throughput_bfloat16 --dtype bfloat16 --modules eca,se,ham,pam,gam,softmax_spatial,bridge --models none \
     --variants memcpy,eager,fused-cuda,fused-triton --repeats 5
 else
-  for dtype in float32 bfloat16; do
-    bench "throughput_$dtype" --dtype "$dtype" --modules eca,se,ham,cbam,softmax_spatial,bridge --models none
-  done
+  # bf16 first (the dtype GPU users train in), then the whole-model rows: the numbers a short
+  # lease should bring back before fp32 and the per-path tables.
+  bench throughput_bfloat16 --dtype bfloat16 --modules eca,se,ham,gam,gam-gc,softmax_spatial,bridge --models none
+  # Whole-model ResNet-50 training steps (bf16 autocast, channels_last); no compile: a compiled
+  # ResNet-50 per attention module would take minutes of the budget.
+  bench throughput_models --modules none --models ham,se,eca,gam,softmax_spatial,bridge --variants eager,fused-cuda,fused-triton
+  bench throughput_float32 --dtype float32 --modules eca,se,ham,gam,gam-gc,softmax_spatial,bridge --models none
   # Position attention against projections + SDPA (memory-efficient kernel), bf16, the issue's
   # shapes: 32x32 and 64x64 maps, C = 256..1024; TFLOP/s in the table (bf16 tensor-core peak:
   # 989 dense on H100 SXM / H200). No compile variant: the eager reference holds N x HW^2.
   bench throughput_pam --dtype bfloat16 --modules pam,csm \
     --shapes 8x256x64x64,8x512x32x32,8x1024x32x32,4x1024x64x64 --variants eager,sdpa,fused-cuda,fused-triton \
     --repeats 20 --models none
-  # GAM (plain and gc), bf16: eager vs compile vs fused; then the conv algorithms side by side
-  # and the share of time outside the convs (benchmarks/gam_breakdown.py).
-  bench throughput_gam --dtype bfloat16 --modules gam,gam-gc --shapes 32x256x56x56,32x512x28x28 --repeats 20 --models none
+  # GAM's conv algorithms side by side and the share of time outside the convs.
   step gam_breakdown "$python" benchmarks/gam_breakdown.py --device cuda --dtype bfloat16 --shape 32x256x56x56 --out "$out/gam_breakdown"
-  # Whole-model ResNet-50 training steps (bf16 autocast, channels_last); no compile: a compiled
-  # ResNet-50 per attention module would take minutes of the budget.
-  bench throughput_models --modules none --models ham,se,eca,gam,softmax_spatial,bridge --variants eager,fused-cuda,fused-triton
 fi
 
 {

@@ -16,6 +16,12 @@ import torch  # noqa: E402
 
 import helpers  # noqa: E402
 
+# fp32 on a GPU means fp32: cuDNN's convs (and, if a user switched it on, cuBLAS) default to
+# TF32, whose 10-bit mantissa puts the references ~1e-4 away from the kernels, which multiply
+# fp32 exactly. Low-precision tests compare against fp64 and eager same-precision runs.
+torch.backends.cudnn.allow_tf32 = False
+torch.backends.cuda.matmul.allow_tf32 = False
+
 # ATTNKERNELS_TRITON_LAUNCHES=<file>: record every Triton launch of the run there, for the
 # ahead-of-time compile check (scripts/triton_aot/, `make triton-aot`).
 if os.environ.get("ATTNKERNELS_TRITON_LAUNCHES"):

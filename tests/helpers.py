@@ -278,6 +278,13 @@ def assert_all_close(got, want, names, **tol) -> None:
         torch.testing.assert_close(a, b, **tol, msg=lambda m, name=name: f"{name}: {m}")
 
 
+def rounding_floor(dtype: torch.dtype) -> float:
+    """assert_error_like_eager's floor for results in `dtype`: two units of rounding at the
+    result's scale. A scalar or a sum is rounded once to fp16/bf16 at the end, and the eager
+    path's single rounding may be lucky; twice its error alone would then ask for luck too."""
+    return 2 * torch.finfo(dtype).eps
+
+
 def assert_error_like_eager(got, eager, exact, floor: float, names=None) -> None:
     """flash-attention's criterion for low precision: each fused result's largest error
     against the fp64 truth is at most twice the eager same-precision result's, plus `floor`

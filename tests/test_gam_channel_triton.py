@@ -262,6 +262,21 @@ def torch_path(inputs, dtype):
     return [x1.detach(), *torch.autograd.grad(x1, leaves, gy.to(dtype))]
 
 
+def with_relu_margin(inputs, margin=0.05):
+    """The same inputs with x redrawn at every pixel where an fc1 pre-activation lies within
+    `margin` of ReLU's kink: a unit that a rounding moves across it changes grad_x there by a
+    finite step (its w1 row times dh), which measures luck, not precision."""
+    x, w1, b1, *_ = inputs
+    xp = x.permute(0, 2, 3, 1)  # a view: writes land in x, whatever its layout
+    for _ in range(100):
+        pre = F.linear(xp.double(), w1.double(), b1.double())
+        near = (pre.abs() < margin).any(-1)
+        if not near.any():
+            return inputs
+        xp[near] = torch.randn(int(near.sum()), x.shape[1], dtype=F64, device=x.device).to(x.dtype)
+    raise AssertionError("could not draw x away from ReLU's kink")
+
+
 @pytest.mark.skipif(INTERPRET, reason="half precision on GPU only")
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("dtype", [F16, BF16], ids=dtype_id)
@@ -269,7 +284,7 @@ def test_half_gpu(dtype, layout):
     """fp16/bf16 x (fp32 weights): the error against an fp64 computation at most twice the
     error of plain torch ops in that dtype (plus a rounding's worth)."""
     for shape in [(2, 256, 14, 14, 16), (2, 24, 5, 3, 3), (1, 96, 7, 9, 6)]:
-        inputs = make_inputs(shape, dtype, layout, wdtype=F32)
+        inputs = with_relu_margin(make_inputs(shape, dtype, layout, wdtype=F32))
         x1, grads = run_ops(inputs)
         want_x1, want_grads = reference([t.double() for t in inputs])
         truth = [want_x1, *want_grads]

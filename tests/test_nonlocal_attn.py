@@ -16,6 +16,7 @@ from helpers import (
     assert_all_close,
     assert_bitwise_equal,
     assert_error_like_eager,
+    rounding_floor,
     assert_keeps_reference_interface,
     assert_layout_of,
     assert_matches,
@@ -185,7 +186,7 @@ def test_half_precision_error_like_eager(device, dtype, name) -> None:
         else:
             compared.append((name, got, base, truth))
     names, got, base, truth = (list(column) for column in zip(*compared))
-    assert_error_like_eager(got, base, truth, floor=1e-3, names=names)
+    assert_error_like_eager(got, base, truth, floor=max(1e-3, rounding_floor(dtype)), names=names)
 
 
 # The GPU kernels' tensor-core path (fp16/bf16 tl.dot / mma): key counts that are not a

@@ -167,8 +167,11 @@ def test_gradcheck(backend_name, device, algo) -> None:
         s, weight, bias, in_scale, in_shift, (gate_x, bn_weight, bn_bias) = unpack(args, True)
         return AF.shuffle_conv_bn_gate(s, weight, bias, 2, 2, in_scale, in_shift, gate_x, bn_weight, bn_bias, conv=algo)[0]
 
-    assert torch.autograd.gradcheck(on_backend(gated, backend_name), inputs, eps=1e-6, atol=1e-6)
-    assert torch.autograd.gradcheck(on_backend(bn_gate, backend_name), inputs, eps=1e-6, atol=1e-6)
+    # The library algorithm is cuDNN's conv on a GPU, whose weight gradient may sum in a
+    # different order each call: reentrant to rounding, not bitwise.
+    nondet_tol = 1e-10 if algo == "library" and device == "cuda" else 0.0
+    for fn in (gated, bn_gate):
+        assert torch.autograd.gradcheck(on_backend(fn, backend_name), inputs, eps=1e-6, atol=1e-6, nondet_tol=nondet_tol)
 
 
 @pytest.mark.parametrize("backend_name,device,algo", CASES)

@@ -111,6 +111,8 @@ def small_reductions(monkeypatch):
     """The split reductions of _common in small pieces: at least three splits, and their
     ordered sum over tiles of 4 columns and 2 rows (partial ends included)."""
     monkeypatch.setattr(_common, "_MIN_SPLITS", 3)
+    # The CPU's program target (1) on a GPU too: splits come from _MIN_SPLITS alone.
+    monkeypatch.setattr(_common, "_min_programs", lambda device: 1)
     monkeypatch.setattr(_common, "_SUM_BLOCK_L", 4)
     monkeypatch.setattr(_common, "_SUM_TILE", 8)
 
