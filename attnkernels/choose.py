@@ -55,6 +55,11 @@ _mode: contextvars.ContextVar[str | None] = contextvars.ContextVar("attnkernels_
 _lock = threading.Lock()
 _choices: dict[str, Choice] = {}
 _file_loaded: str | None = None
+#: (site, key) -> winner of the keys `pick` has answered from `_choices`: its fast path, a dict
+#: lookup on the key tuple (no text key, no lock) for the calls after the first. The choice is
+#: made once per key; its cost on every call is what a fused module adds around its kernels,
+#: which decides small shapes and, on GPUs, any shape the host cannot keep ahead of.
+_answered: dict[tuple[str, tuple], str] = {}
 
 
 @dataclass
@@ -126,13 +131,24 @@ def pick(site: str, key: tuple, runs: dict[str, Callable[..., Any]], static: str
     names = tuple(runs)
     if torch.compiler.is_compiling():
         return runs[decide(site, key, names, static)]
+    if static not in runs:
+        raise ValueError(f"attnkernels: {site}: the static choice {static!r} is not a candidate {names}")
+    if current_mode() == "static":
+        return runs[static]
+    known = _answered.get((site, key))
+    if known is not None and known in runs:
+        return runs[known]
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
     prepared: dict[str, Callable[[], Any]] = {}  # each candidate's copies, made once
 
     def measure(name: str) -> float:
         return measure_candidate(name, runs[name], args, prepared)
 
-    return runs[choose(site, key, names, static, measure, measurable(*tensors))]
+    can_measure = measurable(*tensors)
+    winner = choose(site, key, names, static, measure, can_measure)
+    if can_measure or _lookup(site, key, names) is not None:  # a lasting choice, not a fallback
+        _answered[(site, key)] = winner
+    return runs[winner]
 
 
 def measure_candidate(name: str, fn: Callable[..., Any], args: Sequence[Any],
@@ -285,6 +301,7 @@ def clear() -> None:
     global _file_loaded
     with _lock:
         _choices.clear()
+        _answered.clear()
         _file_loaded = None
 
 

@@ -82,6 +82,38 @@ def test_not_measurable_takes_the_static_rule_and_remembers_nothing():
     assert choose.decide("site", (), CANDIDATES, "eager") == "library"  # what a compiled graph bakes in
 
 
+def test_pick_answers_a_known_key_without_measuring(monkeypatch):
+    """pick's fast path: after the first call for a key, the winner is returned with no
+    measurement; static mode still wins over it; clear() forgets it; a call that could not
+    measure (fake tensors) takes the static rule and leaves the key to the next real call."""
+    times = {"a": 3e-3, "b": 1e-3, "eager": 2e-3}
+    calls: list[str] = []
+
+    def fake_measure(name, fn, args, prepared):
+        calls.append(name)
+        return times[name]
+
+    monkeypatch.setattr(choose, "measure_candidate", fake_measure)
+    runs = {name: (lambda name=name: lambda *a: name)() for name in times}
+    x = torch.randn(2, 3)
+    with torch._subclasses.fake_tensor.FakeTensorMode() as fake_mode:
+        fake_x = fake_mode.from_tensor(x)
+    assert choose.pick("site", (7,), runs, "a", (fake_x,))() == "a"
+    assert calls == []
+    assert choose.pick("site", (7,), runs, "a", (x,))() == "b"
+    measured = len(calls)
+    assert measured == len(times) * (1 + choose.MAX_ROUNDS)
+    assert choose.pick("site", (7,), runs, "a", (x,))() == "b"
+    assert len(calls) == measured
+    with choose.mode("static"):
+        assert choose.pick("site", (7,), runs, "a", (x,))() == "a"
+    with pytest.raises(ValueError, match="the static choice 'c' is not a candidate"):
+        choose.pick("site", (7,), runs, "c", (x,))
+    choose.clear()
+    assert choose.pick("site", (7,), runs, "a", (x,))() == "b"
+    assert len(calls) == 2 * measured
+
+
 def test_bad_mode_and_bad_static_are_named(monkeypatch):
     monkeypatch.setenv(choose.ENV_MODE, "fast")
     with pytest.raises(ValueError, match="ATTNKERNELS_CHOOSE must be one of measure, static; got 'fast'"):

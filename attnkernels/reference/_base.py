@@ -100,7 +100,7 @@ class AttentionModule(nn.Module, abc.ABC):
         """Check rank, dtype, channel count, and agreement with the parameters' dtype/device."""
         owner = type(self).__name__
         check_feature_map(x, name, owner, self.channels)
-        param = next(self.parameters(), None)
+        param = first_parameter(self)
         if param is None:
             return
         if x.device != param.device:
@@ -116,3 +116,17 @@ class AttentionModule(nn.Module, abc.ABC):
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}"
+
+
+def first_parameter(module: nn.Module) -> nn.Parameter | None:
+    """`next(module.parameters(), None)` (the same pre-order walk) without the generator
+    machinery of `named_modules`, which costs more than a small fused module's kernels."""
+    for param in module._parameters.values():
+        if param is not None:
+            return param
+    for child in module._modules.values():
+        if child is not None:
+            param = first_parameter(child)
+            if param is not None:
+                return param
+    return None
