@@ -41,7 +41,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .. import choose
+from .. import budget, choose
 from ..backend import select
 from ..reference._base import memory_format_of
 from ..reference.formulas import accumulate_dtype
@@ -117,7 +117,7 @@ def conv_plan(site: str, conv: str, s: torch.Tensor, weight: torch.Tensor, group
         runs.update({f"{_NAMES[a]}+{suffix}": functools.partial(variant, ops, a) for a in order})
     runs[EAGER] = functools.partial(run, Reference, ConvAlgorithm.LIBRARY)
     key = (backend, s.dtype, tuple(s.shape), memory_format_of(s), tuple(weight.shape), groups, shuffle_groups,
-           *(t is not None for t in args[3:]), choose.autograd_records(args))
+           *(t is not None for t in args[3:]), choose.autograd_records(args), *sorted(variants or ()))
     return choose.pick(site, key, runs, _NAMES[static], args)
 
 
@@ -203,8 +203,12 @@ def shuffle_conv_bn_gate(
                                              bn_weight, bn_bias, bn_mean, bn_var, float(eps), algorithm)
 
     args = (s, weight, bias, in_scale, in_shift, gate_x, bn_weight, bn_bias, bn_mean, bn_var)
-    # Saving z trades memory for one conv in the backward: a candidate only when there is one.
-    variants = {"save_z": run_saving_z} if choose.autograd_records(args) else None
+    # Saving z trades memory for one conv in the backward: a candidate only when there is a
+    # backward, and when the extra-memory budget (attnkernels.budget) holds z, (N, C_out, H, W)
+    # in acc(s).
+    z_bytes = s.shape[0] * weight.shape[0] * s.shape[2] * s.shape[3] * accumulate_dtype(s.dtype).itemsize
+    saving_z_allowed = choose.autograd_records(args) and budget.allows(z_bytes)
+    variants = {"save_z": run_saving_z} if saving_z_allowed else None
     return conv_plan("shuffle_conv_bn_gate", conv, s, weight, groups, shuffle_groups, run, args, variants)(*args)
 
 
