@@ -140,7 +140,9 @@ else
   status=1
 fi
 
-# 5. The numbers.
+# 5. The numbers. First the host time per module call (tiny inputs, seconds): on the first GPU
+# run, host time decided most module rows.
+step host_overhead "$python" benchmarks/host_overhead.py --device cuda
 bench() {  # bench NAME ARGS...: a throughput table; its text goes into the summary too
   local name="$1"; shift
   step "$name" "$python" benchmarks/throughput.py --device cuda --out "$out/$name" "${bench_extra[@]}" "$@"

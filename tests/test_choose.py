@@ -249,6 +249,8 @@ def test_compile_fullgraph_uses_the_eager_choice(train, compiled_ops):
     # Module-level choices, in inference only (no autograd, no BatchNorm update to measure).
     ("HAM", "ham_attention", ("inference",), ("per_sample", "passes", "eager")),
     ("Bridge", "bridge", ("inference",), ("folded", "eager")),
+    ("GAM", "gam", ("inference",), ("fused", "eager")),
+    ("SoftmaxSpatial", "softmax_spatial", ("inference",), ("fused", "eager")),
 ])
 def test_modules_measure_their_choice_for_real(name, site, modes, candidates, compiled_ops):
     """A fused module whose op is chosen by measurement on the C++ backend: the candidates are

@@ -9,7 +9,7 @@ from .. import functional as AF
 from ..ops._common import fold_batch_norm
 from ..reference import gam as reference
 from ..reference.formulas import accumulate_dtype
-from ._fused import FusedModule, autograd_may_record, without_autocast
+from ._fused import FusedModule, autograd_may_record, pick_inference, without_autocast
 
 
 class GAM(FusedModule, reference.GAM):
@@ -43,6 +43,16 @@ class GAM(FusedModule, reference.GAM):
     def attend(self, x: torch.Tensor) -> torch.Tensor:
         if syncs_batch_stats(self.bn1) or syncs_batch_stats(self.bn2):
             return super().attend(x)
+        if not (uses_batch_stats(self.bn1) or uses_batch_stats(self.bn2) or autograd_may_record()):
+            # Inference: the fused ops or the reference's eager forward, measured (on a GPU the
+            # composition of library convs and fused ops can lose to eager's; first GPU run).
+            runs = {"fused": self.attend_fused, "eager": super().attend}
+            params = (self.groups, self.fc1.weight.shape[0], self.conv_algorithm)
+            return pick_inference("gam", x, params, runs, "fused")(x)
+        return self.attend_fused(x)
+
+    def attend_fused(self, x: torch.Tensor) -> torch.Tensor:
+        """The forward on the fused ops (the class docstring's steps)."""
         g, conv = self.groups, self.conv_algorithm
         x1 = AF.gam_channel(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
         z1 = AF.shuffle_conv(x1, self.conv1.weight, self.conv1.bias, g, conv=conv)
