@@ -145,7 +145,7 @@ std::tuple<at::Tensor, at::Tensor> channel_pool_cpu(const at::Tensor& x_in) {
   check_feature_map(x_in, "channel_pool", "x");
   const at::Tensor x = dense(x_in);
   const int64_t N = x.size(0), C = x.size(1), hw = x.size(2) * x.size(3);
-  TORCH_CHECK_VALUE(hw > 0, "channel_pool: x must have H*W > 0, got shape ", x.sizes());
+  AK_CHECK_VALUE(hw > 0, "channel_pool: x must have H*W > 0, got shape ", x.sizes());
   auto opts = x.options().dtype(acc_type(x.scalar_type()));
   at::Tensor avg = at::empty({N, C}, opts), max = at::empty({N, C}, opts);
   if (N * C == 0) return {avg, max};

@@ -617,10 +617,10 @@ at::Tensor ham_attention_cpu(const at::Tensor& x_in, const at::Tensor& weight, c
   const at::Tensor x = checked_x(x_in, op);
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), hw = H * W;
   check_c_im(c_im, C, op);
-  TORCH_CHECK_VALUE(weight.numel() % 2 == 1, op, ": weight must hold an odd number of taps, got ", weight.numel());
-  TORCH_CHECK_VALUE(alpha.numel() == 1 && beta.numel() == 1 && bn_scale.numel() == 1 && bn_shift.numel() == 1, op,
+  AK_CHECK_VALUE(weight.numel() % 2 == 1, op, ": weight must hold an odd number of taps, got ", weight.numel());
+  AK_CHECK_VALUE(alpha.numel() == 1 && beta.numel() == 1 && bn_scale.numel() == 1 && bn_shift.numel() == 1, op,
                     ": alpha, beta, bn_scale and bn_shift must hold one value each");
-  TORCH_CHECK_VALUE(spatial_weight.dim() == 4 && spatial_weight.size(0) == 1 && spatial_weight.size(1) == 2 &&
+  AK_CHECK_VALUE(spatial_weight.dim() == 4 && spatial_weight.size(0) == 1 && spatial_weight.size(1) == 2 &&
                         spatial_weight.size(2) == spatial_weight.size(3) && spatial_weight.size(2) % 2 == 1,
                     op, ": spatial_weight must have shape (1, 2, k, k) with k odd, got ", spatial_weight.sizes());
   for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"weight", &weight}, {"alpha", &alpha},

@@ -89,10 +89,10 @@ void correlate(const Padded<T>& in, const T* taps, int64_t cout, int64_t k, T* o
 }
 
 void check_conv_args(const at::Tensor& d, const at::Tensor& weight, const char* op) {
-  TORCH_CHECK_VALUE(d.dim() == 4, op, ": d must be 4-D (N, Cd, H, W), got ", d.dim(), "-D");
-  TORCH_CHECK_TYPE(d.scalar_type() == at::kFloat || d.scalar_type() == at::kDouble, op,
+  AK_CHECK_VALUE(d.dim() == 4, op, ": d must be 4-D (N, Cd, H, W), got ", d.dim(), "-D");
+  AK_CHECK_TYPE(d.scalar_type() == at::kFloat || d.scalar_type() == at::kDouble, op,
                    ": d must be float32 or float64 (an accumulation dtype), got ", d.scalar_type());
-  TORCH_CHECK_VALUE(weight.dim() == 4 && weight.size(0) == 1 && weight.size(1) == d.size(1) &&
+  AK_CHECK_VALUE(weight.dim() == 4 && weight.size(0) == 1 && weight.size(1) == d.size(1) &&
                         weight.size(2) == weight.size(3) && weight.size(2) % 2 == 1,
                     op, ": weight must have shape (1, Cd, k, k) with Cd = ", d.size(1), " and k odd, got ",
                     weight.sizes());
@@ -126,7 +126,7 @@ std::tuple<at::Tensor, at::Tensor> ham_spatial_conv_backward_cpu(const at::Tenso
   const at::Tensor d = d_in.contiguous(), w = weight.to(d.scalar_type()).contiguous();
   const int64_t N = d.size(0), Cd = d.size(1), H = d.size(2), W = d.size(3), k = w.size(2), P = (k - 1) / 2;
   check_floating(grad_z_in, op, "grad_z");
-  TORCH_CHECK_VALUE(grad_z_in.sizes() == at::IntArrayRef({N, 1, H, W}) && grad_z_in.scalar_type() == d.scalar_type(),
+  AK_CHECK_VALUE(grad_z_in.sizes() == at::IntArrayRef({N, 1, H, W}) && grad_z_in.scalar_type() == d.scalar_type(),
                     op, ": grad_z must have shape (N, 1, H, W) = (", N, ", 1, ", H, ", ", W, ") and dtype ",
                     d.scalar_type(), ", got ", grad_z_in.sizes(), " ", grad_z_in.scalar_type());
   check_device(grad_z_in, d.device(), op, "grad_z");

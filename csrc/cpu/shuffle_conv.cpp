@@ -596,7 +596,7 @@ at::Tensor shuffle_conv_cpu(const at::Tensor& s, const at::Tensor& weight, const
   const int64_t C_out = weight.size(0), k = weight.size(2);
   if (bias.has_value()) check_vector(*bias, C_out, s.device(), op, "bias", "C_out");
   const bool gated = gate_x.has_value();
-  TORCH_CHECK_VALUE(out_scale.has_value() == gated && out_shift.has_value() == gated, op,
+  AK_CHECK_VALUE(out_scale.has_value() == gated && out_shift.has_value() == gated, op,
                     ": gate_x, out_scale and out_shift must be given together");
   if (gated) check_epilogue_args(*gate_x, *out_scale, *out_shift, {N, C_out, H, W}, s.device(), op);
 
@@ -907,10 +907,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> shuffle_c
   const int64_t N = s.size(0), C_in = s.size(1), H = s.size(2), W = s.size(3);
   const int64_t C_out = weight.size(0), k = weight.size(2);
   check_feature_map(grad_z, op, "grad_z");
-  TORCH_CHECK_VALUE(grad_z.sizes() == at::IntArrayRef({N, C_out, H, W}), op,
+  AK_CHECK_VALUE(grad_z.sizes() == at::IntArrayRef({N, C_out, H, W}), op,
                     ": grad_z must have the output's shape (N, C_out, H, W) = (", N, ", ", C_out, ", ", H, ", ", W,
                     "), got ", grad_z.sizes());
-  TORCH_CHECK_VALUE(grad_z.device() == s.device(), op, ": grad_z must be on ", s.device(), ", got ", grad_z.device());
+  AK_CHECK_VALUE(grad_z.device() == s.device(), op, ": grad_z must be on ", s.device(), ", got ", grad_z.device());
 
   const at::ScalarType acc = acc_type(s.scalar_type());
   const at::Tensor s_d = dense(s);
@@ -1175,10 +1175,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> epilogue_backward_cpu
   check_feature_map(z, op, "z");
   check_epilogue_args(gate_x, out_scale, out_shift, z.sizes(), z.device(), op);
   check_feature_map(grad_y, op, "grad_y");
-  TORCH_CHECK_VALUE(grad_y.sizes() == z.sizes(), op, ": grad_y must have z's shape ", z.sizes(), ", got ",
+  AK_CHECK_VALUE(grad_y.sizes() == z.sizes(), op, ": grad_y must have z's shape ", z.sizes(), ", got ",
                     grad_y.sizes());
-  TORCH_CHECK_VALUE(grad_y.device() == z.device(), op, ": grad_y must be on ", z.device(), ", got ", grad_y.device());
-  TORCH_CHECK_VALUE(mean.has_value() == rstd.has_value(), op, ": mean and rstd must be given together");
+  AK_CHECK_VALUE(grad_y.device() == z.device(), op, ": grad_y must be on ", z.device(), ", got ", grad_y.device());
+  AK_CHECK_VALUE(mean.has_value() == rstd.has_value(), op, ": mean and rstd must be given together");
   const int64_t N = z.size(0), C = z.size(1), HW = z.size(2) * z.size(3);
   const bool stats = mean.has_value();
   if (stats) {

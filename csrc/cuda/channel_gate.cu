@@ -378,14 +378,14 @@ GateMode check_gate_cuda(const at::Tensor& avg, const at::Tensor& max, const at:
                          const c10::optional<at::Tensor>& alpha,
                          const c10::optional<at::Tensor>& beta, int64_t mode_in, const char* op) {
   const GateMode mode = check_gate_args(avg, max, weight, alpha, beta, mode_in, op);
-  TORCH_CHECK_VALUE(avg.is_cuda(), op, ": avg must be a CUDA tensor, got ", avg.device());
+  AK_CHECK_VALUE(avg.is_cuda(), op, ": avg must be a CUDA tensor, got ", avg.device());
   check_cuda(max, avg, op, "max");
-  TORCH_CHECK_TYPE(is_param_dtype(weight.scalar_type()), op,
+  AK_CHECK_TYPE(is_param_dtype(weight.scalar_type()), op,
               ": weight must be float64, float32, float16 or bfloat16, got ", weight.scalar_type());
   if (mode == GateMode::Mix) {
     check_cuda(*alpha, avg, op, "alpha");
     check_cuda(*beta, avg, op, "beta");
-    TORCH_CHECK_TYPE(is_param_dtype(alpha->scalar_type()) && is_param_dtype(beta->scalar_type()), op,
+    AK_CHECK_TYPE(is_param_dtype(alpha->scalar_type()) && is_param_dtype(beta->scalar_type()), op,
                 ": alpha and beta must be float64, float32, float16 or bfloat16, got ",
                 alpha->scalar_type(), " and ", beta->scalar_type());
   }
@@ -420,7 +420,7 @@ GateArgs<acc_t> make_gate_args(const at::Tensor& avg, const at::Tensor& max,
 std::tuple<at::Tensor, at::Tensor> channel_pool_cuda(const at::Tensor& x_in) {
   constexpr const char* op = "channel_pool";
   check_feature_map(x_in, op, "x");
-  TORCH_CHECK_VALUE(x_in.is_cuda(), op, ": x must be a CUDA tensor, got ", x_in.device());
+  AK_CHECK_VALUE(x_in.is_cuda(), op, ": x must be a CUDA tensor, got ", x_in.device());
   c10::cuda::CUDAGuard device_guard(x_in.device());
   const at::Tensor x = dense(x_in);
   const int64_t N = x.size(0), C = x.size(1), hw = x.size(2) * x.size(3);
@@ -430,7 +430,7 @@ std::tuple<at::Tensor, at::Tensor> channel_pool_cuda(const at::Tensor& x_in) {
   if (N * C == 0) {
     return {avg, max};
   }
-  TORCH_CHECK_VALUE(hw > 0, op, ": H*W must be positive (the max of an empty plane is undefined), got ",
+  AK_CHECK_VALUE(hw > 0, op, ": H*W must be positive (the max of an empty plane is undefined), got ",
               x.sizes());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "channel_pool_cuda",
                                   [&] {
@@ -447,7 +447,7 @@ at::Tensor channel_pool_backward_cuda(const at::Tensor& grad_avg_in,
                                       const at::Tensor& x_in, const at::Tensor& max_in) {
   constexpr const char* op = "channel_pool_backward";
   check_feature_map(x_in, op, "x");
-  TORCH_CHECK_VALUE(x_in.is_cuda(), op, ": x must be a CUDA tensor, got ", x_in.device());
+  AK_CHECK_VALUE(x_in.is_cuda(), op, ": x must be a CUDA tensor, got ", x_in.device());
   check_per_channel(grad_avg_in, x_in, op, "grad_avg");
   check_per_channel(max_in, x_in, op, "max");
   const bool has_grad_max = grad_max_in.has_value() && grad_max_in->defined();
@@ -519,7 +519,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> channel_g
   constexpr const char* op = "channel_gate_backward";
   const GateMode mode = check_gate_cuda(avg_in, max_in, weight_in, alpha, beta, mode_in, op);
   auto check_like_avg = [&](const at::Tensor& t, const char* name) {
-    TORCH_CHECK_VALUE(t.sizes() == avg_in.sizes() && t.scalar_type() == avg_in.scalar_type(), op, ": ",
+    AK_CHECK_VALUE(t.sizes() == avg_in.sizes() && t.scalar_type() == avg_in.scalar_type(), op, ": ",
                 name, " must match avg's shape ", avg_in.sizes(), " and dtype ",
                 avg_in.scalar_type(), ", got ", t.sizes(), " ", t.scalar_type());
     check_cuda(t, avg_in, op, name);
@@ -578,7 +578,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> channel_g
 at::Tensor channel_rescale_cuda(const at::Tensor& x_in, const at::Tensor& gate_in) {
   constexpr const char* op = "channel_rescale";
   check_feature_map(x_in, op, "x");
-  TORCH_CHECK_VALUE(x_in.is_cuda(), op, ": x must be a CUDA tensor, got ", x_in.device());
+  AK_CHECK_VALUE(x_in.is_cuda(), op, ": x must be a CUDA tensor, got ", x_in.device());
   check_per_channel(gate_in, x_in, op, "gate");
   c10::cuda::CUDAGuard device_guard(x_in.device());
   const at::Tensor x = dense(x_in);
@@ -601,7 +601,7 @@ std::tuple<at::Tensor, at::Tensor> channel_rescale_backward_cuda(const at::Tenso
                                                                  const at::Tensor& gate_in) {
   constexpr const char* op = "channel_rescale_backward";
   check_feature_map(x_in, op, "x");
-  TORCH_CHECK_VALUE(x_in.is_cuda(), op, ": x must be a CUDA tensor, got ", x_in.device());
+  AK_CHECK_VALUE(x_in.is_cuda(), op, ": x must be a CUDA tensor, got ", x_in.device());
   check_like_x(grad_y_in, x_in, op, "grad_y");
   check_per_channel(gate_in, x_in, op, "gate");
   c10::cuda::CUDAGuard device_guard(x_in.device());

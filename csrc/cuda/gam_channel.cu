@@ -417,8 +417,8 @@ bool is_feature_dtype(at::ScalarType t) {
 void check_gam_cuda(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
                     const at::Tensor& b2, const char* op) {
   check_gam_channel_args(x, w1, b1, w2, b2, op);
-  TORCH_CHECK_VALUE(x.is_cuda(), op, ": x must be a CUDA tensor, got ", x.device());
-  TORCH_CHECK_TYPE(is_feature_dtype(x.scalar_type()), op, ": x must be float64, float32, float16 or bfloat16, got ",
+  AK_CHECK_VALUE(x.is_cuda(), op, ": x must be a CUDA tensor, got ", x.device());
+  AK_CHECK_TYPE(is_feature_dtype(x.scalar_type()), op, ": x must be float64, float32, float16 or bfloat16, got ",
                    x.scalar_type());
 }
 
@@ -461,7 +461,7 @@ GamArgs<acc_t> make_gam_args(const at::Tensor& x, const GamWeights& w, bool back
   const GamSmem L = gam_smem(a.rd, a.TP, a.R, backward);
   *smem_bytes = static_cast<size_t>(L.total) * sizeof(acc_t);
   const size_t limit = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
-  TORCH_CHECK_VALUE(*smem_bytes <= limit, op, ": rd = ", a.rd, " needs ", *smem_bytes,
+  AK_CHECK_VALUE(*smem_bytes <= limit, op, ": rd = ", a.rd, " needs ", *smem_bytes,
                     " bytes of shared memory per block on CUDA, more than the device's ", limit);
   return a;
 }

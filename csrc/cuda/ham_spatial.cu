@@ -394,7 +394,7 @@ void launch_topk_mask(const at::Tensor& gate, const at::Tensor& mask, int64_t c_
 
 void check_x(const at::Tensor& x, const char* op) {
   check_feature_map(x, op, "x");
-  TORCH_CHECK_VALUE(x.is_cuda(), op, ": x must be a CUDA tensor, got ", x.device());
+  AK_CHECK_VALUE(x.is_cuda(), op, ": x must be a CUDA tensor, got ", x.device());
 }
 
 // check_pixel_map (ham_spatial.h), and on a CUDA device.

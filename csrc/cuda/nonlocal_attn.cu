@@ -1178,7 +1178,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nonlocal_attn_cuda(const at::Tens
                                                                   const at::Tensor& gamma_in) {
   constexpr const char* op = "nonlocal_attn";
   check_nonlocal_args(q_in, k_in, v_in, x_in, gamma_in, op);  // shapes, one dtype, one device (common.h)
-  TORCH_CHECK_VALUE(x_in.is_cuda(), op, ": x must be a CUDA tensor, got ", x_in.device());
+  AK_CHECK_VALUE(x_in.is_cuda(), op, ": x must be a CUDA tensor, got ", x_in.device());
   c10::cuda::CUDAGuard device_guard(x_in.device());
   const int64_t N = x_in.size(0), D_v = x_in.size(1), HW = x_in.size(2) * x_in.size(3), D_qk = q_in.size(1);
   const at::ScalarType acc = acc_type(x_in.scalar_type());
@@ -1226,7 +1226,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> nonlocal_attn_backwar
   constexpr const char* op = "nonlocal_attn_backward";
   // out has x's shape, dtype and layout: it stands for x in the checks, as in the CPU op.
   check_nonlocal_args(q_in, k_in, v_in, out_in, gamma_in, op);
-  TORCH_CHECK_VALUE(out_in.is_cuda(), op, ": out must be a CUDA tensor, got ", out_in.device());
+  AK_CHECK_VALUE(out_in.is_cuda(), op, ": out must be a CUDA tensor, got ", out_in.device());
   cuda::check_like_x(grad_y_in, out_in, op, "grad_y");
   check_row_stats(lse_in, out_in, op);
   const int64_t N = v_in.size(0), D_v = v_in.size(1), HW = v_in.size(2) * v_in.size(3), D_qk = q_in.size(1);

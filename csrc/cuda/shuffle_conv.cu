@@ -340,7 +340,7 @@ size_t plan_conv(ConvArgs<acc_t>& a) {
 template <typename Kernel>
 void allow_shared_memory(Kernel kernel, size_t bytes, const char* op) {
   const size_t limit = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
-  TORCH_CHECK_VALUE(bytes <= limit, op, ": the kernel size needs ", bytes,
+  AK_CHECK_VALUE(bytes <= limit, op, ": the kernel size needs ", bytes,
                     " bytes of shared memory per block on CUDA, more than the device's ", limit);
   if (bytes > 48 * 1024) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
@@ -352,7 +352,7 @@ template <typename acc_t>
 void launch_conv(const ConvArgs<acc_t>& a, size_t smem, const char* op) {
   const int64_t blocks = a.N * a.groups * a.ochunks * static_cast<int64_t>(a.tiles_h) * a.tiles_w;
   if (blocks == 0 || a.Gout == 0) return;
-  TORCH_CHECK_VALUE(blocks <= std::numeric_limits<int32_t>::max(), op, ": the input is too large (", blocks,
+  AK_CHECK_VALUE(blocks <= std::numeric_limits<int32_t>::max(), op, ": the input is too large (", blocks,
                     " conv blocks)");
   const dim3 block(kConvTX, a.TY, a.TZ);
   auto stream = at::cuda::getCurrentCUDAStream();
@@ -779,12 +779,12 @@ at::Tensor shuffle_conv_cuda(const at::Tensor& s_in, const at::Tensor& weight, c
                              const c10::optional<at::Tensor>& out_scale, const c10::optional<at::Tensor>& out_shift) {
   constexpr const char* op = "shuffle_conv";
   check_shuffle_conv_args(s_in, weight, groups, shuffle_groups, in_scale, in_shift, op);
-  TORCH_CHECK_VALUE(s_in.is_cuda(), op, ": s must be a CUDA tensor, got ", s_in.device());
+  AK_CHECK_VALUE(s_in.is_cuda(), op, ": s must be a CUDA tensor, got ", s_in.device());
   check_feature_dtype(s_in, op, "s");
   const int64_t N = s_in.size(0), H = s_in.size(2), W = s_in.size(3), C_out = weight.size(0);
   if (bias.has_value()) check_vector(*bias, C_out, s_in.device(), op, "bias", "C_out");
   const bool gated = gate_x_in.has_value();
-  TORCH_CHECK_VALUE(out_scale.has_value() == gated && out_shift.has_value() == gated, op,
+  AK_CHECK_VALUE(out_scale.has_value() == gated && out_shift.has_value() == gated, op,
                     ": gate_x, out_scale and out_shift must be given together");
   const std::vector<int64_t> out_sizes{N, C_out, H, W};
   if (gated) {
@@ -885,11 +885,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> shuffle_c
     int64_t shuffle_groups, const c10::optional<at::Tensor>& in_scale, const c10::optional<at::Tensor>& in_shift) {
   constexpr const char* op = "shuffle_conv_backward";
   check_shuffle_conv_args(s_in, weight, groups, shuffle_groups, in_scale, in_shift, op);
-  TORCH_CHECK_VALUE(s_in.is_cuda(), op, ": s must be a CUDA tensor, got ", s_in.device());
+  AK_CHECK_VALUE(s_in.is_cuda(), op, ": s must be a CUDA tensor, got ", s_in.device());
   check_feature_dtype(s_in, op, "s");
   const int64_t N = s_in.size(0), C_in = s_in.size(1), H = s_in.size(2), W = s_in.size(3), C_out = weight.size(0);
   const std::vector<int64_t> z_sizes{N, C_out, H, W};
-  TORCH_CHECK_VALUE(grad_z_in.sizes() == at::IntArrayRef(z_sizes), op,
+  AK_CHECK_VALUE(grad_z_in.sizes() == at::IntArrayRef(z_sizes), op,
                     ": grad_z must have the output's shape (N, C_out, H, W) = ", at::IntArrayRef(z_sizes), ", got ",
                     grad_z_in.sizes());
   check_feature_dtype(grad_z_in, op, "grad_z");
@@ -930,7 +930,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> shuffle_c
 void check_epilogue_cuda(const at::Tensor& z, const at::Tensor& gate_x, const at::Tensor& out_scale,
                          const at::Tensor& out_shift, const char* op) {
   check_feature_map(z, op, "z");
-  TORCH_CHECK_VALUE(z.is_cuda(), op, ": z must be a CUDA tensor, got ", z.device());
+  AK_CHECK_VALUE(z.is_cuda(), op, ": z must be a CUDA tensor, got ", z.device());
   check_feature_dtype(z, op, "z");
   check_epilogue_args(gate_x, out_scale, out_shift, z.sizes(), z.device(), op);
   check_feature_dtype(gate_x, op, "gate_x");
@@ -983,11 +983,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> shuffle_conv_epilogue
     const at::Tensor& out_shift, const c10::optional<at::Tensor>& mean_in, const c10::optional<at::Tensor>& rstd_in) {
   constexpr const char* op = "shuffle_conv_epilogue_backward";
   check_epilogue_cuda(z_in, gate_x_in, out_scale, out_shift, op);
-  TORCH_CHECK_VALUE(grad_y_in.sizes() == z_in.sizes(), op, ": grad_y must have z's shape ", z_in.sizes(), ", got ",
+  AK_CHECK_VALUE(grad_y_in.sizes() == z_in.sizes(), op, ": grad_y must have z's shape ", z_in.sizes(), ", got ",
                     grad_y_in.sizes());
   check_feature_dtype(grad_y_in, op, "grad_y");
   check_cuda(grad_y_in, z_in, op, "grad_y");
-  TORCH_CHECK_VALUE(mean_in.has_value() == rstd_in.has_value(), op,
+  AK_CHECK_VALUE(mean_in.has_value() == rstd_in.has_value(), op,
                     ": mean and rstd must be given together (the batch statistics of z)");
   const int64_t C = z_in.size(1);
   const bool stats = mean_in.has_value();

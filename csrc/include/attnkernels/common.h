@@ -8,6 +8,48 @@
 #include <ATen/OpMathType.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 
+#include <string>
+#include <type_traits>
+
+namespace attnkernels {
+
+// An error message as one std::string, built without std::ostream. On the GPU machine (torch
+// 2.11, CUDA 13.0 image) the first number that c10::str streamed inside this library crashed the
+// process (benchmarks/NOTES.md, session 17); c10 hands a single string to the error untouched,
+// and c10's own formatting (Device::str) runs inside libc10. Texts read as c10::str's would.
+namespace detail {
+inline void append(std::string& s, const char* v) { s += v; }
+inline void append(std::string& s, const std::string& v) { s += v; }
+template <typename T, std::enable_if_t<std::is_integral_v<T>, int> = 0>
+void append(std::string& s, T v) {
+  s += std::to_string(v);
+}
+inline void append(std::string& s, at::ScalarType v) { s += c10::toString(v); }
+inline void append(std::string& s, const at::Device& v) { s += v.str(); }
+inline void append(std::string& s, at::IntArrayRef v) {  // "[2, 3, 4]", as c10 prints sizes
+  s += '[';
+  for (size_t i = 0; i < v.size(); ++i) {
+    if (i > 0) s += ", ";
+    s += std::to_string(v[i]);
+  }
+  s += ']';
+}
+}  // namespace detail
+
+template <typename... Args>
+std::string text(const Args&... args) {
+  std::string s;
+  (detail::append(s, args), ...);
+  return s;
+}
+
+}  // namespace attnkernels
+
+// TORCH_CHECK_VALUE / TORCH_CHECK_TYPE with the message made by attnkernels::text (only when the
+// check fails). Every argument check of the library uses these.
+#define AK_CHECK_VALUE(cond, ...) TORCH_CHECK_VALUE(cond, ::attnkernels::text(__VA_ARGS__))
+#define AK_CHECK_TYPE(cond, ...) TORCH_CHECK_TYPE(cond, ::attnkernels::text(__VA_ARGS__))
+
 namespace attnkernels {
 
 // acc(x) of docs/contract.md: float64 for float64 inputs, float32 for every other floating dtype.
@@ -59,12 +101,12 @@ inline at::Tensor empty_like_layout(const at::Tensor& x, at::ScalarType dtype) {
 // t is on `device`, the op's feature map's device. Every tensor argument of every op is checked:
 // a kernel handed another device's tensor would read memory that is not there.
 inline void check_device(const at::Tensor& t, const at::Device& device, const char* op, const char* name) {
-  TORCH_CHECK_VALUE(t.device() == device, op, ": ", name, " must be on ", device, ", got ", t.device());
+  AK_CHECK_VALUE(t.device() == device, op, ": ", name, " must be on ", device, ", got ", t.device());
 }
 
 // t holds floating-point values (small parameters: any floating dtype, used in acc(x)).
 inline void check_floating(const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), op, ": ", name, " must be a floating-point tensor, got ",
+  AK_CHECK_TYPE(at::isFloatingType(t.scalar_type()), op, ": ", name, " must be a floating-point tensor, got ",
                    t.scalar_type());
 }
 
@@ -72,21 +114,21 @@ inline void check_floating(const at::Tensor& t, const char* op, const char* name
 inline void check_feature_dtype(const at::Tensor& t, const char* op, const char* name) {
   check_floating(t, op, name);
   const at::ScalarType s = t.scalar_type();
-  TORCH_CHECK_TYPE(s == at::kDouble || s == at::kFloat || s == at::kHalf || s == at::kBFloat16, op, ": ", name,
+  AK_CHECK_TYPE(s == at::kDouble || s == at::kFloat || s == at::kHalf || s == at::kBFloat16, op, ": ", name,
                    " must be float64, float32, float16 or bfloat16, got ", s);
 }
 
 inline void check_feature_map(const at::Tensor& x, const char* op, const char* name) {
-  TORCH_CHECK_VALUE(x.dim() == 4, op, ": ", name, " must be 4-D (N, C, H, W), got ", x.dim(), "-D");
+  AK_CHECK_VALUE(x.dim() == 4, op, ": ", name, " must be 4-D (N, C, H, W), got ", x.dim(), "-D");
   check_feature_dtype(x, op, name);
 }
 
 // A per-(n, c) map such as avg, max, gate or their gradients: (N, C), acc(x), on x's device.
 inline void check_per_channel(const at::Tensor& t, const at::Tensor& x, const char* op,
                               const char* name) {
-  TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == x.size(0) && t.size(1) == x.size(1), op, ": ", name,
+  AK_CHECK_VALUE(t.dim() == 2 && t.size(0) == x.size(0) && t.size(1) == x.size(1), op, ": ", name,
               " must have shape (N, C) = (", x.size(0), ", ", x.size(1), "), got ", t.sizes());
-  TORCH_CHECK_TYPE(t.scalar_type() == acc_type(x.scalar_type()), op, ": ", name, " must be ",
+  AK_CHECK_TYPE(t.scalar_type() == acc_type(x.scalar_type()), op, ": ", name, " must be ",
               acc_type(x.scalar_type()), " (the accumulation dtype of x, ", x.scalar_type(),
               "), got ", t.scalar_type());
   check_device(t, x.device(), op, name);
@@ -94,7 +136,7 @@ inline void check_per_channel(const at::Tensor& t, const at::Tensor& x, const ch
 
 // A tensor shaped like x (grad_y of a backward op): x's shape and dtype, on x's device.
 inline void check_like_x(const at::Tensor& t, const at::Tensor& x, const char* op, const char* name) {
-  TORCH_CHECK_VALUE(t.sizes() == x.sizes() && t.scalar_type() == x.scalar_type(), op, ": ", name,
+  AK_CHECK_VALUE(t.sizes() == x.sizes() && t.scalar_type() == x.scalar_type(), op, ": ", name,
                     " must match x's shape ", x.sizes(), " and dtype ", x.scalar_type(), ", got ", t.sizes(), " ",
                     t.scalar_type());
   check_device(t, x.device(), op, name);
@@ -109,7 +151,7 @@ inline at::Tensor walked_like_x(const at::Tensor& t, const at::Tensor& x, const 
 // A small parameter vector (bias, BN scale/shift, statistics): `count` floating values on `device`.
 inline void check_vector(const at::Tensor& t, int64_t count, const at::Device& device, const char* op,
                          const char* name, const char* what) {
-  TORCH_CHECK_VALUE(t.numel() == count, op, ": ", name, " must hold ", what, " = ", count, " values, got shape ",
+  AK_CHECK_VALUE(t.numel() == count, op, ": ", name, " must hold ", what, " = ", count, " values, got shape ",
                     t.sizes());
   check_floating(t, op, name);
   check_device(t, device, op, name);

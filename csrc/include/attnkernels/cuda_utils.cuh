@@ -35,7 +35,7 @@ inline int64_t next_pow2(int64_t v) {
 }
 
 inline void check_cuda(const at::Tensor& t, const at::Tensor& like, const char* op, const char* name) {
-  TORCH_CHECK_VALUE(t.is_cuda() && t.device() == like.device(), op, ": ", name, " must be on ",
+  AK_CHECK_VALUE(t.is_cuda() && t.device() == like.device(), op, ": ", name, " must be on ",
               like.device(), ", got ", t.device());
 }
 

@@ -9,7 +9,7 @@ namespace attnkernels {
 inline int64_t check_softmax_spatial_weight(const at::Tensor& x, const at::Tensor& weight, const char* op) {
   check_feature_map(x, op, "x");
   const int64_t C = x.size(1);
-  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(0) >= 1 && weight.size(1) == C && C % weight.size(0) == 0, op,
+  AK_CHECK_VALUE(weight.dim() == 2 && weight.size(0) >= 1 && weight.size(1) == C && C % weight.size(0) == 0, op,
                     ": weight must have shape (g, C) = (g, ", C, ") with g dividing C, got ", weight.sizes());
   check_floating(weight, op, "weight");
   check_device(weight, x.device(), op, "weight");
@@ -28,11 +28,11 @@ inline void check_softmax_spatial_backward_args(const at::Tensor& grad_y, const 
                                                 const at::Tensor& weight, const at::Tensor& a, const char* op) {
   const int64_t g = check_softmax_spatial_weight(x, weight, op);
   check_like_x(grad_y, x, op, "grad_y");
-  TORCH_CHECK_VALUE(a.dim() == 4 && a.size(0) == x.size(0) && a.size(1) == g && a.size(2) == x.size(2) &&
+  AK_CHECK_VALUE(a.dim() == 4 && a.size(0) == x.size(0) && a.size(1) == g && a.size(2) == x.size(2) &&
                         a.size(3) == x.size(3),
                     op, ": a must have shape (N, ", g, ", H, W) = (", x.size(0), ", ", g, ", ", x.size(2), ", ", x.size(3),
                     "), got ", a.sizes());
-  TORCH_CHECK_TYPE(a.scalar_type() == acc_type(x.scalar_type()), op, ": a must be ", acc_type(x.scalar_type()),
+  AK_CHECK_TYPE(a.scalar_type() == acc_type(x.scalar_type()), op, ": a must be ", acc_type(x.scalar_type()),
                    " (the accumulation dtype of x, ", x.scalar_type(), "), got ", a.scalar_type());
   check_device(a, x.device(), op, "a");
 }
