@@ -125,30 +125,40 @@ def choose(site: str, key: tuple, candidates: Sequence[str], static: str,
 def pick(site: str, key: tuple, runs: dict[str, Callable[..., Any]], static: str,
          args: Sequence[Any]) -> Callable[..., Any]:
     """The function to call as `fn(*args)` at `site` for `key`, out of `runs` (candidate name ->
-    function, in tie-break order, the eager torch composition among them): `choose` with each
-    candidate timed on copies of `args` (forward, and backward when autograd records), or
-    `decide` under torch.compile."""
-    names = tuple(runs)
-    if torch.compiler.is_compiling():
-        return runs[decide(site, key, names, static)]
-    if static not in runs:
-        raise ValueError(f"attnkernels: {site}: the static choice {static!r} is not a candidate {names}")
-    if current_mode() == "static":
-        return runs[static]
-    known = _answered.get((site, key))
-    if known is not None and known in runs:
-        return runs[known]
-    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    function, in tie-break order, the eager torch composition among them): `pick_name` with each
+    candidate timed on copies of `args` (forward, and backward when autograd records)."""
     prepared: dict[str, Callable[[], Any]] = {}  # each candidate's copies, made once
 
     def measure(name: str) -> float:
         return measure_candidate(name, runs[name], args, prepared)
 
-    can_measure = measurable(*tensors)
-    winner = choose(site, key, names, static, measure, can_measure)
-    if can_measure or _lookup(site, key, names) is not None:  # a lasting choice, not a fallback
+    def can_measure() -> bool:
+        return measurable(*(a for a in args if isinstance(a, torch.Tensor)))
+
+    return runs[pick_name(site, key, tuple(runs), static, measure, can_measure)]
+
+
+def pick_name(site: str, key: tuple, names: tuple[str, ...], static: str, measure: Callable[[str], float],
+              can_measure: Callable[[], bool]) -> str:
+    """The candidate among `names` to run at `site` for `key`: `decide` under torch.compile, the
+    static rule in static mode, else the winner chosen before (a dict lookup on the key tuple,
+    the cost every later call pays), else `choose` with `measure(name)` (seconds of one run),
+    when `can_measure()`. A call that cannot measure takes the static rule and leaves the key
+    to the next call that can."""
+    if torch.compiler.is_compiling():
+        return decide(site, key, names, static)
+    if static not in names:
+        raise ValueError(f"attnkernels: {site}: the static choice {static!r} is not a candidate {names}")
+    if current_mode() == "static":
+        return static
+    known = _answered.get((site, key))
+    if known is not None and known in names:
+        return known
+    able = can_measure()
+    winner = choose(site, key, names, static, measure, able)
+    if able or _lookup(site, key, names) is not None:  # a lasting choice, not a fallback
         _answered[(site, key)] = winner
-    return runs[winner]
+    return winner
 
 
 def measure_candidate(name: str, fn: Callable[..., Any], args: Sequence[Any],
@@ -278,12 +288,16 @@ def _copy(a: Any) -> Any:
 
 
 def measurable(*tensors: torch.Tensor | None) -> bool:
-    """Whether timing runs on these inputs mean anything: real tensors, outside tracing."""
+    """Whether timing runs on these inputs mean anything: real tensors, outside tracing, and
+    not while a CUDA graph is being captured (a measurement synchronises the device)."""
     if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return False
     from torch._subclasses.fake_tensor import FakeTensor
 
-    return all(t is None or (not isinstance(t, FakeTensor) and t.device.type != "meta") for t in tensors)
+    real = [t for t in tensors if t is not None]
+    if any(isinstance(t, FakeTensor) or t.device.type == "meta" for t in real):
+        return False
+    return not (any(t.is_cuda for t in real) and torch.cuda.is_current_stream_capturing())
 
 
 def explain() -> str:

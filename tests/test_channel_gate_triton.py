@@ -622,3 +622,70 @@ BAD_INPUTS = [
 def test_bad_inputs(call, error, pattern):
     with pytest.raises(error, match=pattern):
         call()
+
+
+# ----------------------------------------------------------------------------------------
+# Tile configurations measured on a GPU (attnkernels.choose; the clock is fake here)
+# ----------------------------------------------------------------------------------------
+def test_tile_configurations_are_measured(monkeypatch):
+    """Where launches are measured (GPUs), each op's first call at a new shape times every
+    candidate tile configuration and keeps the fastest: later calls launch it alone, its
+    results match the reference, explain() lists it, and static mode keeps the rule's."""
+    from attnkernels import choose
+    from attnkernels.triton import _common
+
+    monkeypatch.setenv(choose.ENV_MODE, "measure")
+    monkeypatch.delenv(choose.ENV_FILE, raising=False)
+    monkeypatch.setattr(_common, "_measures_launches", lambda device: True)
+    timed: list[str] = []
+
+    def fake_time(name, run, device):  # the last candidate is the fastest
+        run()
+        timed.append(name)
+        return 1e-3 / (1 + list(T._tile_configs(x, x.dtype)).index(name))
+
+    monkeypatch.setattr(_common, "_time_launch", fake_time)
+    choose.clear()
+    try:
+        x = make_t((2, 24, 7, 5), F32, "nchw")
+        names = list(T._tile_configs(x, F32))
+        assert len(names) == 3 and names[0] == "{}x{}/4w".format(*T._tiles(x, F32))
+        gate = torch.rand(2, 24, dtype=F32, device=x.device)
+        for _ in range(2):
+            avg, mx = ops.channel_pool(x)
+            y = ops.channel_rescale(x, gate)
+        assert set(timed) == set(names)  # measured once per op: the second call timed nothing
+        assert len(timed) == 2 * len(names) * (1 + choose.MAX_ROUNDS)
+        ref_avg, ref_max = ref_pool(x)
+        close(avg, ref_avg, F32)
+        assert torch.equal(mx, ref_max)
+        close(y, ref_rescale(x, gate), F32)
+        assert f"triton.channel_pool [float32 2 24 7 5 nchw]: {names[-1]} (measured" in choose.explain()
+        with choose.mode("static"):
+            assert choose.pick_name("triton.channel_pool", ("float32", 2, 24, 7, 5, "nchw"), tuple(names),
+                                    names[0], fake_time, lambda: True) == names[0]
+    finally:
+        choose.clear()
+
+
+def test_every_candidate_launches_for_the_ahead_of_time_check(monkeypatch):
+    """scripts/triton_aot/bench_launches.py sets LAUNCH_EVERY_CANDIDATE so that each
+    configuration a GPU may measure is recorded and compiled; the result is the rule's."""
+    from attnkernels.triton import _common
+
+    launched = []
+    real = _common._launch_measured
+
+    def spy(site, key, configs, launch, *tensors):
+        def counted(**config):
+            launched.append(config["block_hw"])
+            launch(**config)
+        real(site, key, configs, counted, *tensors)
+
+    monkeypatch.setattr(T, "_launch_measured", spy)
+    monkeypatch.setattr(_common, "LAUNCH_EVERY_CANDIDATE", True)
+    x = make_t((2, 24, 7, 5), F32, "nchw")
+    avg, _ = ops.channel_pool(x)
+    configs = list(T._tile_configs(x, F32).values())
+    assert launched == [c["block_hw"] for c in configs[1:]] + [configs[0]["block_hw"]]
+    close(avg, ref_pool(x)[0], F32)

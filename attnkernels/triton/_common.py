@@ -3,20 +3,23 @@ sizes, partial sums, jit helpers.
 
 Host side: op registration with the schemas of csrc/<hot_path>_ops.cpp, the empty-input launch
 guard, small inputs cast to the accumulation dtype, H*W addressing (one flat stride or separate
-h, w strides), power-of-two block sizes, the launch size that fills a GPU, tl.dot precision and
-warps, and the split count and fixed-order sum of a reduction's partials. The argument checks
+h, w strides), power-of-two block sizes, the launch size that fills a GPU, launch configurations
+chosen by measurement on a GPU, tl.dot precision and warps, and the split count and fixed-order
+sum of a reduction's partials. The argument checks
 themselves are the op modules' (`attnkernels.ops.<hot_path>.check_<op>`, `attnkernels.ops._checks`):
 one wording per rule, whichever backend runs.
 Device side (`triton.jit`): int64 spatial offsets, correctly rounded division, the
 (sample, channel block) and (sample, pixel block) of a 1-D grid's program, masked 2-D tiles,
 relu and sigmoid, and the partial-sum kernel.
 """
-from typing import Optional
+from collections.abc import Callable
+from typing import Any, Optional
 
 import torch
 import triton
 import triton.language as tl
 
+from .. import choose
 from ..ops._schemas import schemas
 from ._compat import triton_op, wrap_triton
 
@@ -141,6 +144,48 @@ def _min_programs(device: torch.device) -> int:
     if index not in _SM_COUNT:
         _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
     return 2 * _SM_COUNT[index]
+
+
+# When set (scripts/triton_aot/bench_launches.py records the launches a GPU would make), every
+# candidate configuration of a measured launch is launched too, so that the ahead-of-time check
+# compiles each configuration a GPU may measure, not only the static rule's.
+LAUNCH_EVERY_CANDIDATE = False
+
+
+def _launch_measured(site: str, key: tuple, configs: dict[str, dict[str, Any]],
+                     launch: Callable[..., None], *tensors: torch.Tensor) -> None:
+    """Launch `launch(**configs[name])` for one candidate: on a GPU, the one `attnkernels.choose`
+    measures fastest the first time `key` is seen at `site` (Triton's autotune, with the
+    library's chooser: interleaved rounds, a fixed winner per key, `choose.explain()`, the
+    choices file, static mode); under the interpreter, tracing or static mode, the first
+    (the static rule). `configs` maps a name to launch parameters (block sizes, num_warps),
+    the static rule's first. The candidates run on the real arguments (`tensors`, the first
+    deciding the device): an op measured this way only writes its outputs, and the winner's
+    launch comes last."""
+    names = tuple(configs)
+    if LAUNCH_EVERY_CANDIDATE:
+        for name in names[1:]:
+            launch(**configs[name])
+    device = tensors[0].device
+
+    def measure(name: str) -> float:
+        return _time_launch(name, lambda: launch(**configs[name]), device)
+
+    def can_measure() -> bool:
+        return _measures_launches(device) and choose.measurable(*tensors)
+
+    launch(**configs[choose.pick_name(f"triton.{site}", key, names, names[0], measure, can_measure)])
+
+
+def _measures_launches(device: torch.device) -> bool:
+    """Whether launch configurations are measured on `device`: on GPUs (the interpreter's
+    timings say nothing about a GPU). Tests replace it."""
+    return device.type == "cuda"
+
+
+def _time_launch(name: str, run: Callable[[], None], device: torch.device) -> float:
+    """Seconds of one launch of configuration `name` (`choose.time_once`). Tests replace it."""
+    return choose.time_once(run, device)
 
 
 def _precision(dtype: torch.dtype) -> str:

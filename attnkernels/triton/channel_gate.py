@@ -55,6 +55,7 @@ from ._common import (
     _div,
     _hw_offsets,
     _in_acc,
+    _launch_measured,
     _like_param,
     _min_programs,
     _nchw_strides,
@@ -97,8 +98,9 @@ _TILE_ELEMENTS = {torch.float32: 2048, torch.float64: 1024}
 _MAX_BLOCK_C_CHANNELS_LAST = 64
 
 
-def _tiles(x: torch.Tensor, acc: torch.dtype) -> tuple[int, int]:
-    """(BLOCK_C, BLOCK_HW) for the per-(n, channel block) kernels.
+def _tiles(x: torch.Tensor, acc: torch.dtype, tile: Optional[int] = None) -> tuple[int, int]:
+    """(BLOCK_C, BLOCK_HW) for the per-(n, channel block) kernels, `tile` elements at most
+    (default: _TILE_ELEMENTS of acc).
 
     The tile's long side follows x's contiguous dimension (H*W for NCHW, C for
     channels_last) so loads coalesce; the channel block shrinks while the grid has fewer
@@ -106,7 +108,7 @@ def _tiles(x: torch.Tensor, acc: torch.dtype) -> tuple[int, int]:
     """
     n, c, h, w = x.shape
     hw = h * w
-    tile = _TILE_ELEMENTS[acc]
+    tile = _TILE_ELEMENTS[acc] if tile is None else tile
     min_programs = _min_programs(x.device)
     if c > 1 and hw > 1 and x.stride(1) == 1:  # channels are contiguous
         block_c = min(_pow2(c), _MAX_BLOCK_C_CHANNELS_LAST, tile)
@@ -119,6 +121,39 @@ def _tiles(x: torch.Tensor, acc: torch.dtype) -> tuple[int, int]:
         while block_c > 1 and n * triton.cdiv(c, block_c) < min_programs:
             block_c //= 2
     return block_c, block_hw
+
+
+def _tile_configs(x: torch.Tensor, acc: torch.dtype) -> dict[str, dict[str, int]]:
+    """The launch configurations a GPU measures for the per-(n, channel block) kernels: the
+    static rule's tile at 4 warps first, then half its elements (more programs, for maps too
+    small to fill the device) and twice them at 8 warps (fewer loop trips over long planes;
+    the same 16-32 values per thread). Named by their blocks, as `choose.explain()` lists them."""
+    tile = _TILE_ELEMENTS[acc]
+    configs: dict[str, dict[str, int]] = {}
+    for elements, warps in ((tile, 4), (tile // 2, 4), (tile * 2, 8)):
+        block_c, block_hw = _tiles(x, acc, elements)
+        name = f"{block_c}x{block_hw}/{warps}w"
+        configs.setdefault(name, {"block_c": block_c, "block_hw": block_hw, "num_warps": warps})
+    return configs
+
+
+def _launch_tiled(op: str, kernel, x: torch.Tensor, acc: torch.dtype, pointers: tuple, strides: list,
+                  **constexprs) -> None:
+    """Launch one per-(n, channel block) kernel over x: `kernel[(N * channel blocks,)](*pointers,
+    C, H*W, W, num_cb, *strides, **constexprs, BLOCK_C, BLOCK_HW)`, in the tile configuration
+    measured fastest on a GPU for this op, x's shape, dtype and layout (`_launch_measured`)."""
+    n, c, h, w = x.shape
+
+    def launch(block_c: int, block_hw: int, num_warps: int) -> None:
+        num_cb = triton.cdiv(c, block_c)
+        wrap_triton(kernel)[(n * num_cb,)](
+            *pointers, c, h * w, w, num_cb, *strides,
+            **constexprs, BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=num_warps,
+        )
+
+    layout = "channels_last" if c > 1 and h * w > 1 and x.stride(1) == 1 else "nchw"
+    key = (str(x.dtype), *(int(v) for v in x.shape), layout)
+    _launch_measured(op, key, _tile_configs(x, acc), launch, x)
 
 
 # ----------------------------------------------------------------------------------------
@@ -361,13 +396,7 @@ def channel_pool(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     avg = torch.empty((n, c), dtype=acc, device=x.device)
     mx = torch.empty((n, c), dtype=acc, device=x.device)
     flat, strides = _nchw_strides(x)
-    block_c, block_hw = _tiles(x, acc)
-    num_cb = triton.cdiv(c, block_c)
-    wrap_triton(_pool_kernel)[(n * num_cb,)](
-        x, avg, mx,
-        c, h * w, w, num_cb, *strides,
-        FLAT=flat, BLOCK_C=block_c, BLOCK_HW=block_hw,
-    )
+    _launch_tiled("channel_pool", _pool_kernel, x, acc, (x, avg, mx), strides, FLAT=flat)
     return avg, mx
 
 
@@ -381,17 +410,11 @@ def channel_pool_backward(
     gmax = None if grad_max is None else _in_acc(grad_max, acc)
     check_channel_pool_backward(gavg, gmax, x, mx)
     _nonempty("channel_pool_backward", "x", x)
-    n, c, h, w = x.shape
     has_max = gmax is not None
     grad_x = empty_like_layout(x)
     flat, strides = _nchw_strides(x, grad_x)
-    block_c, block_hw = _tiles(x, acc)
-    num_cb = triton.cdiv(c, block_c)
-    wrap_triton(_pool_backward_kernel)[(n * num_cb,)](
-        gavg, gmax if has_max else gavg, x, mx, grad_x,
-        c, h * w, w, num_cb, *strides,
-        HAS_MAX=has_max, FLAT=flat, BLOCK_C=block_c, BLOCK_HW=block_hw,
-    )
+    _launch_tiled("channel_pool_backward", _pool_backward_kernel, x, acc,
+                  (gavg, gmax if has_max else gavg, x, mx, grad_x), strides, HAS_MAX=has_max, FLAT=flat)
     return grad_x
 
 
@@ -494,16 +517,9 @@ def channel_rescale(x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     gt = _in_acc(gate, acc)
     check_channel_rescale(x, gt)
     _nonempty("channel_rescale", "x", x)
-    n, c, h, w = x.shape
     y = empty_like_layout(x)
     flat, strides = _nchw_strides(x, y)
-    block_c, block_hw = _tiles(x, acc)
-    num_cb = triton.cdiv(c, block_c)
-    wrap_triton(_rescale_kernel)[(n * num_cb,)](
-        x, gt, y,
-        c, h * w, w, num_cb, *strides,
-        FLAT=flat, BLOCK_C=block_c, BLOCK_HW=block_hw,
-    )
+    _launch_tiled("channel_rescale", _rescale_kernel, x, acc, (x, gt, y), strides, FLAT=flat)
     return y
 
 
@@ -516,17 +532,11 @@ def channel_rescale_backward(
     gt = _in_acc(gate, acc)
     check_channel_rescale_backward(grad_y, x, gt)
     _nonempty("channel_rescale_backward", "x", x)
-    n, c, h, w = x.shape
     grad_x = empty_like_layout(x)
-    grad_gate = torch.empty((n, c), dtype=acc, device=x.device)
+    grad_gate = torch.empty(x.shape[:2], dtype=acc, device=x.device)
     flat, strides = _nchw_strides(grad_y, x, grad_x)
-    block_c, block_hw = _tiles(x, acc)
-    num_cb = triton.cdiv(c, block_c)
-    wrap_triton(_rescale_backward_kernel)[(n * num_cb,)](
-        grad_y, x, gt, grad_x, grad_gate,
-        c, h * w, w, num_cb, *strides,
-        FLAT=flat, BLOCK_C=block_c, BLOCK_HW=block_hw,
-    )
+    _launch_tiled("channel_rescale_backward", _rescale_backward_kernel, x, acc,
+                  (grad_y, x, gt, grad_x, grad_gate), strides, FLAT=flat)
     return grad_x, grad_gate
 
 

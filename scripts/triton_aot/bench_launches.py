@@ -7,7 +7,8 @@ benchmark's default CPU and CUDA shapes, in float32, bfloat16 and float16: a for
 mode and a forward+backward in train mode, on the Triton backend, under the interpreter with
 the launches recorded and not executed (`Recorder.dry`: the numbers are not read, and a launch
 at 128x1024x14x14 would take the interpreter minutes). The host code picks block sizes as on an
-H100/H200: `_min_programs` (2 programs per SM) answers for 132 SMs.
+H100/H200: `_min_programs` (2 programs per SM) answers for 132 SMs; a launch whose configuration
+a GPU measures records every candidate (`LAUNCH_EVERY_CANDIDATE`).
 """
 from __future__ import annotations
 
@@ -35,6 +36,9 @@ from harness.backends import module_backends  # noqa: E402
 from harness.variants import bridge_channels_of, build_module, module_names, registry_name  # noqa: E402
 
 H100_SMS = 132
+# Every candidate configuration of a launch that a GPU measures (attnkernels.choose), not only
+# the static rule's: each one must compile.
+_common.LAUNCH_EVERY_CANDIDATE = True
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
