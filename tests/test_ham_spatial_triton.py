@@ -484,3 +484,36 @@ def test_functional_checks_c_im():
     """The functional entry point names c_im too (before any backend runs)."""
     with use_backend("triton"), pytest.raises(ValueError, match=r"ham_spatial_pool: c_im must be in \[1, C\]"):
         AF.ham_spatial_pool(_t(2, 3, 4, 4), _t(2, 3), 0)
+
+
+@pytest.mark.parametrize("fastest", [1, 2], ids=["half_tile", "double_tile"])
+def test_measured_tile_configurations_match_the_reference(monkeypatch, fastest):
+    """Where launches are measured (GPUs; a fake clock here), each op times every candidate
+    tile configuration once per shape and runs the fastest, whose pixel-block partials
+    (sized by that configuration's blocks) still give every output and gradient."""
+    from attnkernels import choose
+    from attnkernels.triton import _common
+
+    monkeypatch.setenv(choose.ENV_MODE, "measure")
+    monkeypatch.delenv(choose.ENV_FILE, raising=False)
+    monkeypatch.setattr(_common, "_measures_launches", lambda device: True)
+    monkeypatch.setattr(T, "_TILE_ELEMENTS", {F32: 64, F64: 64})  # several pixel blocks at this size
+    x = make_t((2, 13, 6, 7), F32, "nchw")
+    configs = list(T._tile_candidates(lambda e: T._pixel_tiles(x, F32, e), 64, T._pixel_warps))
+    assert len(configs) == 3
+
+    def fake_time(name, run, device):
+        run()
+        return 1e-4 if name == configs[fastest] else 1e-3
+
+    monkeypatch.setattr(_common, "_time_launch", fake_time)
+    choose.clear()
+    try:
+        gate = make_gate(2, 13, F32)
+        c_im = ham_important_channels(13)
+        compare(x, gate, c_im)
+        made = choose.explain()
+        for op in ("pool", "pool_backward", "apply", "apply_backward"):
+            assert f"triton.ham_spatial_{op} [float32 2 13 6 7 nchw]: {configs[fastest]} (measured" in made
+    finally:
+        choose.clear()

@@ -153,15 +153,16 @@ LAUNCH_EVERY_CANDIDATE = False
 
 
 def _launch_measured(site: str, key: tuple, configs: dict[str, dict[str, Any]],
-                     launch: Callable[..., None], *tensors: torch.Tensor) -> None:
-    """Launch `launch(**configs[name])` for one candidate: on a GPU, the one `attnkernels.choose`
+                     launch: Callable[..., Any], *tensors: torch.Tensor) -> Any:
+    """`launch(**configs[name])` for one candidate, and its result: on a GPU, the one `attnkernels.choose`
     measures fastest the first time `key` is seen at `site` (Triton's autotune, with the
     library's chooser: interleaved rounds, a fixed winner per key, `choose.explain()`, the
     choices file, static mode); under the interpreter, tracing or static mode, the first
     (the static rule). `configs` maps a name to launch parameters (block sizes, num_warps),
     the static rule's first. The candidates run on the real arguments (`tensors`, the first
-    deciding the device): an op measured this way only writes its outputs, and the winner's
-    launch comes last."""
+    deciding the device): an op measured this way only writes its outputs (buffers whose shape
+    depends on the configuration, such as per-block partials, are made inside `launch`), and
+    the winner's launch comes last."""
     names = tuple(configs)
     if LAUNCH_EVERY_CANDIDATE:
         for name in names[1:]:
@@ -174,7 +175,30 @@ def _launch_measured(site: str, key: tuple, configs: dict[str, dict[str, Any]],
     def can_measure() -> bool:
         return _measures_launches(device) and choose.measurable(*tensors)
 
-    launch(**configs[choose.pick_name(f"triton.{site}", key, names, names[0], measure, can_measure)])
+    return launch(**configs[choose.pick_name(f"triton.{site}", key, names, names[0], measure, can_measure)])
+
+
+def _shape_key(x: torch.Tensor) -> tuple:
+    """A measured launch's key: x's dtype, shape and layout (channels contiguous or not)."""
+    n, c, h, w = (int(v) for v in x.shape)
+    layout = "channels_last" if c > 1 and h * w > 1 and x.stride(1) == 1 else "nchw"
+    return (str(x.dtype).removeprefix("torch."), n, c, h, w, layout)
+
+
+def _tile_candidates(tiles: Callable[[int], tuple[int, int]], tile: int,
+                  warps: Callable[[int, int], int]) -> dict[str, dict[str, int]]:
+    """The launch configurations a GPU measures for a kernel over [BLOCK_C, BLOCK_HW] tiles:
+    the static rule's tile first (`tiles(tile)` -> (BLOCK_C, BLOCK_HW), `warps(BLOCK_C,
+    BLOCK_HW)` warps), then half its elements (more programs, for maps too small to fill the
+    device) and twice them (fewer loop trips or programs over long planes). Named by their
+    blocks and warps, as `choose.explain()` lists them; duplicates dropped."""
+    configs: dict[str, dict[str, int]] = {}
+    for elements in (tile, tile // 2, tile * 2):
+        block_c, block_hw = tiles(max(1, elements))
+        num_warps = warps(block_c, block_hw)
+        configs.setdefault(f"{block_c}x{block_hw}/{num_warps}w",
+                           {"block_c": block_c, "block_hw": block_hw, "num_warps": num_warps})
+    return configs
 
 
 def _measures_launches(device: torch.device) -> bool:

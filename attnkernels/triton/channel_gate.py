@@ -62,8 +62,10 @@ from ._common import (
     _nonempty,
     _op_registrar,
     _pow2,
+    _shape_key,
     _sigmoid,
     _sum_partials,
+    _tile_candidates,
 )
 from ._compat import wrap_triton
 
@@ -123,18 +125,15 @@ def _tiles(x: torch.Tensor, acc: torch.dtype, tile: Optional[int] = None) -> tup
     return block_c, block_hw
 
 
+def _tile_warps(block_c: int, block_hw: int) -> int:
+    """4 warps at the rule's tile (16 values per thread), 8 beyond it."""
+    return 8 if block_c * block_hw > 2048 else 4
+
+
 def _tile_configs(x: torch.Tensor, acc: torch.dtype) -> dict[str, dict[str, int]]:
-    """The launch configurations a GPU measures for the per-(n, channel block) kernels: the
-    static rule's tile at 4 warps first, then half its elements (more programs, for maps too
-    small to fill the device) and twice them at 8 warps (fewer loop trips over long planes;
-    the same 16-32 values per thread). Named by their blocks, as `choose.explain()` lists them."""
-    tile = _TILE_ELEMENTS[acc]
-    configs: dict[str, dict[str, int]] = {}
-    for elements, warps in ((tile, 4), (tile // 2, 4), (tile * 2, 8)):
-        block_c, block_hw = _tiles(x, acc, elements)
-        name = f"{block_c}x{block_hw}/{warps}w"
-        configs.setdefault(name, {"block_c": block_c, "block_hw": block_hw, "num_warps": warps})
-    return configs
+    """The tile configurations a GPU measures for the per-(n, channel block) kernels
+    (`_common._tile_candidates`: the rule's, half and twice its elements)."""
+    return _tile_candidates(lambda elements: _tiles(x, acc, elements), _TILE_ELEMENTS[acc], _tile_warps)
 
 
 def _launch_tiled(op: str, kernel, x: torch.Tensor, acc: torch.dtype, pointers: tuple, strides: list,
@@ -151,9 +150,7 @@ def _launch_tiled(op: str, kernel, x: torch.Tensor, acc: torch.dtype, pointers: 
             **constexprs, BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=num_warps,
         )
 
-    layout = "channels_last" if c > 1 and h * w > 1 and x.stride(1) == 1 else "nchw"
-    key = (str(x.dtype), *(int(v) for v in x.shape), layout)
-    _launch_measured(op, key, _tile_configs(x, acc), launch, x)
+    _launch_measured(op, _shape_key(x), _tile_configs(x, acc), launch, x)
 
 
 # ----------------------------------------------------------------------------------------

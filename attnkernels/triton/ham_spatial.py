@@ -32,6 +32,8 @@ Kernels (all deterministic: no atomics, every reduction in a fixed order):
 On a machine without a GPU set TRITON_INTERPRET=1 before importing this module; the ops
 then run on CPU tensors under the Triton interpreter.
 """
+from typing import Any, Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -50,13 +52,16 @@ from ._common import (
     _div,
     _hw_offsets,
     _in_acc,
+    _launch_measured,
     _min_programs,
     _nchw_strides,
     _nonempty,
     _op_registrar,
     _pixel_block,
     _pow2,
+    _shape_key,
     _sum_partials,
+    _tile_candidates,
 )
 from ._compat import wrap_triton
 
@@ -89,8 +94,9 @@ _MASK_TILE_ELEMENTS = 2048
 _SUM_TILE_ELEMENTS = 2048
 
 
-def _pixel_tiles(x: torch.Tensor, acc: torch.dtype) -> tuple[int, int]:
-    """(BLOCK_C, BLOCK_HW) for the per-(n, pixel block) kernels.
+def _pixel_tiles(x: torch.Tensor, acc: torch.dtype, tile: Optional[int] = None) -> tuple[int, int]:
+    """(BLOCK_C, BLOCK_HW) for the per-(n, pixel block) kernels, `tile` elements at most
+    (default: _TILE_ELEMENTS of acc).
 
     The tile's long side follows x's contiguous dimension (C for channels_last, H*W
     otherwise) so loads coalesce; the pixel block shrinks while the grid has fewer programs
@@ -98,7 +104,7 @@ def _pixel_tiles(x: torch.Tensor, acc: torch.dtype) -> tuple[int, int]:
     """
     n, c, h, w = x.shape
     hw = h * w
-    tile = _TILE_ELEMENTS[acc]
+    tile = _TILE_ELEMENTS[acc] if tile is None else tile
     min_programs = _min_programs(x.device)
     if c > 1 and hw > 1 and x.stride(1) == 1:  # channels are contiguous
         block_c = min(_pow2(c), _MAX_BLOCK_C_CHANNELS_LAST, tile)
@@ -118,6 +124,14 @@ def _pixel_warps(block_c: int, block_hw: int) -> int:
     """Warps per pixel-tile program: 8 for tiles of 2048+ elements, whose fp32 accumulators
     spill at 4 warps on sm_90 (ptxas: ~165 registers per thread at 4 warps, ~100 at 8)."""
     return 8 if block_c * block_hw >= 2048 else 4
+
+
+def _launch_pixel_tiled(op: str, x: torch.Tensor, acc: torch.dtype, launch) -> Any:
+    """`launch(block_c, block_hw, num_warps)` of one per-(n, pixel block) kernel over x, in the
+    tile configuration measured fastest on a GPU for this op, x's shape, dtype and layout
+    (`_common._launch_measured`; candidates: the rule's tile, half and twice its elements)."""
+    configs = _tile_candidates(lambda elements: _pixel_tiles(x, acc, elements), _TILE_ELEMENTS[acc], _pixel_warps)
+    return _launch_measured(op, _shape_key(x), configs, launch, x)
 
 
 def _mask_blocks(c: int) -> tuple[int, int]:
@@ -376,13 +390,16 @@ def ham_spatial_pool(
     wrap_triton(_mask_kernel)[(n * num_cb,)](gt, mask, c, c_im, num_cb, BLOCK_C=block_c, BLOCK_J=block_j)
 
     flat, strides = _nchw_strides(x)
-    block_c, block_hw = _pixel_tiles(x, acc)
-    num_pb = triton.cdiv(h * w, block_hw)
-    wrap_triton(_pool_kernel)[(n * num_pb,)](
-        x, gt, mask, d1, d2,
-        c, h * w, w, num_pb, c_im, max(c - c_im, 1), *strides,
-        FLAT=flat, BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=_pixel_warps(block_c, block_hw),
-    )
+
+    def launch(block_c: int, block_hw: int, num_warps: int) -> None:
+        num_pb = triton.cdiv(h * w, block_hw)
+        wrap_triton(_pool_kernel)[(n * num_pb,)](
+            x, gt, mask, d1, d2,
+            c, h * w, w, num_pb, c_im, max(c - c_im, 1), *strides,
+            FLAT=flat, BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=num_warps,
+        )
+
+    _launch_pixel_tiled("ham_spatial_pool", x, acc, launch)
     return d1, d2, mask
 
 
@@ -406,15 +423,18 @@ def ham_spatial_pool_backward(
     n, c, h, w = x.shape
     grad_x = empty_like_layout(x)
     flat, strides = _nchw_strides(x, grad_x)
-    block_c, block_hw = _pixel_tiles(x, acc)
-    num_pb = triton.cdiv(h * w, block_hw)
-    partials = _grad_gate_buffer(n, num_pb, c, acc, x.device)
-    wrap_triton(_pool_backward_kernel)[(n * num_pb,)](
-        gd1, gd2, x, gt, mk, m1, m2, grad_x, partials,
-        c, h * w, w, num_pb, c_im, max(c - c_im, 1), *strides,
-        FLAT=flat, BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=_pixel_warps(block_c, block_hw),
-    )
-    return grad_x, _grad_gate(partials, num_pb, c)
+
+    def launch(block_c: int, block_hw: int, num_warps: int) -> torch.Tensor:
+        num_pb = triton.cdiv(h * w, block_hw)
+        partials = _grad_gate_buffer(n, num_pb, c, acc, x.device)
+        wrap_triton(_pool_backward_kernel)[(n * num_pb,)](
+            gd1, gd2, x, gt, mk, m1, m2, grad_x, partials,
+            c, h * w, w, num_pb, c_im, max(c - c_im, 1), *strides,
+            FLAT=flat, BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=num_warps,
+        )
+        return _grad_gate(partials, num_pb, c)
+
+    return grad_x, _launch_pixel_tiled("ham_spatial_pool_backward", x, acc, launch)
 
 
 @_op("ham_spatial_apply")
@@ -429,13 +449,16 @@ def ham_spatial_apply(
     n, c, h, w = x.shape
     y = empty_like_layout(x)
     flat, strides = _nchw_strides(x, y)
-    block_c, block_hw = _pixel_tiles(x, acc)
-    num_pb = triton.cdiv(h * w, block_hw)
-    wrap_triton(_apply_kernel)[(n * num_pb,)](
-        x, gt, mk, sp1, sp2, y,
-        c, h * w, w, num_pb, *strides,
-        FLAT=flat, BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=_pixel_warps(block_c, block_hw),
-    )
+
+    def launch(block_c: int, block_hw: int, num_warps: int) -> None:
+        num_pb = triton.cdiv(h * w, block_hw)
+        wrap_triton(_apply_kernel)[(n * num_pb,)](
+            x, gt, mk, sp1, sp2, y,
+            c, h * w, w, num_pb, *strides,
+            FLAT=flat, BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=num_warps,
+        )
+
+    _launch_pixel_tiled("ham_spatial_apply", x, acc, launch)
     return y
 
 
@@ -459,15 +482,19 @@ def ham_spatial_apply_backward(
     grad_s1 = torch.empty((n, 1, h, w), dtype=acc, device=x.device)
     grad_s2 = torch.empty((n, 1, h, w), dtype=acc, device=x.device)
     flat, strides = _nchw_strides(grad_y, x, grad_x)
-    block_c, block_hw = _pixel_tiles(x, acc)
-    num_pb = triton.cdiv(h * w, block_hw)
-    partials = _grad_gate_buffer(n, num_pb, c, acc, x.device)
-    wrap_triton(_apply_backward_kernel)[(n * num_pb,)](
-        grad_y, x, gt, mk, sp1, sp2, grad_x, partials, grad_s1, grad_s2,
-        c, h * w, w, num_pb, *strides,
-        FLAT=flat, BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=_pixel_warps(block_c, block_hw),
-    )
-    return grad_x, _grad_gate(partials, num_pb, c), grad_s1, grad_s2
+
+    def launch(block_c: int, block_hw: int, num_warps: int) -> torch.Tensor:
+        num_pb = triton.cdiv(h * w, block_hw)
+        partials = _grad_gate_buffer(n, num_pb, c, acc, x.device)
+        wrap_triton(_apply_backward_kernel)[(n * num_pb,)](
+            grad_y, x, gt, mk, sp1, sp2, grad_x, partials, grad_s1, grad_s2,
+            c, h * w, w, num_pb, *strides,
+            FLAT=flat, BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=num_warps,
+        )
+        return _grad_gate(partials, num_pb, c)
+
+    grad_gate = _launch_pixel_tiled("ham_spatial_apply_backward", x, acc, launch)
+    return grad_x, grad_gate, grad_s1, grad_s2
 
 
 # Importing this module gives the ops their autograd.
