@@ -9,8 +9,9 @@ ATTNKERNELS_TRITON_LAUNCHES set) and `bench_launches.py` (the benchmark's module
 and GPU default shapes). By default a representative subset is compiled: specs that differ only
 in the alignment of their pointers or the divisibility of their ints (which change
 vectorisation, not tiles or stages) are compiled once, all aligned, the variant that vectorises
-most. `--full` compiles every spec. Results are cached per Triton version, spec and kernel
-source (`--cache`), so an unchanged kernel is not compiled again. Writes
+most. `--full` compiles every spec. Results are cached per Triton version, spec and the
+device code of attnkernels/triton/ (`--cache`; `source_digest`), so an unchanged kernel is not
+compiled again, also when host code around it changed. Writes
 build/triton_aot/<triton version>/table.md (one row per kernel: its worst case) and
 results.json (every spec), prints the table, exits 1 if any spec fails a limit.
 """
@@ -55,12 +56,31 @@ def select(specs: List[Dict[str, Any]], full: bool) -> List[Dict[str, Any]]:
 
 
 def source_digest(kernels: List[str]) -> Dict[str, str]:
-    """A hash of each kernel's module source: a changed kernel (or helper beside it) is recompiled.
-    Helpers from another module (_common) are covered by hashing every attnkernels.triton module."""
-    common = hashlib.sha256()
+    """A hash of the device code each kernel may use: every `triton.jit` function and every
+    module-level constant of attnkernels/triton/ (a kernel calls helpers from _common and reads
+    tl.constexpr globals). Host code (block-size rules, launches, op registration) is left
+    out: it changes which specs are recorded, which the spec keys already say, not what a spec
+    compiles to. So a change to host code alone recompiles nothing."""
+    device = hashlib.sha256()
     for path in sorted((ROOT / "attnkernels" / "triton").glob("*.py")):
-        common.update(path.read_bytes())
-    return {k: common.hexdigest()[:16] for k in kernels}
+        device.update(path.name.encode())
+        for part in device_code(path.read_text()):
+            device.update(part.encode())
+    return {k: device.hexdigest()[:16] for k in kernels}
+
+
+def device_code(source: str) -> List[str]:
+    """The source of each function decorated with a `jit` (triton.jit, _compat's) and of each
+    module-level assignment, in file order."""
+    import ast
+
+    parts = []
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.FunctionDef) and any("jit" in ast.unparse(d) for d in node.decorator_list):
+            parts.append(ast.unparse(node))
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            parts.append(ast.unparse(node))
+    return parts
 
 
 def _work(item: Tuple[Dict[str, Any], int]) -> Dict[str, Any]:
