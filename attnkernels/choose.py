@@ -161,6 +161,12 @@ def pick_name(site: str, key: tuple, names: tuple[str, ...], static: str, measur
     return winner
 
 
+def answered(site: str, key: tuple) -> str | None:
+    """The winner `pick_name` returned before for `key` at `site` in this process, if any: the
+    fast path for callers whose candidates cost more to list than this lookup."""
+    return _answered.get((site, key))
+
+
 def measure_candidate(name: str, fn: Callable[..., Any], args: Sequence[Any],
                       prepared: dict[str, Callable[[], Any]]) -> float:
     """Seconds one run of candidate `name`, `fn(*args)`, takes on copies of args (forward, and

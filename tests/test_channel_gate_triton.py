@@ -627,6 +627,14 @@ def test_bad_inputs(call, error, pattern):
 # ----------------------------------------------------------------------------------------
 # Tile configurations measured on a GPU (attnkernels.choose; the clock is fake here)
 # ----------------------------------------------------------------------------------------
+def tile_configs(x):
+    """The candidate tile configurations of the per-(n, channel block) kernels for x."""
+    from attnkernels.triton import _common
+
+    acc = acc_of(x.dtype)
+    return _common._tile_candidates(lambda e: T._tiles(x, acc, e), T._TILE_ELEMENTS[acc], T._tile_warps)
+
+
 def test_tile_configurations_are_measured(monkeypatch):
     """Where launches are measured (GPUs), each op's first call at a new shape times every
     candidate tile configuration and keeps the fastest: later calls launch it alone, its
@@ -642,13 +650,13 @@ def test_tile_configurations_are_measured(monkeypatch):
     def fake_time(name, run, device):  # the last candidate is the fastest
         run()
         timed.append(name)
-        return 1e-3 / (1 + list(T._tile_configs(x, x.dtype)).index(name))
+        return 1e-3 / (1 + list(tile_configs(x)).index(name))
 
     monkeypatch.setattr(_common, "_time_launch", fake_time)
     choose.clear()
     try:
         x = make_t((2, 24, 9, 9), F32, "nchw")
-        names = list(T._tile_configs(x, F32))
+        names = list(tile_configs(x))
         assert names == ["16x128/4w", "8x128/4w", "32x128/8w"]  # the rule's first
         gate = torch.rand(2, 24, dtype=F32, device=x.device)
         for _ in range(2):
@@ -660,6 +668,12 @@ def test_tile_configurations_are_measured(monkeypatch):
         close(avg, ref_avg, F32)
         assert torch.equal(mx, ref_max)
         close(y, ref_rescale(x, gate), F32)
+
+        def unlisted(*args):
+            raise AssertionError("a known shape's launch listed the candidates again")
+
+        monkeypatch.setattr(_common, "_tile_candidates", unlisted)  # a known key is a lookup
+        assert torch.equal(ops.channel_pool(x)[0], avg) and torch.equal(ops.channel_rescale(x, gate), y)
         assert f"triton.channel_pool [float32 2 24 9 9 nchw]: {names[-1]} (measured" in choose.explain()
         with choose.mode("static"):
             assert choose.pick_name("triton.channel_pool", ("float32", 2, 24, 9, 9, "nchw"), tuple(names),
@@ -676,16 +690,16 @@ def test_every_candidate_launches_for_the_ahead_of_time_check(monkeypatch):
     launched = []
     real = _common._launch_measured
 
-    def spy(site, key, configs, launch, *tensors):
+    def spy(site, x, tiles, tile, warps, launch):
         def counted(**config):
             launched.append(config["block_hw"])
             launch(**config)
-        real(site, key, configs, counted, *tensors)
+        real(site, x, tiles, tile, warps, counted)
 
     monkeypatch.setattr(T, "_launch_measured", spy)
     monkeypatch.setattr(_common, "LAUNCH_EVERY_CANDIDATE", True)
     x = make_t((2, 24, 7, 5), F32, "nchw")
     avg, _ = ops.channel_pool(x)
-    configs = list(T._tile_configs(x, F32).values())
+    configs = list(tile_configs(x).values())
     assert launched == [c["block_hw"] for c in configs[1:]] + [configs[0]["block_hw"]]
     close(avg, ref_pool(x)[0], F32)

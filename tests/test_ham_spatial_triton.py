@@ -499,7 +499,7 @@ def test_measured_tile_configurations_match_the_reference(monkeypatch, fastest):
     monkeypatch.setattr(_common, "_measures_launches", lambda device: True)
     monkeypatch.setattr(T, "_TILE_ELEMENTS", {F32: 64, F64: 64})  # several pixel blocks at this size
     x = make_t((2, 13, 6, 7), F32, "nchw")
-    configs = list(T._tile_candidates(lambda e: T._pixel_tiles(x, F32, e), 64, T._pixel_warps))
+    configs = list(_common._tile_candidates(lambda e: T._pixel_tiles(x, F32, e), 64, T._pixel_warps))
     assert len(configs) == 3
 
     def fake_time(name, run, device):

@@ -152,30 +152,38 @@ def _min_programs(device: torch.device) -> int:
 LAUNCH_EVERY_CANDIDATE = False
 
 
-def _launch_measured(site: str, key: tuple, configs: dict[str, dict[str, Any]],
-                     launch: Callable[..., Any], *tensors: torch.Tensor) -> Any:
-    """`launch(**configs[name])` for one candidate, and its result: on a GPU, the one `attnkernels.choose`
-    measures fastest the first time `key` is seen at `site` (Triton's autotune, with the
-    library's chooser: interleaved rounds, a fixed winner per key, `choose.explain()`, the
-    choices file, static mode); under the interpreter, tracing or static mode, the first
-    (the static rule). `configs` maps a name to launch parameters (block sizes, num_warps),
-    the static rule's first. The candidates run on the real arguments (`tensors`, the first
-    deciding the device): an op measured this way only writes its outputs (buffers whose shape
-    depends on the configuration, such as per-block partials, are made inside `launch`), and
-    the winner's launch comes last."""
+def _launch_measured(site: str, x: torch.Tensor, tiles: Callable[[int], tuple[int, int]], tile: int,
+                     warps: Callable[[int, int], int], launch: Callable[..., Any]) -> Any:
+    """`launch(block_c=, block_hw=, num_warps=)` of one kernel over x's [BLOCK_C, BLOCK_HW] tiles,
+    and its result, in one of `_tile_candidates(tiles, tile, warps)`: on a GPU, the one
+    `attnkernels.choose` measures fastest the first time x's shape is seen at `site` (Triton's
+    autotune, with the library's chooser: interleaved rounds, a fixed winner per key,
+    `choose.explain()`, the choices file, static mode); under the interpreter, tracing or static
+    mode, the static rule's (`tiles(tile)`). The candidates run on the real arguments: an op
+    measured this way only writes its outputs (buffers whose shape depends on the configuration,
+    such as per-block partials, are made inside `launch`), and the winner's launch comes last.
+
+    The candidates are listed only when a choice is made: a launch pays the rule (where nothing
+    is measured) or a dict lookup of the winner, not three block-size rules per call."""
+    if not LAUNCH_EVERY_CANDIDATE and not (_measures_launches(x.device) and choose.current_mode() == "measure"):
+        return launch(**_tile_config(tiles, tile, warps)[1])
+    site, key = f"triton.{site}", _shape_key(x)
+    known = choose.answered(site, key)
+    if known in _TILE_CONFIGS:
+        return launch(**_TILE_CONFIGS[known])
+    configs = _tile_candidates(tiles, tile, warps)
     names = tuple(configs)
     if LAUNCH_EVERY_CANDIDATE:
         for name in names[1:]:
             launch(**configs[name])
-    device = tensors[0].device
 
     def measure(name: str) -> float:
-        return _time_launch(name, lambda: launch(**configs[name]), device)
+        return _time_launch(name, lambda: launch(**configs[name]), x.device)
 
     def can_measure() -> bool:
-        return _measures_launches(device) and choose.measurable(*tensors)
+        return _measures_launches(x.device) and choose.measurable(x)
 
-    return launch(**configs[choose.pick_name(f"triton.{site}", key, names, names[0], measure, can_measure)])
+    return launch(**configs[choose.pick_name(site, key, names, names[0], measure, can_measure)])
 
 
 def _shape_key(x: torch.Tensor) -> tuple:
@@ -185,8 +193,21 @@ def _shape_key(x: torch.Tensor) -> tuple:
     return (str(x.dtype).removeprefix("torch."), n, c, h, w, layout)
 
 
+# name -> launch parameters of every tile configuration listed so far. A name spells out its
+# parameters, so the table never goes stale; the winner `choose` remembers is looked up here.
+_TILE_CONFIGS: dict[str, dict[str, int]] = {}
+
+
+def _tile_config(tiles: Callable[[int], tuple[int, int]], elements: int,
+                 warps: Callable[[int, int], int]) -> tuple[str, dict[str, int]]:
+    """The configuration of tiles of `elements` at most: its name and launch parameters."""
+    block_c, block_hw = tiles(max(1, elements))
+    num_warps = warps(block_c, block_hw)
+    return f"{block_c}x{block_hw}/{num_warps}w", {"block_c": block_c, "block_hw": block_hw, "num_warps": num_warps}
+
+
 def _tile_candidates(tiles: Callable[[int], tuple[int, int]], tile: int,
-                  warps: Callable[[int, int], int]) -> dict[str, dict[str, int]]:
+                     warps: Callable[[int, int], int]) -> dict[str, dict[str, int]]:
     """The launch configurations a GPU measures for a kernel over [BLOCK_C, BLOCK_HW] tiles:
     the static rule's tile first (`tiles(tile)` -> (BLOCK_C, BLOCK_HW), `warps(BLOCK_C,
     BLOCK_HW)` warps), then half its elements (more programs, for maps too small to fill the
@@ -194,10 +215,9 @@ def _tile_candidates(tiles: Callable[[int], tuple[int, int]], tile: int,
     blocks and warps, as `choose.explain()` lists them; duplicates dropped."""
     configs: dict[str, dict[str, int]] = {}
     for elements in (tile, tile // 2, tile * 2):
-        block_c, block_hw = tiles(max(1, elements))
-        num_warps = warps(block_c, block_hw)
-        configs.setdefault(f"{block_c}x{block_hw}/{num_warps}w",
-                           {"block_c": block_c, "block_hw": block_hw, "num_warps": num_warps})
+        name, params = _tile_config(tiles, elements, warps)
+        configs.setdefault(name, params)
+    _TILE_CONFIGS.update(configs)
     return configs
 
 

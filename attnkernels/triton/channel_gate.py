@@ -62,10 +62,8 @@ from ._common import (
     _nonempty,
     _op_registrar,
     _pow2,
-    _shape_key,
     _sigmoid,
     _sum_partials,
-    _tile_candidates,
 )
 from ._compat import wrap_triton
 
@@ -130,12 +128,6 @@ def _tile_warps(block_c: int, block_hw: int) -> int:
     return 8 if block_c * block_hw > 2048 else 4
 
 
-def _tile_configs(x: torch.Tensor, acc: torch.dtype) -> dict[str, dict[str, int]]:
-    """The tile configurations a GPU measures for the per-(n, channel block) kernels
-    (`_common._tile_candidates`: the rule's, half and twice its elements)."""
-    return _tile_candidates(lambda elements: _tiles(x, acc, elements), _TILE_ELEMENTS[acc], _tile_warps)
-
-
 def _launch_tiled(op: str, kernel, x: torch.Tensor, acc: torch.dtype, pointers: tuple, strides: list,
                   **constexprs) -> None:
     """Launch one per-(n, channel block) kernel over x: `kernel[(N * channel blocks,)](*pointers,
@@ -150,7 +142,7 @@ def _launch_tiled(op: str, kernel, x: torch.Tensor, acc: torch.dtype, pointers: 
             **constexprs, BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=num_warps,
         )
 
-    _launch_measured(op, _shape_key(x), _tile_configs(x, acc), launch, x)
+    _launch_measured(op, x, lambda elements: _tiles(x, acc, elements), _TILE_ELEMENTS[acc], _tile_warps, launch)
 
 
 # ----------------------------------------------------------------------------------------

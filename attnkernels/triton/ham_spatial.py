@@ -59,9 +59,7 @@ from ._common import (
     _op_registrar,
     _pixel_block,
     _pow2,
-    _shape_key,
     _sum_partials,
-    _tile_candidates,
 )
 from ._compat import wrap_triton
 
@@ -130,8 +128,8 @@ def _launch_pixel_tiled(op: str, x: torch.Tensor, acc: torch.dtype, launch) -> A
     """`launch(block_c, block_hw, num_warps)` of one per-(n, pixel block) kernel over x, in the
     tile configuration measured fastest on a GPU for this op, x's shape, dtype and layout
     (`_common._launch_measured`; candidates: the rule's tile, half and twice its elements)."""
-    configs = _tile_candidates(lambda elements: _pixel_tiles(x, acc, elements), _TILE_ELEMENTS[acc], _pixel_warps)
-    return _launch_measured(op, _shape_key(x), configs, launch, x)
+    return _launch_measured(op, x, lambda elements: _pixel_tiles(x, acc, elements), _TILE_ELEMENTS[acc],
+                            _pixel_warps, launch)
 
 
 def _mask_blocks(c: int) -> tuple[int, int]:
