@@ -472,20 +472,32 @@ __global__ void __launch_bounds__(kThreads) weight_grad_kernel(WeightGradArgs<ac
     }
     __syncthreads();
     if (nchv > 0) {
-      for (int py = 0; py < kWT; ++py) {
+      // Only the tile's pixels inside the image: past its edge grad_z is 0, but the u it would
+      // meet may be inside the image and infinite, and 0 * inf is a NaN no sum of the conv has.
+      const int vy = a.gz.H - y0 < kWT ? static_cast<int>(a.gz.H - y0) : kWT;
+      const int vx = a.gz.W - x0 < kWT ? static_cast<int>(a.gz.W - x0) : kWT;
+      auto pixel = [&](int py, int px) {  // acc += grad_z[o] * u[c, i, j] at one pixel
+        acc_t av[4], bv[4];
 #pragma unroll
-        for (int px = 0; px < kWT; ++px) {
-          acc_t av[4], bv[4];
+        for (int i = 0; i < 4; ++i) {
+          av[i] = gzt[a_row[i] + py * kWT + px];
+          bv[i] = ut[b_off[i] + py * ldu + px];
+        }
 #pragma unroll
-          for (int i = 0; i < 4; ++i) {
-            av[i] = gzt[a_row[i] + py * kWT + px];
-            bv[i] = ut[b_off[i] + py * ldu + px];
-          }
+        for (int i = 0; i < 4; ++i) {
 #pragma unroll
-          for (int i = 0; i < 4; ++i) {
+          for (int j = 0; j < 4; ++j) acc[i][j] += av[i] * bv[j];
+        }
+      };
+      if (vx == kWT) {  // a whole row of the tile: unrolled
+        for (int py = 0; py < vy; ++py) {
 #pragma unroll
-            for (int j = 0; j < 4; ++j) acc[i][j] += av[i] * bv[j];
-          }
+          for (int px = 0; px < kWT; ++px) pixel(py, px);
+        }
+      } else {  // the image's right edge
+        for (int py = 0; py < vy; ++py) {
+#pragma unroll 1
+          for (int px = 0; px < vx; ++px) pixel(py, px);
         }
       }
     }
