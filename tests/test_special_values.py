@@ -97,24 +97,27 @@ def run_op(fn, args: list, differentiable: list[int], backend_name: str):
 
 # The reference runs on CPU, whatever the device under test: the literal sums of the contract.
 # On a GPU, cuDNN's convs multiply the zero padding by a non-finite gradient (NaN) where the
-# conv's sum has no padded term at all (torch's CPU convs and the kernels leave it out).
-def on_cpu(values: list) -> list:
-    return [v.cpu() if isinstance(v, torch.Tensor) else v for v in values]
+# conv's sum has no padded term at all (torch's CPU convs and the kernels leave it out). The
+# contract leaves those padding products open ("NaN propagation"), so a case whose conv is the
+# library's (torch's conv on the device under test) takes the reference on that device: the same
+# conv, the same products.
+def reference_device(case: str, device: torch.device | str) -> torch.device:
+    """Where the reference runs for op or module case `case` tested on `device`."""
+    return torch.device(device if "library" in case else "cpu")
 
 
 def on_device(values: list, device: torch.device) -> list:
     return [v.to(device) if isinstance(v, torch.Tensor) else v for v in values]
 
 
-def cpu_reference_module(ref: torch.nn.Module) -> torch.nn.Module:
-    return copy.deepcopy(ref).cpu()
-
-
-def assert_op_matches_reference(fn, args: list, differentiable: list[int], backend_name: str) -> bool:
-    """fn's outputs and gradients on `backend_name` equal the reference backend's (on CPU),
-    special values included. Returns whether the reference's own results hold a non-finite value."""
+def assert_op_matches_reference(fn, args: list, differentiable: list[int], backend_name: str,
+                                reference_on: torch.device | str = "cpu") -> bool:
+    """fn's outputs and gradients on `backend_name` equal the reference backend's (run on
+    `reference_on`), special values included. Returns whether the reference's own results hold
+    a non-finite value."""
     device = next(a.device for a in args if isinstance(a, torch.Tensor))
-    want_out, want_grads = (on_device(r, device) for r in run_op(fn, on_cpu(args), differentiable, "reference"))
+    want_out, want_grads = (on_device(r, device)
+                            for r in run_op(fn, on_device(args, reference_on), differentiable, "reference"))
     got_out, got_grads = run_op(fn, args, differentiable, backend_name)
     names = [f"output {i}" for i in range(len(want_out))] + [f"grad of arg {i}" for i in differentiable]
     assert_same_special_values(got_out + got_grads, want_out + want_grads, names)
@@ -268,7 +271,8 @@ def test_op_special_values(backend_name, device, case, kind) -> None:
         poisoned = list(args)
         poisoned[target] = poison(args[target], kind)
         try:
-            special.append(assert_op_matches_reference(fn, poisoned, differentiable, backend_name))
+            special.append(assert_op_matches_reference(fn, poisoned, differentiable, backend_name,
+                                                       reference_device(case, device)))
         except AssertionError as err:
             raise AssertionError(f"special values in arg {target}: {err}") from None
     assert any(special), "no target gave the reference a non-finite result: the case tests nothing"
@@ -306,11 +310,17 @@ def module_pair(name: str, device: str, train: bool):
     return f.train(train), ref.train(train)
 
 
-def assert_module_matches(f, ref, x: torch.Tensor, backend_name: str) -> None:
-    """Output, the gradients of x and of every parameter, and the BatchNorm buffers afterwards."""
+def reference_output(ref: torch.nn.Module, x: torch.Tensor, reference_on: torch.device) -> torch.Tensor:
+    """ref(x), a copy of ref run on `reference_on`, the result on x's device."""
+    return copy.deepcopy(ref).to(reference_on)(x.to(reference_on)).to(x.device)
+
+
+def assert_module_matches(f, ref, x: torch.Tensor, backend_name: str, reference_on: torch.device | str = "cpu") -> None:
+    """Output, the gradients of x and of every parameter, and the BatchNorm buffers afterwards;
+    the reference module runs on `reference_on`."""
     g = torch.randn(x.shape, dtype=x.dtype, generator=torch.Generator().manual_seed(7))
-    ref = cpu_reference_module(ref)
-    y_r, grads_r = helpers.forward_backward(ref, x.cpu(), g)
+    ref = copy.deepcopy(ref).to(reference_on)
+    y_r, grads_r = helpers.forward_backward(ref, x.to(reference_on), g.to(reference_on))
     y_r, *grads_r = on_device([y_r, *grads_r], x.device)
     y_f, grads_f = helpers.forward_backward(f, x, g.to(x.device), backend_name)
     names = ["y", "grad x"] + [f"grad {n}" for n, _ in ref.named_parameters()]
@@ -331,7 +341,7 @@ def test_module_special_values_in_x(backend_name, device, name, kind, train) -> 
     x = poison(torch.randn(MODULE_SHAPE, dtype=F64), kind).to(device)
     with torch.no_grad():
         assert not torch.isfinite(copy.deepcopy(ref)(x)).all(), "the case has no special value in the output"
-    assert_module_matches(f, ref, x, backend_name)
+    assert_module_matches(f, ref, x, backend_name, reference_device(name, device))
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -343,7 +353,7 @@ def test_module_inference_special_values(backend_name, device, name, kind) -> No
     f, ref = module_pair(name, device, train=False)
     x = poison(torch.randn(MODULE_SHAPE, dtype=F64), kind).to(device)
     with torch.no_grad():
-        want = cpu_reference_module(ref)(x.cpu()).to(x.device)
+        want = reference_output(ref, x, reference_device(name, device))
         with backend.use_backend(backend_name):
             got = f(x)
     assert not torch.isfinite(want).all()
@@ -389,10 +399,10 @@ def test_module_special_values_in_state(backend_name, device, name, entry, value
     set_entry(f, entry, value)
     set_entry(ref, entry, value)
     x = torch.randn(MODULE_SHAPE, dtype=F64).to(device)
-    assert_module_matches(copy.deepcopy(f), copy.deepcopy(ref), x, backend_name)
+    assert_module_matches(copy.deepcopy(f), copy.deepcopy(ref), x, backend_name, reference_device(name, device))
     if not train:
         with torch.no_grad():
-            want = cpu_reference_module(ref)(x.cpu()).to(x.device)
+            want = reference_output(ref, x, reference_device(name, device))
             with backend.use_backend(backend_name):
                 got = f(x)
         assert_same_special_values([got], [want], ["inference y"])

@@ -7,6 +7,7 @@ ops under torch.ops.attnkernels_triton, with their autograd and the hot path's c
 """
 import os
 
+import helpers
 import pytest
 import torch
 
@@ -127,12 +128,15 @@ def expected_format(t):
     return torch.channels_last if cl else torch.contiguous_format
 
 
-def close(actual, expected, tol, equal_nan=False, name="", check_dtype=True):
-    """torch.testing.assert_close with `tol` (rtol, atol), its message prefixed by `name`."""
+def close(actual, expected, tol, equal_nan=False, name="", check_dtype=True, truth=None):
+    """torch.testing.assert_close with `tol` (rtol, atol), its message prefixed by `name`. With
+    `truth` (a callable giving the float64 result, called on a miss), a result outside `tol`
+    still passes if it is `helpers.as_accurate` as `expected`."""
     try:
         torch.testing.assert_close(actual, expected, **tol, equal_nan=equal_nan, check_dtype=check_dtype)
     except AssertionError as err:
-        raise AssertionError(f"{name}: {err}") from None
+        if truth is None or not helpers.as_accurate(actual, expected, truth()):
+            raise AssertionError(f"{name}: {err}") from None
 
 
 def within_half_budget(names, ours, theirs, truth, dtype):
