@@ -1,20 +1,24 @@
 #!/usr/bin/env bash
 # One command for a GPU machine with torch preinstalled and no network (DESIGN.md):
-#   scripts/gpu_check.sh [--quick] [--out DIR] [--deadline S] [--no-compile]   (or OUT=DIR ...)
+#   scripts/gpu_check.sh [--quick] [--full-ops] [--out DIR] [--deadline S] [--no-compile]   (or OUT=DIR ...)
 # A lease is short (minutes), so the steps run in order of risk, and each answers a question
 # even if a later one never runs:
 #   1. build: the JIT build of csrc/ for this GPU (a compile or link error stops the rest);
 #      then whether C++ errors reach Python or crash the process (scripts/gpu_error_paths.py);
 #   2. tensor_core: nonlocal_attn's fp16/bf16 tensor-core path (CUDA mma and Triton tl.dot),
 #      forward and every gradient at 100 and 137 keys, NCHW and channels_last, against fp64;
+#      then scripts/low_precision_report.py: CSM and PAM's fp16 errors against eager's over 8 seeds
+#      (a bias of a kernel or one unlucky draw; the first two leases failed one CSM fp16 case);
 #   3. ops: every other CUDA and Triton op and fused module against the reference (CUDA
-#      autocast included); --quick: the op-level comparisons of each hot path only;
+#      autocast included); --quick: the op-level comparisons of each hot path only, unless
+#      --full-ops; pytest names every failure (-rfE);
 #   4. memcheck: compute-sanitizer over every CUDA op on a small case (full run only);
-#   5. the benchmark tables (fp32 and bf16; --quick: bf16 only, fewer repeats), then PAM/CSM
-#      vs SDPA, GAM's conv algorithms and the whole-model rows (full run only).
-# Measured on the first H200 run (benchmarks/NOTES.md, Session 16): build 67 s, tensor_core 24 s,
-# ops 122 s on 12 xdist workers, memcheck 138 s, the bf16 table 68 s; the full run does not fit
-# 8 minutes (give it --deadline); --quick skips memcheck and should fit 4 (not yet timed).
+#   5. the benchmark tables (fp32 and bf16), PAM/CSM vs SDPA, GAM's conv algorithms and the
+#      whole-model rows; --quick: the bf16 table alone, fewer repeats, right after step 2.
+# Measured on the H200 runs (benchmarks/NOTES.md, Sessions 16-18): build 67-76 s, error_paths
+# 90 s, tensor_core 24-29 s, low_precision 15 s, ops 122 s on 12 xdist workers (--full-ops
+# under --quick: 193 s), memcheck 138 s, the bf16 table 68 s; the full run does not fit 8 minutes
+# (give it --deadline), --quick about 5 with its table.
 # --deadline S: no step starts after S seconds, and the running one is stopped at S (its row
 # says so), so the summary is complete when a lease's time is short. --no-compile drops the
 # torch.compile variant from the tables (each compiled module costs tens of seconds).
@@ -27,15 +31,17 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-gpu_check_out}"
 quick=0
+full_ops=0
 deadline=0  # seconds after the start; 0: none
 bench_extra=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --out) out="$2"; shift 2 ;;
     --quick) quick=1; shift ;;
+    --full-ops) full_ops=1; shift ;;
     --deadline) deadline="$2"; shift 2 ;;
     --no-compile) bench_extra+=(--no-compile); shift ;;
-    *) echo "usage: $0 [--quick] [--out DIR] [--deadline SECONDS] [--no-compile]" >&2; exit 2 ;;
+    *) echo "usage: $0 [--quick] [--full-ops] [--out DIR] [--deadline SECONDS] [--no-compile]" >&2; exit 2 ;;
   esac
 done
 mkdir -p "$out"
@@ -90,7 +96,7 @@ have_pytest() {
 
 # pytest, on several processes when pytest-xdist is there (each compiles its own Triton
 # specialisations; the GPU is shared), each test bounded when pytest-timeout is there.
-pytest_gpu=("$python" -m pytest -q -rs -p no:cacheprovider -m "not slow")
+pytest_gpu=("$python" -m pytest -q -rfEs -p no:cacheprovider -m "not slow")
 if "$python" -c "import xdist" 2>/dev/null; then
   cores=$(nproc 2>/dev/null || echo 1)
   pytest_gpu+=(-n "${GPU_CHECK_WORKERS:-$((cores < 12 ? cores : 12))}")
@@ -111,15 +117,34 @@ fi
 # which throws crash there, with a native backtrace of the first).
 step error_paths "$python" scripts/gpu_error_paths.py --gdb
 
+bench() {  # bench NAME ARGS...: a throughput table; its text goes into the summary too
+  local name="$1"; shift
+  step "$name" "$python" benchmarks/throughput.py --device cuda --out "$out/$name" "${bench_extra[@]}" "$@"
+  { echo; echo "### $name"; echo '```'; sed -n '/^module /,/^[0-9]* rows in/p' "$out/$name.log"; echo '```'; } >> "$out/tables.md"
+}
+
 if have_pytest; then
   # 2. The tensor-core attention: the code most likely to be wrong that no CPU can run.
   step tensor_core "${pytest_gpu[@]}" tests/test_nonlocal_attn.py -k "tensor_core or half_precision"
+fi
+step low_precision "$python" scripts/low_precision_report.py --device cuda --backends cuda,triton \
+  --dtype float16 --modules csm,pam --seeds 8
+if [ $quick -eq 1 ]; then
+  # --quick: the numbers before the long ops step (two leases ran out inside ops and brought no
+  # table back): host time per call, then the bf16 table, which also lists the Triton tile
+  # configurations measured per shape (choose.explain()).
+  step host_overhead "$python" benchmarks/host_overhead.py --device cuda
+  bench throughput_bfloat16 --dtype bfloat16 --modules eca,se,ham,pam,gam,softmax_spatial,bridge --models none \
+    --variants memcpy,eager,fused-cuda,fused-triton --repeats 5
+fi
+
+if have_pytest; then
   # 3. Every other GPU op and module against the reference.
   ops_tests=(tests/test_channel_gate.py tests/test_channel_gate_triton.py tests/test_ham_spatial.py
     tests/test_ham_spatial_triton.py tests/test_nonlocal_attn.py tests/test_nonlocal_attn_triton.py
     tests/test_gam_channel.py tests/test_gam_channel_triton.py tests/test_shuffle_conv.py
     tests/test_shuffle_conv_triton.py tests/test_softmax_spatial.py tests/test_softmax_spatial_triton.py)
-  if [ $quick -eq 1 ]; then
+  if [ $quick -eq 1 ] && [ $full_ops -eq 0 ]; then
     # Each hot path's comparisons with the reference: the CUDA ops and modules (ids carry
     # "cuda"), the Triton files' fp32 and half-precision cases.
     step ops "${pytest_gpu[@]}" "${ops_tests[@]}" -k "(cuda and matches_reference and not tensor_core) or \
@@ -145,18 +170,10 @@ else
   status=1
 fi
 
-# 5. The numbers. First the host time per module call (tiny inputs, seconds): on the first GPU
-# run, host time decided most module rows.
-step host_overhead "$python" benchmarks/host_overhead.py --device cuda
-bench() {  # bench NAME ARGS...: a throughput table; its text goes into the summary too
-  local name="$1"; shift
-  step "$name" "$python" benchmarks/throughput.py --device cuda --out "$out/$name" "${bench_extra[@]}" "$@"
-  { echo; echo "### $name"; echo '```'; sed -n '/^module /,/^[0-9]* rows in/p' "$out/$name.log"; echo '```'; } >> "$out/tables.md"
-}
-if [ $quick -eq 1 ]; then
-  bench throughput_bfloat16 --dtype bfloat16 --modules eca,se,ham,pam,gam,softmax_spatial,bridge --models none \
-    --variants memcpy,eager,fused-cuda,fused-triton --repeats 5
-else
+# 5. The numbers (--quick had its table after step 2). First the host time per module call
+# (tiny inputs, seconds): on the first GPU run, host time decided most module rows.
+if [ $quick -eq 0 ]; then
+  step host_overhead "$python" benchmarks/host_overhead.py --device cuda
   # bf16 first (the dtype GPU users train in), then the whole-model rows: the numbers a short
   # lease should bring back before fp32 and the per-path tables.
   bench throughput_bfloat16 --dtype bfloat16 --modules eca,se,ham,gam,gam-gc,softmax_spatial,bridge --models none
