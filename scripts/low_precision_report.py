@@ -23,7 +23,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).res
 import attnkernels  # noqa: E402,F401  (registers the ops)
 from attnkernels import nn as fused  # noqa: E402
 from attnkernels import reference as R  # noqa: E402
-from helpers import rounding_floor, seeded_low_precision_runs  # noqa: E402
+from helpers import max_error, rounding_floor, seeded_low_precision_runs  # noqa: E402
 
 MODULES = {"pam": (fused.PAM, R.PAM), "csm": (fused.CSM, R.CSM), "se": (fused.SE, R.SE),
            "eca": (fused.ECA, R.ECA), "ham": (fused.HAM, R.HAM), "gam": (fused.GAM, R.GAM)}
@@ -32,8 +32,7 @@ MODULES = {"pam": (fused.PAM, R.PAM), "csm": (fused.CSM, R.CSM), "se": (fused.SE
 def errors(name: str, backend_name: str, dtype: torch.dtype, device: str, shape: tuple, seed: int):
     """[(result name, err_fused, err_eager, truth max)] of one seed."""
     names, exact, low, eager = seeded_low_precision_runs(*MODULES[name], shape, dtype, device, seed, backend_name)
-    return [(n, (a.double() - t).abs().max().item(), (b.double() - t).abs().max().item(), t.abs().max().item())
-            for n, a, b, t in zip(names, low, eager, exact)]
+    return [(n, max_error(a, t), max_error(b, t), t.abs().max().item()) for n, a, b, t in zip(names, low, eager, exact)]
 
 
 def main() -> None:

@@ -304,9 +304,17 @@ def as_accurate(got: torch.Tensor, want: torch.Tensor, truth: torch.Tensor) -> b
     tiles, cuBLAS's split-K) part by more than any fixed tolerance (on an H200, GAM's grad_w1 at
     C = 256, 28x28: 5e-5 apart where the tests allowed 2e-5); the truth says whether the kernel's
     is the less accurate."""
-    err = (got.double() - truth).abs().max().item()
-    err_want = (want.double() - truth).abs().max().item()
-    return err <= 2 * err_want + rounding_floor(got.dtype) * truth.abs().max().item()
+    return within_twice(max_error(got, truth), max_error(want, truth), rounding_floor(got.dtype), truth)
+
+
+def max_error(a: torch.Tensor, truth: torch.Tensor) -> float:
+    """The largest |a - truth|, in float64."""
+    return (a.double() - truth).abs().max().item()
+
+
+def within_twice(err: float, err_base: float, floor: float, *truths: torch.Tensor) -> bool:
+    """flash-attention's bound: err <= 2 * err_base + floor * (the truths' largest magnitudes, summed)."""
+    return err <= 2 * err_base + floor * sum(t.abs().max().item() for t in truths)
 
 
 def rounding_floor(dtype: torch.dtype) -> float:
@@ -321,10 +329,8 @@ def assert_error_like_eager(got, eager, exact, floor: float, names=None) -> None
     against the fp64 truth is at most twice the eager same-precision result's, plus `floor`
     times the truth's largest magnitude."""
     names = names or [str(i) for i in range(len(exact))]
-    for name, a, base, truth in zip(names, got, eager, exact, strict=True):
-        err_fused = (a.double() - truth).abs().max().item()
-        err_eager = (base.double() - truth).abs().max().item()
-        assert err_fused <= 2 * err_eager + floor * truth.abs().max().item(), (name, err_fused, err_eager)
+    assert len(names) == len(got) == len(eager) == len(exact)
+    assert_error_like_eager_over_seeds([(got, eager, exact)], floor, names)
 
 
 def assert_error_like_eager_over_seeds(runs, floor: float, names) -> None:
@@ -335,10 +341,9 @@ def assert_error_like_eager_over_seeds(runs, floor: float, names) -> None:
     were 0.85x eager's at the median of 8 seeds and 2.7x at seed 0. A kernel's bias shows in
     every seed, and so in the sums."""
     for i, name in enumerate(names):
-        err_fused = sum((got[i].double() - exact[i]).abs().max().item() for got, _, exact in runs)
-        err_eager = sum((eager[i].double() - exact[i]).abs().max().item() for _, eager, exact in runs)
-        scale = sum(exact[i].abs().max().item() for *_, exact in runs)
-        assert err_fused <= 2 * err_eager + floor * scale, (name, err_fused, err_eager)
+        err_fused = sum(max_error(got[i], exact[i]) for got, _, exact in runs)
+        err_eager = sum(max_error(eager[i], exact[i]) for _, eager, exact in runs)
+        assert within_twice(err_fused, err_eager, floor, *(exact[i] for *_, exact in runs)), (name, err_fused, err_eager)
 
 
 def assert_layout_of(out: torch.Tensor, x: torch.Tensor) -> None:

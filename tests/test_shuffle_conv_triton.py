@@ -159,10 +159,10 @@ def check_conv(args, grad_z, equal_nan=False, reference_on_cpu=False):
         assert out.dtype == acc and out.is_contiguous(memory_format=expected_format(s))
     else:
         assert out.dtype == gate_x.dtype and out.is_contiguous(memory_format=expected_format(gate_x))
-    args64 = tuple(a.double() if isinstance(a, torch.Tensor) else a for a in args)
 
     @functools.cache
     def truths():  # float64 [out, *grads]: which of two float32 reductions is the more accurate
+        args64 = tuple(a.double() if isinstance(a, torch.Tensor) else a for a in args)
         return [Reference.shuffle_conv(*args64), *conv_reference_grads(args64, grad_z.double())]
 
     def truth(i):

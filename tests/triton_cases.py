@@ -142,12 +142,7 @@ def close(actual, expected, tol, equal_nan=False, name="", check_dtype=True, tru
 def within_half_budget(names, ours, theirs, truth, dtype):
     """Half-precision kernels: each of `ours` off the fp64 `truth` by at most twice the error
     of `theirs` (plain torch ops in `dtype`) plus a rounding of the tensor's scale."""
-    eps = torch.finfo(dtype).eps
-    for name, a, b, t in zip(names, ours, theirs, truth):
-        scale = t.abs().max().item()
-        err = (a.double() - t).abs().max().item()
-        budget = (b.double() - t).abs().max().item()
-        assert err <= 2 * budget + eps * scale, (name, err, budget)
+    helpers.assert_error_like_eager(ours, theirs, truth, floor=torch.finfo(dtype).eps, names=list(names))
 
 
 def bad_input_params(cases):
