@@ -167,6 +167,29 @@ def answered(site: str, key: tuple) -> str | None:
     return _answered.get((site, key))
 
 
+def pick_setting(site: str, key: tuple, settings: Sequence[int], static: int, run: Callable[[int], Any],
+                 tensors: Sequence[torch.Tensor]) -> int:
+    """The value among `settings` of a kernel parameter that cuts the work differently without
+    changing the math (a thread split's tile, say) for which `run(value)` is fastest: `pick_name`
+    over the values, each timed by `measure_setting` on the caller's own arguments (`run` only
+    writes fresh outputs, so no copies are needed); `static` is the rule's value. Ties go to the
+    earlier value: list the rule's first."""
+    names = tuple(str(value) for value in dict.fromkeys(settings))
+    device = next(t.device for t in tensors)
+
+    def measure(name: str) -> float:
+        return measure_setting(site, int(name), run, device)
+
+    return int(pick_name(site, key, names, str(static), measure, lambda: measurable(*tensors)))
+
+
+def measure_setting(site: str, value: int, run: Callable[[int], Any], device: torch.device) -> float:
+    """Seconds one `run(value)` takes at `site` (`time_once`, without autograd): the clock of
+    `pick_setting`, which tests replace."""
+    with torch.no_grad():
+        return time_once(lambda: run(value), device)
+
+
 def measure_candidate(name: str, fn: Callable[..., Any], args: Sequence[Any],
                       prepared: dict[str, Callable[[], Any]]) -> float:
     """Seconds one run of candidate `name`, `fn(*args)`, takes on copies of args (forward, and

@@ -13,25 +13,33 @@
 // dtype, used in acc(x)). lse is (N, H*W) contiguous in acc(x); out and y have x's dtype and layout.
 // i indexes queries and j keys, both over the H*W pixels.
 //
-//   nonlocal_attn(q, k, v, x, gamma) -> (y, out, lse)
+//   nonlocal_attn(q, k, v, x, gamma, cpu_tile=0) -> (y, out, lse)
 //     S[n,i,j] = sum_d q[n,d,i] * k[n,d,j]        (acc(x); no 1/sqrt(D) scaling; never stored whole)
 //     lse[n,i] = log sum_j exp(S[n,i,j])          (online: a running max and sum per row i)
 //     out[n,c,i] = sum_j exp(S[n,i,j] - lse[n,i]) * v[n,c,j]
 //     y = gamma * out + x                         (out is also returned: backward needs it)
-//   nonlocal_attn_backward(grad_y, q, k, v, gamma, out, lse) -> (grad_q, grad_k, grad_v, grad_gamma)
+//   nonlocal_attn_backward(grad_y, q, k, v, gamma, out, lse, cpu_tile=0) -> (grad_q, grad_k, grad_v, grad_gamma)
 //     P = exp(S - lse), recomputed block by block;  dO = gamma * grad_y
 //     R[n,i] = sum_c grad_y[n,c,i] * out[n,c,i];   grad_gamma = sum_{n,i} R[n,i]  (gamma's shape, dtype)
 //     dP[n,i,j] = sum_c dO[n,c,i] * v[n,c,j];      dS = P * (dP - gamma * R[n,i])
 //     grad_v[n,c,j] = sum_i P[n,i,j] * dO[n,c,i]
 //     grad_q[n,d,i] = sum_j dS[n,i,j] * k[n,d,j];  grad_k[n,d,j] = sum_i dS[n,i,j] * q[n,d,i]
 //     each grad in its input's dtype and layout; grad_x = grad_y needs no op (autograd passes it).
+//
+// cpu_tile (>= 0) sizes the CPU kernels' unit of work along the pixels their threads split:
+// query rows per forward task, keys per backward block; 0 takes the largest tile (256), and a
+// tile above H*W is H*W. It changes how the work is cut, not the math (the backward's dQ sums
+// its key ranges in a tile-dependent order). attnkernels/ops/nonlocal_attn.py picks it per
+// shape and thread count, by measurement (attnkernels.choose); the CUDA and Triton kernels
+// size their own tiles and only check it.
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
 TORCH_LIBRARY_FRAGMENT(attnkernels, m) {
-  m.def("nonlocal_attn(Tensor q, Tensor k, Tensor v, Tensor x, Tensor gamma) -> (Tensor y, Tensor out, Tensor lse)");
+  m.def("nonlocal_attn(Tensor q, Tensor k, Tensor v, Tensor x, Tensor gamma, int cpu_tile=0) -> (Tensor y, Tensor out, Tensor lse)");
   m.def(
-      "nonlocal_attn_backward(Tensor grad_y, Tensor q, Tensor k, Tensor v, Tensor gamma, Tensor out, Tensor lse) "
+      "nonlocal_attn_backward(Tensor grad_y, Tensor q, Tensor k, Tensor v, Tensor gamma, Tensor out, Tensor lse, "
+      "int cpu_tile=0) "
       "-> (Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor grad_gamma)");
 }
 

@@ -36,10 +36,11 @@ from helpers import (
     without_reference,
 )
 
-from attnkernels import backend
+from attnkernels import backend, choose
 from attnkernels import functional as AF
 from attnkernels import nn as fused
 from attnkernels import reference as R
+from attnkernels.ops import nonlocal_attn as nonlocal_attn_ops
 from attnkernels.profiling import peak_memory
 
 CASES = backend_cases(cpu=("cpu", "reference"), cuda=("cuda", "triton", "reference"))
@@ -229,8 +230,10 @@ def _op_samples():
         "nonlocal_attn": [
             tuple(t.clone().requires_grad_() for t in (q, k, v, x, gamma)),
             (*cl, gamma.clone().requires_grad_()),
+            (*(t.clone().requires_grad_() for t in (q, k, v, x, gamma)), 4),
         ],
-        "nonlocal_attn_backward": [(torch.randn_like(x), q, k, v, gamma, out, lse)],
+        "nonlocal_attn_backward": [(torch.randn_like(x), q, k, v, gamma, out, lse),
+                                   (torch.randn_like(x), q, k, v, gamma, out, lse, 5)],
     }
 
 
@@ -291,7 +294,12 @@ def test_op_input_errors(backend_name, compiled_ops) -> None:
         op(q.double(), k, v, x, gamma)
     with pytest.raises(ValueError, match=r"nonlocal_attn: gamma must hold one value"):
         op(q, k, v, x, torch.ones(2, device=device))
+    with pytest.raises(ValueError, match=r"nonlocal_attn: cpu_tile must be 0 \(the largest tile\) or a positive number "
+                                         r"of pixels, got -1"):
+        op(q, k, v, x, gamma, -1)
     _, out, lse = op(q, k, v, x, gamma)
+    with pytest.raises(ValueError, match=r"nonlocal_attn_backward: cpu_tile must be 0 .* got -32"):
+        compiled_ops.nonlocal_attn_backward(torch.randn_like(x), q, k, v, gamma, out, lse, -32)
     with pytest.raises(ValueError, match=r"nonlocal_attn_backward: lse must have shape \(N, H\*W\)"):
         compiled_ops.nonlocal_attn_backward(torch.randn_like(x), q, k, v, gamma, out, lse[:, :5])
     with pytest.raises(ValueError, match=r"nonlocal_attn_backward: grad_y must match x's shape"):
@@ -330,3 +338,81 @@ def test_empty_inputs_give_empty_results(shape, backend_name, compiled_ops) -> N
     for t, g in zip((q, k, v, x, gamma), grads):
         assert g.shape == t.shape
     assert grads[4].item() == 0
+
+
+# ----------------------------------------------------------------------------------------
+# The CPU kernels' thread split (cpu_tile), chosen by measurement
+# ----------------------------------------------------------------------------------------
+def test_cpu_tile_rule() -> None:
+    """Halve the largest tile (256) until every thread has a task (two each forward), not
+    below 32, at most H*W."""
+    rule = nonlocal_attn_ops.cpu_tile_rule
+    assert rule("forward", 4, 784, 2) == 256  # 4 samples x 4 tiles >= 2 x 2 threads
+    assert rule("forward", 1, 784, 8) == 32  # 13 tasks at 64 < 16, 25 at 32
+    assert rule("backward", 1, 784, 8) == 64  # 7 key blocks at 128 < 8, 13 at 64
+    assert rule("forward", 1, 4096, 128) == 32  # 128 tasks < 256 wanted: the floor
+    assert rule("backward", 2, 20, 1) == 20  # at most H*W
+
+
+@pytest.mark.parametrize("cpu_tile", [0, 1, 7, 32, 100, 1000])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_every_cpu_tile_matches_the_reference(cpu_tile, layout, compiled_ops) -> None:
+    """Any tile the chooser might pass cuts the work differently and gives the same math:
+    forward and every gradient against the materialised attention (H*W = 667 takes several
+    tiles of each size, with a ragged last one)."""
+    q, k, v, x, gamma = (t.detach() for t in op_inputs((2, 8, 24, 23, 29), layout, torch.float64, "cpu", scale=2.0))
+    grad_y = torch.randn_like(x)
+    y, out, lse = compiled_ops.nonlocal_attn(q, k, v, x, gamma, cpu_tile)
+    grads = compiled_ops.nonlocal_attn_backward(grad_y, q, k, v, gamma, out, lse, cpu_tile)
+    inputs = [t.clone().requires_grad_() for t in (q, k, v, x, gamma)]
+    y_ref, grads_ref = attn_forward_backward(inputs, grad_y, "reference")
+    tol = op_tolerance(torch.float64)
+    torch.testing.assert_close(y, y_ref, **tol)
+    assert_all_close(list(grads), [grads_ref[i] for i in (0, 1, 2, 4)], ["grad_q", "grad_k", "grad_v", "grad_gamma"],
+                     **tol)
+
+
+def test_cpu_tile_is_chosen_by_measurement(monkeypatch, compiled_ops) -> None:
+    """On a fake clock that makes 64 the fastest forward tile and 32 the fastest backward one,
+    the fused PAM's op runs with them (its results equal the op's with those tiles, and the
+    reference's), explain() lists both choices, and a second call measures nothing."""
+    fastest = {"forward": 64, "backward": 32}
+    measured: list[tuple[str, int]] = []
+
+    def fake_clock(site, value, run, device):
+        direction = site.split(".")[1]
+        measured.append((direction, value))
+        run(value)  # the candidate runs, as it would be timed
+        return 1e-3 if value == fastest[direction] else 1.0
+
+    monkeypatch.setattr(choose, "measure_setting", fake_clock)
+    q, k, v, x, gamma = op_inputs((1, 4, 6, 16, 16), "nchw", torch.float64, "cpu", scale=2.0)
+    grad_y = torch.randn_like(x)
+    with choose.mode("measure"), backend.use_backend("cpu"):
+        y = AF.nonlocal_attn(q, k, v, x, gamma)
+        grads = torch.autograd.grad(y, (q, k, v, gamma), grad_y)
+        first = len(measured)
+        AF.nonlocal_attn(q, k, v, x, gamma).backward(grad_y)
+    assert {value for _, value in measured} == {256, 128, 64, 32} and len(measured) == first
+    text = choose.explain()
+    assert "nonlocal_attn.forward.cpu_tile [float64 1 4 6 16 16 nchw nchw" in text and ": 64 (measured" in text
+    assert "nonlocal_attn.backward.cpu_tile [" in text and ": 32 (measured" in text
+    plain = [t.detach() for t in (q, k, v, x, gamma)]
+    want_y, out, lse = compiled_ops.nonlocal_attn(*plain, 64)
+    want_grads = compiled_ops.nonlocal_attn_backward(grad_y, *plain[:3], plain[4], out, lse, 32)
+    assert_bitwise_equal([y.detach(), *grads], [want_y, *(want_grads[i] for i in (0, 1, 2, 3))])
+    y_ref, grads_ref = attn_forward_backward([t.clone().requires_grad_() for t in plain], grad_y, "reference")
+    torch.testing.assert_close(y.detach(), y_ref, **op_tolerance(torch.float64))
+
+
+def test_cpu_tile_static_mode_and_other_backends_measure_nothing(monkeypatch) -> None:
+    """Static mode passes the rule's tile; the reference backend gets 0; neither measures."""
+    monkeypatch.setattr(choose, "measure_setting", lambda *a: pytest.fail("measured"))
+    q, k, v, x, gamma = (t.detach() for t in op_inputs((1, 4, 6, 16, 16), "nchw", torch.float32, "cpu"))
+    seen = []
+    with choose.mode("static"):
+        assert nonlocal_attn_ops.cpu_tile("forward", torch.ops.attnkernels, q, x, seen.append) == \
+            nonlocal_attn_ops.cpu_tile_rule("forward", 1, 256, torch.get_num_threads())
+    with choose.mode("measure"):
+        assert nonlocal_attn_ops.cpu_tile("forward", nonlocal_attn_ops.Reference, q, x, seen.append) == 0
+    assert seen == []

@@ -1,21 +1,27 @@
 """nonlocal_attn hot path: PAM's HW x HW attention over all pixels, flash-style.
 
     y = nonlocal_attn(q, k, v, x, gamma)   # gamma * (v @ softmax(q^T k)^T) + x, no HW x HW tensor
-    (the op: y, out, lse = nonlocal_attn(...); grad_q, grad_k, grad_v, grad_gamma =
-     nonlocal_attn_backward(grad_y, q, k, v, gamma, out, lse))
+    (the op: y, out, lse = nonlocal_attn(..., cpu_tile); grad_q, grad_k, grad_v, grad_gamma =
+     nonlocal_attn_backward(grad_y, q, k, v, gamma, out, lse, cpu_tile))
 
 The math is in csrc/nonlocal_attn_ops.cpp with the schemas; kernels in
 csrc/cpu/nonlocal_attn.cpp, csrc/cuda/nonlocal_attn.cu and attnkernels/triton/nonlocal_attn.py.
 Saved for backward: q, k, v, out (the attention output before gamma, x-sized) and lse, the
 (N, H*W) per-row log-sum-exp; the backward recomputes the attention block by block. Nothing
 of size (H*W)^2 exists, forward or backward. grad_x = grad_y needs no op.
+
+The CPU kernels' thread split (`cpu_tile`: query rows per forward task, keys per backward
+block) is chosen here, per shape and thread count, by measurement (`cpu_tile`, below).
 """
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from .. import choose
 from ..reference._base import memory_format_of
 from ..reference.formulas import accumulate_dtype
 from . import _checks as check
@@ -42,16 +48,70 @@ def nonlocal_attn(
     y has x's dtype and memory format.
     """
     check_nonlocal_attn(q, k, v, x, gamma)
-    return backend_ops(HOT_PATH, x.device, Reference).nonlocal_attn(q, k, v, x, gamma)[0]
+    ops = backend_ops(HOT_PATH, x.device, Reference)
+
+    def run(tile: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return ops.nonlocal_attn(q, k, v, x, gamma, tile)
+
+    return run(cpu_tile("forward", ops, q, x, run))[0]
+
+
+# ----------------------------------------------------------------------------------------
+# The CPU kernels' thread split, by measurement
+# ----------------------------------------------------------------------------------------
+#: The tiles measured: query rows per forward task, keys per backward block (csrc/cpu/
+#: nonlocal_attn.cpp). 256 is the kernels' largest (cpu_tile=0); smaller tiles give more tasks
+#: for a small N * H*W at a few us of ATen overhead per tile.
+CPU_TILES = (256, 128, 64, 32)
+
+
+def cpu_tile_rule(direction: str, n: int, hw: int, threads: int) -> int:
+    """The static rule: halve the largest tile (down to 32) until every thread has a task
+    (two per thread in the forward, whose tasks are shorter), at most H*W."""
+    wanted = 2 * threads if direction == "forward" else threads
+    tile = CPU_TILES[0]
+    while tile > CPU_TILES[-1] and n * math.ceil(hw / tile) < wanted:
+        tile //= 2
+    return min(tile, hw)
+
+
+def cpu_tile(direction: str, ops: Any, q: torch.Tensor, x: torch.Tensor, run: Callable[[int], Any]) -> int:
+    """The cpu_tile to pass for the `direction` ("forward" or "backward") op that `run(tile)`
+    runs: 0 unless `ops` are the C++ kernels on a CPU tensor; else the tile among CPU_TILES
+    (at most H*W) that `attnkernels.choose` measures fastest the first time this shape, layout
+    and thread count is seen, the static rule's in static mode and under tracing (the known
+    winner, when torch.compile traces a shape measured before)."""
+    if ops is not torch.ops.attnkernels or x.device.type != "cpu":
+        return 0
+    n, d_v, h, w = x.shape
+    if not all(type(size) is int for size in (*x.shape, q.shape[1])) or n * h * w == 0:
+        return 0  # symbolic sizes (tracing with dynamic shapes) key nothing: the largest tile
+    threads = _threads()
+    static = cpu_tile_rule(direction, n, h * w, threads)
+    key = (str(x.dtype).removeprefix("torch."), n, q.shape[1], d_v, h, w, _layout(q), _layout(x), threads)
+    tiles = [static] + [min(t, h * w) for t in CPU_TILES]
+    return choose.pick_setting(f"{HOT_PATH}.{direction}.cpu_tile", key, tiles, static, run, (q, x))
+
+
+def _threads() -> int:
+    return torch.get_num_threads()
+
+
+# A constant while torch.compile traces (as choose.decide): dynamo cannot trace the call itself.
+_threads._dynamo_marked_constant = True
+
+
+def _layout(t: torch.Tensor) -> str:
+    return "channels_last" if t.shape[1] > 1 and t.stride(1) == 1 else "nchw"
 
 
 # ----------------------------------------------------------------------------------------
 # Argument checks (the reference backend and the Triton ops share them; the C++ ops check the
 # same rules in csrc/include/attnkernels/nonlocal_attn.h, in the same words)
 # ----------------------------------------------------------------------------------------
-def check_nonlocal_attn(q, k, v, x, gamma, op: str = "nonlocal_attn") -> None:
+def check_nonlocal_attn(q, k, v, x, gamma, cpu_tile: int = 0, op: str = "nonlocal_attn") -> None:
     """q, k (N, D_qk, H, W) and v, x (N, D_v, H, W) of one floating dtype on one device;
-    gamma one floating value on that device."""
+    gamma one floating value on that device; cpu_tile 0 or positive."""
     check.feature_map(op, "x", x)
     n, _, h, w = x.shape
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -70,16 +130,19 @@ def check_nonlocal_attn(q, k, v, x, gamma, op: str = "nonlocal_attn") -> None:
     if gamma.numel() != 1:
         raise ValueError(f"{op}: gamma must hold one value, got shape {list(gamma.shape)}")
     check.device(op, "gamma", gamma, x.device)
+    if cpu_tile < 0:
+        raise ValueError(f"{op}: cpu_tile must be 0 (the largest tile) or a positive number of pixels, got {cpu_tile}")
 
 
 # ----------------------------------------------------------------------------------------
 # Argument checks of the backward ops (worded as csrc/cpu/nonlocal_attn.cpp's; the Triton ops
 # use them)
 # ----------------------------------------------------------------------------------------
-def check_nonlocal_attn_backward(grad_y, q, k, v, gamma, out, lse, op: str = "nonlocal_attn_backward") -> None:
+def check_nonlocal_attn_backward(grad_y, q, k, v, gamma, out, lse, cpu_tile: int = 0,
+                                 op: str = "nonlocal_attn_backward") -> None:
     """nonlocal_attn's arguments with out in x's place (the C++ checks name it x too); grad_y
     shaped like out in its dtype; lse (N, H*W) in acc(out), on out's device."""
-    check_nonlocal_attn(q, k, v, out, gamma, op)
+    check_nonlocal_attn(q, k, v, out, gamma, cpu_tile, op)
     check.like_x(op, "grad_y", grad_y, out)
     check.tensor(op, "lse", lse)
     n, _, h, w = out.shape
@@ -100,7 +163,7 @@ class Reference:
     attention in memory."""
 
     @staticmethod
-    def nonlocal_attn(q, k, v, x, gamma):
+    def nonlocal_attn(q, k, v, x, gamma, cpu_tile=0):
         n, c, h, w = x.shape
         acc = accumulate_dtype(x.dtype)
         qf, kf, vf = (t.reshape(n, t.shape[1], h * w).to(acc) for t in (q, k, v))
@@ -114,13 +177,13 @@ class Reference:
 # ----------------------------------------------------------------------------------------
 # Fakes and autograd
 # ----------------------------------------------------------------------------------------
-def _fake_nonlocal_attn(q, k, v, x, gamma):
+def _fake_nonlocal_attn(q, k, v, x, gamma, cpu_tile=0):
     n, _, h, w = x.shape
     lse = x.new_empty((n, h * w), dtype=accumulate_dtype(x.dtype))
     return empty_like_layout(x), empty_like_layout(x), lse
 
 
-def _fake_nonlocal_attn_backward(grad_y, q, k, v, gamma, out, lse):
+def _fake_nonlocal_attn_backward(grad_y, q, k, v, gamma, out, lse, cpu_tile=0):
     return empty_like_layout(q), empty_like_layout(k), empty_like_layout(v), torch.empty_like(gamma)
 
 
@@ -134,15 +197,19 @@ def _register_autograd(namespace: str) -> None:
     ops = getattr(torch.ops, namespace)
 
     def setup(ctx: Any, inputs: tuple, output: tuple) -> None:
-        q, k, v, _x, gamma = inputs
+        q, k, v, _x, gamma, _cpu_tile = inputs
         _y, out, lse = output
         ctx.mark_non_differentiable(out, lse)
         ctx.save_for_backward(q, k, v, gamma, out, lse)
 
     def backward(ctx: Any, grad_y: torch.Tensor, _grad_out, _grad_lse):
         q, k, v, gamma, out, lse = ctx.saved_tensors
-        grad_q, grad_k, grad_v, grad_gamma = ops.nonlocal_attn_backward(grad_y, q, k, v, gamma, out, lse)
-        return grad_q, grad_k, grad_v, grad_y, grad_gamma
+
+        def run(tile: int) -> tuple[torch.Tensor, ...]:
+            return ops.nonlocal_attn_backward(grad_y, q, k, v, gamma, out, lse, tile)
+
+        grad_q, grad_k, grad_v, grad_gamma = run(cpu_tile("backward", ops, q, out, run))
+        return grad_q, grad_k, grad_v, grad_y, grad_gamma, None
 
     torch.library.register_autograd(f"{namespace}::nonlocal_attn", backward, setup_context=setup)
 

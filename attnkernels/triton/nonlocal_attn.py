@@ -4,8 +4,8 @@ Registers two ops under `torch.ops.attnkernels_triton` with the schemas and the 
 `csrc/nonlocal_attn_ops.cpp` (the contract, "nonlocal_attn hot path"), and, on import, their
 autograd (`attnkernels.ops.nonlocal_attn`, which also holds the argument checks):
 
-    nonlocal_attn(q, k, v, x, gamma) -> (y, out, lse)
-    nonlocal_attn_backward(grad_y, q, k, v, gamma, out, lse) -> (grad_q, grad_k, grad_v, grad_gamma)
+    nonlocal_attn(q, k, v, x, gamma, cpu_tile=0) -> (y, out, lse)
+    nonlocal_attn_backward(grad_y, q, k, v, gamma, out, lse, cpu_tile=0) -> (grad_q, grad_k, grad_v, grad_gamma)
 
 S = q^T k per sample (no 1/sqrt(D) scaling), P = softmax over the keys j, out = v P^T,
 y = gamma * out + x. q, k are (N, D_qk, H, W), v, x (N, D_v, H, W), one dtype, any strides:
@@ -503,11 +503,12 @@ _op = _op_registrar(HOT_PATH)
 
 @_op("nonlocal_attn")
 def nonlocal_attn(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, x: torch.Tensor, gamma: torch.Tensor
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, x: torch.Tensor, gamma: torch.Tensor, cpu_tile: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """y = gamma * out + x with out[n, c, i] = sum_j softmax_j(q^T k)[i, j] v[n, c, j];
-    y, out in x's dtype and layout, lse (N, H*W) = log sum_j exp(S[n, i, j]) in acc(x)."""
-    check_nonlocal_attn(q, k, v, x, gamma)
+    y, out in x's dtype and layout, lse (N, H*W) = log sum_j exp(S[n, i, j]) in acc(x).
+    cpu_tile (the C++ CPU kernels' thread split) is checked and not used."""
+    check_nonlocal_attn(q, k, v, x, gamma, cpu_tile)
     _nonempty("nonlocal_attn", "x", x)
     n, dv, h, w = x.shape
     hw, dqk = h * w, q.shape[1]
@@ -541,12 +542,13 @@ def nonlocal_attn_backward(
     gamma: torch.Tensor,
     out: torch.Tensor,
     lse: torch.Tensor,
+    cpu_tile: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad_q, grad_k, grad_v, grad_gamma) of nonlocal_attn, P recomputed from lse block by
     block; each gradient in its input's dtype and layout (grad_gamma: gamma's shape and dtype)."""
     acc = accumulate_dtype(out.dtype)
     ls = _in_acc(lse, acc)
-    check_nonlocal_attn_backward(grad_y, q, k, v, gamma, out, ls)
+    check_nonlocal_attn_backward(grad_y, q, k, v, gamma, out, ls, cpu_tile)
     _nonempty("nonlocal_attn_backward", "v", v)
     n, dv, h, w = v.shape
     hw, dqk = h * w, q.shape[1]

@@ -36,27 +36,27 @@ int64_t blocks(int64_t n, int64_t block) { return (n + block - 1) / block; }
 
 // Tile sizes (query rows x keys). Large tiles keep the per-tile ATen call overhead (a few us
 // per GEMM call and view) small against the GEMMs (measured, 1 thread, N=2 C=64 64x64: 64x512
-// forward and 128x128 backward tiles took 79 + 123 ms, 256x1024 and 256x256 took 67 + 103 ms);
-// the tile that the tasks split (queries in the forward, keys in the backward) halves, down
-// to kMinTile, until every thread has a task.
+// forward and 128x128 backward tiles took 79 + 123 ms, 256x1024 and 256x256 took 67 + 103 ms).
+// The tile the tasks split (queries in the forward, keys in the backward) is the op's cpu_tile:
+// smaller tiles give every thread a task when N * H*W is small, at that overhead per tile, so
+// the Python layer measures the candidates per shape and thread count (attnkernels.choose).
 constexpr int64_t kForwardQueries = 256, kForwardKeys = 1024;
 constexpr int64_t kBackwardQueries = 256, kBackwardKeys = 256;
-constexpr int64_t kMinTile = 32;
 struct Tiles {
   int64_t queries, keys;
 };
 
-int64_t split_tile(int64_t tile, int64_t HW, int64_t tasks_per_tile_row, int64_t wanted) {
-  while (tile > kMinTile && tasks_per_tile_row * blocks(HW, tile) < wanted) tile /= 2;
-  return std::min(tile, HW);
+// The split tile: cpu_tile, or `largest` when it is 0; at most HW.
+int64_t split_tile(int64_t cpu_tile, int64_t largest, int64_t HW) {
+  return std::min(cpu_tile > 0 ? cpu_tile : largest, HW);
 }
 
-Tiles forward_tiles(int64_t N, int64_t HW) {
-  return {split_tile(kForwardQueries, HW, N, 2 * at::get_num_threads()), std::min(kForwardKeys, HW)};
+Tiles forward_tiles(int64_t HW, int64_t cpu_tile) {
+  return {split_tile(cpu_tile, kForwardQueries, HW), std::min(kForwardKeys, HW)};
 }
 
-Tiles backward_tiles(int64_t N, int64_t HW) {
-  return {std::min(kBackwardQueries, HW), split_tile(kBackwardKeys, HW, N, at::get_num_threads())};
+Tiles backward_tiles(int64_t HW, int64_t cpu_tile) {
+  return {std::min(kBackwardQueries, HW), split_tile(cpu_tile, kBackwardKeys, HW)};
 }
 
 // (N, D, H, W) -> (N, D, HW): a view when the pixels flatten to one stride (NCHW and
@@ -184,8 +184,9 @@ void forward_tile(const at::Tensor& Q, const at::Tensor& K, const at::Tensor& V,
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> nonlocal_attn_cpu(const at::Tensor& q, const at::Tensor& k,
                                                                   const at::Tensor& v, const at::Tensor& x,
-                                                                  const at::Tensor& gamma) {
+                                                                  const at::Tensor& gamma, int64_t cpu_tile) {
   check_nonlocal_args(q, k, v, x, gamma, "nonlocal_attn");
+  check_cpu_tile(cpu_tile, "nonlocal_attn");
   const at::ScalarType acc = acc_type(x.scalar_type());
   const int64_t N = x.size(0), D_v = x.size(1), HW = x.size(2) * x.size(3);
   const at::Tensor Q = pixel_matrix(q, acc), K = pixel_matrix(k, acc), V = pixel_matrix(v, acc);
@@ -199,7 +200,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nonlocal_attn_cpu(const at::Tenso
   if (N * HW == 0) {  // no sample or no pixel: every output is empty (and no tile to size)
     return {y, out.to(x.scalar_type()), lse};
   }
-  const Tiles tiles = forward_tiles(N, HW);
+  const Tiles tiles = forward_tiles(HW, cpu_tile);
   const int64_t num_qb = blocks(HW, tiles.queries);
   AT_DISPATCH_FLOATING_TYPES(acc, "nonlocal_attn_cpu", [&] {
     at::parallel_for(0, N * num_qb, 1, [&](int64_t begin, int64_t end) {
@@ -255,9 +256,10 @@ void backward_keys(const at::Tensor& Q, const at::Tensor& K, const at::Tensor& V
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> nonlocal_attn_backward_cpu(
     const at::Tensor& grad_y, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& gamma, const at::Tensor& out, const at::Tensor& lse) {
+    const at::Tensor& gamma, const at::Tensor& out, const at::Tensor& lse, int64_t cpu_tile) {
   const char* op = "nonlocal_attn_backward";
   check_nonlocal_args(q, k, v, out, gamma, op);
+  check_cpu_tile(cpu_tile, op);
   check_like_x(grad_y, out, op, "grad_y");
   check_row_stats(lse, out, op);
   const at::ScalarType acc = acc_type(out.scalar_type());
@@ -278,7 +280,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> nonlocal_attn_backwar
   }
   const at::Tensor dK3 = grad_k.view({N, D_qk, HW}), dV3 = grad_v.view({N, D_v, HW});
   // Key-block ranges per sample: enough tasks for every thread; each range keeps its own dQ.
-  const Tiles tiles = backward_tiles(N, HW);
+  const Tiles tiles = backward_tiles(HW, cpu_tile);
   const int64_t num_kb = blocks(HW, tiles.keys);
   const int64_t ranges = std::min(num_kb, std::max<int64_t>(1, blocks(at::get_num_threads(), N)));
   at::Tensor dQ_parts = at::zeros({N, ranges, D_qk, HW}, Q.options());

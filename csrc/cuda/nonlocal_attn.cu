@@ -1175,9 +1175,10 @@ at::Tensor gamma_acc(const at::Tensor& gamma, at::ScalarType acc) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> nonlocal_attn_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
                                                                   const at::Tensor& v_in, const at::Tensor& x_in,
-                                                                  const at::Tensor& gamma_in) {
+                                                                  const at::Tensor& gamma_in, int64_t cpu_tile) {
   constexpr const char* op = "nonlocal_attn";
   check_nonlocal_args(q_in, k_in, v_in, x_in, gamma_in, op);  // shapes, one dtype, one device (common.h)
+  check_cpu_tile(cpu_tile, op);  // the CPU kernels' tile: checked, not used (the tiles here are fixed)
   AK_CHECK_VALUE(x_in.is_cuda(), op, ": x must be a CUDA tensor, got ", x_in.device());
   c10::cuda::CUDAGuard device_guard(x_in.device());
   const int64_t N = x_in.size(0), D_v = x_in.size(1), HW = x_in.size(2) * x_in.size(3), D_qk = q_in.size(1);
@@ -1222,10 +1223,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nonlocal_attn_cuda(const at::Tens
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> nonlocal_attn_backward_cuda(
     const at::Tensor& grad_y_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
-    const at::Tensor& gamma_in, const at::Tensor& out_in, const at::Tensor& lse_in) {
+    const at::Tensor& gamma_in, const at::Tensor& out_in, const at::Tensor& lse_in, int64_t cpu_tile) {
   constexpr const char* op = "nonlocal_attn_backward";
   // out has x's shape, dtype and layout: it stands for x in the checks, as in the CPU op.
   check_nonlocal_args(q_in, k_in, v_in, out_in, gamma_in, op);
+  check_cpu_tile(cpu_tile, op);
   AK_CHECK_VALUE(out_in.is_cuda(), op, ": out must be a CUDA tensor, got ", out_in.device());
   cuda::check_like_x(grad_y_in, out_in, op, "grad_y");
   check_row_stats(lse_in, out_in, op);

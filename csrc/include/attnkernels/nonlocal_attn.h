@@ -39,4 +39,10 @@ inline void check_row_stats(const at::Tensor& lse, const at::Tensor& x, const ch
   check_device(lse, x.device(), op, "lse");
 }
 
+// cpu_tile: 0 (the largest tile) or a positive tile size; every backend checks it.
+inline void check_cpu_tile(int64_t cpu_tile, const char* op) {
+  AK_CHECK_VALUE(cpu_tile >= 0, op, ": cpu_tile must be 0 (the largest tile) or a positive number of pixels, got ",
+                 cpu_tile);
+}
+
 }  // namespace attnkernels
