@@ -30,6 +30,7 @@ from attnkernels import backend
 from attnkernels import functional as AF
 from attnkernels import nn as fused
 from attnkernels import reference as R
+from attnkernels.reference.formulas import accumulate_dtype
 
 CASES = backend_cases(cpu=("cpu", "triton", "reference"), cuda=("cuda", "triton", "reference"))
 
@@ -169,6 +170,40 @@ def test_max_pool_propagates_nan(backend_name, device) -> None:
     for got, want in zip((avg, mx, grad), expected):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, equal_nan=True)
     assert torch.isnan(grad[1, 2]).all() and torch.isfinite(grad[0]).all()
+
+
+@pytest.mark.parametrize("backend_name,device", CASES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_max_pool_special_values_in_every_lane(backend_name, device, dtype, layout) -> None:
+    """The CPU pool's vector max ignores NaN and finds it through a NaN sum instead: a NaN at
+    any position of a plane (vector body, unrolled steps, tail) gives a NaN max; +inf and -inf
+    together (a NaN sum without a NaN) and sums that overflow to +inf and -inf keep the true
+    max; everything as torch.amax and mean give it. H*W = 71 and C = 37 leave tails in both
+    layouts."""
+    positions = [0, 7, 8, 31, 32, 63, 64, 70]
+    x = torch.randn(len(positions) + 3, 37, 1, 71, dtype=torch.float64)
+    for n, p in enumerate(positions):  # sample n: a NaN at pixel p of channel n (and channel 36)
+        x[n, n, 0, p] = x[n, 36, 0, 70 - p] = float("nan")
+    k = len(positions)
+    x[k, :, 0, 5], x[k, :, 0, 40] = float("inf"), float("-inf")  # NaN sums, no NaN
+    big = torch.finfo(dtype).max / 2
+    x[k + 1, :, 0, ::2], x[k + 1, :, 0, 1::2] = big, -big  # partial sums overflow both ways
+    x[k + 1, :, 0, 69] = -0.5 * big
+    x[k + 2, :, 0, 3] = float("-inf")  # -inf alone: a -inf mean, the max of the rest
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x = x.to(dtype=dtype, device=device).contiguous(memory_format=fmt)
+    with backend.use_backend(backend_name):
+        avg, mx = AF.channel_pool(x)
+    wide = x.to(accumulate_dtype(dtype))
+    torch.testing.assert_close(mx, wide.amax((2, 3)), rtol=0, atol=0, equal_nan=True)
+    for n in range(k):
+        assert torch.isnan(mx[n, n]) and torch.isnan(mx[n, 36])
+    assert torch.isinf(mx[k]).all() and (mx[k] > 0).all() and torch.isnan(avg[k]).all()
+    assert not torch.isnan(mx[k + 1]).any()
+    rows = [n for n in range(x.shape[0]) if n != k + 1]  # where sums overflow, the order decides
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(avg[rows], wide.mean((2, 3))[rows], rtol=tol, atol=tol, equal_nan=True)
 
 
 @pytest.mark.parametrize("backend_name,device", CASES)

@@ -47,7 +47,9 @@ inline int64_t plane_grain(int64_t hw) { return std::max<int64_t>(1, 32768 / std
 // ---------------------------------------------------------------- channel_pool
 
 // kUnroll independent accumulators per plane: one add chain per vector register would stall
-// on the add latency once x[n] sits in cache (channel_attention's second visit).
+// on the add latency once x[n] sits in cache (channel_attention's second visit). The vector
+// max does not propagate NaN (max_ignoring_nan: one instruction, not three); a plane or channel
+// whose sum is NaN is searched for a NaN afterwards (has_nan), and its max is NaN if one is found.
 constexpr int kUnroll = 4;
 
 template <typename scalar_t>
@@ -73,7 +75,7 @@ void pool_nchw(const scalar_t* x, int64_t planes, int64_t hw, at::opmath_type<sc
           S::load(xp + i + u * S::kWidth, v);
           for (int k = 0; k < S::kVecs; ++k) {
             vsum[u][k] += v[k];
-            vmax[u][k] = at::vec::maximum(vmax[u][k], v[k]);
+            vmax[u][k] = max_ignoring_nan(vmax[u][k], v[k]);
           }
         }
       }
@@ -81,7 +83,7 @@ void pool_nchw(const scalar_t* x, int64_t planes, int64_t hw, at::opmath_type<sc
         S::load(xp + i, v);
         for (int k = 0; k < S::kVecs; ++k) {
           vsum[0][k] += v[k];
-          vmax[0][k] = at::vec::maximum(vmax[0][k], v[k]);
+          vmax[0][k] = max_ignoring_nan(vmax[0][k], v[k]);
         }
       }
       acc_t sum = 0, m = -std::numeric_limits<acc_t>::infinity();
@@ -99,6 +101,7 @@ void pool_nchw(const scalar_t* x, int64_t planes, int64_t hw, at::opmath_type<sc
         sum += xv;
         m = nan_max(m, xv);
       }
+      if (std::isnan(sum) && has_nan(xp, hw)) m = std::numeric_limits<acc_t>::quiet_NaN();
       avg[p] = sum / static_cast<acc_t>(hw);
       max[p] = m;
     }
@@ -123,7 +126,7 @@ void pool_channels_last(const scalar_t* x, int64_t N, int64_t C, int64_t hw,
         S::load_acc(m.data() + (c - c0), mv);
         for (int k = 0; k < S::kVecs; ++k) {
           s[k] += v[k];
-          mv[k] = at::vec::maximum(mv[k], v[k]);
+          mv[k] = max_ignoring_nan(mv[k], v[k]);
         }
         S::store_acc(sum.data() + (c - c0), s);
         S::store_acc(m.data() + (c - c0), mv);
@@ -135,8 +138,9 @@ void pool_channels_last(const scalar_t* x, int64_t N, int64_t C, int64_t hw,
       }
     }
     for (int64_t c = c0; c < c1; ++c) {
+      const bool nan = std::isnan(sum[c - c0]) && has_nan(x + n * hw * C + c, hw, C);
       avg[n * C + c] = sum[c - c0] / static_cast<acc_t>(hw);
-      max[n * C + c] = m[c - c0];
+      max[n * C + c] = nan ? std::numeric_limits<acc_t>::quiet_NaN() : m[c - c0];
     }
   });
 }

@@ -13,6 +13,9 @@
 #if defined(__SSE2__)
 #include <emmintrin.h>
 #endif
+#if defined(CPU_CAPABILITY_AVX2)
+#include <immintrin.h>
+#endif
 #if defined(__linux__)
 #include <unistd.h>
 #endif
@@ -157,6 +160,36 @@ inline V vec_relu_grad(const V& grad, const V& t) {
 template <typename acc_t>
 inline acc_t nan_max(acc_t m, acc_t v) {
   return (std::isnan(v) || v > m) ? v : m;
+}
+
+// max of two vectors that need not propagate NaN (where either lane is NaN, either value may
+// result): one instruction on x86 (maxps gives its second operand then), against three for
+// at::vec::maximum (max, unordered compare, or), which in a pooling loop is the difference
+// between keeping up with memory and not. A kernel that uses it finds NaN another way: a sum
+// over the same values is NaN whenever one of them is (then has_nan decides).
+template <typename V>
+inline V max_ignoring_nan(const V& a, const V& b) {
+#if defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<V, at::vec::Vectorized<float>>) {
+    return _mm256_max_ps(a, b);
+  } else if constexpr (std::is_same_v<V, at::vec::Vectorized<double>>) {
+    return _mm256_max_pd(a, b);
+  } else {
+    return at::vec::maximum(a, b);
+  }
+#else
+  return at::vec::maximum(a, b);
+#endif
+}
+
+// Whether any of the count values p[0], p[stride], ... is NaN: the rare path of a pooling
+// whose sum came out NaN (a NaN value, or +inf and -inf both, which max_ignoring_nan handles).
+template <typename scalar_t>
+inline bool has_nan(const scalar_t* p, int64_t count, int64_t stride = 1) {
+  for (int64_t i = 0; i < count; ++i) {
+    if (std::isnan(static_cast<at::opmath_type<scalar_t>>(p[i * stride]))) return true;
+  }
+  return false;
 }
 
 // Horizontal sum and NaN-propagating max of one accumulation-type vector.
