@@ -26,8 +26,8 @@
 //     grad_q[n,d,i] = sum_j dS[n,i,j] * k[n,d,j];  grad_k[n,d,j] = sum_i dS[n,i,j] * q[n,d,i]
 //     each grad in its input's dtype and layout; grad_x = grad_y needs no op (autograd passes it).
 //
-// cpu_tile (>= 0) sizes the CPU kernels' unit of work along the pixels their threads split:
-// query rows per forward task, keys per backward block; 0 takes the largest tile (256), and a
+// cpu_tile (0 to 1024) sizes the CPU kernels' unit of work along the pixels their threads split:
+// query rows per forward task, keys per backward block; 0 takes the default tile (256), and a
 // tile above H*W is H*W. It changes how the work is cut, not the math (the backward's dQ sums
 // its key ranges in a tile-dependent order). attnkernels/ops/nonlocal_attn.py picks it per
 // shape and thread count, by measurement (attnkernels.choose); the CUDA and Triton kernels

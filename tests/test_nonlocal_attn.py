@@ -294,9 +294,11 @@ def test_op_input_errors(backend_name, compiled_ops) -> None:
         op(q.double(), k, v, x, gamma)
     with pytest.raises(ValueError, match=r"nonlocal_attn: gamma must hold one value"):
         op(q, k, v, x, torch.ones(2, device=device))
-    with pytest.raises(ValueError, match=r"nonlocal_attn: cpu_tile must be 0 \(the largest tile\) or a positive number "
-                                         r"of pixels, got -1"):
+    with pytest.raises(ValueError, match=r"nonlocal_attn: cpu_tile must be 0 \(the default tile\) or 1 to 1024 "
+                                         r"pixels, got -1"):
         op(q, k, v, x, gamma, -1)
+    with pytest.raises(ValueError, match=r"nonlocal_attn: cpu_tile must be 0 .* got 1025"):
+        op(q, k, v, x, gamma, 1025)
     _, out, lse = op(q, k, v, x, gamma)
     with pytest.raises(ValueError, match=r"nonlocal_attn_backward: cpu_tile must be 0 .* got -32"):
         compiled_ops.nonlocal_attn_backward(torch.randn_like(x), q, k, v, gamma, out, lse, -32)
@@ -344,8 +346,8 @@ def test_empty_inputs_give_empty_results(shape, backend_name, compiled_ops) -> N
 # The CPU kernels' thread split (cpu_tile), chosen by measurement
 # ----------------------------------------------------------------------------------------
 def test_cpu_tile_rule() -> None:
-    """Halve the largest tile (256) until every thread has a task (two each forward), not
-    below 32, at most H*W."""
+    """Halve the kernels' default tile (256) until every thread has a task (two each
+    forward), not below 32, at most H*W."""
     rule = nonlocal_attn_ops.cpu_tile_rule
     assert rule("forward", 4, 784, 2) == 256  # 4 samples x 4 tiles >= 2 x 2 threads
     assert rule("forward", 1, 784, 8) == 32  # 13 tasks at 64 < 16, 25 at 32
@@ -393,7 +395,7 @@ def test_cpu_tile_is_chosen_by_measurement(monkeypatch, compiled_ops) -> None:
         grads = torch.autograd.grad(y, (q, k, v, gamma), grad_y)
         first = len(measured)
         AF.nonlocal_attn(q, k, v, x, gamma).backward(grad_y)
-    assert {value for _, value in measured} == {256, 128, 64, 32} and len(measured) == first
+    assert {value for _, value in measured} == {256, 128, 64, 32} and len(measured) == first  # 512 capped at H*W = 256
     text = choose.explain()
     assert "nonlocal_attn.forward.cpu_tile [float64 1 4 6 16 16 nchw nchw" in text and ": 64 (measured" in text
     assert "nonlocal_attn.backward.cpu_tile [" in text and ": 32 (measured" in text

@@ -427,6 +427,9 @@ BAD_INPUTS = [
     (lambda: _bwd(k=_t(2, 3, 4)), ValueError, rf"{BW}: k must have q's shape"),
     (lambda: _bwd(gamma=_t(1, 2)), ValueError, rf"{BW}: gamma must hold one value"),
     (lambda: _bwd(lse=torch.ones(2, 16, device="meta")), ValueError, rf"{BW}: lse must be on \w+(:\d+)?, got meta"),
+    # cpu_tile (the C++ CPU kernels' thread split) is checked here too, in the C++ ops' words.
+    (lambda: _fwd(cpu_tile=-1), ValueError, rf"{OP}: cpu_tile must be 0 \(the default tile\) or 1 to 1024 pixels, got -1"),
+    (lambda: _bwd(cpu_tile=2048), ValueError, rf"{BW}: cpu_tile must be 0 \(the default tile\) or 1 to 1024 pixels"),
 ]
 
 

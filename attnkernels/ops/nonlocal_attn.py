@@ -60,16 +60,22 @@ def nonlocal_attn(
 # The CPU kernels' thread split, by measurement
 # ----------------------------------------------------------------------------------------
 #: The tiles measured: query rows per forward task, keys per backward block (csrc/cpu/
-#: nonlocal_attn.cpp). 256 is the kernels' largest (cpu_tile=0); smaller tiles give more tasks
-#: for a small N * H*W at a few us of ATen overhead per tile.
-CPU_TILES = (256, 128, 64, 32)
+#: nonlocal_attn.cpp). Smaller tiles give more tasks for a small N * H*W at a few us of ATen
+#: overhead per tile; 512 makes larger GEMMs (5% faster forward at 4x512x28x28 on a 2-core EPYC,
+#: benchmarks/NOTES.md) for 2 MB of tile per thread.
+CPU_TILES = (512, 256, 128, 64, 32)
+#: Where the static rule starts halving: the kernels' own default (cpu_tile=0).
+RULE_TILE = 256
+#: The largest cpu_tile the ops take (csrc/include/attnkernels/nonlocal_attn.h: 4 MB of tile
+#: per thread at most).
+MAX_CPU_TILE = 1024
 
 
 def cpu_tile_rule(direction: str, n: int, hw: int, threads: int) -> int:
-    """The static rule: halve the largest tile (down to 32) until every thread has a task
-    (two per thread in the forward, whose tasks are shorter), at most H*W."""
+    """The static rule: halve the kernels' default tile (256, down to 32) until every thread
+    has a task (two per thread in the forward, whose tasks are shorter), at most H*W."""
     wanted = 2 * threads if direction == "forward" else threads
-    tile = CPU_TILES[0]
+    tile = RULE_TILE
     while tile > CPU_TILES[-1] and n * math.ceil(hw / tile) < wanted:
         tile //= 2
     return min(tile, hw)
@@ -85,7 +91,7 @@ def cpu_tile(direction: str, ops: Any, q: torch.Tensor, x: torch.Tensor, run: Ca
         return 0
     n, d_v, h, w = x.shape
     if not all(type(size) is int for size in (*x.shape, q.shape[1])) or n * h * w == 0:
-        return 0  # symbolic sizes (tracing with dynamic shapes) key nothing: the largest tile
+        return 0  # symbolic sizes (tracing with dynamic shapes) key nothing: the default tile
     threads = _threads()
     static = cpu_tile_rule(direction, n, h * w, threads)
     key = (str(x.dtype).removeprefix("torch."), n, q.shape[1], d_v, h, w, _layout(q), _layout(x), threads)
@@ -130,8 +136,8 @@ def check_nonlocal_attn(q, k, v, x, gamma, cpu_tile: int = 0, op: str = "nonloca
     if gamma.numel() != 1:
         raise ValueError(f"{op}: gamma must hold one value, got shape {list(gamma.shape)}")
     check.device(op, "gamma", gamma, x.device)
-    if cpu_tile < 0:
-        raise ValueError(f"{op}: cpu_tile must be 0 (the largest tile) or a positive number of pixels, got {cpu_tile}")
+    if not 0 <= cpu_tile <= MAX_CPU_TILE:
+        raise ValueError(f"{op}: cpu_tile must be 0 (the default tile) or 1 to {MAX_CPU_TILE} pixels, got {cpu_tile}")
 
 
 # ----------------------------------------------------------------------------------------

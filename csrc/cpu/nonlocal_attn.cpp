@@ -1,7 +1,7 @@
 // CPU kernels of the nonlocal_attn hot path (PAM's HW x HW attention); math in csrc/nonlocal_attn_ops.cpp.
 //
 // Flash-style on CPU: the (HW x HW) energies exist only as (query block x key block) tiles, at
-// most 1 MB per thread. Each sample's q, k, v are (D, HW) matrices read through their own
+// most 1024 x 1024 values per thread (1 MB at the default tiles). Each sample's q, k, v are (D, HW) matrices read through their own
 // strides (NCHW: pixel stride 1; channels_last: d stride 1), so neither layout is copied; the
 // tile products are BLAS calls (at::mm_out / addmm_ on strided views, single-threaded inside the
 // parallel region) and the softmax runs in vector loops between them.
@@ -46,9 +46,9 @@ struct Tiles {
   int64_t queries, keys;
 };
 
-// The split tile: cpu_tile, or `largest` when it is 0; at most HW.
-int64_t split_tile(int64_t cpu_tile, int64_t largest, int64_t HW) {
-  return std::min(cpu_tile > 0 ? cpu_tile : largest, HW);
+// The split tile: cpu_tile, or `fallback` when it is 0; at most HW.
+int64_t split_tile(int64_t cpu_tile, int64_t fallback, int64_t HW) {
+  return std::min(cpu_tile > 0 ? cpu_tile : fallback, HW);
 }
 
 Tiles forward_tiles(int64_t HW, int64_t cpu_tile) {

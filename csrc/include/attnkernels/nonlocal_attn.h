@@ -39,10 +39,12 @@ inline void check_row_stats(const at::Tensor& lse, const at::Tensor& x, const ch
   check_device(lse, x.device(), op, "lse");
 }
 
-// cpu_tile: 0 (the largest tile) or a positive tile size; every backend checks it.
+// cpu_tile: 0 (the CPU kernels' default tile) or 1 to kMaxCpuTile pixels, which bounds the
+// tiles to 4 MB per thread; every backend checks it.
+constexpr int64_t kMaxCpuTile = 1024;
 inline void check_cpu_tile(int64_t cpu_tile, const char* op) {
-  AK_CHECK_VALUE(cpu_tile >= 0, op, ": cpu_tile must be 0 (the largest tile) or a positive number of pixels, got ",
-                 cpu_tile);
+  AK_CHECK_VALUE(cpu_tile >= 0 && cpu_tile <= kMaxCpuTile, op,
+                 ": cpu_tile must be 0 (the default tile) or 1 to 1024 pixels, got ", cpu_tile);
 }
 
 }  // namespace attnkernels
