@@ -329,13 +329,18 @@ def measurable(*tensors: torch.Tensor | None) -> bool:
     return not (any(t.is_cuda for t in real) and torch.cuda.is_current_stream_capturing())
 
 
-def explain() -> str:
-    """The choices made in this process (and read from the choices file), one line each."""
+def made() -> list[Choice]:
+    """The choices made in this process (and read from the choices file), oldest first."""
     with _lock:
         _load_file()
-        made = list(_choices.values())
+        return list(_choices.values())
+
+
+def explain() -> str:
+    """The choices made in this process (and read from the choices file), one line each."""
+    made_now = made()
     lines = [f"attnkernels choices (mode: {current_mode()}; file: {os.environ.get(ENV_FILE) or 'none'})"]
-    lines += [f"  {c.describe()}" for c in made] or ["  none made yet"]
+    lines += [f"  {c.describe()}" for c in made_now] or ["  none made yet"]
     return "\n".join(lines)
 
 

@@ -399,6 +399,8 @@ def test_cpu_tile_is_chosen_by_measurement(monkeypatch, compiled_ops) -> None:
     text = choose.explain()
     assert "nonlocal_attn.forward.cpu_tile [float64 1 4 6 16 16 nchw nchw" in text and ": 64 (measured" in text
     assert "nonlocal_attn.backward.cpu_tile [" in text and ": 32 (measured" in text
+    assert {(c.site, c.winner) for c in choose.made()} == {("nonlocal_attn.forward.cpu_tile", "64"),
+                                                          ("nonlocal_attn.backward.cpu_tile", "32")}
     plain = [t.detach() for t in (q, k, v, x, gamma)]
     want_y, out, lse = compiled_ops.nonlocal_attn(*plain, 64)
     want_grads = compiled_ops.nonlocal_attn_backward(grad_y, *plain[:3], plain[4], out, lse, 32)
@@ -418,3 +420,22 @@ def test_cpu_tile_static_mode_and_other_backends_measure_nothing(monkeypatch) ->
     with choose.mode("measure"):
         assert nonlocal_attn_ops.cpu_tile("forward", nonlocal_attn_ops.Reference, q, x, seen.append) == 0
     assert seen == []
+
+
+def test_cpu_tiles_benchmark_reports_each_direction(capsys) -> None:
+    """benchmarks/cpu_tiles.py measures for real on a tiny shape and prints the rule, the
+    winner and every candidate's time for both directions."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "cpu_tiles.py"
+    spec = importlib.util.spec_from_file_location("cpu_tiles", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main(["--shapes", "2x16x5x7"]) == 0
+    rows = [line.split()[1:] for line in capsys.readouterr().out.splitlines() if line.startswith("2x16x5x7")]
+    assert [row[0] for row in rows] == ["forward", "backward"]
+    threads = torch.get_num_threads()
+    for direction, rule, winner, *times in rows:  # H*W = 35: every tile above it is 35
+        assert rule == str(nonlocal_attn_ops.cpu_tile_rule(direction, 2, 35, threads))
+        assert times[0::2][0] == rule and sorted(times[0::2]) == ["32", "35"] and winner in ("32", "35")
