@@ -157,6 +157,32 @@ def test_explain_lists_choices_with_their_times():
     assert text in backend.explain("cpu")
 
 
+def test_pick_setting_measures_values_on_the_callers_arguments(monkeypatch):
+    """pick_setting: duplicate values are measured once; the fastest value wins, a tie goes to
+    the earlier value (the rule's, listed first); the winner is kept per key; static mode and
+    fake tensors give the rule's value without measuring; made() lists the choice."""
+    times = {128: 2e-3, 64: 1e-3, 32: 1e-3}
+    ran: list[int] = []
+
+    def fake_clock(site, value, run, device):
+        run(value)
+        return times[value]
+
+    monkeypatch.setattr(choose, "measure_setting", fake_clock)
+    x = torch.randn(3)
+    pick = lambda static, values: choose.pick_setting("tile", (3,), values, static, ran.append, (x,))  # noqa: E731
+    with choose.mode("static"):
+        assert pick(128, [128, 64, 32]) == 128 and ran == []
+    with torch._subclasses.fake_tensor.FakeTensorMode() as fake_mode:
+        fake_x = fake_mode.from_tensor(x)
+    assert choose.pick_setting("tile", (3,), [128, 64], 128, ran.append, (fake_x,)) == 128 and ran == []
+    assert pick(128, [128, 64, 128, 32]) == 64  # 64 and 32 tie: the earlier wins
+    assert sorted(set(ran)) == [32, 64, 128] and len(ran) == 3 * (1 + choose.MAX_ROUNDS)
+    ran.clear()
+    assert pick(128, [128, 64, 32]) == 64 and ran == []
+    assert [(c.site, c.key, c.winner) for c in choose.made()] == [("tile", "3", "64")]
+
+
 def test_slow_candidates_get_fewer_rounds_and_the_median_decides():
     """Runs of 0.3 s: the budget is spent after MIN_ROUNDS; one outlier round does not decide."""
     times = {"a": iter([9, 0.3, 0.9, 0.3]), "b": iter([9, 0.4, 0.4, 0.4])}  # a warm-up each first
