@@ -117,7 +117,7 @@ def _layout(t: torch.Tensor) -> str:
 # ----------------------------------------------------------------------------------------
 def check_nonlocal_attn(q, k, v, x, gamma, cpu_tile: int = 0, op: str = "nonlocal_attn") -> None:
     """q, k (N, D_qk, H, W) and v, x (N, D_v, H, W) of one floating dtype on one device;
-    gamma one floating value on that device; cpu_tile 0 or positive."""
+    gamma one floating value on that device; cpu_tile 0 (the default tile) to MAX_CPU_TILE."""
     check.feature_map(op, "x", x)
     n, _, h, w = x.shape
     for name, t in (("q", q), ("k", k), ("v", v)):

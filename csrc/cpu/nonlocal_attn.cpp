@@ -1,8 +1,9 @@
 // CPU kernels of the nonlocal_attn hot path (PAM's HW x HW attention); math in csrc/nonlocal_attn_ops.cpp.
 //
 // Flash-style on CPU: the (HW x HW) energies exist only as (query block x key block) tiles, at
-// most 1024 x 1024 values per thread (1 MB at the default tiles). Each sample's q, k, v are (D, HW) matrices read through their own
-// strides (NCHW: pixel stride 1; channels_last: d stride 1), so neither layout is copied; the
+// most 1024 x 1024 values per thread (1 MB at the default tiles). Each sample's q, k, v are
+// (D, HW) matrices read through their own strides (NCHW: pixel stride 1; channels_last: d
+// stride 1), so neither layout is copied; the
 // tile products are BLAS calls (at::mm_out / addmm_ on strided views, single-threaded inside the
 // parallel region) and the softmax runs in vector loops between them.
 //
