@@ -3,9 +3,9 @@
 // Flash-style on CPU: the (HW x HW) energies exist only as (query block x key block) tiles, at
 // most 1024 x 1024 values per thread (1 MB at the default tiles). Each sample's q, k, v are
 // (D, HW) matrices read through their own strides (NCHW: pixel stride 1; channels_last: d
-// stride 1), so neither layout is copied; the
-// tile products are BLAS calls (at::mm_out / addmm_ on strided views, single-threaded inside the
-// parallel region) and the softmax runs in vector loops between them.
+// stride 1), so neither layout is copied; the tile products are BLAS calls (at::mm_out /
+// addmm_ on strided views, single-threaded inside the parallel region) and the softmax runs in
+// vector loops between them.
 //
 // Forward: one task per (sample, query block): stream the key blocks with a running max m and
 // sum l per query row (online softmax), accumulating O = v P^T (D_v x query rows) in acc in
