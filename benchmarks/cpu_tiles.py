@@ -19,7 +19,7 @@ import torch  # noqa: E402
 
 from attnkernels import backend, choose  # noqa: E402
 from attnkernels import functional as AF  # noqa: E402
-from attnkernels.ops import nonlocal_attn as ops  # noqa: E402
+from attnkernels.ops import nonlocal_attn as nonlocal_attn_ops  # noqa: E402
 
 SHAPES = "4x512x28x28,1x512x14x14,1x256x28x28,8x64x14x14,2x256x56x56"
 
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
             AF.nonlocal_attn(q, k, v, x, gamma).sum().backward()
         for made in choose.made():
             direction = made.site.split(".")[1]
-            rule = ops.cpu_tile_rule(direction, n, h * w, threads)
+            rule = nonlocal_attn_ops.cpu_tile_rule(direction, n, h * w, threads)
             times = ", ".join(f"{tile} {ms:.3g}" for tile, ms in made.times_ms.items())
             print(f"{text:14s} {direction:9s} {rule:5d} {made.winner:>6s}  {times}")
     return 0

@@ -44,7 +44,7 @@ inline void check_row_stats(const at::Tensor& lse, const at::Tensor& x, const ch
 constexpr int64_t kMaxCpuTile = 1024;
 inline void check_cpu_tile(int64_t cpu_tile, const char* op) {
   AK_CHECK_VALUE(cpu_tile >= 0 && cpu_tile <= kMaxCpuTile, op,
-                 ": cpu_tile must be 0 (the default tile) or 1 to 1024 pixels, got ", cpu_tile);
+                 ": cpu_tile must be 0 (the default tile) or 1 to ", kMaxCpuTile, " pixels, got ", cpu_tile);
 }
 
 }  // namespace attnkernels
