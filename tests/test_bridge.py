@@ -22,6 +22,7 @@ from helpers import (
     load_ops,
     make_input,
     needs_gpu,
+    randomize,
 )
 
 import attnkernels
@@ -125,19 +126,116 @@ def test_eval_matches_reference(backend_name, device, grad, n, layout) -> None:
     assert_same_state(f, r, dtype)  # eval leaves the buffers alone
 
 
-@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
-def test_eval_runs_the_per_sample_op(monkeypatch, train) -> None:
-    """Eval goes through one channel_mlp_attention call (x read once on the C++ backend);
-    training never does (x's BatchNorm1d needs the whole batch's pooled maps first)."""
+class RecordingOps:
+    """A channel_gate op namespace that records the b1 shape of each channel_mlp_attention call."""
+
+    def __init__(self, ops, calls: list) -> None:
+        self.ops, self.calls = ops, calls
+
+    def channel_mlp_attention(self, *args):
+        self.calls.append(("op", args[2].shape))
+        return self.ops.channel_mlp_attention(*args)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval_grad", "eval_no_grad"])
+def test_eval_runs_the_per_sample_op(monkeypatch, mode) -> None:
+    """Eval goes through one channel_mlp_attention call with b1 (N, rd) (x read once on the C++
+    backend): the public function while autograd records, the backend's op without it (the
+    module's own choice measured it against eager). Training never does (x's BatchNorm1d
+    needs the whole batch's pooled maps first)."""
     calls = []
-    real = AF.channel_mlp_attention
-    monkeypatch.setattr(fused_bridge.AF, "channel_mlp_attention", lambda *a: calls.append(a[2].shape) or real(*a))
+    real_function, real_ops = AF.channel_mlp_attention, fused_bridge.channel_gate_ops
+    monkeypatch.setattr(fused_bridge.AF, "channel_mlp_attention",
+                        lambda *a: calls.append(("function", a[2].shape)) or real_function(*a))
+    monkeypatch.setattr(fused_bridge, "channel_gate_ops", lambda device: RecordingOps(real_ops(device), calls))
     shape, bridge_shapes = SMALL
-    f, r = pair(shape, bridge_shapes, torch.float32, "cpu", train=train)
+    f, r = pair(shape, bridge_shapes, torch.float32, "cpu", train=mode == "train")
     x, bridges = inputs(shape, bridge_shapes, "nchw", torch.float32, "cpu")
-    with torch.no_grad(), backend.use_backend("cpu"):
+    with torch.set_grad_enabled(mode == "eval_grad"), backend.use_backend("cpu"):
         torch.testing.assert_close(f(x, *bridges), r(x, *bridges), **tolerance(torch.float32))
-    assert calls == ([] if train else [(shape[0], shape[1] // REDUCTION)])
+    b1_shape = (shape[0], shape[1] // REDUCTION)
+    assert calls == {"train": [], "eval_grad": [("function", b1_shape)], "eval_no_grad": [("op", b1_shape)]}[mode]
+
+
+def change_in_place(m) -> None:
+    with torch.no_grad():
+        m.bn[0].running_var.mul_(1.5)
+        m.proj[-1].weight.add_(0.25)
+
+
+def optimizer_step(m) -> None:
+    for p in m.parameters():
+        p.grad = torch.full_like(p, 0.1)
+    torch.optim.SGD(m.parameters(), lr=0.5).step()
+
+
+def load_other_state(m) -> None:
+    torch.manual_seed(7)  # the same state for the fused and the reference module
+    m.load_state_dict(randomize(R.Bridge(m.channels, m.bridge_channels, REDUCTION)).double().state_dict())
+
+
+def assign_data(m) -> None:
+    m.bn[1].weight.data = m.bn[1].weight.data * 2  # new storage, same version counter
+
+
+def training_step(m) -> None:
+    torch.manual_seed(7)  # the same batch for the fused and the reference module
+    x, bridges = inputs(*SMALL, "nchw", torch.float64, "cpu")
+    m.train()(x, *bridges)  # moves every running stat
+    m.eval()
+
+
+@pytest.mark.parametrize("change", [change_in_place, optimizer_step, load_other_state, assign_data, training_step])
+def test_eval_fold_is_kept_until_a_weight_or_stat_changes(monkeypatch, change) -> None:
+    """Without autograd the folded weights are computed once and kept; a change to a weight or
+    running stat made in any of the usual ways is seen, and the output stays the reference's.
+    A forward with autograd after the cache is filled still differentiates the weights."""
+    folds = []
+    real = fused_bridge.Bridge.folded_weights
+    monkeypatch.setattr(fused_bridge.Bridge, "folded_weights", lambda self, acc: folds.append(acc) or real(self, acc))
+    shape, bridge_shapes = SMALL
+    f, r = pair(shape, bridge_shapes, torch.float64, "cpu", train=False)
+    x, bridges = inputs(shape, bridge_shapes, "nchw", torch.float64, "cpu")
+
+    def folds_over_two_calls() -> int:
+        folds.clear()
+        for _ in range(2):
+            with torch.no_grad(), backend.use_backend("cpu"):
+                torch.testing.assert_close(f(x, *bridges), r(x, *bridges), **tolerance(torch.float64))
+        return len(folds)
+
+    assert folds_over_two_calls() == 1
+    assert folds_over_two_calls() == 0
+    change(f), change(r)
+    assert folds_over_two_calls() == 1
+    g = torch.randn(shape, dtype=torch.float64)
+    assert_same(run(f, x, bridges, g, "cpu"), run(r, x, bridges, g), torch.float64)
+
+
+def test_eval_fold_follows_a_dtype_change() -> None:
+    """`module.float()` swaps every tensor's storage (keeping version counters): the next
+    forward folds the float32 weights."""
+    shape, bridge_shapes = SMALL
+    f, r = pair(shape, bridge_shapes, torch.float64, "cpu", train=False)
+    for dtype in (torch.float64, torch.float32):
+        f, r = f.to(dtype), r.to(dtype)
+        x, bridges = inputs(shape, bridge_shapes, "nchw", dtype, "cpu")
+        with torch.no_grad(), backend.use_backend("cpu"):
+            torch.testing.assert_close(f(x, *bridges), r(x, *bridges), **tolerance(dtype))
+
+
+def test_eval_fold_of_inference_mode_weights() -> None:
+    """Weights made under torch.inference_mode have no version counter: the fold is then
+    computed on every call, not kept, and a change is still seen."""
+    shape, bridge_shapes = SMALL
+    with torch.inference_mode():
+        f, r = pair(shape, bridge_shapes, torch.float64, "cpu", train=False)
+        x, bridges = inputs(shape, bridge_shapes, "nchw", torch.float64, "cpu")
+        for _ in range(2):
+            with backend.use_backend("cpu"):
+                torch.testing.assert_close(f(x, *bridges), r(x, *bridges), **tolerance(torch.float64))
+            change_in_place(f), change_in_place(r)
+    assert "_folded_weights" not in f.__dict__
 
 
 @pytest.mark.parametrize("backend_name,device", CASES)
@@ -189,12 +287,15 @@ def test_gradcheck(backend_name, device, train) -> None:
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 def test_backward_saves_no_full_size_intermediate(train) -> None:
     """Autograd keeps x and the bridge maps themselves (inputs, alive anyway) and (N, C) or
-    smaller maps only: no full-size intermediate, no copy of an input."""
+    weight-sized maps only (eval: the folded weights): no full-size intermediate, no copy of
+    an input. A saved tensor counts when it is larger than every parameter together and at
+    least as large as some input."""
     shape, bridge_shapes = SMALL
     f, _ = pair(shape, bridge_shapes, torch.float32, "cpu", train)
     x, bridges = inputs(shape, bridge_shapes, "channels_last", torch.float32, "cpu")
     ins = [t.requires_grad_() for t in (x, *bridges)]
-    smallest = min(t.numel() for t in ins)
+    smallest = max(min(t.numel() for t in ins), sum(p.numel() for p in f.parameters()) + 1)
+    assert smallest < x.numel()
     saved = []
 
     def pack(t):

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
-from typing import Any, ClassVar
+import operator
+from collections.abc import Callable, Hashable, Iterable
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import nn
@@ -64,6 +65,49 @@ def pick_inference(site: str, x: torch.Tensor, params: tuple, runs: dict[str, Ca
     shapes = tuple(tuple(t.shape) for t in extra)
     key = (x.device.type, x.dtype, tuple(x.shape), memory_format_of(x), *params, *shapes)
     return choose.pick(site, key, runs, static, (x, *extra))
+
+
+T = TypeVar("T")
+
+
+def cached_while_unchanged(module: nn.Module, name: str, key: Hashable,
+                           sources: list[torch.Tensor], compute: Callable[[], T]) -> T:
+    """`compute()` for an inference forward, computed once per state of `sources` (the module's
+    parameters and buffers it reads) and `key`, and kept on `module` as attribute `name`.
+
+    For small tensors derived from weights (folded BatchNorms): rebuilding them each call
+    costs a dozen tiny ops of host time, more than the op they feed saves on a small map.
+    A source is unchanged while it is the same tensor, on the same storage at the same
+    address, with the same version counter. Every in-place write bumps the counter
+    (optimizer steps, `load_state_dict`, `copy_`). `.data =` (as `module.double()` does)
+    keeps the counter but swaps the storage, and the cache holds the old storage, so its
+    address cannot come back as the new one's.
+
+    Not cached (computed on every call): while autograd records (the result must carry the
+    graph), under torch.compile tracing, and for inference-mode tensors (no version counter).
+    """
+    if autograd_may_record() or torch.compiler.is_compiling():
+        return compute()
+    try:
+        stamp = [(t.data_ptr(), t._version) for t in sources]
+    except RuntimeError:  # an inference tensor: "Inference tensors do not track version counter"
+        return compute()
+    cached = module.__dict__.get(name)
+    if (cached is not None and cached[0] == key and cached[2] == stamp and len(cached[1]) == len(sources)
+            and all(map(operator.is_, cached[1], sources))):
+        return cached[4]
+    value = compute()
+    storages = [t.untyped_storage() for t in sources]
+    # In __dict__ directly: nn.Module's __setattr__ would register tensors as state.
+    module.__dict__[name] = (key, sources, stamp, storages, value)
+    return value
+
+
+def module_tensors(modules: Iterable[nn.Module]) -> list[torch.Tensor]:
+    """The parameters and buffers of `modules` (their own, not their children's), for
+    `cached_while_unchanged`: read from the modules' dicts (nn.Module's __getattr__ per name
+    would cost more than the cache saves)."""
+    return [t for m in modules for d in (m._parameters, m._buffers) for t in d.values() if t is not None]
 
 
 def autograd_may_record() -> bool:

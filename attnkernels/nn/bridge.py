@@ -1,5 +1,6 @@
 """Fused Bridge (BA-Net): every map pooled by channel_pool, the gate rescaled by channel_rescale;
-in eval, x's pooling, the gate and the rescale per sample in one channel_mlp_attention op."""
+in eval, every BatchNorm1d folded, x's pooling, the gate and the rescale per sample in one
+channel_mlp_attention op."""
 from __future__ import annotations
 
 import torch
@@ -7,9 +8,10 @@ import torch.nn.functional as F
 
 from .. import functional as AF
 from ..ops._common import fold_batch_norm
+from ..ops.channel_gate import channel_gate_ops
 from ..reference import bridge as reference
 from ..reference.formulas import accumulate_dtype
-from ._fused import FusedModule, autograd_may_record, pick_inference, without_autocast
+from ._fused import FusedModule, autograd_may_record, cached_while_unchanged, module_tensors, pick_inference, without_autocast
 
 
 class Bridge(FusedModule, reference.Bridge):
@@ -21,10 +23,12 @@ class Bridge(FusedModule, reference.Bridge):
     on (N, rd) and (N, C) maps; channel_rescale writes y. Backward saves x, the bridges and
     small maps only.
 
-    Eval: x's BatchNorm1d is folded into its projection, `w1 = scale * proj_x.weight`, and
-    the bridges' terms `bn_i(proj_i(mean_hw(bridge_i)))` plus the fold's shift form a
-    per-sample bias b1 (N, rd); channel_mlp_attention then pools x[n], runs the gate and
-    rescales x[n] while it is in cache (on the C++ CPU backend; elsewhere its composite).
+    Eval: every BatchNorm1d is an affine map that folds into its projection,
+    `bn_i(P_i m_i) = (scale_i P_i) m_i + shift_i`, so `u = w1 @ mean_hw(x) + b1` with
+    `w1 = scale_x P_x` and a per-sample bias b1 (N, rd) = the bridges' folded terms plus every
+    shift; channel_mlp_attention then pools x[n], runs the gate and rescales x[n] while it is
+    in cache (on the C++ CPU backend; elsewhere its composite). Without autograd the folded
+    weights are kept until a weight or running stat changes.
     """
 
     hot_paths = ("channel_gate",)
@@ -33,10 +37,10 @@ class Bridge(FusedModule, reference.Bridge):
     def attend(self, x: torch.Tensor, *bridges: torch.Tensor) -> torch.Tensor:
         if self.folds_batch_norm() and not autograd_may_record():
             # Inference: the folded per-sample op or the reference's eager forward, measured.
-            runs = {"folded": lambda x, *b: self.attend_folded(x, b), "eager": super().attend}
+            runs = {"folded": self.attend_folded, "eager": super().attend}
             return pick_inference("bridge", x, (self.fc.weight.shape[1],), runs, "folded", *bridges)(x, *bridges)
         if self.folds_batch_norm():
-            return self.attend_folded(x, bridges)
+            return AF.channel_mlp_attention(x, *self.folded_gate_args(x, bridges), self.fc.weight, None)
         u = 0
         for t, proj, bn in zip([*bridges, x], self.proj, self.bn):
             u = u + bn(proj(self.pooled(t)))
@@ -44,23 +48,40 @@ class Bridge(FusedModule, reference.Bridge):
         return AF.channel_rescale(x, a)
 
     def folds_batch_norm(self) -> bool:
-        """Eval with running stats in x's BatchNorm1d: it is an affine map that folds into
-        x's projection, so the gate can run per sample."""
-        return not self.training and self.bn[-1].running_mean is not None
+        """Eval with running stats in every BatchNorm1d: each is then an affine map that folds
+        into its projection, so the gate can run per sample."""
+        return not self.training and all(bn.running_mean is not None for bn in self.bn)
 
     def pooled(self, t: torch.Tensor) -> torch.Tensor:
         """mean_hw(t) (one read, channel_pool) in the parameters' dtype: x's outside autocast,
         rounded as the reference rounds it; under autocast the wider parameter dtype."""
         return AF.channel_pool(t)[0].to(self.fc.weight.dtype)
 
-    def attend_folded(self, x: torch.Tensor, bridges: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        """The eval forward: `bn_x(proj_x(m)) = (scale * W_x) m + shift`, so
-        `u = w1 @ mean_hw(x) + b1` with b1 = shift + the bridges' terms, (N, rd) in acc(x)."""
+    def attend_folded(self, x: torch.Tensor, *bridges: torch.Tensor) -> torch.Tensor:
+        """The inference forward: the folded gate on the backend's channel_mlp_attention op,
+        called directly (the module-level choice already measured it against eager)."""
+        ops = channel_gate_ops(x.device)
+        return ops.channel_mlp_attention(x, *self.folded_gate_args(x, bridges), self.fc.weight, None)[0]
+
+    def folded_gate_args(self, x: torch.Tensor, bridges: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(w1, b1) of the folded gate, in acc(x): w1 (rd, C); b1 (N, rd) with bridges, the
+        shared (rd,) bias without. The bridges' means are taken in acc(x) (torch's mean: one read)."""
         acc = accumulate_dtype(x.dtype)
-        bn, proj = self.bn[-1], self.proj[-1]
-        scale, shift, _ = fold_batch_norm(bn.running_mean.to(acc), bn.running_var.to(acc), bn.weight, bn.bias, bn.eps)
-        w1 = scale[:, None] * proj.weight.to(acc)
-        b1 = shift
-        for t, proj_i, bn_i in zip(bridges, self.proj, self.bn):
-            b1 = b1 + bn_i(proj_i(self.pooled(t))).to(acc)
-        return AF.channel_mlp_attention(x, w1, b1, self.fc.weight, None)
+        sources = module_tensors([*self.proj, *self.bn])
+        w1, w_bridges, b = cached_while_unchanged(self, "_folded_weights", acc, sources, lambda: self.folded_weights(acc))
+        if not bridges:
+            return w1, b
+        means = torch.cat([t.mean((2, 3), dtype=acc) for t in bridges], dim=1)
+        return w1, torch.addmm(b, means, w_bridges.t())
+
+    def folded_weights(self, acc: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """(w1, w_bridges, b) in `acc`: x's projection scaled by its BatchNorm's scale, the
+        bridges' scaled projections side by side (rd, sum C_i) (None without bridges), and the
+        sum of every BatchNorm's shift (rd,)."""
+        weights, b = [], 0
+        for proj, bn in zip(self.proj, self.bn):
+            scale, shift, _ = fold_batch_norm(bn.running_mean.to(acc), bn.running_var.to(acc), bn.weight, bn.bias, bn.eps)
+            weights.append(scale[:, None] * proj.weight.to(acc))
+            b = b + shift
+        w_bridges = torch.cat(weights[:-1], dim=1) if len(weights) > 1 else None
+        return weights[-1], w_bridges, b

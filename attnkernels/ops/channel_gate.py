@@ -70,14 +70,16 @@ GATE_MODES = {m.name.lower(): int(m) for m in GateMode}
 # ----------------------------------------------------------------------------------------
 # Public functions (attnkernels.functional)
 # ----------------------------------------------------------------------------------------
-def _ops(device: torch.device):
+def channel_gate_ops(device: torch.device):
+    """The channel_gate ops that run on `device` now: the chosen backend's namespace, or the
+    Reference class (the same names and signatures)."""
     return backend_ops(HOT_PATH, device, Reference)
 
 
 def channel_pool(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and max of x (N, C, H, W) over H*W: two (N, C) maps in the accumulation dtype."""
     check_channel_pool(x)
-    return _ops(x.device).channel_pool(x)
+    return channel_gate_ops(x.device).channel_pool(x)
 
 
 def channel_gate(
@@ -97,7 +99,7 @@ def channel_gate(
     """
     m, alpha, beta = _gate_mode("channel_gate", alpha, beta, mode)
     check_channel_gate(avg, max, weight, alpha, beta, m)
-    return _ops(avg.device).channel_gate(avg, max, weight, alpha, beta, m)
+    return channel_gate_ops(avg.device).channel_gate(avg, max, weight, alpha, beta, m)
 
 
 def channel_rescale(x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
@@ -108,7 +110,7 @@ def channel_rescale(x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     check.feature_map("channel_rescale", "x", x)
     gate = gate.to(accumulate_dtype(x.dtype))
     check_channel_rescale(x, gate)
-    return _ops(x.device).channel_rescale(x, gate)
+    return channel_gate_ops(x.device).channel_rescale(x, gate)
 
 
 def channel_attention(
@@ -160,7 +162,7 @@ def _attention(op: str, sequence, args: tuple, key: tuple):
     backend's op ("fused", the static choice), on CPU also its three passes in turn
     (`sequence`: the C++ op is one per-sample kernel there) and the eager torch composition."""
     x = args[0]
-    ops = _ops(x.device)
+    ops = channel_gate_ops(x.device)
     if ops is Reference:
         return lambda *a: getattr(Reference, op)(*a)[0]
     backend = select(HOT_PATH, x.device)

@@ -50,11 +50,12 @@ inline int64_t plane_grain(int64_t hw) { return std::max<int64_t>(1, 32768 / std
 // on the add latency once x[n] sits in cache (channel_attention's second visit). The vector
 // max does not propagate NaN (max_ignoring_nan: one instruction, not three); a plane or channel
 // whose sum is NaN is searched for a NaN afterwards (has_nan), and its max is NaN if one is found.
+// max == nullptr pools the mean alone (SE's and Bridge's gates read no max): one add per value.
 constexpr int kUnroll = 4;
 
-template <typename scalar_t>
-void pool_nchw(const scalar_t* x, int64_t planes, int64_t hw, at::opmath_type<scalar_t>* avg,
-               at::opmath_type<scalar_t>* max) {
+template <bool kWithMax, typename scalar_t>
+void pool_nchw_impl(const scalar_t* x, int64_t planes, int64_t hw, at::opmath_type<scalar_t>* avg,
+                    at::opmath_type<scalar_t>* max) {
   using S = Step<scalar_t>;
   using acc_t = typename S::acc_t;
   using AccVec = typename S::AccVec;
@@ -75,7 +76,7 @@ void pool_nchw(const scalar_t* x, int64_t planes, int64_t hw, at::opmath_type<sc
           S::load(xp + i + u * S::kWidth, v);
           for (int k = 0; k < S::kVecs; ++k) {
             vsum[u][k] += v[k];
-            vmax[u][k] = max_ignoring_nan(vmax[u][k], v[k]);
+            if constexpr (kWithMax) vmax[u][k] = max_ignoring_nan(vmax[u][k], v[k]);
           }
         }
       }
@@ -83,7 +84,7 @@ void pool_nchw(const scalar_t* x, int64_t planes, int64_t hw, at::opmath_type<sc
         S::load(xp + i, v);
         for (int k = 0; k < S::kVecs; ++k) {
           vsum[0][k] += v[k];
-          vmax[0][k] = max_ignoring_nan(vmax[0][k], v[k]);
+          if constexpr (kWithMax) vmax[0][k] = max_ignoring_nan(vmax[0][k], v[k]);
         }
       }
       acc_t sum = 0, m = -std::numeric_limits<acc_t>::infinity();
@@ -91,26 +92,35 @@ void pool_nchw(const scalar_t* x, int64_t planes, int64_t hw, at::opmath_type<sc
         AccVec s = vsum[0][k], mx = vmax[0][k];
         for (int u = 1; u < kUnroll; ++u) {
           s += vsum[u][k];
-          mx = at::vec::maximum(mx, vmax[u][k]);
+          if constexpr (kWithMax) mx = at::vec::maximum(mx, vmax[u][k]);
         }
         sum += reduce_sum(s);
-        m = nan_max(m, reduce_max(mx));
+        if constexpr (kWithMax) m = nan_max(m, reduce_max(mx));
       }
       for (; i < hw; ++i) {
         const acc_t xv = static_cast<acc_t>(xp[i]);
         sum += xv;
-        m = nan_max(m, xv);
+        if constexpr (kWithMax) m = nan_max(m, xv);
       }
-      if (std::isnan(sum) && has_nan(xp, hw)) m = std::numeric_limits<acc_t>::quiet_NaN();
       avg[p] = sum / static_cast<acc_t>(hw);
-      max[p] = m;
+      if constexpr (kWithMax) max[p] = std::isnan(sum) && has_nan(xp, hw) ? std::numeric_limits<acc_t>::quiet_NaN() : m;
     }
   });
 }
 
 template <typename scalar_t>
-void pool_channels_last(const scalar_t* x, int64_t N, int64_t C, int64_t hw,
-                        at::opmath_type<scalar_t>* avg, at::opmath_type<scalar_t>* max) {
+void pool_nchw(const scalar_t* x, int64_t planes, int64_t hw, at::opmath_type<scalar_t>* avg,
+               at::opmath_type<scalar_t>* max) {
+  if (max == nullptr) {
+    pool_nchw_impl<false>(x, planes, hw, avg, max);
+  } else {
+    pool_nchw_impl<true>(x, planes, hw, avg, max);
+  }
+}
+
+template <bool kWithMax, typename scalar_t>
+void pool_channels_last_impl(const scalar_t* x, int64_t N, int64_t C, int64_t hw,
+                             at::opmath_type<scalar_t>* avg, at::opmath_type<scalar_t>* max) {
   using S = Step<scalar_t>;
   using acc_t = typename S::acc_t;
   for_channel_blocks(N, C, [&](int64_t n, int64_t c0, int64_t c1) {
@@ -123,46 +133,62 @@ void pool_channels_last(const scalar_t* x, int64_t N, int64_t C, int64_t hw,
       for (; c < vec_end; c += S::kWidth) {
         S::load(row + c, v);
         S::load_acc(sum.data() + (c - c0), s);
-        S::load_acc(m.data() + (c - c0), mv);
-        for (int k = 0; k < S::kVecs; ++k) {
-          s[k] += v[k];
-          mv[k] = max_ignoring_nan(mv[k], v[k]);
-        }
+        for (int k = 0; k < S::kVecs; ++k) s[k] += v[k];
         S::store_acc(sum.data() + (c - c0), s);
-        S::store_acc(m.data() + (c - c0), mv);
+        if constexpr (kWithMax) {
+          S::load_acc(m.data() + (c - c0), mv);
+          for (int k = 0; k < S::kVecs; ++k) mv[k] = max_ignoring_nan(mv[k], v[k]);
+          S::store_acc(m.data() + (c - c0), mv);
+        }
       }
       for (; c < c1; ++c) {
         const acc_t xv = static_cast<acc_t>(row[c]);
         sum[c - c0] += xv;
-        m[c - c0] = nan_max(m[c - c0], xv);
+        if constexpr (kWithMax) m[c - c0] = nan_max(m[c - c0], xv);
       }
     }
     for (int64_t c = c0; c < c1; ++c) {
-      const bool nan = std::isnan(sum[c - c0]) && has_nan(x + n * hw * C + c, hw, C);
       avg[n * C + c] = sum[c - c0] / static_cast<acc_t>(hw);
-      max[n * C + c] = nan ? std::numeric_limits<acc_t>::quiet_NaN() : m[c - c0];
+      if constexpr (kWithMax) {
+        const bool nan = std::isnan(sum[c - c0]) && has_nan(x + n * hw * C + c, hw, C);
+        max[n * C + c] = nan ? std::numeric_limits<acc_t>::quiet_NaN() : m[c - c0];
+      }
     }
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> channel_pool_cpu(const at::Tensor& x_in) {
+template <typename scalar_t>
+void pool_channels_last(const scalar_t* x, int64_t N, int64_t C, int64_t hw, at::opmath_type<scalar_t>* avg,
+                        at::opmath_type<scalar_t>* max) {
+  if (max == nullptr) {
+    pool_channels_last_impl<false>(x, N, C, hw, avg, max);
+  } else {
+    pool_channels_last_impl<true>(x, N, C, hw, avg, max);
+  }
+}
+
+// avg and, unless with_max is false, max of x over H*W: (N, C) maps in acc(x).
+std::tuple<at::Tensor, at::Tensor> pool(const at::Tensor& x_in, bool with_max) {
   check_feature_map(x_in, "channel_pool", "x");
   const at::Tensor x = dense(x_in);
   const int64_t N = x.size(0), C = x.size(1), hw = x.size(2) * x.size(3);
   AK_CHECK_VALUE(hw > 0, "channel_pool: x must have H*W > 0, got shape ", x.sizes());
   auto opts = x.options().dtype(acc_type(x.scalar_type()));
-  at::Tensor avg = at::empty({N, C}, opts), max = at::empty({N, C}, opts);
+  at::Tensor avg = at::empty({N, C}, opts), max = with_max ? at::empty({N, C}, opts) : at::Tensor();
   if (N * C == 0) return {avg, max};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "channel_pool_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    acc_t* m = with_max ? max.data_ptr<acc_t>() : nullptr;
     if (layout_of(x) == Layout::ChannelsLast) {
-      pool_channels_last(x.const_data_ptr<scalar_t>(), N, C, hw, avg.data_ptr<acc_t>(), max.data_ptr<acc_t>());
+      pool_channels_last(x.const_data_ptr<scalar_t>(), N, C, hw, avg.data_ptr<acc_t>(), m);
     } else {
-      pool_nchw(x.const_data_ptr<scalar_t>(), N * C, hw, avg.data_ptr<acc_t>(), max.data_ptr<acc_t>());
+      pool_nchw(x.const_data_ptr<scalar_t>(), N * C, hw, avg.data_ptr<acc_t>(), m);
     }
   });
   return {avg, max};
 }
+
+std::tuple<at::Tensor, at::Tensor> channel_pool_cpu(const at::Tensor& x) { return pool(x, /*with_max=*/true); }
 
 // ---------------------------------------------------------------- channel_pool_backward
 
@@ -287,77 +313,114 @@ at::Tensor channel_pool_backward_cpu(const at::Tensor& grad_avg, const c10::opti
 
 // y = x * gate; with `grad_gate`, also grad_gate[n,c] = sum_hw x * other (the backward:
 // x is grad_y, other is the forward input, y is grad_x).
-template <typename scalar_t>
-void rescale_nchw(const scalar_t* x, const scalar_t* other, scalar_t* y, int64_t planes, int64_t hw,
-                  const at::opmath_type<scalar_t>* gate, at::opmath_type<scalar_t>* grad_gate, bool stream) {
+//
+// The loops take everything they read as by-value arguments, and the two flags as template
+// arguments: a vector store may alias any memory (the intrinsics' types are may_alias), so a
+// pointer, size or flag read through a lambda's captured reference is reloaded after every
+// store (that made the forward rescale 2.5x its pooling with x in cache).
+
+// One NCHW plane of hw values: y = x * g; with kGrad, returns sum x * other.
+template <bool kGrad, bool kStream, typename scalar_t>
+at::opmath_type<scalar_t> rescale_plane(const scalar_t* x, const scalar_t* other, scalar_t* y, int64_t hw,
+                                        at::opmath_type<scalar_t> g) {
   using S = Step<scalar_t>;
   using acc_t = typename S::acc_t;
   using AccVec = typename S::AccVec;
-  at::parallel_for(0, planes, plane_grain(hw), [&](int64_t begin, int64_t end) {
-    for (int64_t p = begin; p < end; ++p) {
-      const scalar_t* xp = x + p * hw;
-      scalar_t* yp = y + p * hw;
-      const AccVec vg(gate[p]);
-      AccVec v[S::kVecs], o[S::kVecs], vsum[S::kVecs];
-      for (int k = 0; k < S::kVecs; ++k) vsum[k] = AccVec(0);
-      int64_t i = 0;
-      for (; i + S::kWidth <= hw; i += S::kWidth) {
-        S::load(xp + i, v);
-        if (grad_gate != nullptr) {
-          S::load(other + p * hw + i, o);
-          for (int k = 0; k < S::kVecs; ++k) vsum[k] += v[k] * o[k];
-        }
-        for (int k = 0; k < S::kVecs; ++k) v[k] = v[k] * vg;
-        S::store(yp + i, v, stream);
-      }
-      acc_t sum = 0;
-      for (int k = 0; k < S::kVecs; ++k) sum += reduce_sum(vsum[k]);
-      for (; i < hw; ++i) {
-        const acc_t xv = static_cast<acc_t>(xp[i]);
-        if (grad_gate != nullptr) sum += xv * static_cast<acc_t>(other[p * hw + i]);
-        yp[i] = static_cast<scalar_t>(xv * gate[p]);
-      }
-      if (grad_gate != nullptr) grad_gate[p] = sum;
+  const AccVec vg(g);
+  AccVec v[S::kVecs], o[S::kVecs], vsum[S::kVecs];
+  for (int k = 0; k < S::kVecs; ++k) vsum[k] = AccVec(0);
+  int64_t i = 0;
+  for (; i + S::kWidth <= hw; i += S::kWidth) {
+    S::load(x + i, v);
+    if constexpr (kGrad) {
+      S::load(other + i, o);
+      for (int k = 0; k < S::kVecs; ++k) vsum[k] += v[k] * o[k];
     }
-    if (stream) stream_fence();
+    for (int k = 0; k < S::kVecs; ++k) v[k] = v[k] * vg;
+    S::store(y + i, v, kStream);
+  }
+  acc_t sum = 0;
+  if constexpr (kGrad) {
+    for (int k = 0; k < S::kVecs; ++k) sum += reduce_sum(vsum[k]);
+  }
+  for (; i < hw; ++i) {
+    const acc_t xv = static_cast<acc_t>(x[i]);
+    if constexpr (kGrad) sum += xv * static_cast<acc_t>(other[i]);
+    y[i] = static_cast<scalar_t>(xv * g);
+  }
+  return sum;
+}
+
+// One channels_last pixel row's channels [c0, c1): y = x * g[c]; with kGrad, sum[c - c0] += x * other.
+template <bool kGrad, bool kStream, typename scalar_t>
+void rescale_row(const scalar_t* x, const scalar_t* other, scalar_t* y, int64_t c0, int64_t c1,
+                 const at::opmath_type<scalar_t>* g, at::opmath_type<scalar_t>* sum) {
+  using S = Step<scalar_t>;
+  using acc_t = typename S::acc_t;
+  typename S::AccVec v[S::kVecs], o[S::kVecs], vg[S::kVecs], s[S::kVecs];
+  const int64_t vec_end = c0 + (c1 - c0) / S::kWidth * S::kWidth;
+  int64_t c = c0;
+  for (; c < vec_end; c += S::kWidth) {
+    S::load(x + c, v);
+    if constexpr (kGrad) {
+      S::load(other + c, o);
+      S::load_acc(sum + (c - c0), s);
+      for (int k = 0; k < S::kVecs; ++k) s[k] += v[k] * o[k];
+      S::store_acc(sum + (c - c0), s);
+    }
+    S::load_acc(g + c, vg);
+    for (int k = 0; k < S::kVecs; ++k) v[k] = v[k] * vg[k];
+    S::store(y + c, v, kStream);
+  }
+  for (; c < c1; ++c) {
+    const acc_t xv = static_cast<acc_t>(x[c]);
+    if constexpr (kGrad) sum[c - c0] += xv * static_cast<acc_t>(other[c]);
+    y[c] = static_cast<scalar_t>(xv * g[c]);
+  }
+}
+
+// f(kGrad, kStream) with the two runtime flags as std::bool_constant arguments.
+template <typename F>
+void with_rescale_flags(bool grad, bool stream, const F& f) {
+  if (grad) {
+    stream ? f(std::true_type{}, std::true_type{}) : f(std::true_type{}, std::false_type{});
+  } else {
+    stream ? f(std::false_type{}, std::true_type{}) : f(std::false_type{}, std::false_type{});
+  }
+}
+
+template <typename scalar_t>
+void rescale_nchw(const scalar_t* x, const scalar_t* other, scalar_t* y, int64_t planes, int64_t hw,
+                  const at::opmath_type<scalar_t>* gate, at::opmath_type<scalar_t>* grad_gate, bool stream) {
+  with_rescale_flags(grad_gate != nullptr, stream, [&](auto grad, auto streamed) {
+    constexpr bool kGrad = decltype(grad)::value, kStream = decltype(streamed)::value;
+    at::parallel_for(0, planes, plane_grain(hw), [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; ++p) {
+        const auto sum = rescale_plane<kGrad, kStream>(x + p * hw, kGrad ? other + p * hw : nullptr, y + p * hw, hw, gate[p]);
+        if constexpr (kGrad) grad_gate[p] = sum;
+      }
+      if constexpr (kStream) stream_fence();
+    });
   });
 }
 
 template <typename scalar_t>
 void rescale_channels_last(const scalar_t* x, const scalar_t* other, scalar_t* y, int64_t N, int64_t C, int64_t hw,
                            const at::opmath_type<scalar_t>* gate, at::opmath_type<scalar_t>* grad_gate, bool stream) {
-  using S = Step<scalar_t>;
-  using acc_t = typename S::acc_t;
-  for_channel_blocks(N, C, [&](int64_t n, int64_t c0, int64_t c1) {
-    const acc_t* g = gate + n * C;
-    std::vector<acc_t> sum(grad_gate != nullptr ? c1 - c0 : 0, 0);
-    const int64_t vec_end = c0 + (c1 - c0) / S::kWidth * S::kWidth;
-    typename S::AccVec v[S::kVecs], o[S::kVecs], vg[S::kVecs], s[S::kVecs];
-    for (int64_t p = 0; p < hw; ++p) {
-      const int64_t row = (n * hw + p) * C;
-      int64_t c = c0;
-      for (; c < vec_end; c += S::kWidth) {
-        S::load(x + row + c, v);
-        if (grad_gate != nullptr) {
-          S::load(other + row + c, o);
-          S::load_acc(sum.data() + (c - c0), s);
-          for (int k = 0; k < S::kVecs; ++k) s[k] += v[k] * o[k];
-          S::store_acc(sum.data() + (c - c0), s);
-        }
-        S::load_acc(g + c, vg);
-        for (int k = 0; k < S::kVecs; ++k) v[k] = v[k] * vg[k];
-        S::store(y + row + c, v, stream);
+  using acc_t = at::opmath_type<scalar_t>;
+  with_rescale_flags(grad_gate != nullptr, stream, [&](auto grad, auto streamed) {
+    constexpr bool kGrad = decltype(grad)::value, kStream = decltype(streamed)::value;
+    for_channel_blocks(N, C, [&](int64_t n, int64_t c0, int64_t c1) {
+      std::vector<acc_t> sum(kGrad ? c1 - c0 : 0, 0);
+      for (int64_t p = 0; p < hw; ++p) {
+        const int64_t row = (n * hw + p) * C;
+        rescale_row<kGrad, kStream>(x + row, kGrad ? other + row : nullptr, y + row, c0, c1, gate + n * C, sum.data());
       }
-      for (; c < c1; ++c) {
-        const acc_t xv = static_cast<acc_t>(x[row + c]);
-        if (grad_gate != nullptr) sum[c - c0] += xv * static_cast<acc_t>(other[row + c]);
-        y[row + c] = static_cast<scalar_t>(xv * g[c]);
+      if constexpr (kGrad) {
+        for (int64_t c = c0; c < c1; ++c) grad_gate[n * C + c] = sum[c - c0];
       }
-    }
-    if (grad_gate != nullptr) {
-      for (int64_t c = c0; c < c1; ++c) grad_gate[n * C + c] = sum[c - c0];
-    }
-    if (stream) stream_fence();
+      if constexpr (kStream) stream_fence();
+    });
   });
 }
 
@@ -443,8 +506,9 @@ void gate_sample(const Mix<acc_t>& f, const acc_t* w, int64_t k, int64_t C, int6
     for (int64_t j = std::max<int64_t>(0, pad - c); j < std::min(k, C + pad - c); ++j) {
       z += w[j] * f(n * C + c + j - pad);
     }
-    gate[n * C + c] = sigmoid(z);
+    gate[n * C + c] = z;
   }
+  sigmoid_in_place(gate + n * C, C);
 }
 
 at::Tensor channel_gate_cpu(const at::Tensor& avg_in, const at::Tensor& max_in, const at::Tensor& weight,
@@ -533,7 +597,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> channel_g
 
 // Pool, gate and rescale one sample at a time, one sample per task: the rescale re-reads x[n]
 // from the cache the pooling just filled, so x crosses memory once, not twice.
-// gate_fn(n, gate) fills the sample's gate row from avg/max rows already written.
+// gate_fn(n, gate) fills the sample's gate row from avg/max rows already written; max may be
+// nullptr (a gate that reads the mean alone).
 template <typename scalar_t, typename GateFn>
 void attention_per_sample(const at::Tensor& x, const at::Tensor& y, at::opmath_type<scalar_t>* avg,
                           at::opmath_type<scalar_t>* max, at::opmath_type<scalar_t>* gate, const GateFn& gate_fn) {
@@ -548,10 +613,11 @@ void attention_per_sample(const at::Tensor& x, const at::Tensor& y, at::opmath_t
   at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       const int64_t offset = n * C * hw;  // x[n] in either layout
+      at::opmath_type<scalar_t>* max_n = max != nullptr ? max + n * C : nullptr;
       if (channels_last) {
-        pool_channels_last(xp + offset, 1, C, hw, avg + n * C, max + n * C);
+        pool_channels_last(xp + offset, 1, C, hw, avg + n * C, max_n);
       } else {
-        pool_nchw(xp + offset, C, hw, avg + n * C, max + n * C);
+        pool_nchw(xp + offset, C, hw, avg + n * C, max_n);
       }
       gate_fn(n, gate + n * C);
       if (channels_last) {
@@ -627,9 +693,8 @@ void mlp_gate_sample(const acc_t* avg, const acc_t* w1, const acc_t* b1, const a
   for (int64_t r = 0; r < rd; ++r) {
     h[r] = relu((b1 != nullptr ? b1[r] : acc_t(0)) + dot(w1 + r * C, avg, C));
   }
-  for (int64_t c = 0; c < C; ++c) {
-    gate[c] = sigmoid((b2 != nullptr ? b2[c] : acc_t(0)) + dot(w2 + c * rd, h, rd));
-  }
+  for (int64_t c = 0; c < C; ++c) gate[c] = (b2 != nullptr ? b2[c] : acc_t(0)) + dot(w2 + c * rd, h, rd);
+  sigmoid_in_place(gate, C);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_mlp_attention_cpu(const at::Tensor& x_in, const at::Tensor& w1,
@@ -658,7 +723,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_mlp_attention_cpu(const a
       mlp_gate_sample(a, pw1, pb1 != nullptr ? pb1 + n * b1_step : nullptr, pw2, pb2, C, rd, h.data(), g);
     };
     if (!per_sample_pays(x)) {
-      avg = std::get<0>(channel_pool_cpu(x));
+      avg = std::get<0>(pool(x, /*with_max=*/false));
       const acc_t* a = avg.const_data_ptr<acc_t>();
       acc_t* g = gate.data_ptr<acc_t>();
       for (int64_t n = 0; n < N; ++n) gate_fn(n, a + n * C, g + n * C);
@@ -666,10 +731,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_mlp_attention_cpu(const a
       return;
     }
     avg = at::empty({N, C}, opts);
-    at::Tensor max = at::empty({N, C}, opts);  // pooled alongside; SE's gate does not read it
     y = empty_like_layout(x);
     acc_t* a = avg.data_ptr<acc_t>();
-    attention_per_sample<scalar_t>(x, y, a, max.data_ptr<acc_t>(), gate.data_ptr<acc_t>(),
+    attention_per_sample<scalar_t>(x, y, a, /*max=*/nullptr, gate.data_ptr<acc_t>(),
                                    [&](int64_t n, acc_t* g) { gate_fn(n, a + n * C, g); });
   });
   return {y, avg, gate};

@@ -140,6 +140,15 @@ template <typename V>
 inline V vec_sigmoid(const V& v) {
   return V(1) / (V(1) + v.neg().exp());
 }
+// v[i] = sigmoid(v[i]) for n values in place: whole vectors by vec_sigmoid (a scalar exp per
+// channel was most of SE's per-sample gate), the tail by the scalar formula.
+template <typename acc_t>
+inline void sigmoid_in_place(acc_t* v, int64_t n) {
+  using V = at::vec::Vectorized<acc_t>;
+  int64_t i = 0;
+  for (; i + V::size() <= n; i += V::size()) vec_sigmoid(V::loadu(v + i)).store(v + i);
+  for (; i < n; ++i) v[i] = sigmoid(v[i]);
+}
 
 // relu and its gradient by torch's rule (docs/contract.md "NaN propagation"): relu(t) =
 // t < 0 ? 0 : t keeps a NaN, and the gradient (t <= 0) ? 0 : grad passes grad on where t is NaN.
