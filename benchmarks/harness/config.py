@@ -27,7 +27,10 @@ DEFAULT_SHAPES: Dict[str, str] = {
     "cpu": "4x512x28x28",
     "cuda": "32x256x56x56,128x1024x14x14",
 }
-DEFAULT_REPEATS: Dict[str, int] = {"cpu": 7, "cuda": 50}
+# CPU: 21 rounds. With 7, one module's median moved by 10-20% between runs on a 2-vCPU VM
+# (benchmarks/NOTES.md, session 20), more than the differences the table is read for; the
+# three times as many rounds add about 40 s to the default CPU table.
+DEFAULT_REPEATS: Dict[str, int] = {"cpu": 21, "cuda": 50}
 DTYPES: Dict[str, torch.dtype] = {
     "float32": torch.float32,
     "float16": torch.float16,
