@@ -178,6 +178,10 @@ def assign_data(m) -> None:
     m.bn[1].weight.data = m.bn[1].weight.data * 2  # new storage, same version counter
 
 
+def change_eps(m) -> None:
+    m.bn[0].eps = 0.25  # an attribute, not a tensor
+
+
 def training_step(m) -> None:
     torch.manual_seed(7)  # the same batch for the fused and the reference module
     x, bridges = inputs(*SMALL, "nchw", torch.float64, "cpu")
@@ -185,7 +189,7 @@ def training_step(m) -> None:
     m.eval()
 
 
-@pytest.mark.parametrize("change", [change_in_place, optimizer_step, load_other_state, assign_data, training_step])
+@pytest.mark.parametrize("change", [change_in_place, optimizer_step, load_other_state, assign_data, change_eps, training_step])
 def test_eval_fold_is_kept_until_a_weight_or_stat_changes(monkeypatch, change) -> None:
     """Without autograd the folded weights are computed once and kept; a change to a weight or
     running stat made in any of the usual ways is seen, and the output stays the reference's.

@@ -68,7 +68,8 @@ class Bridge(FusedModule, reference.Bridge):
         shared (rd,) bias without. The bridges' means are taken in acc(x) (torch's mean: one read)."""
         acc = accumulate_dtype(x.dtype)
         sources = module_tensors([*self.proj, *self.bn])
-        w1, w_bridges, b = cached_while_unchanged(self, "_folded_weights", acc, sources, lambda: self.folded_weights(acc))
+        key = (acc, *(bn.eps for bn in self.bn))  # eps is a plain attribute: no version counter
+        w1, w_bridges, b = cached_while_unchanged(self, "_folded_weights", key, sources, lambda: self.folded_weights(acc))
         if not bridges:
             return w1, b
         means = torch.cat([t.mean((2, 3), dtype=acc) for t in bridges], dim=1)
