@@ -139,8 +139,51 @@ def test_small_blocks(dtype, groups, monkeypatch):
     """H*W = 35: 3 pixel blocks per sample and 3 softmax row blocks; C = 10: 3 chunks (a group
     of 5 channels crosses chunk ends); 6 tiles in 3 splits."""
     small_blocks(monkeypatch)
-    assert T._blocks(10, 35) == (16, 4, 16) and T._splits(6, 3, torch.device(DEVICE)) == 3
+    assert T._tiles(10, 35, T._rule_elements(35)) == (4, 16) and T._row_block(35) == 16
+    assert T._splits(6, 3, torch.device(DEVICE)) == 3
     compare(make_inputs((2, 10, 5, 7, groups), dtype, "channels_last"))
+
+
+MEASURED_SITES = ("softmax_spatial.logits", "softmax_spatial.apply",
+                  "softmax_spatial_backward.grad_logits", "softmax_spatial_backward.grad_x")
+
+
+@pytest.mark.parametrize("fastest", [1, 2], ids=["half_tile", "double_tile"])
+def test_measured_tile_configurations_match_the_reference(monkeypatch, fastest):
+    """Where launches are measured (GPUs; a fake clock here), each of the four tiled launches
+    times every candidate (the rule's 16 channels per tile, 8, 32) once per shape and map
+    count and runs the fastest: the outputs and gradients stay the reference's, a known shape
+    times nothing, and explain() names each choice with its key."""
+    from attnkernels import choose
+    from attnkernels.triton import _common
+
+    monkeypatch.setenv(choose.ENV_MODE, "measure")
+    monkeypatch.delenv(choose.ENV_FILE, raising=False)
+    monkeypatch.setattr(_common, "_measures_launches", lambda device: True)
+    shape = (2, 20, 9, 8, 2)  # two pixel blocks; 2, 3 or 1 channel blocks by candidate
+    configs = list(_common._tile_candidates(lambda e: T._tiles(20, 72, e), T._rule_elements(72), T._tile_warps))
+    assert configs == ["16x64/4w", "8x64/4w", "32x64/8w"]
+    timed: list[str] = []
+
+    def fake_time(name, run, device):
+        run()
+        timed.append(name)
+        return 1e-4 if name == configs[fastest] else 1e-3
+
+    monkeypatch.setattr(_common, "_time_launch", fake_time)
+    choose.clear()
+    try:
+        inputs = make_inputs(shape, F32, "nchw")
+        compare(inputs)
+        assert set(timed) == set(configs)
+        made = choose.explain()
+        for site in MEASURED_SITES:
+            assert f"triton.{site} [float32 2 20 9 8 nchw 2]: {configs[fastest]} (measured" in made
+        timed.clear()
+        compare(inputs)
+        assert timed == []  # a known key is a lookup
+    finally:
+        choose.clear()
 
 
 def test_weights_in_another_dtype():

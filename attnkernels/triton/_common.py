@@ -153,21 +153,23 @@ LAUNCH_EVERY_CANDIDATE = False
 
 
 def _launch_measured(site: str, x: torch.Tensor, tiles: Callable[[int], tuple[int, int]], tile: int,
-                     warps: Callable[[int, int], int], launch: Callable[..., Any]) -> Any:
+                     warps: Callable[[int, int], int], launch: Callable[..., Any], params: tuple = ()) -> Any:
     """`launch(block_c=, block_hw=, num_warps=)` of one kernel over x's [BLOCK_C, BLOCK_HW] tiles,
     and its result, in one of `_tile_candidates(tiles, tile, warps)`: on a GPU, the one
     `attnkernels.choose` measures fastest the first time x's shape is seen at `site` (Triton's
     autotune, with the library's chooser: interleaved rounds, a fixed winner per key,
     `choose.explain()`, the choices file, static mode); under the interpreter, tracing or static
-    mode, the static rule's (`tiles(tile)`). The candidates run on the real arguments: an op
-    measured this way only writes its outputs (buffers whose shape depends on the configuration,
-    such as per-block partials, are made inside `launch`), and the winner's launch comes last.
+    mode, the static rule's (`tiles(tile)`). The key is x's dtype, shape and layout, then
+    `params` (what else sets the cost: softmax_spatial's map count). The candidates run on the
+    real arguments: an op measured this way only writes its outputs (buffers whose shape
+    depends on the configuration, such as per-block partials, are made inside `launch`), and
+    the winner's launch comes last.
 
     The candidates are listed only when a choice is made: a launch pays the rule (where nothing
     is measured) or a dict lookup of the winner, not three block-size rules per call."""
     if not LAUNCH_EVERY_CANDIDATE and not (_measures_launches(x.device) and choose.current_mode() == "measure"):
         return launch(**_tile_config(tiles, tile, warps)[1])
-    site, key = f"triton.{site}", _shape_key(x)
+    site, key = f"triton.{site}", (*_shape_key(x), *params)
     known = choose.answered(site, key)
     if known in _TILE_CONFIGS:
         return launch(**_TILE_CONFIGS[known])

@@ -29,6 +29,10 @@ Kernels (all deterministic: no atomics, every reduction in a fixed order):
     strided set of (n, pixel block) tiles into that split's partials; 5. one sum over the
     splits, in order (`_common._sum_partials`).
 
+The four [BLOCK_C, BLOCK_P]-tiled launches over x (forward steps 1 and 3, backward steps 1 and
+3) take their tile from `_launch_tiles`: on a GPU measured once per shape among the static rule
+and half and twice its channels per tile; the weight gradients keep the rule's tile.
+
 On a machine without a GPU set TRITON_INTERPRET=1 before importing this module; the ops then run
 on CPU tensors under the Triton interpreter.
 """
@@ -40,8 +44,8 @@ from ..ops import register_hot_path
 from ..ops._common import empty_like_layout
 from ..ops.softmax_spatial import check_softmax_spatial, check_softmax_spatial_backward
 from ..reference.formulas import accumulate_dtype
-from ._common import _acc_vector, _in_acc, _like_param, _nonempty, _op_registrar, _pixel_strides, _pow2, _splits, \
-    _sum_partials, _tile
+from ._common import _acc_vector, _in_acc, _launch_measured, _like_param, _nonempty, _op_registrar, _pixel_strides, \
+    _pow2, _splits, _sum_partials, _tile
 from ._compat import wrap_triton
 
 HOT_PATH = "softmax_spatial"
@@ -49,15 +53,44 @@ HOT_PATH = "softmax_spatial"
 __all__ = ["softmax_spatial", "softmax_spatial_backward"]
 
 # Module attributes, so tests can force many small blocks: pixels per tile, channels per chunk
-# (tiles of BLOCK_C x BLOCK_P values), and the row block of the softmax passes.
+# (tiles of BLOCK_C x BLOCK_P values: the static rule's; a GPU also measures half and twice the
+# channels, `_launch_tiles`), and the row block of the softmax passes.
 _BLOCK_P = 64
 _BLOCK_C = 16
 _BLOCK_ROW = 1024
 
 
-def _blocks(c: int, hw: int) -> tuple[int, int, int]:
-    """(BLOCK_P, BLOCK_C, BLOCK_ROW), powers of two no larger than needed."""
-    return min(_pow2(hw), _BLOCK_P), min(_pow2(c), _BLOCK_C), min(_pow2(hw), _BLOCK_ROW)
+def _tiles(c: int, hw: int, elements: int) -> tuple[int, int]:
+    """(BLOCK_C, BLOCK_P) of a tile of `elements` values at most: min(H*W, _BLOCK_P) pixels
+    (powers of two), the rest channels, no more than C needs."""
+    block_p = min(_pow2(hw), _BLOCK_P)
+    return min(_pow2(c), max(1, elements // block_p)), block_p
+
+
+def _rule_elements(hw: int) -> int:
+    """The static rule's tile size: _BLOCK_C channels of min(H*W, _BLOCK_P) pixels."""
+    return _BLOCK_C * min(_pow2(hw), _BLOCK_P)
+
+
+def _launch_tiles(site: str, x: torch.Tensor, maps: int, launch) -> None:
+    """`launch(block_c=, block_hw=, num_warps=)` of one of the [BLOCK_C, BLOCK_P]-tiled kernels
+    over x (BLOCK_HW is BLOCK_P), in the configuration a GPU measured fastest for this site,
+    x's shape, dtype and layout and the map count (`_common._launch_measured`); the static
+    rule's (`_BLOCK_C` channels) under the interpreter, tracing and static mode."""
+    c, hw = x.shape[1], x.shape[2] * x.shape[3]
+    _launch_measured(site, x, lambda elements: _tiles(c, hw, elements), _rule_elements(hw), _tile_warps, launch,
+                     params=(maps,))
+
+
+def _tile_warps(block_c: int, block_p: int) -> int:
+    """4 warps up to 1024 values per tile (the rule's 16 x 64: 8 per thread), 8 beyond (at 4,
+    the group sum's 32 x 64 tile spilled on sm_90)."""
+    return 4 if block_c * block_p <= 1024 else 8
+
+
+def _row_block(hw: int) -> int:
+    """BLOCK_ROW of the softmax passes: a power of two no larger than needed."""
+    return min(_pow2(hw), _BLOCK_ROW)
 
 
 # ----------------------------------------------------------------------------------------
@@ -236,17 +269,24 @@ def softmax_spatial(
     a = torch.empty((n, g, h, w), dtype=acc, device=x.device)
     (x, sx), (_, so) = _pixel_strides(x), _pixel_strides(y)
     wa, ba = _acc_vector(weight, acc), _acc_vector(bias, acc)
-    block_p, block_c, block_row = _blocks(c, hw)
-    num_pb, num_cb = triton.cdiv(hw, block_p), triton.cdiv(c, block_c)
-    wrap_triton(_group_sum_kernel)[(n * g * num_pb,)](
-        x, wa, ba, x, a, c, c // g, hw, num_pb, g, *sx, *sx, 1.0,
-        LOGITS=True, BLOCK_P=block_p, BLOCK_C=block_c,
-    )
-    wrap_triton(_softmax_rows_kernel)[(n * g,)](a, hw, BLOCK=block_row)
-    wrap_triton(_elementwise_kernel)[(n * num_cb * num_pb,)](
-        x, a, wa, a, y, c, c // g, hw, num_pb, num_cb, g, *sx, *so, _scale(hw, rescale),
-        BACKWARD=False, BLOCK_P=block_p, BLOCK_C=block_c,
-    )
+
+    def logits(block_c: int, block_hw: int, num_warps: int) -> None:
+        num_pb = triton.cdiv(hw, block_hw)
+        wrap_triton(_group_sum_kernel)[(n * g * num_pb,)](
+            x, wa, ba, x, a, c, c // g, hw, num_pb, g, *sx, *sx, 1.0,
+            LOGITS=True, BLOCK_P=block_hw, BLOCK_C=block_c, num_warps=num_warps,
+        )
+
+    def apply(block_c: int, block_hw: int, num_warps: int) -> None:
+        num_pb, num_cb = triton.cdiv(hw, block_hw), triton.cdiv(c, block_c)
+        wrap_triton(_elementwise_kernel)[(n * num_cb * num_pb,)](
+            x, a, wa, a, y, c, c // g, hw, num_pb, num_cb, g, *sx, *so, _scale(hw, rescale),
+            BACKWARD=False, BLOCK_P=block_hw, BLOCK_C=block_c, num_warps=num_warps,
+        )
+
+    _launch_tiles("softmax_spatial.logits", x, g, logits)
+    wrap_triton(_softmax_rows_kernel)[(n * g,)](a, hw, BLOCK=_row_block(hw))
+    _launch_tiles("softmax_spatial.apply", x, g, apply)
     return y, a
 
 
@@ -265,22 +305,31 @@ def softmax_spatial_backward(
     grad_x = empty_like_layout(x)
     (gy, sg), (x, sx), (_, so) = _pixel_strides(grad_y), _pixel_strides(x), _pixel_strides(grad_x)
     wa = _acc_vector(weight, acc)
-    block_p, block_c, block_row = _blocks(c, hw)
-    num_pb, num_cb = triton.cdiv(hw, block_p), triton.cdiv(c, block_c)
     s = _scale(hw, rescale)
 
     # 1. dA, 2. dL in place.
     dl = torch.empty((n, g, hw), dtype=acc, device=x.device)
-    wrap_triton(_group_sum_kernel)[(n * g * num_pb,)](
-        x, wa, wa, gy, dl, c, c // g, hw, num_pb, g, *sx, *sg, s,
-        LOGITS=False, BLOCK_P=block_p, BLOCK_C=block_c,
-    )
-    wrap_triton(_softmax_grad_rows_kernel)[(n * g,)](a, dl, hw, BLOCK=block_row)
+
+    def grad_logits(block_c: int, block_hw: int, num_warps: int) -> None:
+        num_pb = triton.cdiv(hw, block_hw)
+        wrap_triton(_group_sum_kernel)[(n * g * num_pb,)](
+            x, wa, wa, gy, dl, c, c // g, hw, num_pb, g, *sx, *sg, s,
+            LOGITS=False, BLOCK_P=block_hw, BLOCK_C=block_c, num_warps=num_warps,
+        )
+
+    def grad_input(block_c: int, block_hw: int, num_warps: int) -> None:
+        num_pb, num_cb = triton.cdiv(hw, block_hw), triton.cdiv(c, block_c)
+        wrap_triton(_elementwise_kernel)[(n * num_cb * num_pb,)](
+            gy, a, wa, dl, grad_x, c, c // g, hw, num_pb, num_cb, g, *sg, *so, s,
+            BACKWARD=True, BLOCK_P=block_hw, BLOCK_C=block_c, num_warps=num_warps,
+        )
+
+    _launch_tiles("softmax_spatial_backward.grad_logits", x, g, grad_logits)
+    wrap_triton(_softmax_grad_rows_kernel)[(n * g,)](a, dl, hw, BLOCK=_row_block(hw))
     # 3. grad_x.
-    wrap_triton(_elementwise_kernel)[(n * num_cb * num_pb,)](
-        gy, a, wa, dl, grad_x, c, c // g, hw, num_pb, num_cb, g, *sg, *so, s,
-        BACKWARD=True, BLOCK_P=block_p, BLOCK_C=block_c,
-    )
+    _launch_tiles("softmax_spatial_backward.grad_x", x, g, grad_input)
+    block_c, block_p = _tiles(c, hw, _rule_elements(hw))  # the weight gradients' tiles: the rule's
+    num_pb, num_cb = triton.cdiv(hw, block_p), triton.cdiv(c, block_c)
     # 4. per-split partial weight gradients, 5. their sum in order.
     num_tiles = n * num_pb
     num_splits = _splits(num_tiles, g * num_cb, x.device)
