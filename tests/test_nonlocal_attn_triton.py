@@ -127,6 +127,41 @@ def small_tiles(monkeypatch):
         monkeypatch.setattr(T, name, value)
 
 
+@pytest.mark.parametrize("fastest", [1, 2], ids=["half_queries", "half_keys"])
+def test_measured_forward_configurations_match_the_reference(monkeypatch, fastest):
+    """Where launches are measured (GPUs; a fake clock here), the forward times each candidate
+    (the rule's blocks, half the query block, half the key block) once per shape and D_qk and
+    runs the fastest: outputs and gradients stay the reference's, a known shape times nothing,
+    and explain() names the choice."""
+    from attnkernels import choose
+    from attnkernels.triton import _common
+
+    monkeypatch.setenv(choose.ENV_MODE, "measure")
+    monkeypatch.delenv(choose.ENV_FILE, raising=False)
+    monkeypatch.setattr(_common, "_measures_launches", lambda device: True)
+    inputs = make_inputs((2, 18, 33, 9, 8), F64, "nchw")
+    configs = list(T._forward_candidates(inputs[3], 72, 33))
+    assert configs == ["m32n32dv32/8w", "m16n32dv32/8w", "m32n16dv32/8w"]
+    timed: list[str] = []
+
+    def fake_time(name, run, device):
+        run()
+        timed.append(name)
+        return 1e-4 if name == configs[fastest] else 1e-3
+
+    monkeypatch.setattr(_common, "_time_launch", fake_time)
+    choose.clear()
+    try:
+        compare(inputs)
+        assert set(timed) == set(configs)
+        assert f"triton.nonlocal_attn [float64 2 33 9 8 nchw 18]: {configs[fastest]} (measured" in choose.explain()
+        timed.clear()
+        compare(inputs)
+        assert timed == []  # a known key is a lookup
+    finally:
+        choose.clear()
+
+
 @pytest.fixture(params=["default_tiles", "small_tiles"])
 def tiles(request, monkeypatch):
     """Small tiles force many query/key blocks, D_qk chunks (no single q tile), D_v chunks

@@ -155,25 +155,35 @@ LAUNCH_EVERY_CANDIDATE = False
 def _launch_measured(site: str, x: torch.Tensor, tiles: Callable[[int], tuple[int, int]], tile: int,
                      warps: Callable[[int, int], int], launch: Callable[..., Any], params: tuple = ()) -> Any:
     """`launch(block_c=, block_hw=, num_warps=)` of one kernel over x's [BLOCK_C, BLOCK_HW] tiles,
-    and its result, in one of `_tile_candidates(tiles, tile, warps)`: on a GPU, the one
-    `attnkernels.choose` measures fastest the first time x's shape is seen at `site` (Triton's
-    autotune, with the library's chooser: interleaved rounds, a fixed winner per key,
-    `choose.explain()`, the choices file, static mode); under the interpreter, tracing or static
-    mode, the static rule's (`tiles(tile)`). The key is x's dtype, shape and layout, then
-    `params` (what else sets the cost: softmax_spatial's map count). The candidates run on the
-    real arguments: an op measured this way only writes its outputs (buffers whose shape
-    depends on the configuration, such as per-block partials, are made inside `launch`), and
-    the winner's launch comes last.
+    and its result, in one of `_tile_candidates(tiles, tile, warps)` (`_launch_choice`): the
+    static rule's tile `tiles(tile)`, and on a GPU half and twice its elements, measured."""
+    return _launch_choice(site, x, lambda: _tile_config(tiles, tile, warps),
+                          lambda: _tile_candidates(tiles, tile, warps), launch, params)
+
+
+def _launch_choice(site: str, x: torch.Tensor, rule: Callable[[], tuple[str, dict[str, int]]],
+                   candidates: Callable[[], dict[str, dict[str, int]]], launch: Callable[..., Any],
+                   params: tuple = ()) -> Any:
+    """`launch(**config)` and its result, in one of `candidates()` (name -> launch parameters,
+    the static rule's `rule()` first): on a GPU, the one `attnkernels.choose` measures fastest
+    the first time x's shape is seen at `site` (Triton's autotune, with the library's chooser:
+    interleaved rounds, a fixed winner per key, `choose.explain()`, the choices file, static
+    mode); under the interpreter, tracing or static mode, the rule's. The key is x's dtype,
+    shape and layout, then `params` (what else sets the cost: softmax_spatial's map count).
+    The candidates run on the real arguments: an op measured this way only writes its outputs
+    (buffers whose shape depends on the configuration, such as per-block partials, are made
+    inside `launch`), and the winner's launch comes last.
 
     The candidates are listed only when a choice is made: a launch pays the rule (where nothing
-    is measured) or a dict lookup of the winner, not three block-size rules per call."""
+    is measured) or a dict lookup of the winner, not the candidates' rules per call."""
     if not LAUNCH_EVERY_CANDIDATE and not (_measures_launches(x.device) and choose.current_mode() == "measure"):
-        return launch(**_tile_config(tiles, tile, warps)[1])
+        return launch(**rule()[1])
     site, key = f"triton.{site}", (*_shape_key(x), *params)
     known = choose.answered(site, key)
     if known in _TILE_CONFIGS:
         return launch(**_TILE_CONFIGS[known])
-    configs = _tile_candidates(tiles, tile, warps)
+    configs = candidates()
+    _TILE_CONFIGS.update(configs)
     names = tuple(configs)
     if LAUNCH_EVERY_CANDIDATE:
         for name in names[1:]:
@@ -195,8 +205,9 @@ def _shape_key(x: torch.Tensor) -> tuple:
     return (str(x.dtype).removeprefix("torch."), n, c, h, w, layout)
 
 
-# name -> launch parameters of every tile configuration listed so far. A name spells out its
-# parameters, so the table never goes stale; the winner `choose` remembers is looked up here.
+# name -> launch parameters of every configuration listed so far. A name spells out its
+# parameters (and names of different kernels' configurations differ in form), so the table never
+# goes stale; the winner `choose` remembers is looked up here.
 _TILE_CONFIGS: dict[str, dict[str, int]] = {}
 
 
@@ -219,7 +230,6 @@ def _tile_candidates(tiles: Callable[[int], tuple[int, int]], tile: int,
     for elements in (tile, tile // 2, tile * 2):
         name, params = _tile_config(tiles, elements, warps)
         configs.setdefault(name, params)
-    _TILE_CONFIGS.update(configs)
     return configs
 
 

@@ -66,10 +66,12 @@ from ..ops._common import empty_like_layout
 from ..ops.nonlocal_attn import check_nonlocal_attn, check_nonlocal_attn_backward
 from ..reference.formulas import accumulate_dtype
 from ._common import (
+    _MIN_DOT_BLOCK,
     _acc_vector,
     _div,
     _dot_block,
     _in_acc,
+    _launch_choice,
     _like_param,
     _min_programs,
     _nonempty,
@@ -159,6 +161,27 @@ def _forward_blocks(x: torch.Tensor, hw: int, dv: int) -> tuple[int, int, int]:
     while bdv > 64 and n * triton.cdiv(hw, bm) * triton.cdiv(dv, bdv) < min_programs:
         bdv //= 2
     return bm, bn, bdv
+
+
+def _forward_config(dtype: torch.dtype, bm: int, bn: int, bdv: int) -> tuple[str, dict[str, int]]:
+    """A forward launch configuration: its name (as `choose.explain()` lists it) and parameters."""
+    warps = _dot_warps(dtype, bm * bdv, bm * bn)
+    return f"m{bm}n{bn}dv{bdv}/{warps}w", {"bm": bm, "bn": bn, "bdv": bdv, "num_warps": warps}
+
+
+def _forward_candidates(x: torch.Tensor, hw: int, dv: int) -> dict[str, dict[str, int]]:
+    """The forward configurations a GPU measures: the rule's (`_forward_blocks`), then half
+    the query block (twice the programs, a smaller accumulator) and half the key block (smaller
+    S and P tiles, more loop trips), where tl.dot allows them. Only smaller tiles: the rule's are
+    the largest that fit, and a twice-as-long key block went over sm_90's shared memory at half
+    precision (`make triton-aot`)."""
+    bm, bn, bdv = _forward_blocks(x, hw, dv)
+    blocks = [(bm, bn, bdv)]
+    if bm // 2 >= _MIN_DOT_BLOCK:
+        blocks.append((bm // 2, bn, bdv))
+    if bn // 2 >= _MIN_DOT_BLOCK:
+        blocks.append((bm, bn // 2, bdv))
+    return dict(_forward_config(x.dtype, *b) for b in blocks)
 
 
 def _backward_blocks(v: torch.Tensor, hw: int, dv: int, num_db: int) -> tuple[int, int, int, int]:
@@ -520,16 +543,21 @@ def nonlocal_attn(
     _, so = _pixel_strides(y)
     g = _acc_vector(gamma, acc)
 
-    bm, bn, bdv = _forward_blocks(x, hw, dv)
     bdqk, one_dqk = _dqk_block(dqk, x.dtype)
-    num_mb, num_cb = triton.cdiv(hw, bm), triton.cdiv(dv, bdv)
-    wrap_triton(_forward_kernel)[(n * num_cb * num_mb,)](
-        q, k, v, x, g, y, out, lse,
-        hw, dqk, dv, num_mb, num_cb,
-        *sq, *sk, *sv, *sx, *so,
-        ONE_DQK=one_dqk, BLOCK_M=bm, BLOCK_N=bn, BLOCK_DQK=bdqk, BLOCK_DV=bdv,
-        IP=_precision(x.dtype), num_warps=_dot_warps(x.dtype, bm * bdv, bm * bn),
-    )
+
+    def launch(bm: int, bn: int, bdv: int, num_warps: int) -> None:
+        num_mb, num_cb = triton.cdiv(hw, bm), triton.cdiv(dv, bdv)
+        wrap_triton(_forward_kernel)[(n * num_cb * num_mb,)](
+            q, k, v, x, g, y, out, lse,
+            hw, dqk, dv, num_mb, num_cb,
+            *sq, *sk, *sv, *sx, *so,
+            ONE_DQK=one_dqk, BLOCK_M=bm, BLOCK_N=bn, BLOCK_DQK=bdqk, BLOCK_DV=bdv,
+            IP=_precision(x.dtype), num_warps=num_warps,
+        )
+
+    # The tile configuration: on a GPU measured once per shape and D_qk (`_launch_choice`).
+    _launch_choice("nonlocal_attn", x, lambda: _forward_config(x.dtype, *_forward_blocks(x, hw, dv)),
+                   lambda: _forward_candidates(x, hw, dv), launch, params=(dqk,))
     return y, out, lse
 
 
