@@ -131,6 +131,45 @@ def test_small_blocks(dtype, monkeypatch):
     compare(make_inputs((2, 40, 5, 7, 5), dtype, "channels_last"))
 
 
+@pytest.mark.parametrize("fastest", [1, 2], ids=["half_pixels", "half_channels"])
+def test_measured_configurations_match_the_reference(monkeypatch, fastest):
+    """Where launches are measured (GPUs; a fake clock here), the forward and backward's grad_x
+    launch each time every candidate (the rule's blocks, half the pixel block, half the channel
+    chunk) once per shape and rd and run the fastest: x1 and every gradient stay the
+    reference's (h and dh are per pixel, whatever grad_x's tiles), a known shape times nothing,
+    and explain() names both choices."""
+    from attnkernels import choose
+    from attnkernels.triton import _common
+
+    monkeypatch.setenv(choose.ENV_MODE, "measure")
+    monkeypatch.delenv(choose.ENV_FILE, raising=False)
+    monkeypatch.setattr(_common, "_measures_launches", lambda device: True)
+    inputs = make_inputs((2, 40, 9, 8, 5), F32, "nchw")
+    forward = ["p64c32r16/4w", "p32c32r16/4w", "p64c16r16/4w"]
+    grad_x = [name.replace("/4w", "/8w") for name in forward]  # the backward kernels run 8 warps
+    assert list(T._candidates(inputs[0], 5, lambda block_p, block_r: _common._warps(block_p * block_r))) == forward
+    timed: list[str] = []
+
+    def fake_time(name, run, device):
+        run()
+        timed.append(name)
+        return 1e-4 if name in (forward[fastest], grad_x[fastest]) else 1e-3
+
+    monkeypatch.setattr(_common, "_time_launch", fake_time)
+    choose.clear()
+    try:
+        compare(inputs)
+        assert set(timed) == set(forward) | set(grad_x)
+        made = choose.explain()
+        assert f"triton.gam_channel [float32 2 40 9 8 nchw 5]: {forward[fastest]} (measured" in made
+        assert f"triton.gam_channel_backward.grad_x [float32 2 40 9 8 nchw 5]: {grad_x[fastest]} (measured" in made
+        timed.clear()
+        compare(inputs)
+        assert timed == []  # a known key is a lookup
+    finally:
+        choose.clear()
+
+
 def test_wide_rd():
     """rd = 300 (BLOCK_R 512): the [BLOCK_P, rd] tiles stay within _MAX_HIDDEN_TILE; and
     rd = 40 > C = 20 (BLOCK_R 64 over a single 16-pixel block) computes right."""

@@ -40,6 +40,10 @@ Kernels (all deterministic: no atomics, every reduction in a fixed order):
          register accumulators are written once per program as that split's partials.
       3. one sum over the splits, in order (`_common._sum_partials`).
 
+The forward and the backward's grad_x launch take their blocks from `_launch_blocks`: on a GPU
+measured once per shape and rd among the rule's, half the pixel block and half the channel
+chunk; the weight gradients keep the rule's.
+
 On a machine without a GPU set TRITON_INTERPRET=1 before importing this module; the ops
 then run on CPU tensors under the Triton interpreter.
 """
@@ -52,8 +56,10 @@ from ..ops._common import empty_like_layout
 from ..ops.gam_channel import check_gam_channel, check_gam_channel_backward
 from ..reference.formulas import accumulate_dtype
 from ._common import (
+    _MIN_DOT_BLOCK,
     _acc_vector,
     _dot_block,
+    _launch_choice,
     _like_param,
     _nonempty,
     _op_registrar,
@@ -96,6 +102,38 @@ def _blocks(x: torch.Tensor, rd: int) -> tuple[int, int, int]:
     block_p = _dot_block(h * w, min(_BLOCK_P[x.dtype], _MAX_HIDDEN_TILE // block_r))
     block_c = _dot_block(c, _BLOCK_C[x.dtype])
     return block_p, block_c, block_r
+
+
+def _config(block_p: int, block_c: int, block_r: int, num_warps: int) -> tuple[str, dict[str, int]]:
+    """A launch configuration: its name (as `choose.explain()` lists it) and parameters."""
+    return (f"p{block_p}c{block_c}r{block_r}/{num_warps}w",
+            {"block_p": block_p, "block_c": block_c, "block_r": block_r, "num_warps": num_warps})
+
+
+def _candidates(x: torch.Tensor, rd: int, warps) -> dict[str, dict[str, int]]:
+    """The configurations a GPU measures for a per-(n, pixel block) kernel: the rule's
+    (`_blocks`), then half the pixel block (twice the programs, for maps too small to fill the
+    GPU) and half the channel chunk (smaller x and weight tiles per loop step), where tl.dot
+    allows them. Only smaller tiles: the rule's are the largest that compile without spills.
+    `warps(block_p, block_r)` gives each one's num_warps."""
+    block_p, block_c, block_r = _blocks(x, rd)
+    blocks = [(block_p, block_c)]
+    if block_p // 2 >= _MIN_DOT_BLOCK:
+        blocks.append((block_p // 2, block_c))
+    if block_c // 2 >= _MIN_DOT_BLOCK:
+        blocks.append((block_p, block_c // 2))
+    return dict(_config(p, c, block_r, warps(p, block_r)) for p, c in blocks)
+
+
+def _launch_blocks(site: str, x: torch.Tensor, rd: int, warps, launch) -> None:
+    """`launch(block_p=, block_c=, block_r=, num_warps=)` in the configuration measured fastest
+    on a GPU for this site, x's shape, dtype and layout and rd (`_common._launch_choice`); the
+    rule's (the first candidate) under the interpreter, tracing and static mode."""
+    def rule() -> tuple[str, dict[str, int]]:
+        block_p, block_c, block_r = _blocks(x, rd)
+        return _config(block_p, block_c, block_r, warps(block_p, block_r))
+
+    _launch_choice(site, x, rule, lambda: _candidates(x, rd, warps), launch, params=(rd,))
 
 
 # ----------------------------------------------------------------------------------------
@@ -285,14 +323,16 @@ def gam_channel(
     x1 = empty_like_layout(x)
     (x, sx), (_, so) = _pixel_strides(x), _pixel_strides(x1)
     w1a, b1a, w2a, b2a = (_acc_vector(t, acc) for t in (w1, b1, w2, b2))
-    block_p, block_c, block_r = _blocks(x, rd)
-    num_pb = triton.cdiv(h * w, block_p)
-    wrap_triton(_forward_kernel)[(n * num_pb,)](
-        x, w1a, b1a, w2a, b2a, x1,
-        c, rd, h * w, num_pb, *sx, *so,
-        BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_R=block_r, IP=_precision(x.dtype),
-        num_warps=_warps(block_p * block_r),
-    )
+
+    def launch(block_p: int, block_c: int, block_r: int, num_warps: int) -> None:
+        num_pb = triton.cdiv(h * w, block_p)
+        wrap_triton(_forward_kernel)[(n * num_pb,)](
+            x, w1a, b1a, w2a, b2a, x1,
+            c, rd, h * w, num_pb, *sx, *so,
+            BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_R=block_r, IP=_precision(x.dtype), num_warps=num_warps,
+        )
+
+    _launch_blocks("gam_channel", x, rd, lambda block_p, block_r: _warps(block_p * block_r), launch)
     return x1
 
 
@@ -325,14 +365,18 @@ def gam_channel_backward(
     # (sm_80); at 8 warps they spill nothing (fp32) or under 100 B.
     warps = _BACKWARD_WARPS
 
-    # 1. grad_x, and h, dh for the weight gradients.
+    # 1. grad_x, and h, dh for the weight gradients (per pixel: whatever launch 1's tiles).
     hid = torch.empty((n * hw, rd), dtype=acc, device=x.device)
     dhid = torch.empty((n * hw, rd), dtype=acc, device=x.device)
-    wrap_triton(_grad_x_kernel)[(n * num_pb,)](
-        gy, x, w1a, b1a, w2a, b2a, grad_x, hid, dhid,
-        c, rd, hw, num_pb, *sg, *sx, *so,
-        BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_R=block_r, IP=ip, num_warps=warps,
-    )
+
+    def launch(block_p: int, block_c: int, block_r: int, num_warps: int) -> None:
+        wrap_triton(_grad_x_kernel)[(n * triton.cdiv(hw, block_p),)](
+            gy, x, w1a, b1a, w2a, b2a, grad_x, hid, dhid,
+            c, rd, hw, triton.cdiv(hw, block_p), *sg, *sx, *so,
+            BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_R=block_r, IP=ip, num_warps=num_warps,
+        )
+
+    _launch_blocks("gam_channel_backward.grad_x", x, rd, lambda block_p, block_r: warps, launch)
 
     # 2. per-split partial weight gradients, 3. their sum in order.
     num_cb = triton.cdiv(c, block_c)
