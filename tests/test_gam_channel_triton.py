@@ -25,6 +25,7 @@ from triton_cases import (
     dtype_id,
     expected_format,
     make_t,
+    measured_launches,
     ops,
     shape_id,
     small_reductions,
@@ -141,23 +142,11 @@ def test_measured_configurations_match_the_reference(monkeypatch, fastest):
     from attnkernels import choose
     from attnkernels.triton import _common
 
-    monkeypatch.setenv(choose.ENV_MODE, "measure")
-    monkeypatch.delenv(choose.ENV_FILE, raising=False)
-    monkeypatch.setattr(_common, "_measures_launches", lambda device: True)
     inputs = make_inputs((2, 40, 9, 8, 5), F32, "nchw")
     forward = ["p64c32r16/4w", "p32c32r16/4w", "p64c16r16/4w"]
     grad_x = [name.replace("/4w", "/8w") for name in forward]  # the backward kernels run 8 warps
     assert list(T._candidates(inputs[0], 5, lambda block_p, block_r: _common._warps(block_p * block_r))) == forward
-    timed: list[str] = []
-
-    def fake_time(name, run, device):
-        run()
-        timed.append(name)
-        return 1e-4 if name in (forward[fastest], grad_x[fastest]) else 1e-3
-
-    monkeypatch.setattr(_common, "_time_launch", fake_time)
-    choose.clear()
-    try:
+    with measured_launches(monkeypatch, {forward[fastest], grad_x[fastest]}) as timed:
         compare(inputs)
         assert set(timed) == set(forward) | set(grad_x)
         made = choose.explain()
@@ -166,8 +155,6 @@ def test_measured_configurations_match_the_reference(monkeypatch, fastest):
         timed.clear()
         compare(inputs)
         assert timed == []  # a known key is a lookup
-    finally:
-        choose.clear()
 
 
 def test_wide_rd():

@@ -23,6 +23,7 @@ from triton_cases import (
     dtype_id,
     expected_format,
     make_t,
+    measured_launches,
     ops,
     shape_id,
 )
@@ -134,32 +135,17 @@ def test_measured_forward_configurations_match_the_reference(monkeypatch, fastes
     runs the fastest: outputs and gradients stay the reference's, a known shape times nothing,
     and explain() names the choice."""
     from attnkernels import choose
-    from attnkernels.triton import _common
 
-    monkeypatch.setenv(choose.ENV_MODE, "measure")
-    monkeypatch.delenv(choose.ENV_FILE, raising=False)
-    monkeypatch.setattr(_common, "_measures_launches", lambda device: True)
     inputs = make_inputs((2, 18, 33, 9, 8), F64, "nchw")
     configs = list(T._forward_candidates(inputs[3], 72, 33))
     assert configs == ["m32n32dv32/8w", "m16n32dv32/8w", "m32n16dv32/8w"]
-    timed: list[str] = []
-
-    def fake_time(name, run, device):
-        run()
-        timed.append(name)
-        return 1e-4 if name == configs[fastest] else 1e-3
-
-    monkeypatch.setattr(_common, "_time_launch", fake_time)
-    choose.clear()
-    try:
+    with measured_launches(monkeypatch, {configs[fastest]}) as timed:
         compare(inputs)
         assert set(timed) == set(configs)
         assert f"triton.nonlocal_attn [float64 2 33 9 8 nchw 18]: {configs[fastest]} (measured" in choose.explain()
         timed.clear()
         compare(inputs)
         assert timed == []  # a known key is a lookup
-    finally:
-        choose.clear()
 
 
 @pytest.fixture(params=["default_tiles", "small_tiles"])

@@ -22,6 +22,7 @@ from triton_cases import (
     dtype_id,
     expected_format,
     make_t,
+    measured_launches,
     ops,
     shape_id,
     small_reductions,
@@ -33,6 +34,7 @@ from triton_cases import randn as _t
 from attnkernels import backend
 from attnkernels import nn as fused
 from attnkernels import reference as R
+from attnkernels.triton import _common
 from attnkernels.triton import softmax_spatial as T
 
 TOL = {F64: dict(rtol=1e-10, atol=1e-10), F32: dict(rtol=2e-4, atol=2e-5)}
@@ -155,25 +157,11 @@ def test_measured_tile_configurations_match_the_reference(monkeypatch, fastest):
     count and runs the fastest: the outputs and gradients stay the reference's, a known shape
     times nothing, and explain() names each choice with its key."""
     from attnkernels import choose
-    from attnkernels.triton import _common
 
-    monkeypatch.setenv(choose.ENV_MODE, "measure")
-    monkeypatch.delenv(choose.ENV_FILE, raising=False)
-    monkeypatch.setattr(_common, "_measures_launches", lambda device: True)
-    shape = (2, 20, 9, 8, 2)  # two pixel blocks; 2, 3 or 1 channel blocks by candidate
     configs = list(_common._tile_candidates(lambda e: T._tiles(20, 72, e), T._rule_elements(72), T._tile_warps))
     assert configs == ["16x64/4w", "8x64/4w", "32x64/8w"]
-    timed: list[str] = []
-
-    def fake_time(name, run, device):
-        run()
-        timed.append(name)
-        return 1e-4 if name == configs[fastest] else 1e-3
-
-    monkeypatch.setattr(_common, "_time_launch", fake_time)
-    choose.clear()
-    try:
-        inputs = make_inputs(shape, F32, "nchw")
+    inputs = make_inputs((2, 20, 9, 8, 2), F32, "nchw")  # two pixel blocks; 2, 3 or 1 channel blocks
+    with measured_launches(monkeypatch, {configs[fastest]}) as timed:
         compare(inputs)
         assert set(timed) == set(configs)
         made = choose.explain()
@@ -182,8 +170,6 @@ def test_measured_tile_configurations_match_the_reference(monkeypatch, fastest):
         timed.clear()
         compare(inputs)
         assert timed == []  # a known key is a lookup
-    finally:
-        choose.clear()
 
 
 def test_weights_in_another_dtype():

@@ -5,7 +5,9 @@ Triton interpreter on, which must happen before triton is first imported, and th
 run on CPU tensors (DEVICE "cpu", shapes kept tiny). Importing a kernel module registers its
 ops under torch.ops.attnkernels_triton, with their autograd and the hot path's composites.
 """
+import contextlib
 import os
+from collections.abc import Collection, Iterator
 
 import helpers
 import pytest
@@ -121,6 +123,32 @@ def small_reductions(monkeypatch):
 # ----------------------------------------------------------------------------------------
 # Checks
 # ----------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def measured_launches(monkeypatch, fastest: Collection[str]) -> Iterator[list[str]]:
+    """Launch configurations measured as on a GPU (`choose` in measure mode, no choices file),
+    on a fake clock: each candidate runs for real, those named in `fastest` take 0.1 ms and
+    the others 1 ms. Yields the list of the configuration names timed, in order; `choose`'s
+    memory is cleared before and after."""
+    from attnkernels import choose
+
+    monkeypatch.setenv(choose.ENV_MODE, "measure")
+    monkeypatch.delenv(choose.ENV_FILE, raising=False)
+    monkeypatch.setattr(_common, "_measures_launches", lambda device: True)
+    timed: list[str] = []
+
+    def fake_time(name, run, device):
+        run()
+        timed.append(name)
+        return 1e-4 if name in fastest else 1e-3
+
+    monkeypatch.setattr(_common, "_time_launch", fake_time)
+    choose.clear()
+    try:
+        yield timed
+    finally:
+        choose.clear()
+
+
 def expected_format(t):
     """The layout of an output that follows t: channels_last when t is channels_last-dense
     and not NCHW-contiguous, NCHW otherwise."""
