@@ -30,6 +30,7 @@ from triton_cases import (
     dtype_id,
     expected_format,
     make_t,
+    measured_launches,
     ops,
     shape_id,
     small_reductions,
@@ -224,6 +225,29 @@ def test_small_blocks(monkeypatch):
     small_blocks(monkeypatch)
     assert T._conv_blocks(F64, 35, 20, 18) == (16, 16, 16)
     check_conv(*conv_inputs(SMALL_BLOCKS_CASE, F64, "channels_last"))
+
+
+@pytest.mark.parametrize("fastest", [1, 2], ids=["half_pixels", "half_outputs"])
+def test_measured_conv_configurations_match_the_reference(monkeypatch, fastest):
+    """Where launches are measured (GPUs; a fake clock here), the forward conv times each
+    candidate (the rule's blocks, half the pixel block, half the output-channel block) once per
+    shape and conv and runs the fastest: every output and gradient stays the reference's, a
+    known shape times nothing, and explain() names the choice."""
+    from attnkernels import choose
+
+    case = Case(2, 20, 40, 9, 8, 3, prologue=True, gated=True)
+    configs = list(T._conv_candidates(F64, 72, 20, 40))
+    assert configs == ["p32ci16o32/4w", "p16ci16o32/4w", "p32ci16o16/4w"]
+    args, grad_z = conv_inputs(case, F64, "nchw")
+    with measured_launches(monkeypatch, {configs[fastest]}) as timed:
+        check_conv(args, grad_z)
+        assert set(timed) == set(configs)
+        made = choose.explain()
+        assert "triton.shuffle_conv [float64 2 20 9 8 nchw 40 3 1 1 " in made
+        assert f": {configs[fastest]} (measured" in made
+        timed.clear()
+        check_conv(args, grad_z)
+        assert timed == []  # a known key is a lookup
 
 
 def test_params_in_another_dtype():

@@ -74,10 +74,12 @@ from ..ops.shuffle_conv import (
 from ..reference._base import memory_format_of
 from ..reference.formulas import accumulate_dtype
 from ._common import (
+    _MIN_DOT_BLOCK,
     _acc_vector,
     _div,
     _dot_block,
     _hw_offsets,
+    _launch_choice,
     _like_param,
     _nchw_strides,
     _nonempty,
@@ -125,6 +127,27 @@ def _conv_blocks(dtype: torch.dtype, hw: int, cg: int, og: int) -> tuple[int, in
     """(BLOCK_P, BLOCK_CI, BLOCK_O)."""
     bp, bci, bo = _CONV_BLOCKS[dtype]
     return _dot_block(hw, bp), _dot_block(cg, bci), _dot_block(og, bo)
+
+
+def _conv_config(bp: int, bci: int, bo: int) -> tuple[str, dict[str, int]]:
+    """A forward conv launch configuration: its name (as `choose.explain()` lists it) and
+    parameters; num_warps by the [BLOCK_P, BLOCK_O] accumulator."""
+    warps = _warps(bp * bo)
+    return f"p{bp}ci{bci}o{bo}/{warps}w", {"bp": bp, "bci": bci, "bo": bo, "num_warps": warps}
+
+
+def _conv_candidates(dtype: torch.dtype, hw: int, cg: int, og: int) -> dict[str, dict[str, int]]:
+    """The forward conv configurations a GPU measures: the rule's (`_conv_blocks`), then half
+    the pixel block and half the output-channel block (each twice the programs and a smaller
+    accumulator), where tl.dot allows them. Only smaller tiles: the rule's are the largest
+    that compile within the limits."""
+    bp, bci, bo = _conv_blocks(dtype, hw, cg, og)
+    blocks = [(bp, bci, bo)]
+    if bp // 2 >= _MIN_DOT_BLOCK:
+        blocks.append((bp // 2, bci, bo))
+    if bo // 2 >= _MIN_DOT_BLOCK:
+        blocks.append((bp, bci, bo // 2))
+    return dict(_conv_config(*b) for b in blocks)
 
 
 def _epi_blocks(t: torch.Tensor) -> tuple[int, int]:
@@ -530,15 +553,22 @@ def shuffle_conv(
     else:
         out = torch.empty((n, c_out, h, w), dtype=acc, device=s.device, memory_format=memory_format_of(s))
         gx = out  # never read
-    bp, bci, bo = _conv_blocks(s.dtype, h * w, geo["Cg"], geo["Og"])
-    num_ob, num_pb = triton.cdiv(geo["Og"], bo), triton.cdiv(h * w, bp)
-    wrap_triton(_conv_kernel)[(n * groups * num_ob * num_pb,)](
-        s, wa, *vecs[:3], gx, *vecs[3:], out,
-        h, w, geo["Cg"], geo["Og"], geo["SG"], geo["CPS"], groups, num_ob, num_pb,
-        *s.stride(), *gx.stride(), *out.stride(),
-        K=geo["K"], HAS_BIAS=bias is not None, PROLOGUE=in_scale is not None, GATED=gated,
-        BLOCK_P=bp, BLOCK_CI=bci, BLOCK_O=bo, IP=_precision(s.dtype), num_warps=_warps(bp * bo),
-    )
+
+    def launch(bp: int, bci: int, bo: int, num_warps: int) -> None:
+        num_ob, num_pb = triton.cdiv(geo["Og"], bo), triton.cdiv(h * w, bp)
+        wrap_triton(_conv_kernel)[(n * groups * num_ob * num_pb,)](
+            s, wa, *vecs[:3], gx, *vecs[3:], out,
+            h, w, geo["Cg"], geo["Og"], geo["SG"], geo["CPS"], groups, num_ob, num_pb,
+            *s.stride(), *gx.stride(), *out.stride(),
+            K=geo["K"], HAS_BIAS=bias is not None, PROLOGUE=in_scale is not None, GATED=gated,
+            BLOCK_P=bp, BLOCK_CI=bci, BLOCK_O=bo, IP=_precision(s.dtype), num_warps=num_warps,
+        )
+
+    # The blocks: on a GPU measured once per shape and conv (`_common._launch_choice`).
+    hw, cg, og = h * w, geo["Cg"], geo["Og"]
+    params = (c_out, geo["K"], groups, shuffle_groups, bias is not None, in_scale is not None, gated)
+    _launch_choice("shuffle_conv", s, lambda: _conv_config(*_conv_blocks(s.dtype, hw, cg, og)),
+                   lambda: _conv_candidates(s.dtype, hw, cg, og), launch, params=params)
     return out
 
 
