@@ -22,6 +22,7 @@ from triton_cases import (
     dtype_id,
     expected_format,
     make_t,
+    measured_launches,
     ops,
     shape_id,
 )
@@ -494,26 +495,14 @@ def test_measured_tile_configurations_match_the_reference(monkeypatch, fastest):
     from attnkernels import choose
     from attnkernels.triton import _common
 
-    monkeypatch.setenv(choose.ENV_MODE, "measure")
-    monkeypatch.delenv(choose.ENV_FILE, raising=False)
-    monkeypatch.setattr(_common, "_measures_launches", lambda device: True)
     monkeypatch.setattr(T, "_TILE_ELEMENTS", {F32: 64, F64: 64})  # several pixel blocks at this size
     x = make_t((2, 13, 6, 7), F32, "nchw")
     configs = list(_common._tile_candidates(lambda e: T._pixel_tiles(x, F32, e), 64, T._pixel_warps))
     assert len(configs) == 3
-
-    def fake_time(name, run, device):
-        run()
-        return 1e-4 if name == configs[fastest] else 1e-3
-
-    monkeypatch.setattr(_common, "_time_launch", fake_time)
-    choose.clear()
-    try:
+    with measured_launches(monkeypatch, {configs[fastest]}):
         gate = make_gate(2, 13, F32)
         c_im = ham_important_channels(13)
         compare(x, gate, c_im)
         made = choose.explain()
         for op in ("pool", "pool_backward", "apply", "apply_backward"):
             assert f"triton.ham_spatial_{op} [float32 2 13 6 7 nchw]: {configs[fastest]} (measured" in made
-    finally:
-        choose.clear()

@@ -233,6 +233,18 @@ def _tile_candidates(tiles: Callable[[int], tuple[int, int]], tile: int,
     return configs
 
 
+def _halved_blocks(blocks: tuple[int, ...], dims: tuple[int, ...]) -> list[tuple[int, ...]]:
+    """The block tuples a GPU measures for a tl.dot kernel: the rule's `blocks` first, then, for
+    each index in `dims`, `blocks` with that block halved, where the half is still a tl.dot
+    block (>= _MIN_DOT_BLOCK). Only smaller tiles: the rule's are the largest known to compile
+    within the shared-memory and spill limits (`make triton-aot`)."""
+    halved = [blocks]
+    for d in dims:
+        if blocks[d] // 2 >= _MIN_DOT_BLOCK:
+            halved.append(tuple(b // 2 if i == d else b for i, b in enumerate(blocks)))
+    return halved
+
+
 def _measures_launches(device: torch.device) -> bool:
     """Whether launch configurations are measured on `device`: on GPUs (the interpreter's
     timings say nothing about a GPU). Tests replace it."""

@@ -56,9 +56,9 @@ from ..ops._common import empty_like_layout
 from ..ops.gam_channel import check_gam_channel, check_gam_channel_backward
 from ..reference.formulas import accumulate_dtype
 from ._common import (
-    _MIN_DOT_BLOCK,
     _acc_vector,
     _dot_block,
+    _halved_blocks,
     _launch_choice,
     _like_param,
     _nonempty,
@@ -114,15 +114,8 @@ def _candidates(x: torch.Tensor, rd: int, warps) -> dict[str, dict[str, int]]:
     """The configurations a GPU measures for a per-(n, pixel block) kernel: the rule's
     (`_blocks`), then half the pixel block (twice the programs, for maps too small to fill the
     GPU) and half the channel chunk (smaller x and weight tiles per loop step), where tl.dot
-    allows them. Only smaller tiles: the rule's are the largest that compile without spills.
-    `warps(block_p, block_r)` gives each one's num_warps."""
-    block_p, block_c, block_r = _blocks(x, rd)
-    blocks = [(block_p, block_c)]
-    if block_p // 2 >= _MIN_DOT_BLOCK:
-        blocks.append((block_p // 2, block_c))
-    if block_c // 2 >= _MIN_DOT_BLOCK:
-        blocks.append((block_p, block_c // 2))
-    return dict(_config(p, c, block_r, warps(p, block_r)) for p, c in blocks)
+    allows them (`_common._halved_blocks`). `warps(block_p, block_r)` gives each one's num_warps."""
+    return dict(_config(p, c, r, warps(p, r)) for p, c, r in _halved_blocks(_blocks(x, rd), (0, 1)))
 
 
 def _launch_blocks(site: str, x: torch.Tensor, rd: int, warps, launch) -> None:
@@ -370,9 +363,10 @@ def gam_channel_backward(
     dhid = torch.empty((n * hw, rd), dtype=acc, device=x.device)
 
     def launch(block_p: int, block_c: int, block_r: int, num_warps: int) -> None:
-        wrap_triton(_grad_x_kernel)[(n * triton.cdiv(hw, block_p),)](
+        num_pb = triton.cdiv(hw, block_p)
+        wrap_triton(_grad_x_kernel)[(n * num_pb,)](
             gy, x, w1a, b1a, w2a, b2a, grad_x, hid, dhid,
-            c, rd, hw, triton.cdiv(hw, block_p), *sg, *sx, *so,
+            c, rd, hw, num_pb, *sg, *sx, *so,
             BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_R=block_r, IP=ip, num_warps=num_warps,
         )
 

@@ -66,10 +66,10 @@ from ..ops._common import empty_like_layout
 from ..ops.nonlocal_attn import check_nonlocal_attn, check_nonlocal_attn_backward
 from ..reference.formulas import accumulate_dtype
 from ._common import (
-    _MIN_DOT_BLOCK,
     _acc_vector,
     _div,
     _dot_block,
+    _halved_blocks,
     _in_acc,
     _launch_choice,
     _like_param,
@@ -172,16 +172,9 @@ def _forward_config(dtype: torch.dtype, bm: int, bn: int, bdv: int) -> tuple[str
 def _forward_candidates(x: torch.Tensor, hw: int, dv: int) -> dict[str, dict[str, int]]:
     """The forward configurations a GPU measures: the rule's (`_forward_blocks`), then half
     the query block (twice the programs, a smaller accumulator) and half the key block (smaller
-    S and P tiles, more loop trips), where tl.dot allows them. Only smaller tiles: the rule's are
-    the largest that fit, and a twice-as-long key block went over sm_90's shared memory at half
-    precision (`make triton-aot`)."""
-    bm, bn, bdv = _forward_blocks(x, hw, dv)
-    blocks = [(bm, bn, bdv)]
-    if bm // 2 >= _MIN_DOT_BLOCK:
-        blocks.append((bm // 2, bn, bdv))
-    if bn // 2 >= _MIN_DOT_BLOCK:
-        blocks.append((bm, bn // 2, bdv))
-    return dict(_forward_config(x.dtype, *b) for b in blocks)
+    S and P tiles, more loop trips), where tl.dot allows them (`_common._halved_blocks`). A
+    twice-as-long key block went over sm_90's shared memory at half precision."""
+    return dict(_forward_config(x.dtype, *b) for b in _halved_blocks(_forward_blocks(x, hw, dv), (0, 1)))
 
 
 def _backward_blocks(v: torch.Tensor, hw: int, dv: int, num_db: int) -> tuple[int, int, int, int]:

@@ -74,10 +74,10 @@ from ..ops.shuffle_conv import (
 from ..reference._base import memory_format_of
 from ..reference.formulas import accumulate_dtype
 from ._common import (
-    _MIN_DOT_BLOCK,
     _acc_vector,
     _div,
     _dot_block,
+    _halved_blocks,
     _hw_offsets,
     _launch_choice,
     _like_param,
@@ -139,15 +139,8 @@ def _conv_config(bp: int, bci: int, bo: int) -> tuple[str, dict[str, int]]:
 def _conv_candidates(dtype: torch.dtype, hw: int, cg: int, og: int) -> dict[str, dict[str, int]]:
     """The forward conv configurations a GPU measures: the rule's (`_conv_blocks`), then half
     the pixel block and half the output-channel block (each twice the programs and a smaller
-    accumulator), where tl.dot allows them. Only smaller tiles: the rule's are the largest
-    that compile within the limits."""
-    bp, bci, bo = _conv_blocks(dtype, hw, cg, og)
-    blocks = [(bp, bci, bo)]
-    if bp // 2 >= _MIN_DOT_BLOCK:
-        blocks.append((bp // 2, bci, bo))
-    if bo // 2 >= _MIN_DOT_BLOCK:
-        blocks.append((bp, bci, bo // 2))
-    return dict(_conv_config(*b) for b in blocks)
+    accumulator), where tl.dot allows them (`_common._halved_blocks`)."""
+    return dict(_conv_config(*b) for b in _halved_blocks(_conv_blocks(dtype, hw, cg, og), (0, 2)))
 
 
 def _epi_blocks(t: torch.Tensor) -> tuple[int, int]:
