@@ -134,11 +134,12 @@ def test_small_blocks(dtype, monkeypatch):
 
 @pytest.mark.parametrize("fastest", [1, 2], ids=["half_pixels", "half_channels"])
 def test_measured_configurations_match_the_reference(monkeypatch, fastest):
-    """Where launches are measured (GPUs; a fake clock here), the forward and backward's grad_x
-    launch each time every candidate (the rule's blocks, half the pixel block, half the channel
-    chunk) once per shape and rd and run the fastest: x1 and every gradient stay the
-    reference's (h and dh are per pixel, whatever grad_x's tiles), a known shape times nothing,
-    and explain() names both choices."""
+    """Where launches are measured (GPUs; a fake clock here), the forward and the backward's
+    grad_x and weight-gradient launches each time every candidate (the rule's blocks, half the
+    pixel block, half the channel chunk) once per shape and rd and run the fastest: x1 and
+    every gradient stay the reference's (h and dh are per pixel, whatever grad_x's tiles; the
+    weight gradients' splits follow their own blocks), a known shape times nothing, and
+    explain() names the three choices."""
     from attnkernels import choose
     from attnkernels.triton import _common
 
@@ -152,6 +153,8 @@ def test_measured_configurations_match_the_reference(monkeypatch, fastest):
         made = choose.explain()
         assert f"triton.gam_channel [float32 2 40 9 8 nchw 5]: {forward[fastest]} (measured" in made
         assert f"triton.gam_channel_backward.grad_x [float32 2 40 9 8 nchw 5]: {grad_x[fastest]} (measured" in made
+        assert (f"triton.gam_channel_backward.grad_weights [float32 2 40 9 8 nchw 5]: {grad_x[fastest]} (measured"
+                in made)  # the same kernel warps as grad_x, so the same names
         timed.clear()
         compare(inputs)
         assert timed == []  # a known key is a lookup

@@ -23,6 +23,7 @@ from triton_cases import (
     dtype_id,
     expected_format,
     make_t,
+    measured_choice,
     measured_launches,
     ops,
     shape_id,
@@ -128,24 +129,55 @@ def small_tiles(monkeypatch):
         monkeypatch.setattr(T, name, value)
 
 
+# The candidates of every fp64 tl.dot launch at HW = 72 and D_v > 16 (rule blocks 32, 32, D_v
+# chunk 32; FMA dots: 8 warps): the rule's, half the query block, half the key block.
+DOT_CANDIDATES = ["m32n32dv32/8w", "m16n32dv32/8w", "m32n16dv32/8w"]
+# The R kernel's tiles at HW = 72, D_v > 32: the rule's 2048 values (64 pixels), half, twice.
+ROW_CANDIDATES = ["32x64/4w", "16x64/4w", "64x64/4w"]
+
+
 @pytest.mark.parametrize("fastest", [1, 2], ids=["half_queries", "half_keys"])
 def test_measured_forward_configurations_match_the_reference(monkeypatch, fastest):
     """Where launches are measured (GPUs; a fake clock here), the forward times each candidate
     (the rule's blocks, half the query block, half the key block) once per shape and D_qk and
     runs the fastest: outputs and gradients stay the reference's, a known shape times nothing,
     and explain() names the choice."""
-    from attnkernels import choose
-
     inputs = make_inputs((2, 18, 33, 9, 8), F64, "nchw")
-    configs = list(T._forward_candidates(inputs[3], 72, 33))
-    assert configs == ["m32n32dv32/8w", "m16n32dv32/8w", "m32n16dv32/8w"]
+    configs = DOT_CANDIDATES
     with measured_launches(monkeypatch, {configs[fastest]}) as timed:
         compare(inputs)
-        assert set(timed) == set(configs)
-        assert f"triton.nonlocal_attn [float64 2 33 9 8 nchw 18]: {configs[fastest]} (measured" in choose.explain()
+        assert measured_choice("nonlocal_attn", "float64 2 33 9 8 nchw 18") == (configs[fastest], configs)
+        assert set(configs) <= set(timed)  # (the backward's launches are measured too)
         timed.clear()
         compare(inputs)
         assert timed == []  # a known key is a lookup
+
+
+@pytest.mark.parametrize("fastest", [1, 2], ids=["half_queries", "half_keys"])
+def test_measured_backward_configurations_match_the_reference(monkeypatch, fastest):
+    """Where launches are measured (a fake clock here), the R rows' launch (the rule's tile,
+    half and twice its values) and each tl.dot launch of the backward (grad_q, grad_k, grad_v)
+    times its candidates (the rule's blocks, half the query block, half the key block; the
+    rule's D_v chunk) once per shape and D_qk and runs the fastest: gradients stay the
+    reference's, a known shape times nothing, explain() names each site's choice. D_v = 33 (two
+    fp64 D_v chunks of 32) runs grad_v as its own kernel; D_v = 20 fuses it into grad_k."""
+    for dv, sites in ((33, ("grad_q", "grad_k", "grad_v")), (20, ("grad_q", "grad_k"))):
+        inputs = make_inputs((2, 18, dv, 9, 8), F64, "nchw")
+        assert T._backward_blocks(inputs[2], 72, dv, 1) == (32, 32, 32, 32)
+        configs = DOT_CANDIDATES
+        rows = ROW_CANDIDATES if dv > 32 else ROW_CANDIDATES[:2]  # D_v = 20: twice the tile is the rule's
+        with measured_launches(monkeypatch, {configs[fastest], rows[fastest % len(rows)]}) as timed:
+            compare(inputs)
+            key = f"float64 2 {dv} 9 8 nchw 18"
+            for site in sites:  # each site timed each candidate and runs the fastest
+                assert measured_choice(f"nonlocal_attn_backward.{site}", key) == (configs[fastest], configs), site
+            assert measured_choice("nonlocal_attn_backward.rows", key[:-3]) == (rows[fastest % len(rows)], rows)
+            if "grad_v" not in sites:  # fused into grad_k: no launch of its own
+                assert measured_choice("nonlocal_attn_backward.grad_v", key) is None
+            assert set(configs) <= set(timed)
+            timed.clear()
+            compare(inputs)
+            assert timed == []  # known keys are lookups
 
 
 @pytest.fixture(params=["default_tiles", "small_tiles"])

@@ -30,6 +30,7 @@ from triton_cases import (
     dtype_id,
     expected_format,
     make_t,
+    measured_choice,
     measured_launches,
     ops,
     shape_id,
@@ -40,6 +41,7 @@ from triton_cases import close as _close
 from triton_cases import randn as _t
 
 from attnkernels.ops.shuffle_conv import Reference
+from attnkernels.triton import _common
 from attnkernels.triton import shuffle_conv as T
 
 TOL = {F64: dict(rtol=1e-10, atol=1e-10), F32: dict(rtol=3e-5, atol=3e-5)}
@@ -227,6 +229,14 @@ def test_small_blocks(monkeypatch):
     check_conv(*conv_inputs(SMALL_BLOCKS_CASE, F64, "channels_last"))
 
 
+def one_fastest(configs: dict[str, list[str]], index: dict[str, int]) -> set[str]:
+    """The names to run fastest on the fake clock: configs[site][index[site]] of each site, and
+    no other candidate of any site (sites' candidates share names)."""
+    fastest = {configs[site][i] for site, i in index.items()}
+    assert all(sum(name in fastest for name in names) == 1 for names in configs.values())
+    return fastest
+
+
 @pytest.mark.parametrize("fastest", [1, 2], ids=["half_pixels", "half_outputs"])
 def test_measured_conv_configurations_match_the_reference(monkeypatch, fastest):
     """Where launches are measured (GPUs; a fake clock here), the forward conv times each
@@ -236,15 +246,45 @@ def test_measured_conv_configurations_match_the_reference(monkeypatch, fastest):
     from attnkernels import choose
 
     case = Case(2, 20, 40, 9, 8, 3, prologue=True, gated=True)
-    configs = list(T._conv_candidates(F64, 72, 20, 40))
+    configs = list(T._conv_candidates("shuffle_conv", T._conv_blocks(F64, 72, 20, 40)))
     assert configs == ["p32ci16o32/4w", "p16ci16o32/4w", "p32ci16o16/4w"]
     args, grad_z = conv_inputs(case, F64, "nchw")
     with measured_launches(monkeypatch, {configs[fastest]}) as timed:
         check_conv(args, grad_z)
-        assert set(timed) == set(configs)
-        made = choose.explain()
-        assert "triton.shuffle_conv [float64 2 20 9 8 nchw 40 3 1 1 " in made
-        assert f": {configs[fastest]} (measured" in made
+        assert set(configs) <= set(timed)  # and the backward's candidates
+        assert "triton.shuffle_conv [float64 2 20 9 8 nchw 40 3 1 1 " in choose.explain()
+        assert measured_choice("shuffle_conv") == (configs[fastest], configs)
+        timed.clear()
+        check_conv(args, grad_z)
+        assert timed == []  # a known key is a lookup
+
+
+GRAD_SITES = ("shuffle_conv_backward.grad_s", "shuffle_conv_backward.grad_weight")
+
+
+@pytest.mark.parametrize("fastest", [1, 2], ids=["half_pixels_outputs", "half_inputs"])
+def test_measured_conv_backward_configurations_match_the_reference(monkeypatch, fastest):
+    """The backward's launches measured as the forward's: grad_s over the rule's blocks, half
+    the pixel block and half the input block; grad_weight over the rule's, half the input block
+    and half the output block. With the prologue on, grad_s's per-pixel-block partials (part_in)
+    and grad_weight's per-split partials (part_w) follow the winner's blocks; every gradient
+    stays the reference's, each site times each candidate, a known shape times nothing."""
+    monkeypatch.setattr(T, "_CONV_BLOCKS", {**T._CONV_BLOCKS, F64: (32, 32, 32)})  # fp64's 16-channel chunk has no half
+    case = Case(2, 32, 32, 9, 8, 3, shuffle_groups=2, prologue=True)  # 72 pixels, 32 channels per group
+    blocks = T._conv_blocks(F64, 72, 32, 32)
+    configs = {site: list(T._conv_candidates(site, blocks)) for site in GRAD_SITES}
+    assert configs == {
+        GRAD_SITES[0]: ["p32ci32o32/4w", "p16ci32o32/4w", "p32ci16o32/4w"],
+        GRAD_SITES[1]: ["p32ci32o32/4w", "p32ci16o32/4w", "p32ci32o16/4w"],
+    }
+    # half_pixels_outputs: grad_s's half pixel block, grad_weight's half output block;
+    # half_inputs: both sites' half input block (one name)
+    index = {GRAD_SITES[0]: fastest, GRAD_SITES[1]: 3 - fastest}
+    args, grad_z = conv_inputs(case, F64, "channels_last")
+    with measured_launches(monkeypatch, one_fastest(configs, index)) as timed:
+        check_conv(args, grad_z)
+        for site in GRAD_SITES:
+            assert measured_choice(site) == (configs[site][index[site]], configs[site]), site
         timed.clear()
         check_conv(args, grad_z)
         assert timed == []  # a known key is a lookup
@@ -420,6 +460,36 @@ def test_epilogue_deterministic(monkeypatch):
     args = (grad_y, z, gate_x, bn["out_scale"], bn["out_shift"], bn["mean"], bn["rstd"])
     for a, b in zip(ops.shuffle_conv_epilogue_backward(*args), ops.shuffle_conv_epilogue_backward(*args)):
         assert torch.equal(a, b)
+
+
+EPI_SITES = ("shuffle_conv_epilogue", "shuffle_conv_epilogue_backward.grad", "shuffle_conv_epilogue_backward.bn_grad_z")
+
+
+@pytest.mark.parametrize("fastest", [1, 2], ids=["half_tile", "twice_tile"])
+@pytest.mark.parametrize("stats", ["plain", "batch_stats"])
+def test_measured_epilogue_configurations_match_the_reference(monkeypatch, stats, fastest):
+    """The epilogue's launches measured as the conv's, each over tiles of the rule's, half and
+    twice its elements (y's tiles by gate_x, the backward's by z; the partial sums per pixel
+    block follow the winner's): every result stays the reference's, each site times each
+    candidate, a known shape times nothing. With batch statistics BatchNorm's grad_z kernel
+    runs (and is measured) too."""
+    z, gate_x, out_scale, out_shift, grad_y, bn = epilogue_inputs((3, 20, 9, 8), F64)  # z NCHW, gate_x channels_last
+    sites = EPI_SITES if stats == "batch_stats" else EPI_SITES[:2]
+    configs = {
+        site: list(_common._tile_candidates(lambda e, t=t: T._epi_blocks(t, e), T._EPI_TILE, T._epi_warps))
+        for site, t in zip(sites, (gate_x, z, z))
+    }
+    assert configs[EPI_SITES[0]] == ["32x64/4w", "32x32/4w", "32x128/4w"]
+    assert configs[EPI_SITES[1]] == ["16x128/4w", "8x128/4w", "32x128/4w"]
+    args = (z, gate_x, out_scale, out_shift, grad_y) if stats == "plain" else (
+        z, gate_x, bn["out_scale"], bn["out_shift"], grad_y, bn)
+    with measured_launches(monkeypatch, one_fastest(configs, dict.fromkeys(sites, fastest))) as timed:
+        check_epilogue(*args)
+        for site in sites:
+            assert measured_choice(site) == (configs[site][fastest], configs[site]), site
+        timed.clear()
+        check_epilogue(*args)
+        assert timed == []  # a known key is a lookup
 
 
 # ----------------------------------------------------------------------------------------

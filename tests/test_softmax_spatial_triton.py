@@ -147,12 +147,13 @@ def test_small_blocks(dtype, groups, monkeypatch):
 
 
 MEASURED_SITES = ("softmax_spatial.logits", "softmax_spatial.apply",
-                  "softmax_spatial_backward.grad_logits", "softmax_spatial_backward.grad_x")
+                  "softmax_spatial_backward.grad_logits", "softmax_spatial_backward.grad_x",
+                  "softmax_spatial_backward.grad_weights")
 
 
 @pytest.mark.parametrize("fastest", [1, 2], ids=["half_tile", "double_tile"])
 def test_measured_tile_configurations_match_the_reference(monkeypatch, fastest):
-    """Where launches are measured (GPUs; a fake clock here), each of the four tiled launches
+    """Where launches are measured (GPUs; a fake clock here), each of the five tiled launches
     times every candidate (the rule's 16 channels per tile, 8, 32) once per shape and map
     count and runs the fastest: the outputs and gradients stay the reference's, a known shape
     times nothing, and explain() names each choice with its key."""

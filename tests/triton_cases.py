@@ -127,7 +127,7 @@ def small_reductions(monkeypatch):
 def measured_launches(monkeypatch, fastest: Collection[str]) -> Iterator[list[str]]:
     """Launch configurations measured as on a GPU (`choose` in measure mode, no choices file),
     on a fake clock: each candidate runs for real, those named in `fastest` take 0.1 ms and
-    the others 1 ms. Yields the list of the configuration names timed, in order; `choose`'s
+    the others 1 ms, in choose.MIN_ROUNDS rounds. Yields the list of the configuration names timed, in order; `choose`'s
     memory is cleared before and after."""
     from attnkernels import choose
 
@@ -142,11 +142,28 @@ def measured_launches(monkeypatch, fastest: Collection[str]) -> Iterator[list[st
         return 1e-4 if name in fastest else 1e-3
 
     monkeypatch.setattr(_common, "_time_launch", fake_time)
+    monkeypatch.setattr(choose, "BUDGET_S", 0.0)  # the fewest rounds: fewer interpreter runs
     choose.clear()
     try:
         yield timed
     finally:
         choose.clear()
+
+
+def measured_choice(site, key=None):
+    """(winner, the configurations timed, in order) of the measured launch at `site` (a site
+    of `_common._launch_choice`), from its `choose.explain()` line at `key` (the bracketed
+    key; by default the site's first line); None without such a line. The choice must say
+    measured: launches at one shape share configuration names, so a site is read by its line."""
+    from attnkernels import choose
+
+    head = f"triton.{site} [" + ("" if key is None else f"{key}]: ")
+    line = next((line.strip() for line in choose.explain().splitlines() if line.strip().startswith(head)), None)
+    if line is None:
+        return None
+    winner, how = line.split("]: ", 1)[1].split(" (", 1)
+    assert how.startswith("measured: "), line
+    return winner, [entry.split(" ")[0] for entry in how.removeprefix("measured: ").split(", ")]
 
 
 def expected_format(t):

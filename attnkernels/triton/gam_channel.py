@@ -40,13 +40,15 @@ Kernels (all deterministic: no atomics, every reduction in a fixed order):
          register accumulators are written once per program as that split's partials.
       3. one sum over the splits, in order (`_common._sum_partials`).
 
-The forward and the backward's grad_x launch take their blocks from `_launch_blocks`: on a GPU
-measured once per shape and rd among the rule's, half the pixel block and half the channel
-chunk; the weight gradients keep the rule's.
+Each of the three tiled launches (forward, grad_x, weight gradients) takes its blocks from
+`_launch_blocks`: on a GPU measured once per shape and rd among the rule's, half the pixel
+block and half the channel chunk, each launch on its own.
 
 On a machine without a GPU set TRITON_INTERPRET=1 before importing this module; the ops
 then run on CPU tensors under the Triton interpreter.
 """
+from typing import Any
+
 import torch
 import triton
 import triton.language as tl
@@ -118,15 +120,15 @@ def _candidates(x: torch.Tensor, rd: int, warps) -> dict[str, dict[str, int]]:
     return dict(_config(p, c, r, warps(p, r)) for p, c, r in _halved_blocks(_blocks(x, rd), (0, 1)))
 
 
-def _launch_blocks(site: str, x: torch.Tensor, rd: int, warps, launch) -> None:
-    """`launch(block_p=, block_c=, block_r=, num_warps=)` in the configuration measured fastest
+def _launch_blocks(site: str, x: torch.Tensor, rd: int, warps, launch) -> Any:
+    """`launch(block_p=, block_c=, block_r=, num_warps=)`, and its result, in the configuration measured fastest
     on a GPU for this site, x's shape, dtype and layout and rd (`_common._launch_choice`); the
     rule's (the first candidate) under the interpreter, tracing and static mode."""
     def rule() -> tuple[str, dict[str, int]]:
         block_p, block_c, block_r = _blocks(x, rd)
         return _config(block_p, block_c, block_r, warps(block_p, block_r))
 
-    _launch_choice(site, x, rule, lambda: _candidates(x, rd, warps), launch, params=(rd,))
+    return _launch_choice(site, x, rule, lambda: _candidates(x, rd, warps), launch, params=(rd,))
 
 
 # ----------------------------------------------------------------------------------------
@@ -350,19 +352,18 @@ def gam_channel_backward(
     grad_x = empty_like_layout(x)
     (gy, sg), (x, sx), (_, so) = _pixel_strides(grad_x1), _pixel_strides(x), _pixel_strides(grad_x)
     w1a, b1a, w2a, b2a = (_acc_vector(t, acc) for t in (w1, b1, w2, b2))
-    block_p, block_c, block_r = _blocks(x, rd)
-    num_pb = triton.cdiv(hw, block_p)
     # The backward kernels hold h, dh, the gradient tiles and (launch 2) two weight accumulators
     # at once: compiled for sm_90/sm_80 (scripts/triton_aot/) at 4 warps, fp32 rd = 64 reached 255
     # registers and spilled 256-720 B per thread in grad_x and up to 10.6 KB in grad_weights
     # (sm_80); at 8 warps they spill nothing (fp32) or under 100 B.
-    warps = _BACKWARD_WARPS
+    def warps(block_p: int, block_r: int) -> int:
+        return _BACKWARD_WARPS
 
     # 1. grad_x, and h, dh for the weight gradients (per pixel: whatever launch 1's tiles).
     hid = torch.empty((n * hw, rd), dtype=acc, device=x.device)
     dhid = torch.empty((n * hw, rd), dtype=acc, device=x.device)
 
-    def launch(block_p: int, block_c: int, block_r: int, num_warps: int) -> None:
+    def grad_input(block_p: int, block_c: int, block_r: int, num_warps: int) -> None:
         num_pb = triton.cdiv(hw, block_p)
         wrap_triton(_grad_x_kernel)[(n * num_pb,)](
             gy, x, w1a, b1a, w2a, b2a, grad_x, hid, dhid,
@@ -370,19 +371,24 @@ def gam_channel_backward(
             BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_R=block_r, IP=ip, num_warps=num_warps,
         )
 
-    _launch_blocks("gam_channel_backward.grad_x", x, rd, lambda block_p, block_r: warps, launch)
+    _launch_blocks("gam_channel_backward.grad_x", x, rd, warps, grad_input)
 
-    # 2. per-split partial weight gradients, 3. their sum in order.
-    num_cb = triton.cdiv(c, block_c)
-    num_tiles = n * num_pb
-    num_splits = _splits(num_tiles, num_cb, x.device)
-    part_len = 2 * c * rd + c + rd
-    part = torch.empty((num_splits, part_len), dtype=acc, device=x.device)
-    wrap_triton(_grad_weights_kernel)[(num_splits * num_cb,)](
-        gy, x, w2a, b2a, hid, dhid, part,
-        c, rd, hw, num_pb, num_cb, num_tiles, num_splits, part_len, *sg, *sx,
-        BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_R=block_r, IP=ip, num_warps=warps,
-    )
+    # 2. per-split partial weight gradients (the splits, hence the partials' shape, follow the
+    # blocks), 3. their sum in order.
+    def grad_weights(block_p: int, block_c: int, block_r: int, num_warps: int) -> torch.Tensor:
+        num_pb, num_cb = triton.cdiv(hw, block_p), triton.cdiv(c, block_c)
+        num_tiles = n * num_pb
+        num_splits = _splits(num_tiles, num_cb, x.device)
+        part_len = 2 * c * rd + c + rd
+        part = torch.empty((num_splits, part_len), dtype=acc, device=x.device)
+        wrap_triton(_grad_weights_kernel)[(num_splits * num_cb,)](
+            gy, x, w2a, b2a, hid, dhid, part,
+            c, rd, hw, num_pb, num_cb, num_tiles, num_splits, part_len, *sg, *sx,
+            BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_R=block_r, IP=ip, num_warps=num_warps,
+        )
+        return part
+
+    part = _launch_blocks("gam_channel_backward.grad_weights", x, rd, warps, grad_weights)
     total = _sum_partials(part)
     grad_w2, grad_w1, grad_b2, grad_b1 = torch.split(total, [c * rd, rd * c, c, rd])
     return (grad_x, _like_param(grad_w1, w1), _like_param(grad_b1, b1), _like_param(grad_w2, w2),

@@ -53,10 +53,18 @@ K/V (or Q) tiles in L2.
          BLOCK_DV_V, key block), recomputing P^T per chunk (S only: no G).
     A D_qk wider than one chunk makes steps 2 and 3 recompute dP per D_qk chunk (C >= 2048
     in PAM); every program recomputes its P from lse, never from a stored matrix.
+    On a GPU, the forward and steps 2-4 each run the blocks measured fastest, once per shape and
+    D_qk, among the rule's (the tables below), half BLOCK_M and half BLOCK_N
+    (`_common._launch_choice`); the D_v chunks stay the rule's, so whether step 4 fuses into
+    step 3 does not depend on the choice. Step 1's tile likewise, among the rule's and half and
+    twice its values (`_common._launch_measured`). Under the interpreter and static mode: the
+    rules'.
 
 On a machine without a GPU set TRITON_INTERPRET=1 before importing this module; the ops
 then run on CPU tensors under the Triton interpreter.
 """
+from collections.abc import Callable
+
 import torch
 import triton
 import triton.language as tl
@@ -72,6 +80,7 @@ from ._common import (
     _halved_blocks,
     _in_acc,
     _launch_choice,
+    _launch_measured,
     _like_param,
     _min_programs,
     _nonempty,
@@ -137,6 +146,8 @@ def _fma_dots(dtype: torch.dtype) -> bool:
 def _dot_warps(dtype: torch.dtype, *tiles: int) -> int:
     """num_warps of a kernel whose tiles meet in tl.dot: 8 for FMA dots, else by tile size."""
     return _FMA_DOT_WARPS if _fma_dots(dtype) else _warps(*tiles)
+
+
 # The R kernel's [BLOCK_C, BLOCK_P] tile and the grad_gamma sum's block.
 _ROW_TILE_ELEMENTS = 2048
 _MAX_ROW_BLOCK_P = 64
@@ -163,18 +174,33 @@ def _forward_blocks(x: torch.Tensor, hw: int, dv: int) -> tuple[int, int, int]:
     return bm, bn, bdv
 
 
-def _forward_config(dtype: torch.dtype, bm: int, bn: int, bdv: int) -> tuple[str, dict[str, int]]:
-    """A forward launch configuration: its name (as `choose.explain()` lists it) and parameters."""
-    warps = _dot_warps(dtype, bm * bdv, bm * bn)
-    return f"m{bm}n{bn}dv{bdv}/{warps}w", {"bm": bm, "bn": bn, "bdv": bdv, "num_warps": warps}
+_Warps = Callable[[int, int, int], int]  # (BLOCK_M, BLOCK_N, BLOCK_DV) -> a kernel's num_warps
 
 
-def _forward_candidates(x: torch.Tensor, hw: int, dv: int) -> dict[str, dict[str, int]]:
-    """The forward configurations a GPU measures: the rule's (`_forward_blocks`), then half
-    the query block (twice the programs, a smaller accumulator) and half the key block (smaller
-    S and P tiles, more loop trips), where tl.dot allows them (`_common._halved_blocks`). A
-    twice-as-long key block went over sm_90's shared memory at half precision."""
-    return dict(_forward_config(x.dtype, *b) for b in _halved_blocks(_forward_blocks(x, hw, dv), (0, 1)))
+def _dot_config(bm: int, bn: int, bdv: int, num_warps: int) -> tuple[str, dict[str, int]]:
+    """A launch configuration of a tl.dot kernel (forward, grad_q, grad_k, grad_v): its name (as
+    `choose.explain()` lists it) and parameters. One form for all four: a name spells out every
+    parameter, so a name shared by two kernels means the same launch (`_common._TILE_CONFIGS`)."""
+    return f"m{bm}n{bn}dv{bdv}/{num_warps}w", {"bm": bm, "bn": bn, "bdv": bdv, "num_warps": num_warps}
+
+
+def _dot_candidates(blocks: tuple[int, int, int], warps: _Warps) -> dict[str, dict[str, int]]:
+    """The configurations a GPU measures for a tl.dot kernel: the rule's `blocks` (BLOCK_M,
+    BLOCK_N, BLOCK_DV), then half the query block (twice the programs, a smaller accumulator) and
+    half the key block (smaller S and P tiles, more loop trips), where tl.dot allows them
+    (`_common._halved_blocks`); `warps` gives each one's num_warps. BLOCK_DV stays the rule's:
+    the backward fuses grad_v into grad_k by it. A twice-as-long key block went over sm_90's
+    shared memory at half precision."""
+    return dict(_dot_config(*b, warps(*b)) for b in _halved_blocks(blocks, (0, 1)))
+
+
+def _launch_dot(site: str, x: torch.Tensor, dqk: int, blocks: tuple[int, int, int], warps: _Warps,
+                launch: Callable[..., None]) -> None:
+    """`launch(bm=, bn=, bdv=, num_warps=)` in the configuration of `_dot_candidates(blocks,
+    warps)` measured fastest on a GPU for this site, x's shape, dtype and layout and D_qk
+    (`_common._launch_choice`); the rule's `blocks` under the interpreter, tracing and static mode."""
+    _launch_choice(site, x, lambda: _dot_config(*blocks, warps(*blocks)),
+                   lambda: _dot_candidates(blocks, warps), launch, params=(dqk,))
 
 
 def _backward_blocks(v: torch.Tensor, hw: int, dv: int, num_db: int) -> tuple[int, int, int, int]:
@@ -193,10 +219,12 @@ def _backward_blocks(v: torch.Tensor, hw: int, dv: int, num_db: int) -> tuple[in
     return bm, bn, bdv, bdv_v
 
 
-def _row_blocks(hw: int, dv: int) -> tuple[int, int]:
-    """(BLOCK_C, BLOCK_P) of the R kernel."""
+def _row_blocks(hw: int, dv: int, elements: int | None = None) -> tuple[int, int]:
+    """(BLOCK_C, BLOCK_P) of the R kernel's tiles of `elements` values at most (the rule's:
+    _ROW_TILE_ELEMENTS)."""
+    elements = _ROW_TILE_ELEMENTS if elements is None else elements
     block_p = min(_pow2(hw), _MAX_ROW_BLOCK_P)
-    return min(_pow2(dv), max(1, _ROW_TILE_ELEMENTS // block_p)), block_p
+    return min(_pow2(dv), max(1, elements // block_p)), block_p
 
 
 # ----------------------------------------------------------------------------------------
@@ -548,9 +576,9 @@ def nonlocal_attn(
             IP=_precision(x.dtype), num_warps=num_warps,
         )
 
-    # The tile configuration: on a GPU measured once per shape and D_qk (`_launch_choice`).
-    _launch_choice("nonlocal_attn", x, lambda: _forward_config(x.dtype, *_forward_blocks(x, hw, dv)),
-                   lambda: _forward_candidates(x, hw, dv), launch, params=(dqk,))
+    # The blocks: on a GPU measured once per shape and D_qk (`_launch_dot`).
+    _launch_dot("nonlocal_attn", x, dqk, _forward_blocks(x, hw, dv),
+                lambda bm, bn, bdv: _dot_warps(x.dtype, bm * bdv, bm * bn), launch)
     return y, out, lse
 
 
@@ -582,50 +610,71 @@ def nonlocal_attn_backward(
     ip = _precision(v.dtype)
 
     # 1. R = sum_c grad_y * out, and grad_gamma = sum R (pixel-block partials, fixed order).
+    # The tile: on a GPU measured once per shape (the rule's, half and twice its values).
     r = torch.empty((n, hw), dtype=acc, device=v.device)
-    block_c, block_p = _row_blocks(hw, dv)
-    num_pb = triton.cdiv(hw, block_p)
-    partials = torch.empty((n * num_pb,), dtype=acc, device=v.device)
-    wrap_triton(_rowdot_kernel)[(n * num_pb,)](
-        gy, out, r, partials, hw, dv, num_pb, *sg, *so, BLOCK_C=block_c, BLOCK_P=block_p,
-    )
+
+    def launch_rows(block_c: int, block_hw: int, num_warps: int) -> torch.Tensor:
+        num_pb = triton.cdiv(hw, block_hw)
+        partials = torch.empty((n * num_pb,), dtype=acc, device=v.device)
+        wrap_triton(_rowdot_kernel)[(n * num_pb,)](
+            gy, out, r, partials, hw, dv, num_pb, *sg, *so, BLOCK_C=block_c, BLOCK_P=block_hw, num_warps=num_warps,
+        )
+        return partials
+
+    partials = _launch_measured("nonlocal_attn_backward.rows", v, lambda elements: _row_blocks(hw, dv, elements),
+                                _ROW_TILE_ELEMENTS, lambda block_c, block_p: _warps(block_c * block_p), launch_rows)
     total = torch.empty((1,), dtype=acc, device=v.device)
-    wrap_triton(_sum_kernel)[(1,)](partials, total, n * num_pb, BLOCK=min(_pow2(n * num_pb), _SUM_BLOCK))
+    wrap_triton(_sum_kernel)[(1,)](partials, total, partials.numel(), BLOCK=min(_pow2(partials.numel()), _SUM_BLOCK))
     grad_gamma = _like_param(total, gamma)
 
     bdqk, one_dqk = _dqk_block(dqk)
     num_db = triton.cdiv(dqk, bdqk)
     bm, bn, bdv, bdv_v = _backward_blocks(v, hw, dv, num_db)
-    fuse_v = one_dqk and dv <= bdv
-    common = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_DQK=bdqk, BLOCK_DV=bdv, IP=ip)
+    fuse_v = one_dqk and dv <= bdv  # every candidate keeps BLOCK_DV: the choice never changes it
+    # Steps 2-4: each launch's blocks measured on a GPU once per shape and D_qk (`_launch_dot`);
+    # each writes only its own gradients, so its candidates can run on the real arguments.
 
     # 2. grad_q over query blocks.
-    num_mb = triton.cdiv(hw, bm)
-    wrap_triton(_grad_q_kernel)[(n * num_db * num_mb,)](
-        gy, q, k, v, g, ls, r, grad_q,
-        hw, dqk, dv, num_mb, num_db,
-        *sg, *sq, *sk, *sv, *sgq,
-        ONE_DQK=one_dqk, **common, num_warps=_dot_warps(v.dtype, bm * bdqk, bm * bn, bm * bdv),
-    )
+    def launch_grad_q(bm: int, bn: int, bdv: int, num_warps: int) -> None:
+        num_mb = triton.cdiv(hw, bm)
+        wrap_triton(_grad_q_kernel)[(n * num_db * num_mb,)](
+            gy, q, k, v, g, ls, r, grad_q,
+            hw, dqk, dv, num_mb, num_db,
+            *sg, *sq, *sk, *sv, *sgq,
+            ONE_DQK=one_dqk, BLOCK_M=bm, BLOCK_N=bn, BLOCK_DQK=bdqk, BLOCK_DV=bdv, IP=ip, num_warps=num_warps,
+        )
+
+    _launch_dot("nonlocal_attn_backward.grad_q", v, dqk, (bm, bn, bdv),
+                lambda bm, bn, bdv: _dot_warps(v.dtype, bm * bdqk, bm * bn, bm * bdv), launch_grad_q)
+
     # 3. grad_k over key blocks (and grad_v when D_v fits one chunk).
-    num_nb = triton.cdiv(hw, bn)
-    wrap_triton(_grad_k_kernel)[(n * num_db * num_nb,)](
-        gy, q, k, v, g, ls, r, grad_k, grad_v,
-        hw, dqk, dv, num_nb, num_db,
-        *sg, *sq, *sk, *sv, *sgk, *sgv,
-        ONE_DQK=one_dqk, FUSE_V=fuse_v, **common,
-        num_warps=_dot_warps(v.dtype, bn * bdqk + (bn * bdv if fuse_v else 0), bn * bm),
-    )
+    def launch_grad_k(bm: int, bn: int, bdv: int, num_warps: int) -> None:
+        num_nb = triton.cdiv(hw, bn)
+        wrap_triton(_grad_k_kernel)[(n * num_db * num_nb,)](
+            gy, q, k, v, g, ls, r, grad_k, grad_v,
+            hw, dqk, dv, num_nb, num_db,
+            *sg, *sq, *sk, *sv, *sgk, *sgv,
+            ONE_DQK=one_dqk, FUSE_V=fuse_v, BLOCK_M=bm, BLOCK_N=bn, BLOCK_DQK=bdqk, BLOCK_DV=bdv, IP=ip,
+            num_warps=num_warps,
+        )
+
+    _launch_dot("nonlocal_attn_backward.grad_k", v, dqk, (bm, bn, bdv),
+                lambda bm, bn, bdv: _dot_warps(v.dtype, bn * bdqk + (bn * bdv if fuse_v else 0), bn * bm),
+                launch_grad_k)
+
     # 4. grad_v over (key block, D_v chunk) otherwise.
-    if not fuse_v:
-        num_cb = triton.cdiv(dv, bdv_v)
+    def launch_grad_v(bm: int, bn: int, bdv: int, num_warps: int) -> None:
+        num_nb, num_cb = triton.cdiv(hw, bn), triton.cdiv(dv, bdv)
         wrap_triton(_grad_v_kernel)[(n * num_cb * num_nb,)](
             gy, q, k, g, ls, grad_v,
             hw, dqk, dv, num_nb, num_cb,
             *sg, *sq, *sk, *sgv,
-            ONE_DQK=one_dqk, BLOCK_M=bm, BLOCK_N=bn, BLOCK_DQK=bdqk, BLOCK_DV=bdv_v, IP=ip,
-            num_warps=_dot_warps(v.dtype, bn * bdv_v, bn * bm),
+            ONE_DQK=one_dqk, BLOCK_M=bm, BLOCK_N=bn, BLOCK_DQK=bdqk, BLOCK_DV=bdv, IP=ip, num_warps=num_warps,
         )
+
+    if not fuse_v:
+        _launch_dot("nonlocal_attn_backward.grad_v", v, dqk, (bm, bn, bdv_v),
+                    lambda bm, bn, bdv: _dot_warps(v.dtype, bn * bdv, bn * bm), launch_grad_v)
     return grad_q, grad_k, grad_v, grad_gamma
 
 

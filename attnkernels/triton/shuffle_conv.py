@@ -53,10 +53,19 @@ blocks fastest):
     sum dpre * z and sum dpre * (z - mean); after their ordered sum, with mean/rstd a second
     elementwise launch writes BatchNorm's training grad_z, which needs those sums first.
 
+Blocks and warps follow static rules (`_conv_blocks`, `_epi_blocks` of _EPI_TILE elements). On
+a GPU every launch is measured instead (`_common._launch_choice`): the first time s's (the
+epilogues': gate_x's or z's) shape is seen at a launch, the rule's configuration and its
+candidates each run once and the fastest is kept. The conv kernels' candidates halve one tl.dot
+block (the forward its pixel or output block, grad_s its pixel or input block, grad_weight its
+input or output block), the epilogue kernels' tiles have half and twice the rule's elements.
+Under the interpreter, tracing or static mode the rule's configuration runs.
+
 On a machine without a GPU set TRITON_INTERPRET=1 before importing this module; the ops
 then run on CPU tensors under the Triton interpreter.
 """
-from typing import Optional
+from collections.abc import Callable
+from typing import Any, Optional
 
 import torch
 import triton
@@ -80,6 +89,7 @@ from ._common import (
     _halved_blocks,
     _hw_offsets,
     _launch_choice,
+    _launch_measured,
     _like_param,
     _nchw_strides,
     _nonempty,
@@ -129,29 +139,63 @@ def _conv_blocks(dtype: torch.dtype, hw: int, cg: int, og: int) -> tuple[int, in
     return _dot_block(hw, bp), _dot_block(cg, bci), _dot_block(og, bo)
 
 
-def _conv_config(bp: int, bci: int, bo: int) -> tuple[str, dict[str, int]]:
-    """A forward conv launch configuration: its name (as `choose.explain()` lists it) and
-    parameters; num_warps by the [BLOCK_P, BLOCK_O] accumulator."""
-    warps = _warps(bp * bo)
-    return f"p{bp}ci{bci}o{bo}/{warps}w", {"bp": bp, "bci": bci, "bo": bo, "num_warps": warps}
+def _conv_config(blocks: tuple[int, int, int], warps: Callable[[int, int, int], int]) -> tuple[str, dict[str, int]]:
+    """A conv launch configuration, blocks (BLOCK_P, BLOCK_CI, BLOCK_O) and `warps(*blocks)`
+    warps: its name (as `choose.explain()` lists it; one name, one configuration, whichever
+    conv kernel) and launch parameters."""
+    bp, bci, bo = blocks
+    num_warps = warps(bp, bci, bo)
+    return f"p{bp}ci{bci}o{bo}/{num_warps}w", {"bp": bp, "bci": bci, "bo": bo, "num_warps": num_warps}
 
 
-def _conv_candidates(dtype: torch.dtype, hw: int, cg: int, og: int) -> dict[str, dict[str, int]]:
-    """The forward conv configurations a GPU measures: the rule's (`_conv_blocks`), then half
-    the pixel block and half the output-channel block (each twice the programs and a smaller
-    accumulator), where tl.dot allows them (`_common._halved_blocks`)."""
-    return dict(_conv_config(*b) for b in _halved_blocks(_conv_blocks(dtype, hw, cg, og), (0, 2)))
+# Per conv launch site: the blocks of (BLOCK_P, BLOCK_CI, BLOCK_O) its candidates halve, and its
+# warps by its fp32 accumulator tile.
+_CONV_SITES: dict[str, tuple[tuple[int, ...], Callable[[int, int, int], int]]] = {
+    "shuffle_conv": ((0, 2), lambda bp, bci, bo: _warps(bp * bo)),  # [BLOCK_P, BLOCK_O]
+    "shuffle_conv_backward.grad_s": ((0, 1), lambda bp, bci, bo: _warps(bp * bci)),  # [BLOCK_P, BLOCK_CI]
+    "shuffle_conv_backward.grad_weight": ((1, 2), lambda bp, bci, bo: _warps(bo * bci)),  # [BLOCK_O, BLOCK_CI]
+}
 
 
-def _epi_blocks(t: torch.Tensor) -> tuple[int, int]:
-    """(BLOCK_C, BLOCK_P) of the epilogue tiles: the long side along t's contiguous dimension."""
+def _conv_candidates(site: str, blocks: tuple[int, int, int]) -> dict[str, dict[str, int]]:
+    """The configurations a GPU measures for the conv kernel at `site`: the rule's `blocks`
+    (`_conv_blocks`), then each block of _CONV_SITES[site] halved (twice the programs, a smaller
+    tile), where tl.dot allows it (`_common._halved_blocks`)."""
+    dims, warps = _CONV_SITES[site]
+    return dict(_conv_config(b, warps) for b in _halved_blocks(blocks, dims))
+
+
+def _launch_conv(site: str, s: torch.Tensor, blocks: tuple[int, int, int], launch: Callable[..., Any],
+                 params: tuple) -> Any:
+    """`launch(bp=, bci=, bo=, num_warps=)` of the conv kernel at `site` and its result, in the
+    rule's `blocks` or, on a GPU, the candidate (`_conv_candidates`) measured fastest once per
+    s's shape and the conv's `params` (`_common._launch_choice`)."""
+    return _launch_choice(site, s, lambda: _conv_config(blocks, _CONV_SITES[site][1]),
+                          lambda: _conv_candidates(site, blocks), launch, params)
+
+
+def _epi_blocks(t: torch.Tensor, elements: int) -> tuple[int, int]:
+    """(BLOCK_C, BLOCK_P) of epilogue tiles of `elements` (the rule's: _EPI_TILE; fewer on small
+    maps): the long side along t's contiguous dimension."""
     _, c, h, w = t.shape
     hw = h * w
     if c > 1 and hw > 1 and t.stride(1) == 1:  # channels_last
         block_c = min(_pow2(c), _EPI_MAX_BLOCK_C_CHANNELS_LAST)
-        return block_c, min(_pow2(hw), max(1, _EPI_TILE // block_c))
+        return block_c, min(_pow2(hw), max(1, elements // block_c))
     block_p = min(_pow2(hw), _EPI_MAX_BLOCK_P)
-    return min(_pow2(c), max(1, _EPI_TILE // block_p)), block_p
+    return min(_pow2(c), max(1, elements // block_p)), block_p
+
+
+def _epi_warps(block_c: int, block_p: int) -> int:
+    """4 warps (Triton's default) below 8192 elements: the rule's tile and its candidates (`_common._warps`)."""
+    return _warps(block_c * block_p)
+
+
+def _launch_epilogue(site: str, t: torch.Tensor, launch: Callable[..., Any], params: tuple = ()) -> Any:
+    """`launch(block_c=, block_hw=, num_warps=)` of one epilogue kernel over t's tiles and its
+    result, in the rule's tile (_EPI_TILE elements) or, on a GPU, the one of the rule's, half and
+    twice its elements measured fastest once per t's shape and `params` (`_common._launch_measured`)."""
+    return _launch_measured(site, t, lambda elements: _epi_blocks(t, elements), _EPI_TILE, _epi_warps, launch, params)
 
 
 # ----------------------------------------------------------------------------------------
@@ -557,11 +601,8 @@ def shuffle_conv(
             BLOCK_P=bp, BLOCK_CI=bci, BLOCK_O=bo, IP=_precision(s.dtype), num_warps=num_warps,
         )
 
-    # The blocks: on a GPU measured once per shape and conv (`_common._launch_choice`).
-    hw, cg, og = h * w, geo["Cg"], geo["Og"]
     params = (c_out, geo["K"], groups, shuffle_groups, bias is not None, in_scale is not None, gated)
-    _launch_choice("shuffle_conv", s, lambda: _conv_config(*_conv_blocks(s.dtype, hw, cg, og)),
-                   lambda: _conv_candidates(s.dtype, hw, cg, og), launch, params=params)
+    _launch_conv("shuffle_conv", s, _conv_blocks(s.dtype, h * w, geo["Cg"], geo["Og"]), launch, params)
     return out
 
 
@@ -589,33 +630,44 @@ def shuffle_conv_backward(
     ip = _precision(s.dtype)
     wa = _acc_vector(weight, acc)
     isc, ish = _acc_vector(in_scale, acc, wa), _acc_vector(in_shift, acc, wa)
-    bp, bci, bo = _conv_blocks(s.dtype, h * w, cg, og)
-    num_ob, num_cb, num_pb = triton.cdiv(og, bo), triton.cdiv(cg, bci), triton.cdiv(h * w, bp)
-    common = dict(K=k, PROLOGUE=prologue, BLOCK_P=bp, BLOCK_CI=bci, BLOCK_O=bo, IP=ip)
+    blocks = _conv_blocks(s.dtype, h * w, cg, og)
+    params = (c_out, k, groups, shuffle_groups, prologue)
 
     # 1. grad_s (and the prologue's per-(n, pixel block) partials).
     grad_s = empty_like_layout(s)
-    part_in = torch.empty((n * num_pb, 2 * c_in) if prologue else (1, 1), dtype=acc, device=s.device)
-    wrap_triton(_grad_s_kernel)[(n * groups * num_cb * num_pb,)](
-        grad_z, s, wa, isc, ish, grad_s, part_in,
-        c_in, h, w, cg, og, geo["SG"], geo["CPS"], groups, num_cb, num_pb,
-        *grad_z.stride(), *s.stride(), *grad_s.stride(),
-        **common, num_warps=_warps(bp * bci),
-    )
+
+    def grad_s_launch(bp: int, bci: int, bo: int, num_warps: int) -> torch.Tensor:
+        num_cb, num_pb = triton.cdiv(cg, bci), triton.cdiv(h * w, bp)
+        part_in = torch.empty((n * num_pb, 2 * c_in) if prologue else (1, 1), dtype=acc, device=s.device)
+        wrap_triton(_grad_s_kernel)[(n * groups * num_cb * num_pb,)](
+            grad_z, s, wa, isc, ish, grad_s, part_in,
+            c_in, h, w, cg, og, geo["SG"], geo["CPS"], groups, num_cb, num_pb,
+            *grad_z.stride(), *s.stride(), *grad_s.stride(),
+            K=k, PROLOGUE=prologue, BLOCK_P=bp, BLOCK_CI=bci, BLOCK_O=bo, IP=ip, num_warps=num_warps,
+        )
+        return part_in
+
+    part_in = _launch_conv("shuffle_conv_backward.grad_s", s, blocks, grad_s_launch, params)
 
     # 2. per-split partial grad_weight and grad_bias.
-    num_tiles = n * num_pb
-    per_split = k * k * groups * num_ob * num_cb
-    num_splits = _splits(num_tiles, per_split, s.device)
     part_len = c_out * cg * k * k + c_out
-    part_w = torch.empty((num_splits, part_len), dtype=acc, device=s.device)
-    wrap_triton(_grad_weight_kernel)[(num_splits * per_split,)](
-        grad_z, s, isc, ish, part_w,
-        h, w, cg, og, geo["SG"], geo["CPS"], c_out, groups, num_ob, num_cb, num_pb,
-        num_tiles, num_splits, part_len,
-        *grad_z.stride(), *s.stride(),
-        **common, num_warps=_warps(bo * bci),
-    )
+
+    def grad_weight_launch(bp: int, bci: int, bo: int, num_warps: int) -> torch.Tensor:
+        num_ob, num_cb, num_pb = triton.cdiv(og, bo), triton.cdiv(cg, bci), triton.cdiv(h * w, bp)
+        num_tiles = n * num_pb
+        per_split = k * k * groups * num_ob * num_cb
+        num_splits = _splits(num_tiles, per_split, s.device)
+        part_w = torch.empty((num_splits, part_len), dtype=acc, device=s.device)
+        wrap_triton(_grad_weight_kernel)[(num_splits * per_split,)](
+            grad_z, s, isc, ish, part_w,
+            h, w, cg, og, geo["SG"], geo["CPS"], c_out, groups, num_ob, num_cb, num_pb,
+            num_tiles, num_splits, part_len,
+            *grad_z.stride(), *s.stride(),
+            K=k, PROLOGUE=prologue, BLOCK_P=bp, BLOCK_CI=bci, BLOCK_O=bo, IP=ip, num_warps=num_warps,
+        )
+        return part_w
+
+    part_w = _launch_conv("shuffle_conv_backward.grad_weight", s, blocks, grad_weight_launch, params)
 
     # 3. the partials summed in order.
     total = _sum_partials(part_w)
@@ -644,13 +696,16 @@ def shuffle_conv_epilogue(
     osc, osh = _acc_vector(out_scale, acc), _acc_vector(out_shift, acc)
     y = empty_like_layout(gate_x)
     flat, strides = _nchw_strides(z, gate_x, y)
-    block_c, block_p = _epi_blocks(gate_x)
-    num_cb, num_pb = triton.cdiv(c, block_c), triton.cdiv(h * w, block_p)
-    wrap_triton(_epilogue_kernel)[(n * num_cb * num_pb,)](
-        z, gate_x, osc, osh, y,
-        c, h * w, w, num_cb, num_pb, *strides,
-        FLAT=flat, BLOCK_C=block_c, BLOCK_P=block_p,
-    )
+
+    def launch(block_c: int, block_hw: int, num_warps: int) -> None:
+        num_cb, num_pb = triton.cdiv(c, block_c), triton.cdiv(h * w, block_hw)
+        wrap_triton(_epilogue_kernel)[(n * num_cb * num_pb,)](
+            z, gate_x, osc, osh, y,
+            c, h * w, w, num_cb, num_pb, *strides,
+            FLAT=flat, BLOCK_C=block_c, BLOCK_P=block_hw, num_warps=num_warps,
+        )
+
+    _launch_epilogue("shuffle_conv_epilogue", gate_x, launch)  # gate_x's layout sets the tiles, as y's
     return y
 
 
@@ -676,29 +731,36 @@ def shuffle_conv_epilogue_backward(
     osc, osh = _acc_vector(out_scale, acc), _acc_vector(out_shift, acc)
     mu, rs = _acc_vector(mean, acc, osc), _acc_vector(rstd, acc, osc)
     grad_z, grad_gate_x = empty_like_layout(z), empty_like_layout(gate_x)
-    block_c, block_p = _epi_blocks(z)
-    num_cb, num_pb = triton.cdiv(c, block_c), triton.cdiv(h * w, block_p)
-    grid = (n * num_cb * num_pb,)
-    tiles = dict(BLOCK_C=block_c, BLOCK_P=block_p)
 
     # 1. grad_gate_x, grad_z without BN, the per-(n, pixel block) sums; then their ordered sum.
     flat, strides = _nchw_strides(grad_y, z, gate_x, grad_z, grad_gate_x)
-    part = torch.empty((n * num_pb, (3 if bn else 2) * c), dtype=acc, device=z.device)
-    wrap_triton(_epilogue_backward_kernel)[grid](
-        grad_y, z, gate_x, osc, osh, mu, grad_z, grad_gate_x, part,
-        c, h * w, w, num_cb, num_pb, part.shape[1], *strides,
-        BN=bn, FLAT=flat, **tiles,
-    )
-    sums = _sum_partials(part)
+
+    def grad_launch(block_c: int, block_hw: int, num_warps: int) -> torch.Tensor:
+        num_cb, num_pb = triton.cdiv(c, block_c), triton.cdiv(h * w, block_hw)
+        part = torch.empty((n * num_pb, (3 if bn else 2) * c), dtype=acc, device=z.device)
+        wrap_triton(_epilogue_backward_kernel)[(n * num_cb * num_pb,)](
+            grad_y, z, gate_x, osc, osh, mu, grad_z, grad_gate_x, part,
+            c, h * w, w, num_cb, num_pb, part.shape[1], *strides,
+            BN=bn, FLAT=flat, BLOCK_C=block_c, BLOCK_P=block_hw, num_warps=num_warps,
+        )
+        return part
+
+    # keyed by bn too: with BN the kernel sums a third partial and leaves grad_z to step 2
+    sums = _sum_partials(_launch_epilogue("shuffle_conv_epilogue_backward.grad", z, grad_launch, (bn,)))
 
     # 2. BatchNorm's grad_z, which needs every sum first.
     if bn:
         flat, strides = _nchw_strides(grad_y, z, gate_x, grad_z)
-        wrap_triton(_bn_grad_z_kernel)[grid](
-            grad_y, z, gate_x, osc, osh, mu, rs, sums, grad_z,
-            c, h * w, w, n * h * w, num_cb, num_pb, *strides,
-            FLAT=flat, **tiles,
-        )
+
+        def bn_launch(block_c: int, block_hw: int, num_warps: int) -> None:
+            num_cb, num_pb = triton.cdiv(c, block_c), triton.cdiv(h * w, block_hw)
+            wrap_triton(_bn_grad_z_kernel)[(n * num_cb * num_pb,)](
+                grad_y, z, gate_x, osc, osh, mu, rs, sums, grad_z,
+                c, h * w, w, n * h * w, num_cb, num_pb, *strides,
+                FLAT=flat, BLOCK_C=block_c, BLOCK_P=block_hw, num_warps=num_warps,
+            )
+
+        _launch_epilogue("shuffle_conv_epilogue_backward.bn_grad_z", z, bn_launch)
     grad_out_scale, grad_out_shift = _like_param(sums[c : 2 * c], out_scale), _like_param(sums[:c], out_shift)
     return grad_z, grad_gate_x, grad_out_scale, grad_out_shift
 

@@ -29,13 +29,15 @@ Kernels (all deterministic: no atomics, every reduction in a fixed order):
     strided set of (n, pixel block) tiles into that split's partials; 5. one sum over the
     splits, in order (`_common._sum_partials`).
 
-The four [BLOCK_C, BLOCK_P]-tiled launches over x (forward steps 1 and 3, backward steps 1 and
-3) take their tile from `_launch_tiles`: on a GPU measured once per shape among the static rule
-and half and twice its channels per tile; the weight gradients keep the rule's tile.
+The five [BLOCK_C, BLOCK_P]-tiled launches over x (forward steps 1 and 3, backward steps 1, 3
+and 4) take their tile from `_launch_tiles`: on a GPU measured once per shape, each launch on
+its own, among the static rule and half and twice its channels per tile.
 
 On a machine without a GPU set TRITON_INTERPRET=1 before importing this module; the ops then run
 on CPU tensors under the Triton interpreter.
 """
+from typing import Any
+
 import torch
 import triton
 import triton.language as tl
@@ -72,14 +74,14 @@ def _rule_elements(hw: int) -> int:
     return _BLOCK_C * min(_pow2(hw), _BLOCK_P)
 
 
-def _launch_tiles(site: str, x: torch.Tensor, maps: int, launch) -> None:
-    """`launch(block_c=, block_hw=, num_warps=)` of one of the [BLOCK_C, BLOCK_P]-tiled kernels
+def _launch_tiles(site: str, x: torch.Tensor, maps: int, launch) -> Any:
+    """`launch(block_c=, block_hw=, num_warps=)`, and its result, of one of the [BLOCK_C, BLOCK_P]-tiled kernels
     over x (BLOCK_HW is BLOCK_P), in the configuration a GPU measured fastest for this site,
     x's shape, dtype and layout and the map count (`_common._launch_measured`); the static
     rule's (`_BLOCK_C` channels) under the interpreter, tracing and static mode."""
     c, hw = x.shape[1], x.shape[2] * x.shape[3]
-    _launch_measured(site, x, lambda elements: _tiles(c, hw, elements), _rule_elements(hw), _tile_warps, launch,
-                     params=(maps,))
+    return _launch_measured(site, x, lambda elements: _tiles(c, hw, elements), _rule_elements(hw), _tile_warps,
+                            launch, params=(maps,))
 
 
 def _tile_warps(block_c: int, block_p: int) -> int:
@@ -328,16 +330,20 @@ def softmax_spatial_backward(
     wrap_triton(_softmax_grad_rows_kernel)[(n * g,)](a, dl, hw, BLOCK=_row_block(hw))
     # 3. grad_x.
     _launch_tiles("softmax_spatial_backward.grad_x", x, g, grad_input)
-    block_c, block_p = _tiles(c, hw, _rule_elements(hw))  # the weight gradients' tiles: the rule's
-    num_pb, num_cb = triton.cdiv(hw, block_p), triton.cdiv(c, block_c)
-    # 4. per-split partial weight gradients, 5. their sum in order.
-    num_tiles = n * num_pb
-    num_splits = _splits(num_tiles, g * num_cb, x.device)
-    part = torch.empty((num_splits, g * c + g), dtype=acc, device=x.device)
-    wrap_triton(_grad_weights_kernel)[(num_splits * g * num_cb,)](
-        x, dl, part, c, hw, num_pb, num_cb, g, num_tiles, num_splits, *sx,
-        BLOCK_P=block_p, BLOCK_C=block_c,
-    )
+    # 4. per-split partial weight gradients (the splits, hence the partials' shape, follow the
+    # tile), 5. their sum in order.
+    def grad_weights(block_c: int, block_hw: int, num_warps: int) -> torch.Tensor:
+        num_pb, num_cb = triton.cdiv(hw, block_hw), triton.cdiv(c, block_c)
+        num_tiles = n * num_pb
+        num_splits = _splits(num_tiles, g * num_cb, x.device)
+        part = torch.empty((num_splits, g * c + g), dtype=acc, device=x.device)
+        wrap_triton(_grad_weights_kernel)[(num_splits * g * num_cb,)](
+            x, dl, part, c, hw, num_pb, num_cb, g, num_tiles, num_splits, *sx,
+            BLOCK_P=block_hw, BLOCK_C=block_c, num_warps=num_warps,
+        )
+        return part
+
+    part = _launch_tiles("softmax_spatial_backward.grad_weights", x, g, grad_weights)
     total = _sum_partials(part)
     grad_weight, grad_bias = torch.split(total, [g * c, g])
     return grad_x, _like_param(grad_weight, weight), grad_bias.to(weight.dtype, copy=True)
