@@ -277,6 +277,8 @@ def test_compile_fullgraph_uses_the_eager_choice(train, compiled_ops):
     ("Bridge", "bridge", ("inference",), ("folded", "eager")),
     ("GAM", "gam", ("inference",), ("fused", "eager")),
     ("SoftmaxSpatial", "softmax_spatial", ("inference",), ("fused", "eager")),
+    ("PAM", "pam", ("inference",), ("fused", "eager")),
+    ("CSM", "pam", ("inference",), ("fused", "eager")),  # its spatial child is the fused PAM
 ])
 def test_modules_measure_their_choice_for_real(name, site, modes, candidates, compiled_ops):
     """A fused module whose op is chosen by measurement on the C++ backend: the candidates are

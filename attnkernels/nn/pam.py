@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from .. import functional as AF
 from ..reference import pam as reference
-from ._fused import FusedModule, without_autocast
+from ._fused import FusedModule, autograd_may_record, pick_inference, without_autocast
 
 
 class PAM(FusedModule, reference.PAM):
@@ -20,12 +20,23 @@ class PAM(FusedModule, reference.PAM):
 
     Under torch.autocast the projections run in x's dtype too (`without_autocast`): the op
     needs q, k, v in x's dtype, and x is the residual, whose rounding would show in y.
+
+    Inference (no autograd) runs the fused path or the reference's eager forward, whichever
+    `attnkernels.choose` measures faster for x's shape: on a CPU both are bound by the same
+    two GEMMs' FLOPs (the fused path's gain there is memory and the backward).
     """
 
     hot_paths = ("nonlocal_attn",)
 
     @without_autocast
     def attend(self, x: torch.Tensor) -> torch.Tensor:
+        if not autograd_may_record():
+            runs = {"fused": self.attend_fused, "eager": super().attend}
+            return pick_inference("pam", x, (self.query.out_channels,), runs, "fused")(x)
+        return self.attend_fused(x)
+
+    def attend_fused(self, x: torch.Tensor) -> torch.Tensor:
+        """The forward on the fused ops: one conv for q, k, v, then the nonlocal_attn op."""
         # y = gamma * out + x has the dtype torch promotes gamma (shape (1,)) and x to, as in the
         # reference: x's own, except for an fp32 module given a half x under autocast, where it
         # is fp32. The op writes y in x's dtype, so x (the full-size residual) is converted then:
