@@ -29,7 +29,7 @@ from torch import nn
 
 from . import backend as _backend
 from .nn import FUSED, FusedModule, fused_class, reference_class
-from .nn._fused import rebind
+from .nn._fused import CACHE_ATTRIBUTE, rebind
 from .reference import AttentionModule
 
 __all__ = ["FuseReport", "ReportEntry", "fuse", "unfuse"]
@@ -253,6 +253,7 @@ def _rebind(module: nn.Module, cls: type[nn.Module], pinned: str | None) -> nn.M
     fusing = issubclass(cls, FusedModule)
     new = rebind(module, cls)
     new.__dict__.pop("backend", None)
+    new.__dict__.pop(CACHE_ATTRIBUTE, None)  # a fused module's inference caches
     if fusing and pinned is not None:
         new.backend = pinned
     composite = cls if fusing else type(module)

@@ -31,6 +31,7 @@ from attnkernels import functional as AF
 from attnkernels import nn as fused
 from attnkernels import reference as R
 from attnkernels.nn import bridge as fused_bridge
+from attnkernels.nn._fused import CACHE_ATTRIBUTE
 
 CASES = backend_cases(cpu=("cpu", "triton", "reference"), cuda=("cuda", "triton", "reference"))
 
@@ -239,7 +240,23 @@ def test_eval_fold_of_inference_mode_weights() -> None:
             with backend.use_backend("cpu"):
                 torch.testing.assert_close(f(x, *bridges), r(x, *bridges), **tolerance(torch.float64))
             change_in_place(f), change_in_place(r)
-    assert "_folded_weights" not in f.__dict__
+    assert "_folded_weights" not in f.__dict__.get(CACHE_ATTRIBUTE, {})
+
+
+def test_unfuse_drops_the_fold_cache() -> None:
+    """A fused Bridge unfused after an eval call keeps no cache of the fold (the reference
+    class never reads it), and fused again it folds afresh."""
+    shape, bridge_shapes = SMALL
+    f, r = pair(shape, bridge_shapes, torch.float64, "cpu", train=False)
+    x, bridges = inputs(shape, bridge_shapes, "nchw", torch.float64, "cpu")
+    with torch.no_grad(), backend.use_backend("cpu"):
+        f(x, *bridges)
+        assert "_folded_weights" in f.__dict__[CACHE_ATTRIBUTE]  # the cache this test is about
+        plain = attnkernels.unfuse(f)
+        assert CACHE_ATTRIBUTE not in plain.__dict__
+        change_in_place(plain), change_in_place(r)
+        again = attnkernels.fuse(plain)
+        torch.testing.assert_close(again(x, *bridges), r(x, *bridges), **tolerance(torch.float64))
 
 
 @pytest.mark.parametrize("backend_name,device", CASES)

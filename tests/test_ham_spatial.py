@@ -31,6 +31,7 @@ from attnkernels import functional as AF
 from attnkernels import nn as fused
 from attnkernels import reference as R
 from attnkernels.models import cifar_resnet
+from attnkernels.nn._fused import CACHE_ATTRIBUTE
 from attnkernels.reference.formulas import ham_important_channels
 
 CASES = backend_cases(cpu=("cpu", "reference"), cuda=("cuda", "triton", "reference"))
@@ -86,6 +87,25 @@ def test_inference_runs_per_sample_and_matches_reference(dtype, layout) -> None:
         torch.testing.assert_close(got, three_pass, **tol)
         if layout == "channels_last":
             assert got.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_inference_fold_follows_batch_norm_changes() -> None:
+    """The per-sample op's folded BN is kept between calls, and a change to BN's stats, weight
+    or eps (in place, or a new tensor) is seen at the next call."""
+    f, ref = fused_and_reference(24, torch.float64, "cpu", train=False)
+    x = torch.randn(2, 24, 5, 6, dtype=torch.float64)
+    changes = [
+        lambda m: m.bn.running_var.mul_(1.5),
+        lambda m: m.bn.weight.add_(0.25),
+        lambda m: setattr(m.bn, "eps", 0.1),
+        lambda m: setattr(m.bn, "running_mean", m.bn.running_mean + 0.5),
+    ]
+    with torch.no_grad(), backend.use_backend("cpu"):
+        for change in [None, *changes]:
+            if change is not None:
+                change(f), change(ref)
+            torch.testing.assert_close(f(x), ref(x), rtol=1e-12, atol=1e-12)
+            assert "_folded_bn" in f.__dict__[CACHE_ATTRIBUTE]
 
 
 def test_inference_path_only_without_autograd() -> None:

@@ -70,10 +70,16 @@ def pick_inference(site: str, x: torch.Tensor, params: tuple, runs: dict[str, Ca
 T = TypeVar("T")
 
 
+#: The attribute of a fused module's inference caches (name -> entry), in its __dict__ directly
+#: (nn.Module's __setattr__ would register their tensors as state); `unfuse` drops it.
+CACHE_ATTRIBUTE = "_fused_caches"
+
+
 def cached_while_unchanged(module: nn.Module, name: str, key: Hashable,
                            sources: list[torch.Tensor], compute: Callable[[], T]) -> T:
     """`compute()` for an inference forward, computed once per state of `sources` (the module's
-    parameters and buffers it reads) and `key`, and kept on `module` as attribute `name`.
+    parameters and buffers it reads) and `key`, and kept on `module` under `name` (in its
+    CACHE_ATTRIBUTE dict).
 
     For small tensors derived from weights (folded BatchNorms): rebuilding them each call
     costs a dozen tiny ops of host time, more than the op they feed saves on a small map.
@@ -92,14 +98,14 @@ def cached_while_unchanged(module: nn.Module, name: str, key: Hashable,
         stamp = [(t.data_ptr(), t._version) for t in sources]
     except RuntimeError:  # an inference tensor: "Inference tensors do not track version counter"
         return compute()
-    cached = module.__dict__.get(name)
+    caches = module.__dict__.setdefault(CACHE_ATTRIBUTE, {})
+    cached = caches.get(name)
     if (cached is not None and cached[0] == key and cached[2] == stamp and len(cached[1]) == len(sources)
             and all(map(operator.is_, cached[1], sources))):
         return cached[4]
     value = compute()
     storages = [t.untyped_storage() for t in sources]
-    # In __dict__ directly: nn.Module's __setattr__ would register tensors as state.
-    module.__dict__[name] = (key, sources, stamp, storages, value)
+    caches[name] = (key, sources, stamp, storages, value)
     return value
 
 

@@ -9,7 +9,7 @@ from ..ops import ham_spatial
 from ..ops._common import fold_batch_norm
 from ..reference import ham as reference
 from ..reference.formulas import accumulate_dtype
-from ._fused import FusedModule, autograd_may_record, pick_inference, without_autocast
+from ._fused import FusedModule, autograd_may_record, cached_while_unchanged, module_tensors, pick_inference, without_autocast
 
 
 class HAM(FusedModule, reference.HAM):
@@ -58,9 +58,15 @@ class HAM(FusedModule, reference.HAM):
         )
 
     def attend_per_sample(self, x: torch.Tensor) -> torch.Tensor:
-        """The inference forward in one op, with BN folded: `bn(z) = z * scale + shift`."""
+        """The inference forward in one op, with BN folded: `bn(z) = z * scale + shift`, the
+        fold kept while BN's parameters and stats are unchanged (`cached_while_unchanged`)."""
         bn, acc = self.bn, accumulate_dtype(x.dtype)
-        scale, shift, _ = fold_batch_norm(bn.running_mean.to(acc), bn.running_var.to(acc), bn.weight, bn.bias, bn.eps)
+
+        def fold() -> tuple[torch.Tensor, torch.Tensor]:
+            return fold_batch_norm(bn.running_mean.to(acc), bn.running_var.to(acc), bn.weight, bn.bias, bn.eps)[:2]
+
+        # eps is a plain attribute: no version counter
+        scale, shift = cached_while_unchanged(self, "_folded_bn", (acc, bn.eps), module_tensors([bn]), fold)
         return ham_spatial.ham_attention(
             x, self.conv.weight, self.alpha, self.beta, self.c_im, self.spatial_conv.weight, scale, shift
         )
