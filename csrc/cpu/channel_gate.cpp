@@ -111,11 +111,7 @@ void pool_nchw_impl(const scalar_t* x, int64_t planes, int64_t hw, at::opmath_ty
 template <typename scalar_t>
 void pool_nchw(const scalar_t* x, int64_t planes, int64_t hw, at::opmath_type<scalar_t>* avg,
                at::opmath_type<scalar_t>* max) {
-  if (max == nullptr) {
-    pool_nchw_impl<false>(x, planes, hw, avg, max);
-  } else {
-    pool_nchw_impl<true>(x, planes, hw, avg, max);
-  }
+  with_flag(max != nullptr, [&](auto with_max) { pool_nchw_impl<decltype(with_max)::value>(x, planes, hw, avg, max); });
 }
 
 template <bool kWithMax, typename scalar_t>
@@ -160,11 +156,8 @@ void pool_channels_last_impl(const scalar_t* x, int64_t N, int64_t C, int64_t hw
 template <typename scalar_t>
 void pool_channels_last(const scalar_t* x, int64_t N, int64_t C, int64_t hw, at::opmath_type<scalar_t>* avg,
                         at::opmath_type<scalar_t>* max) {
-  if (max == nullptr) {
-    pool_channels_last_impl<false>(x, N, C, hw, avg, max);
-  } else {
-    pool_channels_last_impl<true>(x, N, C, hw, avg, max);
-  }
+  with_flag(max != nullptr,
+            [&](auto with_max) { pool_channels_last_impl<decltype(with_max)::value>(x, N, C, hw, avg, max); });
 }
 
 // avg and, unless with_max is false, max of x over H*W: (N, C) maps in acc(x).
@@ -379,14 +372,10 @@ void rescale_row(const scalar_t* x, const scalar_t* other, scalar_t* y, int64_t 
   }
 }
 
-// f(kGrad, kStream) with the two runtime flags as std::bool_constant arguments.
+// f(kGrad, kStream) with the two runtime flags as std::bool_constant arguments (with_flag).
 template <typename F>
 void with_rescale_flags(bool grad, bool stream, const F& f) {
-  if (grad) {
-    stream ? f(std::true_type{}, std::true_type{}) : f(std::true_type{}, std::false_type{});
-  } else {
-    stream ? f(std::false_type{}, std::true_type{}) : f(std::false_type{}, std::false_type{});
-  }
+  with_flag(grad, [&](auto kGrad) { with_flag(stream, [&](auto kStream) { f(kGrad, kStream); }); });
 }
 
 template <typename scalar_t>

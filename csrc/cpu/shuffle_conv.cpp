@@ -1232,11 +1232,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> epilogue_backward_cpu
             }
           });
     };
-    if (stats) {
-      first_pass(std::true_type{});
-    } else {
-      first_pass(std::false_type{});
-    }
+    with_flag(stats, first_pass);
   });
   // Per-channel totals, the partial rows summed in order.
   const at::Tensor s1 = Partials::total(partial[0]), sz = Partials::total(partial[1]);

@@ -22,6 +22,13 @@
 
 namespace attnkernels {
 
+// f(std::true_type{}) or f(std::false_type{}): a runtime flag made a compile-time one, so the
+// kernel f instantiates (`decltype(flag)::value`) has no branch on it in its inner loop.
+template <typename F>
+decltype(auto) with_flag(bool flag, const F& f) {
+  return flag ? f(std::true_type{}) : f(std::false_type{});
+}
+
 // ---- Streaming (non-temporal) stores, for outputs too big to stay in the caches.
 // A plain store first reads the line it writes (read-for-ownership), so writing y costs
 // two crossings of memory per byte; a streaming store writes the line whole, past the
