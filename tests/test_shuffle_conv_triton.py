@@ -479,8 +479,8 @@ def test_measured_epilogue_configurations_match_the_reference(monkeypatch, stats
         site: list(_common._tile_candidates(lambda e, t=t: T._epi_blocks(t, e), T._EPI_TILE, T._epi_warps))
         for site, t in zip(sites, (gate_x, z, z))
     }
-    assert configs[EPI_SITES[0]] == ["32x64/4w", "32x32/4w", "32x128/4w"]
-    assert configs[EPI_SITES[1]] == ["16x128/4w", "8x128/4w", "32x128/4w"]
+    assert configs[EPI_SITES[0]] == ["32x64/4w", "32x32/4w", "32x128/8w"]
+    assert configs[EPI_SITES[1]] == ["16x128/4w", "8x128/4w", "32x128/8w"]
     args = (z, gate_x, out_scale, out_shift, grad_y) if stats == "plain" else (
         z, gate_x, bn["out_scale"], bn["out_shift"], grad_y, bn)
     with measured_launches(monkeypatch, one_fastest(configs, dict.fromkeys(sites, fastest))) as timed:

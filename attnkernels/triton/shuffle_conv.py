@@ -187,8 +187,10 @@ def _epi_blocks(t: torch.Tensor, elements: int) -> tuple[int, int]:
 
 
 def _epi_warps(block_c: int, block_p: int) -> int:
-    """4 warps (Triton's default) below 8192 elements: the rule's tile and its candidates (`_common._warps`)."""
-    return _warps(block_c * block_p)
+    """4 warps up to the rule's _EPI_TILE values (16 per thread), 8 beyond: at 4, the backward
+    kernels' fp64 tile of twice the values spilled 516-860 B per thread where the strides do not
+    flatten (FLAT=False), over the 512 B limit (`make triton-aot`)."""
+    return 4 if block_c * block_p <= _EPI_TILE else 8
 
 
 def _launch_epilogue(site: str, t: torch.Tensor, launch: Callable[..., Any], params: tuple = ()) -> Any:
