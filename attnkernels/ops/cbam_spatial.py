@@ -9,8 +9,10 @@ csrc/cbam_spatial_ops.cpp with the schemas; the kernels (to come) share ham_spat
 one-group case). Saved for backward: x and the small maps (gate: (N, C); d, s: (N, <=2, H, W));
 no full-size intermediate.
 
-Not yet in `attnkernels.ops.HOT_PATHS`: until kernels exist, the public functions run only where
-the backend machinery knows the path, and the Reference class and the checks are used directly.
+Not yet in `attnkernels.ops.HOT_PATHS` (added once the C++, CUDA and Triton kernels exist): until
+then `attnkernels.backend` raises "unknown hot path" for the public functions, nothing registers
+REGISTRATION, and the Reference class and the checks are used directly
+(tests/test_cbam_spatial_reference.py).
 """
 from __future__ import annotations
 
