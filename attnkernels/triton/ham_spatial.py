@@ -184,54 +184,75 @@ def _mask_kernel(
 
 
 @triton.jit
-def _load_groups(x_ptr, gate_ptr, mask_ptr, x_pix, n, c, C, sx_n, sx_c, tile_mask, c_mask):
+def _load_groups(x_ptr, gate_ptr, mask_ptr, x_pix, n, c, C, sx_n, sx_c, tile_mask, c_mask, ONE_GROUP: tl.constexpr):
     """x, gate, mask and F1 = x*gate, G1 = F1*mask, G2 = F1*(1 - mask) of one [BLOCK_C, BLOCK_HW]
-    tile, in acc. Masked lanes are 0 (out-of-range lanes load 0 everywhere)."""
+    tile, in acc. Masked lanes are 0 (out-of-range lanes load 0 everywhere).
+
+    ONE_GROUP (cbam_spatial, csrc/cbam_spatial_ops.cpp): one group of all C channels and no
+    mask. mask_ptr is not read, G1 = F1 itself (not F1 * 1), and no G2 is formed: the returned
+    m and g2 are placeholders (gate and F1), which a ONE_GROUP caller never uses."""
     ACC = gate_ptr.dtype.element_ty
     nc = n * C + c
     gate = tl.load(gate_ptr + nc, mask=c_mask, other=0.0)
-    m = tl.load(mask_ptr + nc, mask=c_mask, other=0.0)
+    if ONE_GROUP:
+        m = gate  # placeholder, unused
+    else:
+        m = tl.load(mask_ptr + nc, mask=c_mask, other=0.0)
     offs = (n * sx_n + c.to(tl.int64) * sx_c)[:, None] + x_pix[None, :]
     v = tl.load(x_ptr + offs, mask=tile_mask, other=0.0).to(ACC)
     f1 = v * gate[:, None]
-    # Literal products, as the contract writes them: 0 * NaN stays NaN.
-    g1 = f1 * m[:, None]
-    g2 = f1 * (1.0 - m)[:, None]
+    if ONE_GROUP:
+        g1 = f1
+        g2 = f1  # placeholder, unused
+    else:
+        # Literal products, as the contract writes them: 0 * NaN stays NaN.
+        g1 = f1 * m[:, None]
+        g2 = f1 * (1.0 - m)[:, None]
     return v, gate, m, f1, g1, g2
 
 
+# Every pixel kernel below takes ONE_GROUP (tl.constexpr): False for ham_spatial's two groups;
+# True for cbam_spatial (attnkernels/triton/cbam_spatial.py), one group G1 = F1 over all C
+# channels (the divisor c_im = C) and no mask: mask_ptr and every second-group pointer (d2,
+# grad_d2, s2, grad_s2) are neither read nor written, so callers pass any tensor there, and
+# c_sub is unused. With ONE_GROUP False the kernels are ham_spatial's, unchanged.
 @triton.jit
 def _pool_kernel(
     x_ptr, gate_ptr, mask_ptr, d1_ptr, d2_ptr,
     C, HW, W, num_pb, c_im, c_sub,
     sx_n, sx_c, sx_h, sx_w, sx_hw,
-    FLAT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+    FLAT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, ONE_GROUP: tl.constexpr,
 ):
     ACC = d1_ptr.dtype.element_ty
     n, pb, hw, hw_mask = _pixel_block(num_pb, HW, BLOCK_HW)
     x_pix = _hw_offsets(hw, W, sx_h, sx_w, sx_hw, FLAT)
 
     sum1 = tl.zeros([BLOCK_C, BLOCK_HW], dtype=ACC)
-    sum2 = tl.zeros([BLOCK_C, BLOCK_HW], dtype=ACC)
+    if not ONE_GROUP:
+        sum2 = tl.zeros([BLOCK_C, BLOCK_HW], dtype=ACC)
     max1 = tl.full([BLOCK_C, BLOCK_HW], float("-inf"), dtype=ACC)
-    max2 = tl.full([BLOCK_C, BLOCK_HW], float("-inf"), dtype=ACC)
+    if not ONE_GROUP:
+        max2 = tl.full([BLOCK_C, BLOCK_HW], float("-inf"), dtype=ACC)
     for start in range(0, C, BLOCK_C):
         c = start + tl.arange(0, BLOCK_C)
         c_mask = c < C
         tile_mask = c_mask[:, None] & hw_mask[None, :]
         _, _, _, _, g1, g2 = _load_groups(
-            x_ptr, gate_ptr, mask_ptr, x_pix, n, c, C, sx_n, sx_c, tile_mask, c_mask
+            x_ptr, gate_ptr, mask_ptr, x_pix, n, c, C, sx_n, sx_c, tile_mask, c_mask, ONE_GROUP
         )
         sum1 += g1  # masked lanes are 0
-        sum2 += g2
+        if not ONE_GROUP:
+            sum2 += g2
         max1 = _max_update(max1, tl.where(tile_mask, g1, float("-inf")))
-        max2 = _max_update(max2, tl.where(tile_mask, g2, float("-inf")))
+        if not ONE_GROUP:
+            max2 = _max_update(max2, tl.where(tile_mask, g2, float("-inf")))
 
     out = n * 2 * HW + hw  # d[n, 0, p]; d[n, 1, p] is HW further
     tl.store(d1_ptr + out, _div(tl.sum(sum1, axis=0), c_im), mask=hw_mask)
     tl.store(d1_ptr + out + HW, _max_over_channels(max1), mask=hw_mask)
-    tl.store(d2_ptr + out, _div(tl.sum(sum2, axis=0), c_sub), mask=hw_mask)
-    tl.store(d2_ptr + out + HW, _max_over_channels(max2), mask=hw_mask)
+    if not ONE_GROUP:
+        tl.store(d2_ptr + out, _div(tl.sum(sum2, axis=0), c_sub), mask=hw_mask)
+        tl.store(d2_ptr + out + HW, _max_over_channels(max2), mask=hw_mask)
 
 
 @triton.jit
@@ -240,7 +261,7 @@ def _pool_backward_kernel(
     C, HW, W, num_pb, c_im, c_sub,
     sx_n, sx_c, sx_h, sx_w, sx_hw,
     so_n, so_c, so_h, so_w, so_hw,
-    FLAT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+    FLAT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, ONE_GROUP: tl.constexpr,
 ):
     ACC = gate_ptr.dtype.element_ty
     n, pb, hw, hw_mask = _pixel_block(num_pb, HW, BLOCK_HW)
@@ -248,28 +269,34 @@ def _pool_backward_kernel(
     o_pix = _hw_offsets(hw, W, so_h, so_w, so_hw, FLAT)
     at = n * 2 * HW + hw
     mx1 = tl.load(d1_ptr + at + HW, mask=hw_mask, other=0.0)
-    mx2 = tl.load(d2_ptr + at + HW, mask=hw_mask, other=0.0)
+    if not ONE_GROUP:
+        mx2 = tl.load(d2_ptr + at + HW, mask=hw_mask, other=0.0)
 
     # Pass 1: count the channels tied at each pixel's max, per group (all C channels).
     ties1 = tl.zeros([BLOCK_C, BLOCK_HW], dtype=tl.int32)
-    ties2 = tl.zeros([BLOCK_C, BLOCK_HW], dtype=tl.int32)
+    if not ONE_GROUP:
+        ties2 = tl.zeros([BLOCK_C, BLOCK_HW], dtype=tl.int32)
     for start in range(0, C, BLOCK_C):
         c = start + tl.arange(0, BLOCK_C)
         c_mask = c < C
         tile_mask = c_mask[:, None] & hw_mask[None, :]
         _, _, _, _, g1, g2 = _load_groups(
-            x_ptr, gate_ptr, mask_ptr, x_pix, n, c, C, sx_n, sx_c, tile_mask, c_mask
+            x_ptr, gate_ptr, mask_ptr, x_pix, n, c, C, sx_n, sx_c, tile_mask, c_mask, ONE_GROUP
         )
         ties1 += (tile_mask & (g1 == mx1[None, :])).to(tl.int32)
-        ties2 += (tile_mask & (g2 == mx2[None, :])).to(tl.int32)
+        if not ONE_GROUP:
+            ties2 += (tile_mask & (g2 == mx2[None, :])).to(tl.int32)
     # A count of 0 (NaN max) makes the share inf or NaN, and [G == max] * share NaN on the
     # whole pixel, exactly as torch.amax's backward. Out-of-range pixels divide by 1.
     count1 = tl.where(hw_mask, tl.sum(ties1, axis=0), 1).to(ACC)
-    count2 = tl.where(hw_mask, tl.sum(ties2, axis=0), 1).to(ACC)
+    if not ONE_GROUP:
+        count2 = tl.where(hw_mask, tl.sum(ties2, axis=0), 1).to(ACC)
     share_avg1 = _div(tl.load(gd1_ptr + at, mask=hw_mask, other=0.0), c_im)
-    share_avg2 = _div(tl.load(gd2_ptr + at, mask=hw_mask, other=0.0), c_sub)
+    if not ONE_GROUP:
+        share_avg2 = _div(tl.load(gd2_ptr + at, mask=hw_mask, other=0.0), c_sub)
     share_max1 = _div(tl.load(gd1_ptr + at + HW, mask=hw_mask, other=0.0), count1)
-    share_max2 = _div(tl.load(gd2_ptr + at + HW, mask=hw_mask, other=0.0), count2)
+    if not ONE_GROUP:
+        share_max2 = _div(tl.load(gd2_ptr + at + HW, mask=hw_mask, other=0.0), count2)
 
     # Pass 2: grad_x, and this pixel block's partial grad_gate.
     part_row = (n * num_pb + pb) * C
@@ -278,11 +305,14 @@ def _pool_backward_kernel(
         c_mask = c < C
         tile_mask = c_mask[:, None] & hw_mask[None, :]
         v, gate, m, _, g1, g2 = _load_groups(
-            x_ptr, gate_ptr, mask_ptr, x_pix, n, c, C, sx_n, sx_c, tile_mask, c_mask
+            x_ptr, gate_ptr, mask_ptr, x_pix, n, c, C, sx_n, sx_c, tile_mask, c_mask, ONE_GROUP
         )
         dg1 = share_avg1[None, :] + (g1 == mx1[None, :]).to(ACC) * share_max1[None, :]
-        dg2 = share_avg2[None, :] + (g2 == mx2[None, :]).to(ACC) * share_max2[None, :]
-        df1 = dg1 * m[:, None] + dg2 * (1.0 - m)[:, None]
+        if ONE_GROUP:
+            df1 = dg1  # dF = dG1: no mask to pass through
+        else:
+            dg2 = share_avg2[None, :] + (g2 == mx2[None, :]).to(ACC) * share_max2[None, :]
+            df1 = dg1 * m[:, None] + dg2 * (1.0 - m)[:, None]
         o_offs = (n * so_n + c.to(tl.int64) * so_c)[:, None] + o_pix[None, :]
         tl.store(gx_ptr + o_offs, (df1 * gate[:, None]).to(gx_ptr.dtype.element_ty), mask=tile_mask)
         tl.store(part_ptr + part_row + c, tl.sum(df1 * v, axis=1), mask=c_mask)  # masked lanes: v = 0
@@ -294,21 +324,25 @@ def _apply_kernel(
     C, HW, W, num_pb,
     sx_n, sx_c, sx_h, sx_w, sx_hw,
     so_n, so_c, so_h, so_w, so_hw,
-    FLAT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+    FLAT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, ONE_GROUP: tl.constexpr,
 ):
     n, pb, hw, hw_mask = _pixel_block(num_pb, HW, BLOCK_HW)
     x_pix = _hw_offsets(hw, W, sx_h, sx_w, sx_hw, FLAT)
     o_pix = _hw_offsets(hw, W, so_h, so_w, so_hw, FLAT)
     s1 = tl.load(s1_ptr + n * HW + hw, mask=hw_mask, other=0.0)
-    s2 = tl.load(s2_ptr + n * HW + hw, mask=hw_mask, other=0.0)
+    if not ONE_GROUP:
+        s2 = tl.load(s2_ptr + n * HW + hw, mask=hw_mask, other=0.0)
     for start in range(0, C, BLOCK_C):
         c = start + tl.arange(0, BLOCK_C)
         c_mask = c < C
         tile_mask = c_mask[:, None] & hw_mask[None, :]
         _, _, _, _, g1, g2 = _load_groups(
-            x_ptr, gate_ptr, mask_ptr, x_pix, n, c, C, sx_n, sx_c, tile_mask, c_mask
+            x_ptr, gate_ptr, mask_ptr, x_pix, n, c, C, sx_n, sx_c, tile_mask, c_mask, ONE_GROUP
         )
-        y = g1 * s1[None, :] + g2 * s2[None, :]
+        if ONE_GROUP:
+            y = g1 * s1[None, :]  # F * s alone: no F * 0 * s2 term (NaN where F is not finite)
+        else:
+            y = g1 * s1[None, :] + g2 * s2[None, :]
         o_offs = (n * so_n + c.to(tl.int64) * so_c)[:, None] + o_pix[None, :]
         tl.store(y_ptr + o_offs, y.to(y_ptr.dtype.element_ty), mask=tile_mask)
 
@@ -320,7 +354,7 @@ def _apply_backward_kernel(
     sg_n, sg_c, sg_h, sg_w, sg_hw,
     sx_n, sx_c, sx_h, sx_w, sx_hw,
     so_n, so_c, so_h, so_w, so_hw,
-    FLAT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+    FLAT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, ONE_GROUP: tl.constexpr,
 ):
     ACC = gate_ptr.dtype.element_ty
     n, pb, hw, hw_mask = _pixel_block(num_pb, HW, BLOCK_HW)
@@ -328,27 +362,34 @@ def _apply_backward_kernel(
     x_pix = _hw_offsets(hw, W, sx_h, sx_w, sx_hw, FLAT)
     o_pix = _hw_offsets(hw, W, so_h, so_w, so_hw, FLAT)
     s1 = tl.load(s1_ptr + n * HW + hw, mask=hw_mask, other=0.0)
-    s2 = tl.load(s2_ptr + n * HW + hw, mask=hw_mask, other=0.0)
+    if not ONE_GROUP:
+        s2 = tl.load(s2_ptr + n * HW + hw, mask=hw_mask, other=0.0)
     acc_s1 = tl.zeros([BLOCK_C, BLOCK_HW], dtype=ACC)
-    acc_s2 = tl.zeros([BLOCK_C, BLOCK_HW], dtype=ACC)
+    if not ONE_GROUP:
+        acc_s2 = tl.zeros([BLOCK_C, BLOCK_HW], dtype=ACC)
     part_row = (n * num_pb + pb) * C
     for start in range(0, C, BLOCK_C):
         c = start + tl.arange(0, BLOCK_C)
         c_mask = c < C
         tile_mask = c_mask[:, None] & hw_mask[None, :]
         v, gate, m, _, g1, g2 = _load_groups(
-            x_ptr, gate_ptr, mask_ptr, x_pix, n, c, C, sx_n, sx_c, tile_mask, c_mask
+            x_ptr, gate_ptr, mask_ptr, x_pix, n, c, C, sx_n, sx_c, tile_mask, c_mask, ONE_GROUP
         )
         g_offs = (n * sg_n + c.to(tl.int64) * sg_c)[:, None] + g_pix[None, :]
         gy = tl.load(gy_ptr + g_offs, mask=tile_mask, other=0.0).to(ACC)
-        df1 = gy * (m[:, None] * s1[None, :] + (1.0 - m)[:, None] * s2[None, :])
+        if ONE_GROUP:
+            df1 = gy * s1[None, :]
+        else:
+            df1 = gy * (m[:, None] * s1[None, :] + (1.0 - m)[:, None] * s2[None, :])
         o_offs = (n * so_n + c.to(tl.int64) * so_c)[:, None] + o_pix[None, :]
         tl.store(gx_ptr + o_offs, (df1 * gate[:, None]).to(gx_ptr.dtype.element_ty), mask=tile_mask)
         tl.store(part_ptr + part_row + c, tl.sum(df1 * v, axis=1), mask=c_mask)  # masked lanes: 0 * 0
         acc_s1 += gy * g1
-        acc_s2 += gy * g2
+        if not ONE_GROUP:
+            acc_s2 += gy * g2
     tl.store(gs1_ptr + n * HW + hw, tl.sum(acc_s1, axis=0), mask=hw_mask)
-    tl.store(gs2_ptr + n * HW + hw, tl.sum(acc_s2, axis=0), mask=hw_mask)
+    if not ONE_GROUP:
+        tl.store(gs2_ptr + n * HW + hw, tl.sum(acc_s2, axis=0), mask=hw_mask)
 
 
 # ----------------------------------------------------------------------------------------
@@ -394,7 +435,7 @@ def ham_spatial_pool(
         wrap_triton(_pool_kernel)[(n * num_pb,)](
             x, gt, mask, d1, d2,
             c, h * w, w, num_pb, c_im, max(c - c_im, 1), *strides,
-            FLAT=flat, BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=num_warps,
+            FLAT=flat, BLOCK_C=block_c, BLOCK_HW=block_hw, ONE_GROUP=False, num_warps=num_warps,
         )
 
     _launch_pixel_tiled("ham_spatial_pool", x, acc, launch)
@@ -428,7 +469,7 @@ def ham_spatial_pool_backward(
         wrap_triton(_pool_backward_kernel)[(n * num_pb,)](
             gd1, gd2, x, gt, mk, m1, m2, grad_x, partials,
             c, h * w, w, num_pb, c_im, max(c - c_im, 1), *strides,
-            FLAT=flat, BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=num_warps,
+            FLAT=flat, BLOCK_C=block_c, BLOCK_HW=block_hw, ONE_GROUP=False, num_warps=num_warps,
         )
         return _grad_gate(partials, num_pb, c)
 
@@ -453,7 +494,7 @@ def ham_spatial_apply(
         wrap_triton(_apply_kernel)[(n * num_pb,)](
             x, gt, mk, sp1, sp2, y,
             c, h * w, w, num_pb, *strides,
-            FLAT=flat, BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=num_warps,
+            FLAT=flat, BLOCK_C=block_c, BLOCK_HW=block_hw, ONE_GROUP=False, num_warps=num_warps,
         )
 
     _launch_pixel_tiled("ham_spatial_apply", x, acc, launch)
@@ -487,7 +528,7 @@ def ham_spatial_apply_backward(
         wrap_triton(_apply_backward_kernel)[(n * num_pb,)](
             grad_y, x, gt, mk, sp1, sp2, grad_x, partials, grad_s1, grad_s2,
             c, h * w, w, num_pb, *strides,
-            FLAT=flat, BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=num_warps,
+            FLAT=flat, BLOCK_C=block_c, BLOCK_HW=block_hw, ONE_GROUP=False, num_warps=num_warps,
         )
         return _grad_gate(partials, num_pb, c)
 
