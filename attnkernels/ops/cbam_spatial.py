@@ -9,10 +9,12 @@ csrc/cbam_spatial_ops.cpp with the schemas; the kernels (to come) share ham_spat
 one-group case). Saved for backward: x and the small maps (gate: (N, C); d, s: (N, <=2, H, W));
 no full-size intermediate.
 
-Not yet in `attnkernels.ops.HOT_PATHS` (added once the C++, CUDA and Triton kernels exist): until
+Not yet in `attnkernels.ops.HOT_PATHS` (added once the C++ and CUDA kernels exist too): until
 then `attnkernels.backend` raises "unknown hot path" for the public functions, nothing registers
 REGISTRATION, and the Reference class and the checks are used directly
-(tests/test_cbam_spatial_reference.py).
+(tests/test_cbam_spatial_reference.py). The Triton kernels exist: importing
+`attnkernels.triton.cbam_spatial` registers the four ops under `torch.ops.attnkernels_triton`
+(schemas only, no autograd; tests/test_cbam_spatial_triton.py calls them directly).
 """
 from __future__ import annotations
 
