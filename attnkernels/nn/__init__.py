@@ -18,6 +18,7 @@ from .ham import HAM
 from .pam import PAM
 from .se import SE
 from .softmax_spatial import SoftmaxSpatial
+from .triplet import Triplet
 
 #: Registry name -> fused class, for the modules with fused kernels so far.
 FUSED = {"eca": ECA, "se": SE, "ham": HAM, "pam": PAM, "csm": CSM, "gam": GAM, "softmax_spatial": SoftmaxSpatial,
