@@ -21,6 +21,7 @@ import contextlib
 import contextvars
 import functools
 import importlib
+import importlib.util
 import os
 import sys
 import threading
@@ -94,7 +95,20 @@ def _compiled_ops_problem(backend: str, hot_path: str) -> str | None:
         return str(err)
     if backend == "cuda" and not _ext.cuda_compiled():
         return "the compiled ops were built without CUDA kernels (CPU-only torch, or no nvcc at build time)"
-    return None
+    return _missing_kernels(backend, hot_path)
+
+
+def _missing_kernels(backend: str, hot_path: str) -> str | None:
+    """Why the loaded library cannot run `hot_path` on `backend`: a hot path's kernels may come
+    one device at a time (its CPU kernels first), and an op with no kernel for the device would
+    fail at its first call instead of falling back."""
+    from .ops._schemas import schemas
+
+    key = backend.upper()
+    has_kernel = torch._C._dispatch_has_computed_kernel_for_dispatch_key  # composites count
+    if all(has_kernel(f"attnkernels::{op}", key) for op in schemas(hot_path)):
+        return None
+    return f"no {key} kernels for {hot_path} yet"
 
 
 def _triton_problem(hot_path: str, device: torch.device) -> str | None:
@@ -103,6 +117,8 @@ def _triton_problem(hot_path: str, device: torch.device) -> str | None:
     if device.type not in ("cpu", "cuda"):
         return f"Triton does not run on {device.type}"
     try:
+        if importlib.util.find_spec(f"attnkernels.triton.{hot_path}") is None:
+            return f"no kernels for {hot_path} yet"
         importlib.import_module(f"attnkernels.triton.{hot_path}")  # registers its ops
     except ImportError as err:
         return f"Triton is not importable: {err}"

@@ -1,6 +1,6 @@
 // The triplet hot path's operators: their schemas, and the math every backend implements.
-// Kernels (to come): cpu/triplet.cpp and cuda/triplet.cu register with TORCH_LIBRARY_IMPL;
-// triton/triplet.py under attnkernels_triton. The library itself is csrc/attnkernels.cpp.
+// Kernels: CPU: cpu/triplet.cpp, registered with TORCH_LIBRARY_IMPL (CUDA: cuda/triplet.cu
+// and Triton: triton/triplet.py, to come). The library itself is csrc/attnkernels.cpp.
 // attnkernels/ops/_schemas.py reads the schemas below from this file for the Triton backend:
 // each is one m.def of adjacent string literals only.
 //

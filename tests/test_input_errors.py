@@ -160,6 +160,11 @@ def _op_arguments() -> dict[str, tuple]:
                                            _positive(C)),
         "shuffle_conv_bn_gate": (x, conv_weight, _rand(C), 2, 3, scale, shift, gate_x, _rand(C), _rand(C), _rand(C),
                                  _positive(C), 1e-5, 0),
+        "triplet_pool": (x,),
+        "triplet_pool_backward": (_rand(N, 2, H, W), _rand(N, 2, C, W), _rand(N, 2, H, C), x, _rand(N, 2, H, W),
+                                  _rand(N, 2, C, W), _rand(N, 2, H, C)),
+        "triplet_apply": (x, s1, _rand(N, 1, C, W), _rand(N, 1, H, C)),
+        "triplet_apply_backward": (_rand(N, C, H, W), x, s1, _rand(N, 1, C, W), _rand(N, 1, H, C)),
     }
 
 
@@ -194,7 +199,7 @@ _MESSAGE_NAMES = {"shuffle_conv_bn_gate": "shuffle_conv"}
 _CHECK_NAMES = {"channel_mlp_attention": "check_mlp_args"}
 
 DEVICE_CASES = [pytest.param(op, arg, id=f"{op}-{arg}") for op in _all_schemas() for arg in _tensor_names(op)
-                if len(_tensor_names(op)) > 1]  # channel_pool(x) has no second tensor to disagree with
+                if len(_tensor_names(op)) > 1]  # channel_pool(x), triplet_pool(x): no second tensor to disagree with
 
 
 def _with_one_on_meta(op: str, arg: str) -> list:
@@ -225,7 +230,8 @@ def _python_check(op: str):
 
 def test_the_device_cases_cover_every_op() -> None:
     assert _op_arguments().keys() == _all_schemas().keys()
-    assert {op for op, _ in (c.values for c in DEVICE_CASES)} == _all_schemas().keys() - {"channel_pool"}
+    single_tensor = {"channel_pool", "triplet_pool"}
+    assert {op for op, _ in (c.values for c in DEVICE_CASES)} == _all_schemas().keys() - single_tensor
 
 
 @pytest.mark.parametrize("op,arg", DEVICE_CASES)
@@ -259,6 +265,7 @@ def _public(op: str, conv: str):
         "nonlocal_attn": AF.nonlocal_attn,
         "gam_channel": AF.gam_channel,
         "softmax_spatial": AF.softmax_spatial,
+        "triplet_apply": AF.triplet_apply,
         "shuffle_conv": lambda *args: AF.shuffle_conv(*args, conv=conv),
         "shuffle_conv_bn_gate": lambda *a: AF.shuffle_conv_bn_gate(*a[:10], a[12], conv=conv, bn_mean=a[10],
                                                                    bn_var=a[11]),

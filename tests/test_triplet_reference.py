@@ -1,4 +1,4 @@
-"""triplet's Reference ops and argument checks, before any kernel exists.
+"""triplet's Reference ops and argument checks (the CPU kernels: tests/test_triplet_ops.py).
 
 The Reference ops (attnkernels/ops/triplet.py; math in csrc/triplet_ops.cpp) against a plain
 autograd composition of the Triplet reference module's math: each gate's `cat[max_c(t),
@@ -323,16 +323,15 @@ def test_fake_checks_its_arguments(scratch_ops) -> None:
 
 
 # ----------------------------------------------------------------------------------------
-# The public functions, on the reference backend (triplet is not in HOT_PATHS yet)
+# The public functions, on the reference backend
 # ----------------------------------------------------------------------------------------
 @pytest.fixture
-def known_path(monkeypatch):
-    monkeypatch.setattr(backend, "HOT_PATHS", (*backend.HOT_PATHS, "triplet"))
+def on_reference():
     with backend.use_backend("reference"):
         yield
 
 
-def test_public_functions_cast_and_match(known_path) -> None:
+def test_public_functions_cast_and_match(on_reference) -> None:
     x = make_input((2, 5, 3, 4), "channels_last", torch.float16, "cpu")
     s = make_gates(x)  # float64: cast to acc(x) = float32
     d = ops_module.triplet_pool(x)
@@ -343,11 +342,11 @@ def test_public_functions_cast_and_match(known_path) -> None:
     assert y.dtype == torch.float16 and y.is_contiguous(memory_format=torch.channels_last)
 
 
-def test_not_a_hot_path_yet() -> None:
-    """Registered with the library only once its kernels exist (CONTRIBUTING: HOT_PATHS)."""
+def test_a_hot_path() -> None:
+    """Registered with the library, its CPU kernels written (CONTRIBUTING: HOT_PATHS)."""
     from attnkernels.ops import HOT_PATHS
 
-    assert "triplet" not in HOT_PATHS
+    assert "triplet" in HOT_PATHS
 
 
 # ----------------------------------------------------------------------------------------

@@ -4,14 +4,17 @@
     s_i = sigmoid(bn_i(conv_i(d_i)))        (torch, small maps; one gate per axis)
     y = triplet_apply(x, s_hw, s_cw, s_hc)  # one read of x, one write of y
 
-The math of every op is in csrc/triplet_ops.cpp with the schemas. Saved for backward: x and
-the small maps (d_hw (N, 2, H, W), d_cw (N, 2, C, W), d_hc (N, 2, H, C), and the gates, one
-plane each); no full-size intermediate.
+The math of every op is in csrc/triplet_ops.cpp with the schemas. Kernels: C++ CPU in
+csrc/cpu/triplet.cpp (one read of x for the three poolings; argument checks shared with CUDA in
+csrc/include/attnkernels/triplet.h). No CUDA or Triton kernels yet: on CUDA tensors
+`attnkernels.backend` reports both unavailable ("no CUDA kernels for triplet yet", "no kernels
+for triplet yet") and runs the Reference. Saved for backward: x and the small maps (d_hw
+(N, 2, H, W), d_cw (N, 2, C, W), d_hc (N, 2, H, C), and the gates, one plane each); no
+full-size intermediate.
 
-Not yet in `attnkernels.ops.HOT_PATHS` (added once the kernels exist): until then
-`attnkernels.backend` raises "unknown hot path" for the public functions, nothing registers
-REGISTRATION, and the Reference class and the checks are used directly
-(tests/test_triplet_reference.py).
+A hot path of `attnkernels.ops.HOT_PATHS`: loading the C++ library registers REGISTRATION
+(fakes and autograd) in its namespace, and `attnkernels.backend` runs the public functions on
+the chosen backend.
 """
 from __future__ import annotations
 
@@ -69,8 +72,8 @@ def triplet_apply(x: torch.Tensor, s_hw: torch.Tensor, s_cw: torch.Tensor, s_hc:
 
 
 # ----------------------------------------------------------------------------------------
-# Argument checks of the ops (the reference backend and the Triton ops share them; the C++
-# ops are to check the same rules in csrc/include/attnkernels/triplet.h, in the same words)
+# Argument checks of the ops (the reference backend and the fakes use them; the C++ ops check
+# the same rules in csrc/include/attnkernels/triplet.h, in the same words)
 # ----------------------------------------------------------------------------------------
 def plane_shape(x: torch.Tensor, gate: str, k: int) -> tuple[int, int, int, int]:
     """The shape of gate `gate`'s k-plane map for x: (N, k, rows, columns) of its plane."""
