@@ -22,9 +22,9 @@ from .triplet import Triplet
 
 #: Registry name -> fused class, for the modules with fused kernels so far.
 FUSED = {"eca": ECA, "se": SE, "ham": HAM, "pam": PAM, "csm": CSM, "gam": GAM, "softmax_spatial": SoftmaxSpatial,
-         "bridge": Bridge}
+         "bridge": Bridge, "triplet": Triplet}
 
-__all__ = ["ECA", "SE", "HAM", "PAM", "CSM", "GAM", "SoftmaxSpatial", "Bridge", "FUSED", "FusedModule",
+__all__ = ["ECA", "SE", "HAM", "PAM", "CSM", "GAM", "SoftmaxSpatial", "Bridge", "Triplet", "FUSED", "FusedModule",
            "reference_class", "fused_class", "as_fused"]
 
 
