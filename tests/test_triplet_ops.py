@@ -30,12 +30,13 @@ from attnkernels.ops import triplet as ops_module
 Ref = ops_module.Reference
 F64, F32 = torch.float64, torch.float32
 CASES = backend_cases(cpu=("cpu", "reference"), cuda=())
-# The CPU kernels' channel block (csrc/cpu/triplet.cpp's kChannelBlock).
-BLOCK = 64
+# The CPU kernels' channel blocks (csrc/cpu/triplet.cpp's kChannelBlock, kChannelBlockCL).
+BLOCK, BLOCK_CL = 64, 256
 # C = 1, odd C, C a multiple of the vector width and not; H != W; HW = 1; N = 1; several
-# channel blocks, C a multiple of the block (2 blocks) and not (3 blocks, the last partial).
+# channel blocks, C a multiple of the block (2 blocks) and not (3 blocks, the last partial),
+# in NCHW and in channels_last.
 SHAPES = [(2, 24, 7, 5), (3, 1, 4, 4), (2, 3, 6, 6), (2, 37, 5, 9), (3, 16, 1, 1), (1, 40, 3, 4),
-          (2, 2 * BLOCK, 3, 5), (2, 2 * BLOCK + 22, 5, 3)]
+          (2, 2 * BLOCK, 3, 5), (2, 2 * BLOCK + 22, 5, 3), (1, BLOCK_CL + 44, 2, 3)]
 TOL = {F64: {"rtol": 1e-12, "atol": 1e-12}, F32: {"rtol": 2e-5, "atol": 2e-6}}
 POOL_NAMES = ["d_hw", "d_cw", "d_hc", "grad_x"]
 APPLY_NAMES = ["y", "grad_x", "grad_s_hw", "grad_s_cw", "grad_s_hc"]
@@ -180,7 +181,7 @@ def test_half_precision_error_like_eager(dtype, layout) -> None:
 def tied_inputs(device: str) -> list[torch.Tensor]:
     """x whose maxima tie: every line along C equal, along H, along W; values on a coarse grid
     (ties in all three maps at once); and a constant x (every element ties everywhere)."""
-    n, c, h, w = 2, 2 * BLOCK + 5, 5, 6  # three channel blocks: hw's counts from partials
+    n, c, h, w = 2, BLOCK_CL + 5, 5, 6  # several channel blocks: hw's counts from partials
     r = lambda *s: torch.randn(*s, dtype=F64, device=device)  # noqa: E731
     return [r(n, 1, h, w).expand(n, c, h, w).contiguous(), r(n, c, 1, w).expand(n, c, h, w).contiguous(),
             r(n, c, h, 1).expand(n, c, h, w).contiguous(),
@@ -203,7 +204,7 @@ def test_ties_share_the_max_gradient(backend_name, device, layout) -> None:
 def test_nan_and_inf_in_x(backend_name, device, layout) -> None:
     """NaN: the three maxima over it are NaN (torch.amax), and so is grad_x on its three lines;
     the other sample stays finite. inf, -inf pass through the maxima, the means and y."""
-    x = make_input((2, BLOCK + 9, 4, 5), layout, F64, device)
+    x = make_input((2, BLOCK_CL + 9, 4, 5), layout, F64, device)
     x[1, 2, 1, 3] = float("nan")
     x[0, 4, 2, 3], x[0, 70, 0, 0] = float("inf"), float("-inf")
     tol = {**TOL[F64], "equal_nan": True}
@@ -222,7 +223,7 @@ def test_nan_and_inf_in_x(backend_name, device, layout) -> None:
 # ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("backend_name,device", CASES)
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("shape", [(2, 5, 3, 4), (1, BLOCK + 3, 2, 3)], ids=shape_id)
+@pytest.mark.parametrize("shape", [(2, 5, 3, 4), (1, BLOCK_CL + 3, 2, 1)], ids=shape_id)
 def test_gradcheck(backend_name, device, layout, shape) -> None:
     x = leaf(make_input(shape, layout, F64, device), True)
     s = [leaf(t, True) for t in make_gates(x)]
@@ -253,9 +254,9 @@ def test_opcheck(op_name, compiled_ops) -> None:
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_deterministic(layout) -> None:
-    """Bitwise the same results twice, and with one thread as with several: three channel
+    """Bitwise the same results twice, and with one thread as with several: several channel
     blocks per sample, so d_hw, its tie counts and grad_s_hw combine per-block partials."""
-    x = make_input((3, 2 * BLOCK + 37, 13, 17), layout, F32, "cpu")
+    x = make_input((3, BLOCK_CL + 37, 13, 17), layout, F32, "cpu")
     s, g_d, g_y = make_gates(x), make_map_grads(x), torch.randn_like(x)
 
     def run():
