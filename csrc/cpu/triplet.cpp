@@ -128,13 +128,13 @@ struct Along {
   }
 };
 
-// Pooling of one row: max and sum accumulated in place into the two maps that run along it
-// (max a[0] / sum a[1], b likewise), and the row's own max and sum stored to the constant one.
-template <typename scalar_t>
-void pool_row(const scalar_t* x, int64_t len, std::array<at::opmath_type<scalar_t>*, 2> a,
-              std::array<at::opmath_type<scalar_t>*, 2> b, std::array<at::opmath_type<scalar_t>*, 2> r) {
+// Pooling of one row: max and sum accumulated in place into the maps that run along it (max
+// a[0] / sum a[1]; b likewise, unless !kB), and the row's own max and sum stored to the
+// constant one (r, unless !kR).
+template <typename scalar_t, bool kB = true, bool kR = true, typename acc_t = at::opmath_type<scalar_t>>
+void pool_row(const scalar_t* x, int64_t len, std::array<acc_t*, 2> a, std::array<acc_t*, 2> b,
+              std::array<acc_t*, 2> r) {
   using S = Step<scalar_t>;
-  using acc_t = typename S::acc_t;
   using AccVec = typename S::AccVec;
   const acc_t lowest = -std::numeric_limits<acc_t>::infinity();
   AccVec rmax[S::kVecs], rsum[S::kVecs];
@@ -148,37 +148,62 @@ void pool_row(const scalar_t* x, int64_t len, std::array<at::opmath_type<scalar_
     S::load(x + i, xv);
     S::load_acc(a[0] + i, am);
     S::load_acc(a[1] + i, as);
-    S::load_acc(b[0] + i, bm);
-    S::load_acc(b[1] + i, bs);
+    if constexpr (kB) {
+      S::load_acc(b[0] + i, bm);
+      S::load_acc(b[1] + i, bs);
+    }
     for (int k = 0; k < S::kVecs; ++k) {
       am[k] = at::vec::maximum(am[k], xv[k]);  // NaN-propagating, as torch.amax
       as[k] += xv[k];
-      bm[k] = at::vec::maximum(bm[k], xv[k]);
-      bs[k] += xv[k];
-      rmax[k] = at::vec::maximum(rmax[k], xv[k]);
-      rsum[k] += xv[k];
+      if constexpr (kB) {
+        bm[k] = at::vec::maximum(bm[k], xv[k]);
+        bs[k] += xv[k];
+      }
+      if constexpr (kR) {
+        rmax[k] = at::vec::maximum(rmax[k], xv[k]);
+        rsum[k] += xv[k];
+      }
     }
     S::store_acc(a[0] + i, am);
     S::store_acc(a[1] + i, as);
-    S::store_acc(b[0] + i, bm);
-    S::store_acc(b[1] + i, bs);
+    if constexpr (kB) {
+      S::store_acc(b[0] + i, bm);
+      S::store_acc(b[1] + i, bs);
+    }
   }
   acc_t mx = lowest, sum = 0;
-  for (int k = 0; k < S::kVecs; ++k) {
-    mx = nan_max(mx, reduce_max(rmax[k]));
-    sum += reduce_sum(rsum[k]);
+  if constexpr (kR) {
+    for (int k = 0; k < S::kVecs; ++k) {
+      mx = nan_max(mx, reduce_max(rmax[k]));
+      sum += reduce_sum(rsum[k]);
+    }
   }
   for (; i < len; ++i) {
     const acc_t v = static_cast<acc_t>(x[i]);
     a[0][i] = nan_max(a[0][i], v);
     a[1][i] += v;
-    b[0][i] = nan_max(b[0][i], v);
-    b[1][i] += v;
+    if constexpr (kB) {
+      b[0][i] = nan_max(b[0][i], v);
+      b[1][i] += v;
+    }
     mx = nan_max(mx, v);
     sum += v;
   }
-  *r[0] = mx;
-  *r[1] = sum;
+  if constexpr (kR) {
+    *r[0] = mx;
+    *r[1] = sum;
+  }
+}
+
+// NCHW pooling of channel c's plane: hw over the whole H*W run (no row tails), then cw and hc
+// row by row from L1. (Rows of W = 28 did all three at 7 instructions per element.)
+template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+void pool_plane(const scalar_t* x, int64_t H, int64_t W, int64_t C, std::array<acc_t*, 2> hw,
+                std::array<acc_t*, 2> cw, std::array<acc_t*, 2> hc) {
+  pool_row<scalar_t, false, false>(x, H * W, hw, {}, {});
+  for (int64_t h = 0; h < H; ++h) {
+    pool_row<scalar_t, false, true>(x + h * W, W, cw, {}, {hc[0] + h * C, hc[1] + h * C});
+  }
 }
 
 // Tie counts of one row: where x equals a map's max, 1 is added to the map's count (a NaN
@@ -412,11 +437,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> triplet_pool_cpu(const at::Tensor
       acc_t* p_max = pp + (n * 2 * g.blocks + b) * HW;  // part[n, 0, b], part[n, 1, b]
       acc_t* p_sum = p_max + g.blocks * HW;
       acc_t *cw_max = cw + n * 2 * CW, *hc_max = hc + n * 2 * HC;
-      for_rows(g, n, c0, c1, [&](const Row& r) {
-        using P = std::array<acc_t*, 2>;
-        const auto m = runs_then_constant<P>(g.channels_last, {p_max + r.hw, p_sum + r.hw},
-                                             {cw_max + r.cw, cw_max + CW + r.cw}, {hc_max + r.hc, hc_max + HC + r.hc});
-        pool_row<scalar_t>(xp + r.x, r.len, m[0], m[1], m[2]);
+      if (!g.channels_last) {
+        for (int64_t c = c0; c < c1; ++c) {
+          pool_plane<scalar_t>(xp + (n * g.C + c) * HW, g.H, g.W, g.C, {p_max, p_sum},
+                               {cw_max + c * g.W, cw_max + CW + c * g.W}, {hc_max + c, hc_max + HC + c});
+        }
+        return;
+      }
+      for_rows(g, n, c0, c1, [&](const Row& r) {  // channels_last: cw and hc run, hw is constant
+        pool_row<scalar_t>(xp + r.x, r.len, {cw_max + r.cw, cw_max + CW + r.cw}, {hc_max + r.hc, hc_max + HC + r.hc},
+                           {p_max + r.hw, p_sum + r.hw});
       });
     });
     // d_hw from the blocks in order: max first, then the sum, divided by C below.
