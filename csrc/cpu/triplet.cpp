@@ -10,7 +10,8 @@
 // A task walks contiguous rows of x: NCHW rows (c, h) along w, channels_last rows (h, w) along
 // its channels. Along a row two of the three maps run element by element and one is constant:
 // NCHW: hw and cw run, hc is constant; channels_last: cw and hc run, hw is constant. For that,
-// a channels_last op keeps the cw plane transposed, (W, C), so that it runs along c too.
+// a channels_last op keeps the cw plane transposed, (W, C), so that it runs along c too. (The
+// NCHW pool takes hw over each channel's whole H*W plane first: pool_plane.)
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
