@@ -543,6 +543,8 @@ def module_config(draw, name: str, sizes: Sizes) -> tuple[int, dict]:
         return c, {"reduction": draw(st.sampled_from([1, 4, 16])), "divisor": draw(st.sampled_from([1, 2, 8]))}
     if name == "eca":
         return c, {"kernel_size": draw(st.none() | sizes.kernels())}
+    if name == "triplet":  # one kernel size for its three gates' convs
+        return c, {"kernel_size": draw(sizes.kernels(7))}
     if name == "bridge":  # the maps come from x (helpers.FeedsBridges), none to three of them
         bridges = draw(st.lists(st.integers(1, sizes.channels), max_size=3))
         return c, {"bridge_channels": bridges, "reduction": draw(st.sampled_from([1, 4, 16]))}
@@ -570,7 +572,9 @@ def module_case(data, name: str, m: Maker) -> ModuleCase:
     c, kwargs = data.draw(module_config(name, m.sizes), label="(C, kwargs)")
     n, h, w = data.draw(m.sizes.nhw(), label="(N, H, W)")
     mode = data.draw(st.sampled_from(MODES), label="mode")
-    if mode == "train" and (n * h * w == 1 or (n == 1 and name in BATCHNORM1D_MODULES)):
+    # Triplet's gates' BatchNorms see N*H*W, N*C*W and N*H*C values: with N = 1 one may be 1.
+    one_value = n * h * w == 1 or (n == 1 and (name in BATCHNORM1D_MODULES or name == "triplet"))
+    if mode == "train" and one_value:
         n = 2  # BatchNorm cannot train on one value per channel (the draws show N as drawn)
     cls = fused.FUSED[name]
     torch.manual_seed(m.seed)  # the pair's random parameters
