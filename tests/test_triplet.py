@@ -117,13 +117,13 @@ def test_gradcheck(backend_name, device) -> None:
 
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 def test_backward_saves_only_x(train) -> None:
-    """No full-size intermediate is saved for backward (x itself is the input); the reference
-    saves the gated copies and the permuted products."""
+    """No full-size intermediate is saved for backward (x itself is the input), as the reference:
+    its gates save views of x and their small maps."""
     f, ref = pair(16, torch.float32, "cpu")
     f.train(train), ref.train(train)
     x = torch.randn(2, 16, 8, 8, requires_grad=True)
     assert full_size_saved(f, x, "cpu") == {x.untyped_storage().data_ptr()}
-    assert len(full_size_saved(ref, x, "reference")) >= 3
+    assert full_size_saved(ref, x, "reference") == {x.untyped_storage().data_ptr()}
 
 
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
