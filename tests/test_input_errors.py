@@ -160,6 +160,10 @@ def _op_arguments() -> dict[str, tuple]:
                                            _positive(C)),
         "shuffle_conv_bn_gate": (x, conv_weight, _rand(C), 2, 3, scale, shift, gate_x, _rand(C), _rand(C), _rand(C),
                                  _positive(C), 1e-5, 0),
+        "cbam_spatial_pool": (x, gate),
+        "cbam_spatial_pool_backward": (_rand(N, 2, H, W), x, gate, _rand(N, 2, H, W)),
+        "cbam_spatial_apply": (x, gate, s1),
+        "cbam_spatial_apply_backward": (_rand(N, C, H, W), x, gate, s1),
     }
 
 
@@ -256,6 +260,8 @@ def _public(op: str, conv: str):
         "ham_spatial_apply": AF.ham_spatial_apply,
         "ham_spatial_conv": AF.ham_spatial_conv,
         "ham_attention": hot_path_module("ham_spatial").ham_attention,
+        "cbam_spatial_pool": AF.cbam_spatial_pool,
+        "cbam_spatial_apply": AF.cbam_spatial_apply,
         "nonlocal_attn": AF.nonlocal_attn,
         "gam_channel": AF.gam_channel,
         "softmax_spatial": AF.softmax_spatial,
