@@ -86,7 +86,7 @@ std::tuple<at::Tensor, at::Tensor> cbam_spatial_pool_backward_cpu(const at::Tens
 
 // ---------------------------------------------------------------- cbam_spatial_apply (+ backward)
 
-// y = F * s, in x's dtype and layout.
+// y = F * s, in x's dtype and layout; y streamed past the caches when x and y exceed them.
 at::Tensor cbam_spatial_apply_cpu(const at::Tensor& x_in, const at::Tensor& gate_in, const at::Tensor& s_in) {
   const char* op = "cbam_spatial_apply";
   const at::Tensor x = checked_x(x_in, op);
@@ -94,13 +94,15 @@ at::Tensor cbam_spatial_apply_cpu(const at::Tensor& x_in, const at::Tensor& gate
   at::Tensor y = empty_like_layout(x);
   if (x.numel() == 0) return y;
   const at::Tensor gate = gate_in.contiguous(), s = s_in.contiguous();
+  const bool stream = should_stream(2 * x.nbytes());  // reads x, writes y
   AK_DISPATCH_FEATURE(x, "cbam_spatial_apply_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const Views<scalar_t> v = views<scalar_t>(x, gate);
     scalar_t* yp = y.data_ptr<scalar_t>();
     const acc_t* sp = s.const_data_ptr<acc_t>();
     for_pixel_blocks(x.size(0), v.hw, [&](int64_t n, int64_t, int64_t p0, int64_t p1) {
-      apply_block<true, scalar_t>(v, n, p0, p1, nullptr, sp + n * v.hw, nullptr, yp, nullptr, nullptr, nullptr);
+      apply_block<true, scalar_t>(v, n, p0, p1, nullptr, sp + n * v.hw, nullptr, yp, nullptr, nullptr, nullptr,
+                                  stream);
     });
   });
   return y;

@@ -457,12 +457,13 @@ inline V applied_backward(const V& gy, const V& f1, const V& m, const V& s1, con
 // y = G1*s1 + G2*s2 (one group: F1*s1) for the pixels [p0, p1) of sample n; s1, s2 (and gs1,
 // gs2) are the sample's rows of hw values (s2, gs2 unused when kOneGroup). With grad_y set
 // (the backward), writes grad_x = dF1*gate into out and accumulates grad_gate, grad_s1 and
-// grad_s2 instead.
+// grad_s2 instead. `stream`: y's vectors go out with streaming stores (cpu_vec.h's
+// should_stream: y larger than the last-level cache), fenced before the block returns.
 template <bool kOneGroup, typename scalar_t>
 void apply_block(const Views<scalar_t>& v, int64_t n, int64_t p0, int64_t p1, const scalar_t* grad_y,
                  const at::opmath_type<scalar_t>* s1, const at::opmath_type<scalar_t>* s2, scalar_t* out,
                  at::opmath_type<scalar_t>* grad_gate, at::opmath_type<scalar_t>* gs1,
-                 at::opmath_type<scalar_t>* gs2) {
+                 at::opmath_type<scalar_t>* gs2, bool stream = false) {
   using S = Step<scalar_t>;
   using acc_t = typename S::acc_t;
   using AccVec = typename S::AccVec;
@@ -492,7 +493,7 @@ void apply_block(const Views<scalar_t>& v, int64_t n, int64_t p0, int64_t p1, co
         if constexpr (!kOneGroup) S::load_acc(s2n + p0 + i, b);
         if (!backward) {
           for (int k = 0; k < S::kVecs; ++k) o[k] = applied<kOneGroup>(xv[k] * vg, vm, a[k], b[k]);
-          S::store(out + off + i, o);
+          S::store(out + off + i, o, stream);
           continue;
         }
         S::load(grad_y + off + i, gy);
@@ -526,6 +527,7 @@ void apply_block(const Views<scalar_t>& v, int64_t n, int64_t p0, int64_t p1, co
       }
       if (backward) grad_gate[c] = sum;
     }
+    if (stream) stream_fence();
     return;
   }
   for (int64_t p = p0; p < p1; ++p) {
@@ -543,7 +545,7 @@ void apply_block(const Views<scalar_t>& v, int64_t n, int64_t p0, int64_t p1, co
       if constexpr (!kOneGroup) S::load_acc(m + c, vm);
       if (!backward) {
         for (int k = 0; k < S::kVecs; ++k) o[k] = applied<kOneGroup>(xv[k] * vg[k], vm[k], a, b);
-        S::store(out + off + c, o);
+        S::store(out + off + c, o, stream);
         continue;
       }
       S::load(grad_y + off + c, gy);
@@ -580,6 +582,7 @@ void apply_block(const Views<scalar_t>& v, int64_t n, int64_t p0, int64_t p1, co
       if constexpr (!kOneGroup) gs2[p] = sum2;
     }
   }
+  if (stream) stream_fence();
 }
 
 }  // namespace attnkernels::cpu_spatial
