@@ -143,7 +143,8 @@ if have_pytest; then
   ops_tests=(tests/test_channel_gate.py tests/test_channel_gate_triton.py tests/test_ham_spatial.py
     tests/test_ham_spatial_triton.py tests/test_nonlocal_attn.py tests/test_nonlocal_attn_triton.py
     tests/test_gam_channel.py tests/test_gam_channel_triton.py tests/test_shuffle_conv.py
-    tests/test_shuffle_conv_triton.py tests/test_softmax_spatial.py tests/test_softmax_spatial_triton.py)
+    tests/test_shuffle_conv_triton.py tests/test_softmax_spatial.py tests/test_softmax_spatial_triton.py
+    tests/test_cbam_spatial_triton.py)
   if [ $quick -eq 1 ] && [ $full_ops -eq 0 ]; then
     # Each hot path's comparisons with the reference: the CUDA ops and modules (ids carry
     # "cuda"), the Triton files' fp32 and half-precision cases.
