@@ -1,7 +1,6 @@
 // The cbam_spatial hot path's operators: their schemas, and the math every backend implements.
-// Kernels: CPU: cpu/cbam_spatial.cpp; CUDA: cuda/cbam_spatial.cu (from its own branch, merged
-// with this one); each registers with TORCH_LIBRARY_IMPL; the library itself is
-// csrc/attnkernels.cpp. attnkernels/ops/_schemas.py reads the schemas below
+// Kernels: CPU: cpu/cbam_spatial.cpp; CUDA: cuda/cbam_spatial.cu; each registers with
+// TORCH_LIBRARY_IMPL; the library itself is csrc/attnkernels.cpp. attnkernels/ops/_schemas.py reads the schemas below
 // from this file for the Triton backend: each is one m.def of adjacent string literals only.
 //
 // cbam_spatial hot path (docs/contract.md CBAM, its spatial half): HAM's dual spatial pooling
@@ -32,8 +31,8 @@
 // compile-time one-group flag that drops the mask and G2 instead of multiplying by 1 and 0:
 // on the CPU, include/attnkernels/cpu_spatial_pool.h's Views, for_pixel_blocks, pool_block,
 // pool_backward_block (pool_dF, pool_dF1's one-group case) and apply_block with
-// kOneGroup = true; on CUDA, cuda/ham_spatial.cu's HamPool, HamPoolTies, HamPoolBackward,
-// HamApply and HamApplyBackward (cuda::OpBase); in Triton, triton/ham_spatial.py's
+// kOneGroup = true; on CUDA, include/attnkernels/cuda_spatial_pool.cuh's HamPool, HamPoolTies, HamPoolBackward,
+// HamApply and HamApplyBackward (cuda::OpBase, kOneGroup = true); in Triton, triton/ham_spatial.py's
 // _pool_kernel, _pool_backward_kernel, _apply_kernel and _apply_backward_kernel (a
 // tl.constexpr flag) with their measured pixel tiles.
 // cbam_spatial_pool(x, gate) equals ham_spatial_pool(x, gate, C)'s d1 bit for bit. The apply

@@ -6,8 +6,8 @@
 
 HAM's dual spatial pooling with a single group and no mask. The math of every op is in
 csrc/cbam_spatial_ops.cpp with the schemas; the kernels share ham_spatial's (the one-group
-case): C++ CPU in csrc/cpu/cbam_spatial.cpp, CUDA in csrc/cuda/cbam_spatial.cu (from its own
-branch), Triton in attnkernels/triton/cbam_spatial.py. Saved for backward: x and the small maps (gate: (N, C);
+case): C++ CPU in csrc/cpu/cbam_spatial.cpp, CUDA in csrc/cuda/cbam_spatial.cu, Triton in
+attnkernels/triton/cbam_spatial.py. Saved for backward: x and the small maps (gate: (N, C);
 d, s: (N, <=2, H, W)); no full-size intermediate.
 
 A hot path of `attnkernels.ops.HOT_PATHS`: loading the C++ library and importing
