@@ -145,12 +145,12 @@ def test_fused_backbone_matches_reference(name: str, train: bool) -> None:
 
 
 def test_modules_without_fused_version_are_left_with_reason() -> None:
-    model = models.resnet20(attention="cbam")
+    model = models.resnet20(attention="bam")
     before = {n: m for n, m in model.named_modules()}
     out, rep = attnkernels.fuse(model, report=True)
     assert out is model and rep.swapped == []
     assert [e.name for e in rep.left] == attention_names(model) and len(rep.left) == 9
-    assert all("no fused version of CBAM" in e.detail for e in rep.left)
+    assert all("no fused version of BAM" in e.detail for e in rep.left)
     assert all(m is before[n] for n, m in model.named_modules())
 
 
@@ -242,7 +242,7 @@ def test_report_is_logged(caplog) -> None:
 @pytest.mark.parametrize("name,kwargs,timm_cls,count", [
     ("ecaresnet50d", {}, timm_layers.EcaModule, 16),
     ("seresnet18", {}, timm_layers.SEModule, 8),
-    ("resnet18", {"attn_layer": "cbam"}, CbamModule, 8),
+    ("resnet18", {"block_args": {"attn_layer": "cbam"}}, CbamModule, 8),
 ], ids=["ecaresnet50d", "seresnet18", "resnet18-cbam"])
 def test_timm_model_matches(name: str, kwargs: dict, timm_cls: type, count: int, train: bool) -> None:
     model = randomize_model(timm.create_model(name, pretrained=False, **kwargs)).train(train)
@@ -311,7 +311,7 @@ UNREPRODUCIBLE_TIMM = {
     "se-legacy-senet": (lambda: LegacySEModule(64, 16), "legacy SENet"),
     "se-subclass": (lambda: type("MySE", (timm_layers.SEModule,), {})(64), "subclass of timm's SEModule"),
     "cbam-mlp_bias": (lambda: CbamModule(64, mlp_bias=True), "channel.fc1 has a bias"),
-    "cbam-gelu": (lambda: CbamModule(64, act_layer=nn.GELU), "channel.act is GELU, not ReLU"),
+    "cbam-silu": (lambda: CbamModule(64, act_layer=nn.SiLU), "channel.act is SiLU, not ReLU"),
     "cbam-hard-sigmoid": (lambda: CbamModule(64, gate_layer="hard_sigmoid"), "gate is .*not sigmoid"),
     "cbam-spatial-act": (lambda: _with_spatial_act(CbamModule(64)), "spatial.conv.bn.act is ReLU, not Identity"),
     "cbam-light": (lambda: LightCbamModule(64), "light CBAM"),
@@ -458,13 +458,13 @@ def test_fuse_unfuse_round_trip(source: str) -> None:
 
 
 def test_fusing_twice_is_a_no_op() -> None:
-    model = nn.Sequential(R.SE(32), timm_layers.EcaModule(32), R.CBAM(32))
+    model = nn.Sequential(R.SE(32), timm_layers.EcaModule(32), R.BAM(32))
     attnkernels.fuse(model, backend="reference")
     after_first = dict(model.named_modules())
     out, rep = attnkernels.fuse(model, report=True)  # another backend would not re-pin either
     assert out is model and rep.swapped == []
     assert [(e.name, e.detail) for e in rep.left[:2]] == [("0", "already fused"), ("1", "already fused")]
-    assert rep.left[2].name == "2" and "no fused version of CBAM" in rep.left[2].detail
+    assert rep.left[2].name == "2" and "no fused version of BAM" in rep.left[2].detail
     assert dict(model.named_modules()) == after_first
     assert model[0].backend == "reference"
 
