@@ -4,10 +4,13 @@
 
 * a reference module (`attnkernels.reference`) whose class `attnkernels.nn.FUSED` maps to a
   fused class (exactly that class: a subclass may change the forward, so it is left);
-* timm's `EcaModule` and `SEModule` (timm.layers) in the configuration the fused module
-  reproduces exactly: sigmoid gate, zero-padded 1-D conv of padding (k-1)//2 and no bias for
-  ECA; Conv2d(C, rd, 1) and Conv2d(rd, C, 1) with biases, ReLU, no norm, no max pooling for
-  SE. Any other configuration is left in place, with the reason.
+* timm's `EcaModule`, `SEModule` and `CbamModule` (timm.layers) in the configuration the fused
+  module reproduces exactly: sigmoid gate, zero-padded 1-D conv of padding (k-1)//2 and no bias
+  for ECA; Conv2d(C, rd, 1) and Conv2d(rd, C, 1) with biases, ReLU, no norm, no max pooling for
+  SE; for CBAM the same 1x1 convs without biases, ReLU, sigmoid gates, and a spatial
+  Conv2d(2, 1, k odd, 'same' zero padding, no bias) followed by a BatchNorm2d(1) with no
+  activation, dropout or anti-aliasing. Any other configuration is left in place, with the
+  reason.
 
 The fused module holds the same parameter, buffer and submodule objects as the module it
 replaces (no copies), so the state_dict keys, the optimizer's parameters and the train/eval
@@ -20,6 +23,7 @@ timm is optional: it is imported only when the model holds a module of a timm cl
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import itertools
 import logging
 from typing import Callable, Literal, NamedTuple, Union, overload
@@ -304,8 +308,8 @@ _TIMM_NOT_CONVERTED = {
     "timm.layers.squeeze_excite.EffectiveSEModule": "effective SE (one fc, hard-sigmoid gate): no fused version",
     "timm.layers.squeeze_excite.SqueezeExciteCl": "channels-last SE on Linear layers: no fused version",
     "timm.models.senet.SEModule": "legacy SENet SE module: only timm.layers.SEModule is converted",
-    "timm.layers.cbam.CbamModule": "only timm's EcaModule and SEModule are converted",
-    "timm.layers.cbam.LightCbamModule": "only timm's EcaModule and SEModule are converted",
+    "timm.layers.cbam.LightCbamModule": "light CBAM (channel mean and max summed before one MLP, "
+    "a spatial gate on their mean): no fused version",
 }
 
 
@@ -316,7 +320,7 @@ def _is_timm(module: nn.Module) -> bool:
 class _TimmAdapter(NamedTuple):
     """How one timm class maps onto a fused class (`attnkernels.nn.FUSED[fused]`)."""
 
-    timm_name: str  # its name in timm.layers
+    timm_name: str  # its name in timm.layers ("cbam.CbamModule": in the submodule timm.layers.cbam)
     fused: str  # registry name of the fused class
     why_not: Callable[[nn.Module], str | None]  # None when the fused module reproduces it
     attributes: Callable[[nn.Module], dict]  # the plain attributes the fused __init__ would set
@@ -327,9 +331,8 @@ def _timm_plan(module: nn.Module, pinned: str | None) -> _Plan | None:
     name = _qualname(type(module))
     if name in _TIMM_NOT_CONVERTED:
         return _Plan(None, _TIMM_NOT_CONVERTED[name], descend=True)
-    layers = _timm_layers()
     for adapter in _TIMM_ADAPTERS:
-        timm_cls = getattr(layers, adapter.timm_name, None)
+        timm_cls = _timm_class(adapter.timm_name)
         if timm_cls is None or not isinstance(module, timm_cls):
             continue
         if type(module) is not timm_cls:
@@ -344,13 +347,14 @@ def _timm_plan(module: nn.Module, pinned: str | None) -> _Plan | None:
     return None
 
 
-def _timm_layers():
-    """timm.layers, or None when timm is not installed (fuse then converts no timm module)."""
+def _timm_class(name: str) -> type | None:
+    """timm.layers' class `name` (dotted: from a submodule), or None when timm is not installed
+    or has no such class (fuse then converts no module of it)."""
+    module_name, _, cls_name = f"timm.layers.{name}".rpartition(".")
     try:
-        import timm.layers
+        return getattr(importlib.import_module(module_name), cls_name, None)
     except ImportError:
         return None
-    return timm.layers
 
 
 def _from_timm(module: nn.Module, adapter: _TimmAdapter, cls: type[nn.Module], pinned: str | None) -> nn.Module:
@@ -415,16 +419,50 @@ def _se_why_not(m: nn.Module) -> str | None:
         return f"bn is {type(m.bn).__name__} (norm_layer), not Identity"
     if type(m.act) is not nn.ReLU:
         return f"act is {type(m.act).__name__}, not ReLU"
-    if not isinstance(m.fc1, nn.Conv2d):
-        return f"fc1 is {type(m.fc1).__name__}, not Conv2d"
-    c, rd = m.fc1.in_channels, m.fc1.out_channels
-    if m.fc1.kernel_size != (1, 1) or getattr(m.fc2, "kernel_size", None) != (1, 1):
+    return _one_by_one_problem(m.fc1, m.fc2, bias=True) or _gate_problem(m.gate)
+
+
+def _one_by_one_problem(fc1: nn.Module, fc2: nn.Module, bias: bool) -> str | None:
+    """Why fc1, fc2 are not Conv2d(C, rd, 1) and Conv2d(rd, C, 1) (with or without biases), or None."""
+    if not isinstance(fc1, nn.Conv2d):
+        return f"fc1 is {type(fc1).__name__}, not Conv2d"
+    c, rd = fc1.in_channels, fc1.out_channels
+    if fc1.kernel_size != (1, 1) or getattr(fc2, "kernel_size", None) != (1, 1):
         return "fc1/fc2 are not 1x1 convs"
-    return (
-        _conv_problem(m.fc1, "fc1", nn.Conv2d, c, rd, bias=True)
-        or _conv_problem(m.fc2, "fc2", nn.Conv2d, rd, c, bias=True)
-        or _gate_problem(m.gate)
-    )
+    return _conv_problem(fc1, "fc1", nn.Conv2d, c, rd, bias) or _conv_problem(fc2, "fc2", nn.Conv2d, rd, c, bias)
+
+
+def _cbam_why_not(m: nn.Module) -> str | None:
+    channel, spatial = m.channel, m.spatial
+    if _qualname(type(channel)) != "timm.layers.cbam.ChannelAttn":
+        return f"channel is {type(channel).__name__}, not timm's ChannelAttn"
+    if _qualname(type(spatial)) != "timm.layers.cbam.SpatialAttn":
+        return f"spatial is {type(spatial).__name__}, not timm's SpatialAttn"
+    if type(channel.act) is not nn.ReLU:
+        return f"channel.act is {type(channel.act).__name__}, not ReLU"
+    problem = _one_by_one_problem(channel.fc1, channel.fc2, bias=False)
+    if problem is not None:
+        return f"channel.{problem}"
+    problem = _gate_problem(channel.gate) or _gate_problem(spatial.gate)
+    if problem is not None:
+        return problem
+    cna = spatial.conv
+    if set(cna._modules) - {"conv", "bn", "aa"} or not isinstance(getattr(cna, "aa", None), (type(None), nn.Identity)):
+        return "spatial.conv has more than a conv and a norm (anti-aliasing?)"
+    problem = _conv_problem(cna.conv, "spatial.conv.conv", nn.Conv2d, 2, 1, bias=False)
+    if problem is None and cna.conv.kernel_size[0] % 2 == 0:
+        problem = f"spatial conv kernel size {cna.conv.kernel_size[0]} is even"
+    if problem is None and cna.conv.kernel_size[0] != cna.conv.kernel_size[1]:
+        problem = f"spatial conv kernel size {cna.conv.kernel_size} is not square"
+    if problem is not None:
+        return problem
+    bn = cna.bn
+    if not isinstance(bn, nn.BatchNorm2d):
+        return f"spatial.conv.bn is {type(bn).__name__}, not BatchNorm2d"
+    for extra in ("drop", "act"):  # timm's BatchNormAct2d applies them after the norm
+        if not isinstance(getattr(bn, extra, nn.Identity()), nn.Identity):
+            return f"spatial.conv.bn.{extra} is {type(getattr(bn, extra)).__name__}, not Identity"
+    return None
 
 
 _TIMM_ADAPTERS = (
@@ -437,6 +475,13 @@ _TIMM_ADAPTERS = (
         ("conv",),
     ),
     _TimmAdapter("SEModule", "se", _se_why_not, lambda m: {"channels": m.fc1.in_channels}, ("fc1", "fc2")),
+    _TimmAdapter(
+        "cbam.CbamModule",
+        "cbam",
+        _cbam_why_not,
+        lambda m: {"channels": m.channel.fc1.in_channels},
+        ("channel", "spatial"),
+    ),
 )
 
 

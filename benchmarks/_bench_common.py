@@ -32,6 +32,17 @@ def _x(shape: str, requires_grad: bool = False) -> torch.Tensor:
     return torch.randn(n, c, h, w, device=DEVICE, requires_grad=requires_grad)
 
 
+def _channel_gate(x: torch.Tensor) -> torch.Tensor:
+    """A channel gate (N, C) of x strictly inside (0, 1), as a sigmoid gives."""
+    return torch.rand(x.shape[:2], device=DEVICE) * 0.98 + 0.01
+
+
+def _spatial_gate(x: torch.Tensor) -> torch.Tensor:
+    """A spatial gate (N, 1, H, W) of x in [0, 1)."""
+    n, _, h, w = x.shape
+    return torch.rand(n, 1, h, w, device=DEVICE)
+
+
 def _sync(fn: Callable[[], Any]) -> Callable[[], Any]:
     """`fn` followed by a CUDA synchronize, so the benchmark times the GPU work too."""
 

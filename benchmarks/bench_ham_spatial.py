@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _bench_common import DEVICE, PHASES, SHAPES, _sync, _x, backends, module_step
+from _bench_common import DEVICE, PHASES, SHAPES, _channel_gate, _spatial_gate, _sync, _x, backends, module_step
 from attnkernels import backend
 from attnkernels import functional as AF
 from attnkernels import nn as fused
@@ -21,17 +21,6 @@ from attnkernels import reference as R
 from attnkernels.reference.formulas import ham_important_channels, important_channel_mask
 
 BACKENDS = backends("ham_spatial")
-
-
-def _gate(x: torch.Tensor) -> torch.Tensor:
-    """A channel gate Ac (N, C) strictly inside (0, 1), as a sigmoid gives."""
-    return torch.rand(x.shape[:2], device=DEVICE) * 0.98 + 0.01
-
-
-def _spatial_gate(x: torch.Tensor) -> torch.Tensor:
-    """A spatial gate (N, 1, H, W) in [0, 1)."""
-    n, _, h, w = x.shape
-    return torch.rand(n, 1, h, w, device=DEVICE)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -44,7 +33,7 @@ def test_memcpy(benchmark, shape: str) -> None:
 @pytest.mark.parametrize("backend_name", BACKENDS)
 def test_ham_spatial_pool(benchmark, shape: str, backend_name: str) -> None:
     x = _x(shape)
-    gate, c_im = _gate(x), ham_important_channels(x.shape[1])
+    gate, c_im = _channel_gate(x), ham_important_channels(x.shape[1])
     with backend.use_backend(backend_name):
         benchmark(_sync(lambda: AF.ham_spatial_pool(x, gate, c_im)))
 
@@ -53,7 +42,7 @@ def test_ham_spatial_pool(benchmark, shape: str, backend_name: str) -> None:
 @pytest.mark.parametrize("backend_name", BACKENDS)
 def test_ham_spatial_apply(benchmark, shape: str, backend_name: str) -> None:
     x = _x(shape)
-    gate = _gate(x)
+    gate = _channel_gate(x)
     mask = important_channel_mask(gate, ham_important_channels(x.shape[1])).to(torch.float32)
     s1, s2 = _spatial_gate(x), _spatial_gate(x)
     with backend.use_backend(backend_name):

@@ -1,6 +1,6 @@
 // The cbam_spatial hot path's operators: their schemas, and the math every backend implements.
-// Kernels (to come): cpu/cbam_spatial.cpp and cuda/cbam_spatial.cu register with TORCH_LIBRARY_IMPL;
-// the library itself is csrc/attnkernels.cpp. attnkernels/ops/_schemas.py reads the schemas below
+// Kernels: CPU: cpu/cbam_spatial.cpp; CUDA: cuda/cbam_spatial.cu; each registers with
+// TORCH_LIBRARY_IMPL; the library itself is csrc/attnkernels.cpp. attnkernels/ops/_schemas.py reads the schemas below
 // from this file for the Triton backend: each is one m.def of adjacent string literals only.
 //
 // cbam_spatial hot path (docs/contract.md CBAM, its spatial half): HAM's dual spatial pooling
@@ -28,12 +28,13 @@
 //
 // Kernels: the one-group case of ham_spatial's (csrc/ham_spatial_ops.cpp): G1 = F1 with
 // mask = 1 and c_im = C, no second group. They share ham_spatial's templates with a
-// compile-time one-group flag (cpu_vec.h's with_flag) that drops the mask and G2 instead of
-// multiplying by 1 and 0: on the CPU, cpu/ham_spatial.cpp's Views, for_pixel_blocks,
-// pool_block, pool_backward_block (with pool_dF1) and apply_block; on CUDA, cuda/ham_spatial.cu's
-// HamPool, HamPoolTies, HamPoolBackward, HamApply and HamApplyBackward (cuda::OpBase); in Triton,
-// triton/ham_spatial.py's _pool_kernel, _pool_backward_kernel, _apply_kernel and
-// _apply_backward_kernel (a tl.constexpr flag) with their measured pixel tiles.
+// compile-time one-group flag that drops the mask and G2 instead of multiplying by 1 and 0:
+// on the CPU, include/attnkernels/cpu_spatial_pool.h's Views, for_pixel_blocks, pool_block,
+// pool_backward_block (pool_dF, pool_dF1's one-group case) and apply_block with
+// kOneGroup = true; on CUDA, include/attnkernels/cuda_spatial_pool.cuh's HamPool, HamPoolTies, HamPoolBackward,
+// HamApply and HamApplyBackward (cuda::OpBase, kOneGroup = true); in Triton, triton/ham_spatial.py's
+// _pool_kernel, _pool_backward_kernel, _apply_kernel and _apply_backward_kernel (a
+// tl.constexpr flag) with their measured pixel tiles.
 // cbam_spatial_pool(x, gate) equals ham_spatial_pool(x, gate, C)'s d1 bit for bit. The apply
 // ops do not equal ham_spatial_apply(x, gate, 1, s, s): that adds G2 * s2 = F * 0 * s, which
 // is NaN where F is not finite; here y = F * s alone.

@@ -27,6 +27,18 @@ with backend.use_backend("cuda"):
                 x = torch.randn(shape, device="cuda", dtype=dtype).contiguous(memory_format=fmt).requires_grad_()
                 y = m(x)
                 y.float().square().sum().backward()
+    # cbam_spatial_pool and cbam_spatial_apply (ham_spatial's kernels with one group) and their
+    # backwards: s depends on d, so one backward runs both backward ops; gate requires grad, so
+    # grad_gate's per-channel sums run too. C and H*W odd, under and over one tile, HW = 1.
+    # (AF.cbam_spatial_* exist once "cbam_spatial" is in attnkernels.ops.HOT_PATHS.)
+    for dtype in (torch.float32, torch.bfloat16):
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            for n, c, h, w in ((3, 37, 5, 7), (1, 1, 1, 1), (2, 260, 1, 3), (2, 64, 9, 13)):
+                x = torch.randn(n, c, h, w, device="cuda", dtype=dtype).contiguous(memory_format=fmt).requires_grad_()
+                gate = torch.rand(n, c, device="cuda", requires_grad=True)
+                d = AF.cbam_spatial_pool(x, gate)
+                s = torch.sigmoid(d.sum(1, keepdim=True))
+                AF.cbam_spatial_apply(x, gate, s).float().square().sum().backward()
     # nonlocal_attn on the CUDA kernels (and on Triton, whose launches the sanitizer checks
     # too): HW not a multiple of any tile, HW = 1, D_qk = 1, D_v above one D_v tile.
     for name in ("cuda", "triton"):

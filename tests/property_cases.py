@@ -368,6 +368,21 @@ def ham_spatial_apply_problem(data, m: Maker) -> Problem:
                    ["x", "gate", "s1", "s2"], layout_of=x, seed=m.seed)
 
 
+def cbam_spatial_pool_problem(data, m: Maker) -> Problem:
+    shape = data.draw(m.sizes.shapes(), label="shape")
+    x = m.feature(shape)
+    gate = acc_map(m, shape[:2], gate_values(m, *shape[:2]))
+    return Problem(AF.cbam_spatial_pool, [x, gate], ["x", "gate"], full_size=(), layout_of=x, seed=m.seed)
+
+
+def cbam_spatial_apply_problem(data, m: Maker) -> Problem:
+    n, c, h, w = shape = data.draw(m.sizes.shapes(), label="shape")
+    x = m.feature(shape)
+    gate = acc_map(m, (n, c), gate_values(m, n, c))
+    s = acc_map(m, (n, 1, h, w), m.uniform((n, 1, h, w), 0.5, 1.0))
+    return Problem(AF.cbam_spatial_apply, [x, gate, s], ["x", "gate", "s"], layout_of=x, seed=m.seed)
+
+
 def ham_spatial_conv_problem(data, m: Maker) -> Problem:
     n, _, h, w = data.draw(m.sizes.shapes(), label="shape")
     cd = data.draw(st.sampled_from([1, 2, 4]), label="C_d")  # HAM's: 2 (mean and max maps)
@@ -508,6 +523,8 @@ OPS: dict[str, Callable] = {
     "ham_spatial_pool": ham_spatial_pool_problem,
     "ham_spatial_apply": ham_spatial_apply_problem,
     "ham_spatial_conv": ham_spatial_conv_problem,
+    "cbam_spatial_pool": cbam_spatial_pool_problem,
+    "cbam_spatial_apply": cbam_spatial_apply_problem,
     "nonlocal_attn": nonlocal_attn_problem,
     "gam_channel": gam_channel_problem,
     "softmax_spatial": softmax_spatial_problem,
@@ -543,6 +560,8 @@ def module_config(draw, name: str, sizes: Sizes) -> tuple[int, dict]:
         return c, {"reduction": draw(st.sampled_from([1, 4, 16])), "divisor": draw(st.sampled_from([1, 2, 8]))}
     if name == "eca":
         return c, {"kernel_size": draw(st.none() | sizes.kernels())}
+    if name == "cbam":
+        return c, {"reduction": draw(st.sampled_from([1, 4, 16])), "spatial_kernel_size": draw(sizes.kernels(7))}
     if name == "triplet":  # one kernel size for its three gates' convs
         return c, {"kernel_size": draw(sizes.kernels(7))}
     if name == "bridge":  # the maps come from x (helpers.FeedsBridges), none to three of them

@@ -1,4 +1,4 @@
-"""cbam_spatial's Reference ops and argument checks, before any kernel exists.
+"""cbam_spatial's Reference ops and argument checks (the kernels: tests/test_cbam_spatial.py).
 
 The Reference ops (attnkernels/ops/cbam_spatial.py; math in csrc/cbam_spatial_ops.cpp) against a
 plain autograd composition of the CBAM reference module's spatial math, `cat[mean_c(x*a),
@@ -349,16 +349,15 @@ def test_fake_checks_its_arguments(scratch_ops) -> None:
 
 
 # ----------------------------------------------------------------------------------------
-# The public functions, on the reference backend (cbam_spatial is not in HOT_PATHS yet)
+# The public functions, on the reference backend
 # ----------------------------------------------------------------------------------------
 @pytest.fixture
-def known_path(monkeypatch):
-    monkeypatch.setattr(backend, "HOT_PATHS", (*backend.HOT_PATHS, "cbam_spatial"))
+def on_reference():
     with backend.use_backend("reference"):
         yield
 
 
-def test_public_functions_cast_and_match(known_path) -> None:
+def test_public_functions_cast_and_match(on_reference) -> None:
     x = make_input((2, 5, 3, 4), "channels_last", torch.float16, "cpu")
     a = make_gate(2, 5)  # float64: cast to acc(x) = float32
     s = make_s(x)
@@ -369,18 +368,18 @@ def test_public_functions_cast_and_match(known_path) -> None:
     assert y.dtype == torch.float16 and y.is_contiguous(memory_format=torch.channels_last)
 
 
-def test_public_functions_check(known_path) -> None:
+def test_public_functions_check(on_reference) -> None:
     with pytest.raises(ValueError, match=r"cbam_spatial_apply: s must have shape \(N, 1, H, W\)"):
         ops_module.cbam_spatial_apply(torch.randn(2, 3, 4, 4), torch.rand(2, 3), torch.rand(2, 2, 4, 4))
     with pytest.raises(ValueError, match=r"cbam_spatial_pool: x must be 4-D"):
         ops_module.cbam_spatial_pool(torch.randn(2, 3, 4), torch.rand(2, 3))
 
 
-def test_not_a_hot_path_yet() -> None:
-    """Registered with the library only once its kernels exist (CONTRIBUTING: HOT_PATHS)."""
+def test_a_hot_path() -> None:
+    """Registered with the library, its kernels written (CONTRIBUTING: HOT_PATHS)."""
     from attnkernels.ops import HOT_PATHS
 
-    assert "cbam_spatial" not in HOT_PATHS
+    assert "cbam_spatial" in HOT_PATHS
 
 
 # ----------------------------------------------------------------------------------------

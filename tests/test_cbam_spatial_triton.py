@@ -2,7 +2,8 @@
 
 Each op under `torch.ops.attnkernels_triton` (ham_spatial's pixel kernels with ONE_GROUP=True)
 against `attnkernels.ops.cbam_spatial.Reference`, forward and backward ops called directly on the
-same arguments (cbam_spatial is not yet in HOT_PATHS: no autograd and no `use_backend` for it).
+same arguments; autograd and the `triton` backend through the public functions are tested with
+the other backends in tests/test_cbam_spatial.py (on a GPU).
 The contract is csrc/cbam_spatial_ops.cpp: ties share the max's gradient, the tie indicator is
 a literal product (a NaN max makes the whole pixel's gradient NaN), and y = F * s alone. Without
 CUDA the kernels run on CPU tensors under the Triton interpreter: shapes stay tiny.

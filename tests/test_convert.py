@@ -25,9 +25,10 @@ from attnkernels.reference.registry import REGISTRY
 # timm is a test dependency (setup.py's "test" extra); a missing install must fail, not skip.
 import timm
 import timm.layers as timm_layers
+from timm.layers.cbam import CbamModule, LightCbamModule
 from timm.models.senet import SEModule as LegacySEModule
 
-ATTENTION_TYPES = (R.AttentionModule, timm_layers.EcaModule, timm_layers.SEModule)
+ATTENTION_TYPES = (R.AttentionModule, timm_layers.EcaModule, timm_layers.SEModule, CbamModule)
 
 
 # --- helpers ---------------------------------------------------------------------------------
@@ -144,12 +145,12 @@ def test_fused_backbone_matches_reference(name: str, train: bool) -> None:
 
 
 def test_modules_without_fused_version_are_left_with_reason() -> None:
-    model = models.resnet20(attention="cbam")
+    model = models.resnet20(attention="bam")
     before = {n: m for n, m in model.named_modules()}
     out, rep = attnkernels.fuse(model, report=True)
     assert out is model and rep.swapped == []
     assert [e.name for e in rep.left] == attention_names(model) and len(rep.left) == 9
-    assert all("no fused version of CBAM" in e.detail for e in rep.left)
+    assert all("no fused version of BAM" in e.detail for e in rep.left)
     assert all(m is before[n] for n, m in model.named_modules())
 
 
@@ -238,12 +239,13 @@ def test_report_is_logged(caplog) -> None:
 
 
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("name,timm_cls,count", [
-    ("ecaresnet50d", timm_layers.EcaModule, 16),
-    ("seresnet18", timm_layers.SEModule, 8),
-])
-def test_timm_model_matches(name: str, timm_cls: type, count: int, train: bool) -> None:
-    model = randomize_model(timm.create_model(name, pretrained=False)).train(train)
+@pytest.mark.parametrize("name,kwargs,timm_cls,count", [
+    ("ecaresnet50d", {}, timm_layers.EcaModule, 16),
+    ("seresnet18", {}, timm_layers.SEModule, 8),
+    ("resnet18", {"block_args": {"attn_layer": "cbam"}}, CbamModule, 8),
+], ids=["ecaresnet50d", "seresnet18", "resnet18-cbam"])
+def test_timm_model_matches(name: str, kwargs: dict, timm_cls: type, count: int, train: bool) -> None:
+    model = randomize_model(timm.create_model(name, pretrained=False, **kwargs)).train(train)
     ref = copy.deepcopy(model)
     names = [n for n, m in model.named_modules() if type(m) is timm_cls]
     params = dict(model.named_parameters())
@@ -275,6 +277,9 @@ REPRODUCIBLE_TIMM = {
     "se-rd_channels-5": (lambda: timm_layers.SEModule(64, rd_channels=5), 64),  # an rd our constructor never makes
     "se-rd_ratio-quarter": (lambda: timm_layers.SEModule(48, rd_ratio=0.25, rd_divisor=1), 48),
     "se-relu-by-name": (lambda: timm_layers.SEModule(64, act_layer="relu", gate_layer=nn.Sigmoid), 64),
+    "cbam-default": (lambda: CbamModule(64), 64),
+    "cbam-rd_channels-5": (lambda: CbamModule(64, rd_channels=5), 64),  # an rd our constructor never makes
+    "cbam-kernel-3": (lambda: CbamModule(48, spatial_kernel_size=3), 48),
 }
 
 
@@ -305,11 +310,21 @@ UNREPRODUCIBLE_TIMM = {
     "se-no-bias": (lambda: timm_layers.SEModule(64, bias=False), "fc1 has no bias"),
     "se-legacy-senet": (lambda: LegacySEModule(64, 16), "legacy SENet"),
     "se-subclass": (lambda: type("MySE", (timm_layers.SEModule,), {})(64), "subclass of timm's SEModule"),
+    "cbam-mlp_bias": (lambda: CbamModule(64, mlp_bias=True), "channel.fc1 has a bias"),
+    "cbam-silu": (lambda: CbamModule(64, act_layer=nn.SiLU), "channel.act is SiLU, not ReLU"),
+    "cbam-hard-sigmoid": (lambda: CbamModule(64, gate_layer="hard_sigmoid"), "gate is .*not sigmoid"),
+    "cbam-spatial-act": (lambda: _with_spatial_act(CbamModule(64)), "spatial.conv.bn.act is ReLU, not Identity"),
+    "cbam-light": (lambda: LightCbamModule(64), "light CBAM"),
 }
 
 
 def _with_padding(module: nn.Module, padding: tuple) -> nn.Module:
     module.conv.padding = padding
+    return module
+
+
+def _with_spatial_act(module: nn.Module) -> nn.Module:
+    module.spatial.conv.bn.act = nn.ReLU()
     return module
 
 
@@ -331,7 +346,11 @@ def test_unreproducible_timm_modules_are_left_with_reason(config: str) -> None:
 def test_timm_fused_module_has_every_attribute_of_a_constructed_one() -> None:
     """Guards the build around timm's submodules: a fused class that gains an attribute
     in __init__ must get it in convert.py's timm adapter too."""
-    for name, timm_module in [("eca", timm_layers.EcaModule(64)), ("se", timm_layers.SEModule(64))]:
+    for name, timm_module in [
+        ("eca", timm_layers.EcaModule(64)),
+        ("se", timm_layers.SEModule(64)),
+        ("cbam", CbamModule(64)),
+    ]:
         from_timm = attnkernels.fuse(timm_module)
         constructed = fused.FUSED[name](64)
         assert set(vars(constructed)) <= set(vars(from_timm)), name
@@ -439,13 +458,13 @@ def test_fuse_unfuse_round_trip(source: str) -> None:
 
 
 def test_fusing_twice_is_a_no_op() -> None:
-    model = nn.Sequential(R.SE(32), timm_layers.EcaModule(32), R.CBAM(32))
+    model = nn.Sequential(R.SE(32), timm_layers.EcaModule(32), R.BAM(32))
     attnkernels.fuse(model, backend="reference")
     after_first = dict(model.named_modules())
     out, rep = attnkernels.fuse(model, report=True)  # another backend would not re-pin either
     assert out is model and rep.swapped == []
     assert [(e.name, e.detail) for e in rep.left[:2]] == [("0", "already fused"), ("1", "already fused")]
-    assert rep.left[2].name == "2" and "no fused version of CBAM" in rep.left[2].detail
+    assert rep.left[2].name == "2" and "no fused version of BAM" in rep.left[2].detail
     assert dict(model.named_modules()) == after_first
     assert model[0].backend == "reference"
 

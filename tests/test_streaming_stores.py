@@ -53,6 +53,10 @@ for dtype in (torch.float32, torch.bfloat16, torch.float64):
             y = AF.softmax_spatial(x, weight, bias, True)
             (gx,) = torch.autograd.grad(y, x, g)
             results[key + ("softmax_spatial",)] = [y, gx]
+            s = torch.rand(N, 1, *shape[2:], dtype=gate.dtype)
+            y = AF.cbam_spatial_apply(x, gate, s)
+            (gx,) = torch.autograd.grad(y, x, g)
+            results[key + ("cbam_spatial_apply",)] = [y, gx]
 torch.save(results, sys.argv[1])
 """
 
@@ -71,7 +75,7 @@ def test_streamed_outputs_equal_plain_ones_bit_for_bit(tmp_path: Path) -> None:
     load_compiled_ops()  # built here once, so the children only load it
     streamed = _run_child(tmp_path, 0)
     plain = _run_child(tmp_path, 1 << 62)
-    assert streamed.keys() == plain.keys() and len(streamed) == 3 * 3 * 3 * 4
+    assert streamed.keys() == plain.keys() and len(streamed) == 3 * 3 * 3 * 5
     for key, tensors in plain.items():
         for i, (want, got) in enumerate(zip(tensors, streamed[key])):
             assert got.dtype == want.dtype and got.shape == want.shape, (key, i)

@@ -11,6 +11,7 @@ from torch import nn
 
 from ._fused import FusedModule, reference_class
 from .bridge import Bridge
+from .cbam import CBAM
 from .csm import CSM
 from .eca import ECA
 from .gam import GAM
@@ -22,9 +23,9 @@ from .triplet import Triplet
 
 #: Registry name -> fused class, for the modules with fused kernels so far.
 FUSED = {"eca": ECA, "se": SE, "ham": HAM, "pam": PAM, "csm": CSM, "gam": GAM, "softmax_spatial": SoftmaxSpatial,
-         "bridge": Bridge, "triplet": Triplet}
+         "bridge": Bridge, "cbam": CBAM, "triplet": Triplet}
 
-__all__ = ["ECA", "SE", "HAM", "PAM", "CSM", "GAM", "SoftmaxSpatial", "Bridge", "Triplet", "FUSED", "FusedModule",
+__all__ = ["ECA", "SE", "HAM", "PAM", "CSM", "GAM", "SoftmaxSpatial", "Bridge", "CBAM", "Triplet", "FUSED", "FusedModule",
            "reference_class", "fused_class", "as_fused"]
 
 

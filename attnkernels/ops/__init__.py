@@ -22,8 +22,10 @@ import importlib
 
 #: Every hot path, by its one name (the same in csrc/, triton/, ops/, tests/ and benchmarks/).
 #: A new hot path adds its name here: the library load registers its ops from it.
-HOT_PATHS = ("channel_gate", "ham_spatial", "nonlocal_attn", "gam_channel", "shuffle_conv", "softmax_spatial",
-             "triplet")
+HOT_PATHS = (
+    "channel_gate", "ham_spatial", "nonlocal_attn", "gam_channel", "shuffle_conv", "softmax_spatial", "cbam_spatial",
+    "triplet",
+)
 
 
 def hot_path_module(hot_path: str):

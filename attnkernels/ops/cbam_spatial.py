@@ -5,16 +5,14 @@
     y = cbam_spatial_apply(x, gate, s)   # one read of x, one write of y: x*a*s
 
 HAM's dual spatial pooling with a single group and no mask. The math of every op is in
-csrc/cbam_spatial_ops.cpp with the schemas; the kernels (to come) share ham_spatial's (the
-one-group case). Saved for backward: x and the small maps (gate: (N, C); d, s: (N, <=2, H, W));
-no full-size intermediate.
+csrc/cbam_spatial_ops.cpp with the schemas; the kernels share ham_spatial's (the one-group
+case): C++ CPU in csrc/cpu/cbam_spatial.cpp, CUDA in csrc/cuda/cbam_spatial.cu, Triton in
+attnkernels/triton/cbam_spatial.py. Saved for backward: x and the small maps (gate: (N, C);
+d, s: (N, <=2, H, W)); no full-size intermediate.
 
-Not yet in `attnkernels.ops.HOT_PATHS` (added once the C++ and CUDA kernels exist too): until
-then `attnkernels.backend` raises "unknown hot path" for the public functions, nothing registers
-REGISTRATION, and the Reference class and the checks are used directly
-(tests/test_cbam_spatial_reference.py). The Triton kernels exist: importing
-`attnkernels.triton.cbam_spatial` registers the four ops under `torch.ops.attnkernels_triton`
-(schemas only, no autograd; tests/test_cbam_spatial_triton.py calls them directly).
+A hot path of `attnkernels.ops.HOT_PATHS`: loading the C++ library and importing
+`attnkernels.triton.cbam_spatial` register REGISTRATION (fakes and autograd) in their
+namespaces, and `attnkernels.backend` runs the public functions on the chosen backend.
 """
 from __future__ import annotations
 
@@ -68,7 +66,7 @@ def cbam_spatial_apply(x: torch.Tensor, gate: torch.Tensor, s: torch.Tensor) -> 
 
 # ----------------------------------------------------------------------------------------
 # Argument checks of the ops (the reference backend and the Triton ops share them; the C++
-# ops are to check the same rules in csrc/include/attnkernels/cbam_spatial.h, in the same words)
+# ops check the same rules in csrc/include/attnkernels/cbam_spatial.h, in the same words)
 # ----------------------------------------------------------------------------------------
 def check_cbam_spatial_pool(x, gate, op: str = "cbam_spatial_pool") -> None:
     """x (N, C, H, W) in a feature dtype; gate (N, C) in acc(x), on x's device."""

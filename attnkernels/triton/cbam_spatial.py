@@ -19,12 +19,9 @@ gate (N, C), d (N, 2, H, W), s (N, 1, H, W) contiguous in acc(x); grad_gate's pi
 partials summed in a fixed order. The argument checks are the op module's
 (`attnkernels.ops.cbam_spatial.check_<op>`).
 
-cbam_spatial is not yet in `attnkernels.ops.HOT_PATHS` (its C++ kernels do not exist yet), so
-this module does not end with `register_hot_path`: importing it registers the four ops (their
-schemas come from csrc/cbam_spatial_ops.cpp through `_op_registrar`, which needs no
-HOT_PATHS entry) but not their autograd, which `attnkernels.ops.cbam_spatial.REGISTRATION`
-gives once the hot path is registered. Until then the forward ops are not differentiable
-through autograd; the backward ops are called directly.
+Importing this module registers the four ops (schemas from csrc/cbam_spatial_ops.cpp through
+`_op_registrar`) and, through `register_hot_path` at its end, their fakes and autograd
+(`attnkernels.ops.cbam_spatial.REGISTRATION`).
 
 On a machine without a GPU set TRITON_INTERPRET=1 before importing this module; the ops
 then run on CPU tensors under the Triton interpreter.
@@ -32,6 +29,7 @@ then run on CPU tensors under the Triton interpreter.
 import torch
 import triton
 
+from ..ops import register_hot_path
 from ..ops._common import empty_like_layout
 from ..ops.cbam_spatial import (
     check_cbam_spatial_apply,
@@ -165,3 +163,7 @@ def cbam_spatial_apply_backward(
 
     grad_gate = _launch_pixel_tiled("cbam_spatial_apply_backward", x, acc, launch)
     return grad_x, grad_gate, grad_s
+
+
+# Importing this module gives the ops their autograd.
+register_hot_path(HOT_PATH, "attnkernels_triton")
