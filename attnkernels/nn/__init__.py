@@ -25,8 +25,8 @@ from .triplet import Triplet
 FUSED = {"eca": ECA, "se": SE, "ham": HAM, "pam": PAM, "csm": CSM, "gam": GAM, "softmax_spatial": SoftmaxSpatial,
          "bridge": Bridge, "cbam": CBAM, "triplet": Triplet}
 
-__all__ = ["ECA", "SE", "HAM", "PAM", "CSM", "GAM", "SoftmaxSpatial", "Bridge", "CBAM", "Triplet", "FUSED", "FusedModule",
-           "reference_class", "fused_class", "as_fused"]
+__all__ = ["ECA", "SE", "HAM", "PAM", "CSM", "GAM", "SoftmaxSpatial", "Bridge", "CBAM", "Triplet", "FUSED",
+           "FusedModule", "reference_class", "fused_class", "as_fused"]
 
 
 def fused_class(module: nn.Module) -> type[nn.Module] | None:
