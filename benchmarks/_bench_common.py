@@ -55,6 +55,32 @@ def _sync(fn: Callable[[], Any]) -> Callable[[], Any]:
     return run
 
 
+def _outputs(out: Any) -> tuple:
+    """An op's outputs as a tuple (an op may return one tensor or several)."""
+    return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+
+
+def op_step(fn: Callable[..., Any], inputs: List[torch.Tensor], phase: str) -> Callable[[], Any]:
+    """One call of op `fn(*inputs)` in `phase`: "forward" (under inference_mode) or
+    "forward_backward" (the inputs require grad; the backward of fixed random gradients of
+    every output)."""
+    if phase == "forward":
+        def forward():
+            with torch.inference_mode():
+                return fn(*inputs)
+
+        return _sync(forward)
+    inputs = [t.requires_grad_() for t in inputs]
+    grads = [torch.randn_like(out) for out in _outputs(fn(*inputs))]
+
+    def forward_backward():
+        torch.autograd.backward(_outputs(fn(*inputs)), grads)
+        for t in inputs:
+            t.grad = None
+
+    return _sync(forward_backward)
+
+
 def module_step(m: nn.Module, x: torch.Tensor, phase: str, *bridges: torch.Tensor) -> Callable[[], Any]:
     """One call of module `m` in `phase`: "forward" (eval mode, under inference_mode) or
     "forward_backward" (train mode, `m(x, *bridges).backward(g)` with a fixed random g, the

@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _bench_common import PHASES, SHAPES, _channel_gate, _spatial_gate, _sync, _x, backends
+from _bench_common import PHASES, SHAPES, _channel_gate, _spatial_gate, _sync, _x, backends, op_step
 from attnkernels import backend
 from attnkernels import functional as AF
 
@@ -37,26 +37,6 @@ OPS = {
 }
 
 
-def _step(fn, inputs: list, phase: str):
-    """fn(*inputs) under inference_mode ("forward"), or with the backward of a fixed random
-    gradient ("forward_backward": the inputs require grad)."""
-    if phase == "forward":
-        def forward():
-            with torch.inference_mode():
-                return fn(*inputs)
-
-        return _sync(forward)
-    inputs = [t.requires_grad_() for t in inputs]
-    g = torch.randn_like(fn(*inputs))
-
-    def forward_backward():
-        fn(*inputs).backward(g)
-        for t in inputs:
-            t.grad = None
-
-    return _sync(forward_backward)
-
-
 @pytest.mark.parametrize("shape", SHAPES)
 def test_memcpy(benchmark, shape: str) -> None:
     x = _x(shape)
@@ -70,4 +50,4 @@ def test_memcpy(benchmark, shape: str) -> None:
 def test_cbam_spatial(benchmark, shape: str, op: str, variant: str, phase: str) -> None:
     eager, fused, arguments = OPS[op]
     with backend.use_backend(None if variant == "eager" else variant):
-        benchmark(_step(eager if variant == "eager" else fused, arguments(_x(shape)), phase))
+        benchmark(op_step(eager if variant == "eager" else fused, arguments(_x(shape)), phase))

@@ -19,8 +19,10 @@ from helpers import (
     backend_cases,
     leaf,
     make_input,
+    needs_gpu,
     on_backend,
     rounding_floor,
+    without_reference,
 )
 
 from attnkernels import backend
@@ -148,14 +150,15 @@ def test_expanded_and_strided_arguments(backend_name, device) -> None:
     torch.testing.assert_close(got, want, **TOL[F64])
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_gpu)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-def test_half_precision_error_like_eager(dtype, layout) -> None:
+def test_half_precision_error_like_eager(device, dtype, layout) -> None:
     """fp16/bf16: the fused results' error against fp64 (on the same rounded inputs) is no
     worse than twice the same-precision eager composition's (each gate's amax/mean cat on the
     permuted x; the three products summed and divided by 3), plus two units of rounding at the
     result's scale. Two channel blocks (C = 96)."""
-    x = make_input((4, 96, 14, 10), layout, dtype, "cpu")
+    x = make_input((4, 96, 14, 10), layout, dtype, device)
     s = make_gates(x)  # fp32, as the public functions take them
     g_d, g_y = make_map_grads(x), torch.randn_like(x)
 
@@ -168,7 +171,7 @@ def test_half_precision_error_like_eager(dtype, layout) -> None:
 
     for fused, eager, args, g, names in ((AF.triplet_pool, pool_eager, [x], g_d, POOL_NAMES),
                                          (AF.triplet_apply, apply_eager, [x, *s], g_y, APPLY_NAMES)):
-        got = grads_of(fused, args, g, "cpu")
+        got = grads_of(fused, args, g, device)
         exact = grads_of(eager, in_f64(args), in_f64(g) if isinstance(g, list) else g.double(), "reference")
         low_g = [t.to(dtype) for t in g] if isinstance(g, list) else g
         low = grads_of(eager, [t.to(dtype) for t in args], low_g, "reference")
@@ -252,23 +255,27 @@ def test_opcheck(op_name, compiled_ops) -> None:
         torch.library.opcheck(op, args)
 
 
+@pytest.mark.parametrize("backend_name,device", without_reference(CASES))
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-def test_deterministic(layout) -> None:
-    """Bitwise the same results twice, and with one thread as with several: several channel
-    blocks per sample, so d_hw, its tie counts and grad_s_hw combine per-block partials."""
-    x = make_input((3, BLOCK_CL + 37, 13, 17), layout, F32, "cpu")
+def test_deterministic(backend_name, device, layout) -> None:
+    """Bitwise the same results twice, and on the cpu backend with one thread as with several:
+    several channel blocks per sample, so d_hw, its tie counts and grad_s_hw combine per-block
+    partials."""
+    x = make_input((3, BLOCK_CL + 37, 13, 17), layout, F32, device)
     s, g_d, g_y = make_gates(x), make_map_grads(x), torch.randn_like(x)
 
     def run():
-        return grads_of(AF.triplet_pool, [x], g_d, "cpu") + grads_of(AF.triplet_apply, [x, *s], g_y, "cpu")
+        return (grads_of(AF.triplet_pool, [x], g_d, backend_name)
+                + grads_of(AF.triplet_apply, [x, *s], g_y, backend_name))
 
     first, runs = run(), [run()]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        runs.append(run())
-    finally:
-        torch.set_num_threads(threads)
+    if backend_name == "cpu":  # fixed channel blocks: the thread count changes nothing
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            runs.append(run())
+        finally:
+            torch.set_num_threads(threads)
     for other in runs:
         assert all(torch.equal(a, b) for a, b in zip(first, other, strict=True))
 
