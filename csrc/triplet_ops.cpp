@@ -1,6 +1,6 @@
 // The triplet hot path's operators: their schemas, and the math every backend implements.
-// Kernels: CPU: cpu/triplet.cpp, registered with TORCH_LIBRARY_IMPL (CUDA: cuda/triplet.cu
-// and Triton: triton/triplet.py, to come). The library itself is csrc/attnkernels.cpp.
+// Kernels: cpu/triplet.cpp and cuda/triplet.cu, registered with TORCH_LIBRARY_IMPL, and the
+// Triton backend's attnkernels/triton/triplet.py. The library itself is csrc/attnkernels.cpp.
 // attnkernels/ops/_schemas.py reads the schemas below from this file for the Triton backend:
 // each is one m.def of adjacent string literals only.
 //

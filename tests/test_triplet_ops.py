@@ -1,11 +1,11 @@
-"""triplet's ops on the C++ CPU and reference backends, against its Reference ops.
+"""triplet's ops on every backend (C++ CPU and reference here; CUDA on a GPU), against its Reference ops.
 
 Every op through the public functions (`attnkernels.functional.triplet_pool`, `triplet_apply`)
 on a backend, forward and autograd's gradients, against `attnkernels.ops.triplet.Reference`'s
 forward and explicit backward (csrc/triplet_ops.cpp's formulas). The Reference itself is checked
 against Triplet's composition in tests/test_triplet_reference.py, the fused module in
-tests/test_triplet.py (compile, saved tensors). There are no CUDA or Triton kernels for triplet
-yet, so nothing here runs on a GPU.
+tests/test_triplet.py (compile, saved tensors), the Triton kernels under the interpreter in
+tests/test_triplet_triton.py. The CUDA cases need a GPU (scripts/gpu_check.sh runs them).
 """
 from __future__ import annotations
 
@@ -375,12 +375,14 @@ def test_bad_inputs(compiled_ops, op, changed, error, start) -> None:
     assert str(from_cpp.value) == str(from_python.value)
 
 
-def test_backend_report_without_cuda_or_triton_kernels() -> None:
-    """No CUDA or Triton kernels for triplet yet: the chooser says so instead of failing at the
-    first call (Triton's reason shows where the interpreter is on, or on a GPU)."""
+def test_backend_report() -> None:
+    """triplet has kernels on every backend: the chooser picks the C++ kernels on CPU, and
+    reports CUDA (where the CUDA sources are compiled) and Triton (with its own reasons only:
+    the interpreter on CPU) available for it."""
     from attnkernels import _ext
 
-    if _ext.cuda_compiled():
-        assert backend.why_unavailable("cuda", "triplet", "cuda") == "no CUDA kernels for triplet yet"
     assert backend.why_unavailable("cpu", "triplet", "cpu") is None
     assert backend.select("triplet", "cpu") == "cpu"
+    if _ext.cuda_compiled():
+        assert backend.why_unavailable("cuda", "triplet", "cuda") is None
+    assert "no kernels" not in (backend.why_unavailable("triton", "triplet", "cpu") or "")

@@ -6,9 +6,8 @@
 
 The math of every op is in csrc/triplet_ops.cpp with the schemas. Kernels: C++ CPU in
 csrc/cpu/triplet.cpp (one read of x for the three poolings; argument checks shared with CUDA in
-csrc/include/attnkernels/triplet.h). No CUDA or Triton kernels yet: on CUDA tensors
-`attnkernels.backend` reports both unavailable ("no CUDA kernels for triplet yet", "no kernels
-for triplet yet") and runs the Reference. Saved for backward: x and the small maps (d_hw
+csrc/include/attnkernels/triplet.h), CUDA in csrc/cuda/triplet.cu, Triton in
+attnkernels/triton/triplet.py. Saved for backward: x and the small maps (d_hw
 (N, 2, H, W), d_cw (N, 2, C, W), d_hc (N, 2, H, C), and the gates, one plane each); no
 full-size intermediate.
 
