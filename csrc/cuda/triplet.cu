@@ -9,9 +9,11 @@
 //     b). From the slab it reduces every line over a (a group of lanes per line, a butterfly)
 //     and over b (a thread per line, b in order), giving the hw line (h, w) over the brick's
 //     channels and the hc line (h, c) over its columns; each thread keeps the running cw
-//     values (c, w) of its own slab entries in registers across the rows. A map whose axis is
-//     cut into several bricks (hw: channel tiles, hc: column tiles, cw: row bands) gets one
-//     partial per brick, (N, parts, plane), which combine_kernel reduces in part order.
+//     values (c, w) of its own slab entries in registers across the rows. Each brick writes
+//     its piece of every line to the map's partials, (N, parts, plane) with parts the bricks
+//     along the reduced axis (hw: channel tiles, cw: row bands, hc: column tiles), and
+//     combine_kernel, a thread per line, reduces them in part order and finishes the line (the
+//     means' and tie shares' divisions, kept out of brick_kernel: their slow-path calls spilled).
 //   * rows_kernel: the elementwise passes (y, the pool backward's grad_x): a group of threads
 //     per contiguous row of x, dividing once per row.
 // The brick shapes depend on the shape and the SM count only, and every combination is a fixed
