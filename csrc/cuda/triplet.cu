@@ -142,6 +142,7 @@ __global__ void __launch_bounds__(kThreads)
   using State = typename Op::State;
   using Ctx = typename Op::Ctx;
   __shared__ acc_t slab[kSlab];
+  __shared__ State sums[kThreads];  // the partial sums over b, R per line
   const int tid = threadIdx.x;
   const int G = g.group;
   const int lane = tid % G;
@@ -159,18 +160,10 @@ __global__ void __launch_bounds__(kThreads)
     const int A = kCL ? len_c : len_w, B = kCL ? len_w : len_c, AB = A * B;  // slab entry b * A + a
 
     // This thread's slab entries tid + j * kThreads: their running cw values over the rows.
+    // (Their lines' Ctx is read again each row, from L1: kept in registers it spilled Ties.)
     State cw[kEntries];
-    Ctx cw_ctx[kEntries];
 #pragma unroll
-    for (int j = 0; j < kEntries; ++j) {
-      const int e = tid + j * kThreads;
-      cw[j] = Op::init();
-      cw_ctx[j] = Ctx{};
-      if (e < AB) {
-        const int64_t c = c0 + (kCL ? e % A : e / A), w = w0 + (kCL ? e / A : e % A);
-        cw_ctx[j] = op.line(kCW, n, c * g.W + w);
-      }
-    }
+    for (int j = 0; j < kEntries; ++j) cw[j] = Op::init();
 
     for (int64_t h = h0; h < h1; ++h) {
 #pragma unroll
@@ -182,7 +175,7 @@ __global__ void __launch_bounds__(kThreads)
           const int64_t off = kCL ? ((n * g.H + h) * g.W + w) * g.C + c : ((n * g.C + c) * g.H + h) * g.W + w;
           const acc_t v = op.element(off, n, c, h, w);
           slab[e] = v;
-          Op::add(cw[j], v, cw_ctx[j]);
+          Op::add(cw[j], v, op.line(kCW, n, c * g.W + w));
         }
       }
       __syncthreads();
@@ -202,16 +195,26 @@ __global__ void __launch_bounds__(kThreads)
         if (b < B && lane == 0) emit(g, pt, kCL ? kHW : kHC, n, kCL ? ct : wt, i, s);
       }
 
-      // Over b, a thread per line a, b in order: NCHW the hw line (h, w), channels_last the hc
-      // line (h, c).
-      for (int a = tid; a < A; a += kThreads) {
+      // Over b, R = kThreads / A threads per line a (A <= kThreads), thread r taking b = r,
+      // r + R, ..., then thread 0 of the line adding the R sums in order: NCHW the hw line
+      // (h, w), channels_last the hc line (h, c). (A thread per line left most threads idle
+      // where W is small: W = 7 ran 7 threads over 292 channels.)
+      {
+        const int R = kThreads / A, a = tid % A, r = tid / A;
         const int64_t i = kCL ? h * g.C + c0 + a : h * g.W + w0 + a;
-        const Ctx ctx = op.line(kCL ? kHC : kHW, n, i);
         State s = Op::init();
-        for (int b = 0; b < B; ++b) Op::add(s, slab[b * A + a], ctx);
-        emit(g, pt, kCL ? kHC : kHW, n, kCL ? wt : ct, i, s);
+        if (r < R) {
+          const Ctx ctx = op.line(kCL ? kHC : kHW, n, i);
+          for (int b = r; b < B; b += R) Op::add(s, slab[b * A + a], ctx);
+          sums[tid] = s;
+        }
+        __syncthreads();
+        if (r == 0) {
+          for (int k = 1; k < R; ++k) s = Op::combine(s, sums[k * A + a]);
+          emit(g, pt, kCL ? kHC : kHW, n, kCL ? wt : ct, i, s);
+        }
       }
-      __syncthreads();  // the slab is rewritten by the next row
+      __syncthreads();  // the slab and sums are rewritten by the next row
     }
 
 #pragma unroll
