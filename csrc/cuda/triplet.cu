@@ -7,7 +7,7 @@
 //     walks its rows h, each a slab of tc x tw elements loaded once into shared memory (in
 //     memory order: a contiguous axis a, w in NCHW and c in channels_last, and a strided one
 //     b). From the slab it reduces every line over a (a group of lanes per line, a butterfly)
-//     and over b (a thread per line, b in order), giving the hw line (h, w) over the brick's
+//     and over b (R threads per line, each a strided run of b, added in order), giving the hw line (h, w) over the brick's
 //     channels and the hc line (h, c) over its columns; each thread keeps the running cw
 //     values (c, w) of its own slab entries in registers across the rows. Each brick writes
 //     its piece of every line to the map's partials, (N, parts, plane) with parts the bricks
