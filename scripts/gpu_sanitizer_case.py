@@ -39,6 +39,16 @@ with backend.use_backend("cuda"):
                 d = AF.cbam_spatial_pool(x, gate)
                 s = torch.sigmoid(d.sum(1, keepdim=True))
                 AF.cbam_spatial_apply(x, gate, s).float().square().sum().backward()
+    # triplet_pool and triplet_apply and their backwards: the gates depend on the maps, so one
+    # backward runs both backward ops. C = 1, odd sizes, HW = 1; C and W over one row of
+    # threads (several channel and column tiles), H of several bands, W over one slab.
+    for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            for n, c, h, w in ((3, 37, 5, 7), (1, 1, 1, 1), (2, 260, 1, 3), (2, 300, 37, 301), (1, 3, 33, 2100)):
+                x = torch.randn(n, c, h, w, device="cuda", dtype=dtype).contiguous(memory_format=fmt).requires_grad_()
+                d_hw, d_cw, d_hc = AF.triplet_pool(x)
+                s = [torch.sigmoid(d.sum(1, keepdim=True)) for d in (d_hw, d_cw, d_hc)]
+                AF.triplet_apply(x, *s).float().square().sum().backward()
     # nonlocal_attn on the CUDA kernels (and on Triton, whose launches the sanitizer checks
     # too): HW not a multiple of any tile, HW = 1, D_qk = 1, D_v above one D_v tile.
     for name in ("cuda", "triton"):

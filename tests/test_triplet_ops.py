@@ -1,4 +1,5 @@
-"""triplet's ops on every backend (C++ CPU and reference here; CUDA on a GPU), against its Reference ops.
+"""triplet's ops on every backend (C++ CPU and reference here; CUDA, Triton and reference on
+CUDA tensors on a GPU), against its Reference ops.
 
 Every op through the public functions (`attnkernels.functional.triplet_pool`, `triplet_apply`)
 on a backend, forward and autograd's gradients, against `attnkernels.ops.triplet.Reference`'s
@@ -31,7 +32,7 @@ from attnkernels.ops import triplet as ops_module
 
 Ref = ops_module.Reference
 F64, F32 = torch.float64, torch.float32
-CASES = backend_cases(cpu=("cpu", "reference"), cuda=())
+CASES = backend_cases(cpu=("cpu", "reference"), cuda=("cuda", "triton", "reference"))
 # The CPU kernels' channel blocks (csrc/cpu/triplet.cpp's kChannelBlock, kChannelBlockCL).
 BLOCK, BLOCK_CL = 64, 256
 # C = 1, odd C, C a multiple of the vector width and not; H != W; HW = 1; N = 1; several
@@ -39,6 +40,10 @@ BLOCK, BLOCK_CL = 64, 256
 # in NCHW and in channels_last.
 SHAPES = [(2, 24, 7, 5), (3, 1, 4, 4), (2, 3, 6, 6), (2, 37, 5, 9), (3, 16, 1, 1), (1, 40, 3, 4),
           (2, 2 * BLOCK, 3, 5), (2, 2 * BLOCK + 22, 5, 3), (1, BLOCK_CL + 44, 2, 3)]
+# CUDA (csrc/cuda/triplet.cu): shapes that cut x[n] into several bricks along every axis, so
+# that each map combines partials: channel and column tiles of at most 2048 elements a row (W
+# or C over 256 on the contiguous axis), row bands of 16 rows or more where blocks are few.
+CUDA_BRICK_SHAPES = [(3, BLOCK_CL + 37, 37, 300), (1, 700, 33, 5), (1, 3, 40, 2100)]
 TOL = {F64: {"rtol": 1e-12, "atol": 1e-12}, F32: {"rtol": 2e-5, "atol": 2e-6}}
 POOL_NAMES = ["d_hw", "d_cw", "d_hc", "grad_x"]
 APPLY_NAMES = ["y", "grad_x", "grad_s_hw", "grad_s_cw", "grad_s_hc"]
@@ -125,8 +130,17 @@ def test_ops_match_reference(backend_name, device, dtype, layout, shape) -> None
     for t in (grad_x, y, grad_x_apply):
         assert t.dtype == dtype
     # autograd through the Reference's permutes gives grad_x in a layout of its own choosing
-    for t in (y, grad_x, grad_x_apply) if backend_name == "cpu" else (y,):
+    for t in (y, grad_x, grad_x_apply) if backend_name != "reference" else (y,):
         assert_layout_of(t, x)
+
+
+@pytest.mark.parametrize("backend_name,device", [c for c in CASES if c.values[1] == "cuda"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", CUDA_BRICK_SHAPES, ids=shape_id)
+def test_large_planes_match_reference(backend_name, device, layout, shape) -> None:
+    x = make_input(shape, layout, F64, device)
+    check_pool(x, backend_name)
+    check_apply(x, make_gates(x), backend_name)
 
 
 @pytest.mark.parametrize("backend_name,device", CASES)
@@ -260,8 +274,8 @@ def test_opcheck(op_name, compiled_ops) -> None:
 def test_deterministic(backend_name, device, layout) -> None:
     """Bitwise the same results twice, and on the cpu backend with one thread as with several:
     several channel blocks per sample, so d_hw, its tie counts and grad_s_hw combine per-block
-    partials."""
-    x = make_input((3, BLOCK_CL + 37, 13, 17), layout, F32, device)
+    partials (on CUDA several channel and column tiles and row bands, so all three maps do)."""
+    x = make_input((3, BLOCK_CL + 37, 13, 17) if device == "cpu" else CUDA_BRICK_SHAPES[0], layout, F32, device)
     s, g_d, g_y = make_gates(x), make_map_grads(x), torch.randn_like(x)
 
     def run():
@@ -280,16 +294,17 @@ def test_deterministic(backend_name, device, layout) -> None:
         assert all(torch.equal(a, b) for a, b in zip(first, other, strict=True))
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_gpu)])
 @pytest.mark.parametrize("shape", [(0, 3, 4, 5), (2, 0, 4, 5), (2, 3, 0, 5), (2, 3, 4, 0)], ids=shape_id)
-def test_empty_inputs(compiled_ops, shape) -> None:
+def test_empty_inputs(compiled_ops, device, shape) -> None:
     """Shapes as the Reference's; a map over an empty line has max -inf and mean NaN (0 / 0);
     the gates' gradients over empty lines are 0."""
-    x = torch.randn(shape)
+    x = torch.randn(shape, device=device)
     d = compiled_ops.triplet_pool(x)
     for t, gate in zip(d, ops_module.GATES):
         assert t.shape == ops_module.plane_shape(x, gate, 2)
         assert (t[:, 0] == float("-inf")).all() and t[:, 1].isnan().all()
-    s = [torch.rand(ops_module.plane_shape(x, gate, 1)) for gate in ops_module.GATES]
+    s = [torch.rand(ops_module.plane_shape(x, gate, 1), device=device) for gate in ops_module.GATES]
     assert compiled_ops.triplet_pool_backward(*[torch.ones_like(t) for t in d], x, *d).shape == x.shape
     assert compiled_ops.triplet_apply(x, *s).shape == x.shape
     grad_x, *grad_s = compiled_ops.triplet_apply_backward(x, x, *s)
