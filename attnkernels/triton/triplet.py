@@ -107,11 +107,15 @@ def _tiles(x: torch.Tensor, acc: torch.dtype, tile: Optional[int] = None) -> tup
     at most (default: _TILE_ELEMENTS of acc).
 
     The tile's long side follows x's contiguous dimension (C for channels_last, W otherwise) so
-    loads coalesce; the channel block shrinks (down to _MIN_BLOCK_C) while the grid has fewer
-    programs than the device runs at once.
+    loads coalesce; the channel block shrinks while the grid has fewer programs than the device
+    runs at once, down to _MIN_BLOCK_C scaled as `tile` is to the rule's: the measured
+    candidates (half and twice the rule's elements) then differ also where that floor binds
+    (more programs, or fewer hw partials).
     """
     n, c, h, w = x.shape
-    tile = _TILE_ELEMENTS[acc] if tile is None else tile
+    rule = _TILE_ELEMENTS[acc]
+    tile = rule if tile is None else tile
+    min_block_c = max(1, _MIN_BLOCK_C * tile // rule)
     if c > 1 and h * w > 1 and x.stride(1) == 1:  # channels are contiguous
         block_c = min(_pow2(c), _MAX_BLOCK_C_CHANNELS_LAST, tile)
         block_w = min(_pow2(w), max(1, tile // block_c))
@@ -120,7 +124,7 @@ def _tiles(x: torch.Tensor, acc: torch.dtype, tile: Optional[int] = None) -> tup
         block_w = min(_pow2(w), _MAX_BLOCK_W, tile)
         block_c = min(_pow2(c), max(1, tile // block_w))
     min_programs = _min_programs(x.device)
-    while block_c > _MIN_BLOCK_C and n * triton.cdiv(c, block_c) * triton.cdiv(w, block_w) < min_programs:
+    while block_c > min_block_c and n * triton.cdiv(c, block_c) * triton.cdiv(w, block_w) < min_programs:
         block_c //= 2
     return block_c, block_w
 
@@ -207,6 +211,13 @@ def _max_reduce(t, axis: tl.constexpr):
 
 
 @triton.jit
+def _wide(n, v):
+    """The int v as an int64 scalar (n: an int64 scalar), so that products of sizes (a plane,
+    a partials buffer's plane) past 2**31 stay exact."""
+    return n * 0 + v
+
+
+@triton.jit
 def _program(C, W, num_cb, num_wt, BLOCK_C: tl.constexpr, BLOCK_W: tl.constexpr):
     """This program's sample n (int64), channel block cb, column tile wt, its channels c and
     columns w with their masks. The grid is 1-D over (n, cb, wt), column tiles fastest."""
@@ -240,8 +251,8 @@ def _pool_kernel(
     mask = c_mask[:, None] & w_mask[None, :]
     x_cw = _cw_offsets(c, w, sx_c, sx_w)
     x_row = n * sx_n  # int64, advanced by sx_h per row
-    HW = H * W
-    HC = H * C
+    HW = _wide(n, H) * W
+    HC = _wide(n, H) * C
     hw_at = (n * 2 * num_cb + cb) * HW + w  # plane 0 at row 0; plane 1 is num_cb*HW further
     hc_at = (n * 2 * num_wt + wt) * HC + c
     cw_max = tl.full([BLOCK_C, BLOCK_W], float("-inf"), dtype=ACC)
@@ -268,7 +279,7 @@ def _pool_kernel(
         hc_at += C
     cw_at = (n * 2 * C + c.to(tl.int64))[:, None] * W + w[None, :]  # d_cw[n, 0, c, w]
     tl.store(cw_ptr + cw_at, cw_max, mask=mask)
-    tl.store(cw_ptr + cw_at + C * W, _div(cw_sum, H), mask=mask)
+    tl.store(cw_ptr + cw_at + _wide(n, C) * W, _div(cw_sum, H), mask=mask)
 
 
 @triton.jit
@@ -284,7 +295,7 @@ def _combine_kernel(part_ptr, d_ptr, B, P, L, num_pb, BLOCK_B: tl.constexpr, BLO
         mask = (b < B)[:, None] & p_mask[None, :]
         at = (n * 2 * B + b)[:, None] * P + p[None, :]
         mx = _max_update(mx, tl.load(part_ptr + at, mask=mask, other=float("-inf")))
-        sm += tl.load(part_ptr + at + B * P, mask=mask, other=0.0)
+        sm += tl.load(part_ptr + at + _wide(n, B) * P, mask=mask, other=0.0)
     tl.store(d_ptr + n * 2 * P + p, _max_reduce(mx, 0), mask=p_mask)
     tl.store(d_ptr + n * 2 * P + P + p, _div(tl.sum(sm, axis=0), L), mask=p_mask)
 
@@ -304,8 +315,8 @@ def _count_kernel(
     mask = c_mask[:, None] & w_mask[None, :]
     x_cw = _cw_offsets(c, w, sx_c, sx_w)
     x_row = n * sx_n
-    HW = H * W
-    HC = H * C
+    HW = _wide(n, H) * W
+    HC = _wide(n, H) * C
     cw_at = (n * C + c.to(tl.int64))[:, None] * W + w[None, :]  # (n, c, w) of a one-plane map
     M_cw = tl.load(d_cw_ptr + cw_at + n * C * W, mask=mask, other=0.0)  # d_cw[n, 0, c, w]
     M_hw_at = n * 2 * HW + w  # d_hw[n, 0, 0, w]
@@ -348,8 +359,8 @@ def _pool_grad_kernel(
     o_cw = _cw_offsets(c, w, so_c, so_w)
     x_row = n * sx_n
     o_row = n * so_n
-    HW = H * W
-    HC = H * C
+    HW = _wide(n, H) * W
+    HC = _wide(n, H) * C
     cw_at = (n * C + c.to(tl.int64))[:, None] * W + w[None, :]
     M_cw = tl.load(d_cw_ptr + cw_at + n * C * W, mask=mask, other=0.0)
     a_cw = tl.load(a_cw_ptr + cw_at, mask=mask, other=0.0)
@@ -428,8 +439,8 @@ def _apply_grad_kernel(
     g_row = n * sg_n
     x_row = n * sx_n
     o_row = n * so_n
-    HW = H * W
-    HC = H * C
+    HW = _wide(n, H) * W
+    HC = _wide(n, H) * C
     cw_at = (n * C + c.to(tl.int64))[:, None] * W + w[None, :]
     s_cw = tl.load(s_cw_ptr + cw_at, mask=mask, other=0.0)
     hw_at = n * HW + w
