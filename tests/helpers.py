@@ -7,8 +7,9 @@ sys.path). conftest.py keeps only the fixtures and the Triton interpreter switch
 * registry modules (tests/test_reference.py and friends): `SHAPES`, `module_kwargs`,
   `randomize`, `build`, `bridge_inputs`, `train_modes`;
 * fused against reference: `fused_pair` (`FeedsBridges`, `bridge_maps`), `make_input`,
-  `leaf`, `forward_backward`, `op_forward_backward`, `on_backend`, `low_precision_runs`, `compiled_and_eager`, `flat`;
-* assertions: `assert_matches`, `assert_all_close`, `assert_error_like_eager`,
+  `leaf`, `forward_backward`, `training_step`, `gradient_names`, `op_forward_backward`,
+  `on_backend`, `low_precision_runs`, `compiled_and_eager`, `flat`;
+* assertions: `assert_matches`, `assert_all_close`, `assert_steps_match`, `assert_error_like_eager`,
   `assert_layout_of`, `assert_bitwise_equal`, `assert_keeps_reference_interface`.
 """
 from __future__ import annotations
@@ -198,6 +199,29 @@ def forward_backward(module, x: torch.Tensor, g: torch.Tensor, backend_name: str
         y = module(x)
     y.backward(g)
     return y.detach(), [x.grad] + [p.grad for p in module.parameters()]
+
+
+def training_step(module, x: torch.Tensor, g: torch.Tensor, backend_name: str | None = None):
+    """`forward_backward`'s output and gradients, and a copy of every buffer after the step
+    (BatchNorm's running statistics)."""
+    return (*forward_backward(module, x, g, backend_name), [b.clone() for b in module.buffers()])
+
+
+def gradient_names(ref) -> list[str]:
+    """The names of `forward_backward`'s gradients: x, then every parameter of `ref`."""
+    return ["x"] + [n for n, _ in ref.named_parameters()]
+
+
+def assert_steps_match(got, want, dtype: torch.dtype, names: list[str]) -> None:
+    """Two `training_step` results agree (NaN where the other has NaN): fp64 to 1e-10, else to
+    fp32 module tolerances; a failing gradient is named."""
+    tol = {"rtol": 1e-10, "atol": 1e-10} if dtype == torch.float64 else {"rtol": 2e-4, "atol": 2e-5}
+    (y, grads, buffers), (y_ref, grads_ref, buffers_ref) = got, want
+    torch.testing.assert_close(y, y_ref, **tol, equal_nan=True)
+    for name, a, b in zip(names, grads, grads_ref, strict=True):
+        torch.testing.assert_close(a, b, **tol, equal_nan=True, msg=lambda m, name=name: f"grad of {name}: {m}")
+    for a, b in zip(buffers, buffers_ref, strict=True):
+        torch.testing.assert_close(a, b, **tol)
 
 
 def full_size_saved(module, x: torch.Tensor, backend_name: str) -> set[int]:

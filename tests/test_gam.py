@@ -16,12 +16,12 @@ from helpers import (
     assert_layout_of,
     backend_cases,
     flat,
-    forward_backward,
     full_size_saved,
     fused_pair,
     make_input,
     needs_gpu,
     on_backend,
+    training_step,
     without_reference,
 )
 
@@ -42,11 +42,6 @@ def pair(channels: int, groups: int, dtype: torch.dtype, device: str, algo: str 
     f, ref = fused_pair(fused.GAM, R.GAM, channels, dtype=dtype, device=device, reduction=4, groups=groups, **kwargs)
     f.conv_algorithm = algo
     return f, ref
-
-
-def step(module, x: torch.Tensor, g: torch.Tensor, backend_name: str | None = None):
-    """Output, gradients of x and every parameter, and every buffer after the step."""
-    return (*forward_backward(module, x, g, backend_name), [b.clone() for b in module.buffers()])
 
 
 def assert_steps_match(got, want, dtype, names) -> None:
@@ -78,7 +73,7 @@ def test_fused_gam_matches_reference(backend_name, device, algo, groups, train, 
     x = torch.randn(shape, dtype=dtype, device=device)
     g = torch.randn(shape, dtype=dtype, device=device)
     names = ["x"] + [n for n, _ in ref.named_parameters()]
-    assert_steps_match(step(f, x, g, backend_name), step(ref, x, g), dtype, names)
+    assert_steps_match(training_step(f, x, g, backend_name), training_step(ref, x, g), dtype, names)
 
 
 @pytest.mark.parametrize("backend_name,device,algo", CASES)
@@ -88,8 +83,8 @@ def test_layouts(backend_name, device, algo, layout) -> None:
     f, ref = pair(32, 4, torch.float64, device, algo)
     x = make_input((2, 32, 6, 7), layout, torch.float64, device)
     g = torch.randn(2, 32, 6, 7, dtype=torch.float64, device=device)
-    got = step(f, x, g, backend_name)
-    assert_steps_match(got, step(ref, x, g), torch.float64, ["x"] + [n for n, _ in ref.named_parameters()])
+    got = training_step(f, x, g, backend_name)
+    assert_steps_match(got, training_step(ref, x, g), torch.float64, ["x"] + [n for n, _ in ref.named_parameters()])
     assert_layout_of(got[0], x)
 
 
@@ -109,7 +104,7 @@ def test_batch_norm_variants(backend_name, device, algo) -> None:
             f.train(train), ref.train(train)
             x = torch.randn(2, 16, 5, 4, dtype=torch.float64, device=device)
             g = torch.randn_like(x)
-            assert_steps_match(step(f, x, g, backend_name), step(ref, x, g), torch.float64,
+            assert_steps_match(training_step(f, x, g, backend_name), training_step(ref, x, g), torch.float64,
                                ["x"] + [n for n, _ in ref.named_parameters()])
 
 
@@ -142,9 +137,9 @@ def test_half_precision_error_like_eager(device, dtype, train) -> None:
         ref.to(dtype).double(), f.load_state_dict(ref.state_dict())
         x = torch.randn(4, 64, 9, 11, dtype=torch.float64, device=device).to(dtype).double()
         g = torch.randn_like(x).to(dtype).double()
-        exact = step(copy.deepcopy(ref), x, g)
-        low = step(copy.deepcopy(f).to(dtype), x.to(dtype), g.to(dtype))
-        eager = step(copy.deepcopy(ref).to(dtype), x.to(dtype), g.to(dtype))
+        exact = training_step(copy.deepcopy(ref), x, g)
+        low = training_step(copy.deepcopy(f).to(dtype), x.to(dtype), g.to(dtype))
+        eager = training_step(copy.deepcopy(ref).to(dtype), x.to(dtype), g.to(dtype))
         names = ["y", "x"] + [n for n, _ in ref.named_parameters()]
         for name, a, b, truth in zip(names, flat(low), flat(eager), flat(exact)):
             err = totals.setdefault(name, [0.0, 0.0, 0.0])
@@ -178,8 +173,8 @@ def test_compile_fullgraph_on_cpu(groups, train) -> None:
     x = torch.randn(2, 32, 7, 5)
     g = torch.randn_like(x)
     with backend.use_backend("cpu"):
-        got = step(compiled, x, g)
-        want = step(f, x, g)
+        got = training_step(compiled, x, g)
+        want = training_step(f, x, g)
     tol = {"rtol": 2e-4, "atol": 2e-5}
     for a, b in zip([got[0], *got[1], *got[2]], [want[0], *want[1], *want[2]]):
         torch.testing.assert_close(a, b, **tol)
@@ -226,7 +221,7 @@ def test_triton_module_under_interpreter(algo, groups, train) -> None:
     x = torch.randn(2, 16, 3, 4, dtype=torch.float64)
     g = torch.randn_like(x)
     names = ["x"] + [n for n, _ in ref.named_parameters()]
-    assert_steps_match(step(f, x, g, "triton"), step(ref, x, g), torch.float64, names)
+    assert_steps_match(training_step(f, x, g, "triton"), training_step(ref, x, g), torch.float64, names)
 
 
 # ----------------------------------------------------------------------------------------
@@ -261,7 +256,7 @@ def test_small_rd_matches_reference(backend_name, device, algo, channels, groups
     x = torch.randn(2, channels, 7, 5, dtype=torch.float64, device=device)
     g = torch.randn_like(x)
     names = ["x"] + [n for n, _ in ref.named_parameters()]
-    assert_steps_match(step(f, x, g, backend_name), step(ref, x, g), torch.float64, names)
+    assert_steps_match(training_step(f, x, g, backend_name), training_step(ref, x, g), torch.float64, names)
 
 
 @pytest.mark.parametrize("algo", ["direct", "library"])
@@ -275,4 +270,4 @@ def test_small_rd_triton_under_interpreter(algo, channels, groups) -> None:
     x = torch.randn(2, channels, 3, 4, dtype=torch.float64)
     g = torch.randn_like(x)
     names = ["x"] + [n for n, _ in ref.named_parameters()]
-    assert_steps_match(step(f, x, g, "triton"), step(ref, x, g), torch.float64, names)
+    assert_steps_match(training_step(f, x, g, "triton"), training_step(ref, x, g), torch.float64, names)

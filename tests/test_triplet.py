@@ -14,12 +14,14 @@ import torch
 from helpers import (
     LAYOUTS,
     assert_layout_of,
+    assert_steps_match,
     backend_cases,
-    forward_backward,
     full_size_saved,
     fused_pair,
+    gradient_names,
     make_input,
     on_backend,
+    training_step,
     without_reference,
 )
 
@@ -37,25 +39,6 @@ def pair(channels: int, dtype: torch.dtype, device: str, **kwargs):
     return fused_pair(fused.Triplet, R.Triplet, channels, dtype=dtype, device=device, **kwargs)
 
 
-def step(module, x: torch.Tensor, g: torch.Tensor, backend_name: str | None = None):
-    """Output, gradients of x and every parameter, and every buffer after the step."""
-    return (*forward_backward(module, x, g, backend_name), [b.clone() for b in module.buffers()])
-
-
-def assert_steps_match(got, want, dtype, names) -> None:
-    tol = {"rtol": 1e-10, "atol": 1e-10} if dtype == torch.float64 else {"rtol": 2e-4, "atol": 2e-5}
-    (y, grads, buffers), (y_ref, grads_ref, buffers_ref) = got, want
-    torch.testing.assert_close(y, y_ref, **tol, equal_nan=True)
-    for name, a, b in zip(names, grads, grads_ref, strict=True):
-        torch.testing.assert_close(a, b, **tol, equal_nan=True, msg=lambda m, name=name: f"grad of {name}: {m}")
-    for a, b in zip(buffers, buffers_ref, strict=True):
-        torch.testing.assert_close(a, b, **tol)
-
-
-def names_of(ref) -> list[str]:
-    return ["x"] + [n for n, _ in ref.named_parameters()]
-
-
 @pytest.mark.parametrize("backend_name,device", CASES)
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
@@ -67,8 +50,8 @@ def test_fused_triplet_matches_reference(backend_name, device, train, shape, dty
     f.train(train), ref.train(train)
     x = torch.randn(shape, dtype=dtype, device=device)
     g = torch.randn(shape, dtype=dtype, device=device)
-    got, want = step(f, x, g, backend_name), step(ref, x, g)
-    assert_steps_match(got, want, dtype, names_of(ref))
+    got, want = training_step(f, x, g, backend_name), training_step(ref, x, g)
+    assert_steps_match(got, want, dtype, gradient_names(ref))
     assert all(t.abs().max() > 0 for t in want[1])  # every gradient is live: the comparison can fail
 
 
@@ -79,8 +62,8 @@ def test_layouts(backend_name, device, layout) -> None:
     f, ref = pair(12, torch.float64, device)
     x = make_input((2, 12, 6, 7), layout, torch.float64, device)
     g = torch.randn(2, 12, 6, 7, dtype=torch.float64, device=device)
-    got = step(f, x, g, backend_name)
-    assert_steps_match(got, step(ref, x, g), torch.float64, names_of(ref))
+    got = training_step(f, x, g, backend_name)
+    assert_steps_match(got, training_step(ref, x, g), torch.float64, gradient_names(ref))
     assert_layout_of(got[0], x)
 
 
@@ -90,7 +73,8 @@ def test_ties_in_the_three_maxima(backend_name, device) -> None:
     f, ref = pair(6, torch.float64, device)
     x = torch.randint(-2, 3, (2, 6, 5, 4), device=device).double()
     g = torch.randn_like(x)
-    assert_steps_match(step(f, x, g, backend_name), step(ref, x, g), torch.float64, names_of(ref))
+    assert_steps_match(training_step(f, x, g, backend_name), training_step(ref, x, g), torch.float64,
+                       gradient_names(ref))
 
 
 @pytest.mark.parametrize("backend_name,device", without_reference(CASES))
@@ -102,9 +86,9 @@ def test_nan_propagates_like_the_reference(backend_name, device) -> None:
     x = torch.randn(2, 6, 5, 4, dtype=torch.float64, device=device)
     x[1, 3, 2, 1] = float("nan")
     g = torch.randn_like(x)
-    got, want = step(f, x, g, backend_name), step(ref, x, g)
+    got, want = training_step(f, x, g, backend_name), training_step(ref, x, g)
     assert torch.isnan(want[0]).any()
-    assert_steps_match(got, want, torch.float64, names_of(ref))
+    assert_steps_match(got, want, torch.float64, gradient_names(ref))
 
 
 @pytest.mark.parametrize("backend_name,device", without_reference(CASES))
@@ -136,8 +120,8 @@ def test_compile_fullgraph_on_cpu(train) -> None:
     x = torch.randn(2, 16, 7, 5)
     g = torch.randn_like(x)
     with backend.use_backend("cpu"):
-        got = step(compiled, x, g)
-        want = step(f, x, g)
+        got = training_step(compiled, x, g)
+        want = training_step(f, x, g)
     for a, b in zip([got[0], *got[1], *got[2]], [want[0], *want[1], *want[2]]):
         torch.testing.assert_close(a, b, rtol=2e-4, atol=2e-5)
 
@@ -158,4 +142,5 @@ def test_triton_module_under_interpreter(train) -> None:
     f.train(train), ref.train(train)
     x = torch.randn(2, 6, 3, 4, dtype=torch.float64)
     g = torch.randn_like(x)
-    assert_steps_match(step(f, x, g, "triton"), step(ref, x, g), torch.float64, names_of(ref))
+    assert_steps_match(training_step(f, x, g, "triton"), training_step(ref, x, g), torch.float64,
+                       gradient_names(ref))
