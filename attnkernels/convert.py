@@ -406,10 +406,19 @@ def _gate_problem(gate: object) -> str | None:
 def _eca_why_not(m: nn.Module) -> str | None:
     if m.conv2 is not None:
         return "use_mlp=True (an MLP over the channels)"
-    problem = _conv_problem(m.conv, "conv", nn.Conv1d, 1, 1, bias=False)
-    if problem is None and m.conv.kernel_size[0] % 2 == 0:
-        problem = f"conv kernel size {m.conv.kernel_size[0]} is even"
-    return problem or _gate_problem(m.gate)
+    return (_conv_problem(m.conv, "conv", nn.Conv1d, 1, 1, bias=False) or _odd_kernel_problem(m.conv, "conv")
+            or _gate_problem(m.gate))
+
+
+def _odd_kernel_problem(conv: nn.Module, what: str) -> str | None:
+    """Why `conv`'s kernel is not odd (and, in 2-D, square), or None: 'same' padding (k-1)//2
+    keeps the size only then."""
+    k = conv.kernel_size
+    if k[0] % 2 == 0:
+        return f"{what} kernel size {k[0]} is even"
+    if any(side != k[0] for side in k):
+        return f"{what} kernel size {k} is not square"
+    return None
 
 
 def _se_why_not(m: nn.Module) -> str | None:
@@ -449,11 +458,8 @@ def _cbam_why_not(m: nn.Module) -> str | None:
     cna = spatial.conv
     if set(cna._modules) - {"conv", "bn", "aa"} or not isinstance(getattr(cna, "aa", None), (type(None), nn.Identity)):
         return "spatial.conv has more than a conv and a norm (anti-aliasing?)"
-    problem = _conv_problem(cna.conv, "spatial.conv.conv", nn.Conv2d, 2, 1, bias=False)
-    if problem is None and cna.conv.kernel_size[0] % 2 == 0:
-        problem = f"spatial conv kernel size {cna.conv.kernel_size[0]} is even"
-    if problem is None and cna.conv.kernel_size[0] != cna.conv.kernel_size[1]:
-        problem = f"spatial conv kernel size {cna.conv.kernel_size} is not square"
+    problem = (_conv_problem(cna.conv, "spatial.conv.conv", nn.Conv2d, 2, 1, bias=False)
+               or _odd_kernel_problem(cna.conv, "spatial conv"))
     if problem is not None:
         return problem
     bn = cna.bn

@@ -25,11 +25,6 @@ at::Tensor pixel_maps(const at::Tensor& x, int64_t k) {
   return at::empty({x.size(0), k, x.size(2), x.size(3)}, x.options().dtype(acc_type(x.scalar_type())));
 }
 
-// The per-block partial rows of grad_gate, (N, blocks, C) in acc(x).
-at::Tensor gate_partials(const at::Tensor& x, const at::Tensor& gate) {
-  return at::zeros({x.size(0), pixel_blocks(x.size(2) * x.size(3)), x.size(1)}, gate.options());
-}
-
 // ---------------------------------------------------------------- cbam_spatial_pool
 
 // d[n, 0] = sum_c F / C, d[n, 1] = max_c F (NaN-propagating, as torch.amax).

@@ -101,7 +101,7 @@ std::tuple<at::Tensor, at::Tensor> ham_spatial_pool_backward_cpu(const at::Tenso
   const int64_t N = x.size(0), C = x.size(1), hw = x.size(2) * x.size(3);
   check_c_im(c_im, C, op);
   at::Tensor gx = empty_like_layout(x);
-  at::Tensor partial = at::zeros({N, pixel_blocks(hw), C}, gate_in.options());
+  at::Tensor partial = gate_partials(x, gate_in);
   if (x.numel() == 0) return {gx, at::zeros_like(gate_in, at::MemoryFormat::Contiguous)};
   const at::Tensor gate = gate_in.contiguous(), mask = mask_in.contiguous();
   const at::Tensor gd1 = grad_d1.contiguous(), gd2 = grad_d2.contiguous(), d1 = d1_in.contiguous(), d2 = d2_in.contiguous();
@@ -162,7 +162,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ham_spatial_apply_bac
   const int64_t N = x.size(0), C = x.size(1), hw = x.size(2) * x.size(3);
   at::Tensor gx = empty_like_layout(x);
   at::Tensor gs1 = at::zeros_like(s1_in, at::MemoryFormat::Contiguous), gs2 = at::zeros_like(gs1);
-  at::Tensor partial = at::zeros({N, pixel_blocks(hw), C}, gate_in.options());
+  at::Tensor partial = gate_partials(x, gate_in);
   if (x.numel() == 0) return {gx, at::zeros_like(gate_in, at::MemoryFormat::Contiguous), gs1, gs2};
   const at::Tensor gate = gate_in.contiguous(), mask = mask_in.contiguous(), s1 = s1_in.contiguous(),
                    s2 = s2_in.contiguous();

@@ -77,6 +77,11 @@ inline at::Tensor checked_x(const at::Tensor& x, const char* op) {
   return dense(x);
 }
 
+// The per-block partial rows of grad_gate, (N, blocks, C) in gate's dtype (acc(x)), zeroed.
+inline at::Tensor gate_partials(const at::Tensor& x, const at::Tensor& gate) {
+  return at::zeros({x.size(0), pixel_blocks(x.size(2) * x.size(3)), x.size(1)}, gate.options());
+}
+
 // The (N, blocks, C) per-block partials of grad_gate, summed over the blocks in order.
 inline at::Tensor sum_block_partials(const at::Tensor& partial) { return partial.sum(1); }
 
