@@ -11,7 +11,7 @@
 // its channels. Along a row two of the three maps run element by element and one is constant:
 // NCHW: hw and cw run, hc is constant; channels_last: cw and hc run, hw is constant. For that,
 // a channels_last op keeps the cw plane transposed, (W, C), so that it runs along c too. (The
-// NCHW pool takes hw over each channel's whole H*W plane first: pool_plane.)
+// NCHW pool takes hw over whole H*W planes first, a few channels at a time: pool_planes.)
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -129,9 +129,70 @@ struct Along {
   }
 };
 
+// The last, partial vector of a row of len >= kWidth elements, taken as the whole vector that
+// ends at the row's end: the lanes the main loop already pooled (all but the last rem) are
+// replaced by an identity, -inf for the max and -0.0 for the sum (v + -0.0 == v exactly, for
+// -0.0 too), so every element is pooled once and no scalar tail runs. (A scalar tail of 4 of
+// W = 28 elements was most of a row's instructions: a NaN-aware max per element and map.)
+template <typename scalar_t>
+struct TailLanes {
+  using S = Step<scalar_t>;
+  using acc_t = typename S::acc_t;
+  using AccVec = typename S::AccVec;
+  AccVec keep[S::kVecs];  // all bits set in the lanes of the row's last rem elements
+
+  explicit TailLanes(int64_t rem) {
+    for (int k = 0; k < S::kVecs; ++k) {
+      keep[k] = AccVec::arange(acc_t(k * AccVec::size()), acc_t(1)) >= AccVec(acc_t(S::kWidth - rem));
+    }
+  }
+  // v in the row's last rem lanes, `identity` in the others.
+  AccVec only_new(const AccVec& v, int k, acc_t identity) const { return AccVec::blendv(AccVec(identity), v, keep[k]); }
+  void split(const AccVec (&xv)[S::kVecs], AccVec (&xm)[S::kVecs], AccVec (&xs)[S::kVecs]) const {
+    for (int k = 0; k < S::kVecs; ++k) {
+      xm[k] = only_new(xv[k], k, -std::numeric_limits<acc_t>::infinity());
+      xs[k] = only_new(xv[k], k, acc_t(-0.0));
+    }
+  }
+};
+
+// One vector step of pool_row at element i: xm into the maxima, xs into the sums (the same
+// values, but for TailLanes' identities).
+template <typename scalar_t, bool kB, bool kR, typename acc_t, typename AccVec, int kVecs>
+inline void pool_step(int64_t i, const AccVec (&xm)[kVecs], const AccVec (&xs)[kVecs], std::array<acc_t*, 2> a,
+                      std::array<acc_t*, 2> b, AccVec (&rmax)[kVecs], AccVec (&rsum)[kVecs]) {
+  using S = Step<scalar_t>;
+  AccVec am[kVecs], as[kVecs], bm[kVecs], bs[kVecs];
+  S::load_acc(a[0] + i, am);
+  S::load_acc(a[1] + i, as);
+  if constexpr (kB) {
+    S::load_acc(b[0] + i, bm);
+    S::load_acc(b[1] + i, bs);
+  }
+  for (int k = 0; k < kVecs; ++k) {
+    am[k] = at::vec::maximum(am[k], xm[k]);  // NaN-propagating, as torch.amax
+    as[k] += xs[k];
+    if constexpr (kB) {
+      bm[k] = at::vec::maximum(bm[k], xm[k]);
+      bs[k] += xs[k];
+    }
+    if constexpr (kR) {
+      rmax[k] = at::vec::maximum(rmax[k], xm[k]);
+      rsum[k] += xs[k];
+    }
+  }
+  S::store_acc(a[0] + i, am);
+  S::store_acc(a[1] + i, as);
+  if constexpr (kB) {
+    S::store_acc(b[0] + i, bm);
+    S::store_acc(b[1] + i, bs);
+  }
+}
+
 // Pooling of one row: max and sum accumulated in place into the maps that run along it (max
 // a[0] / sum a[1]; b likewise, unless !kB), and the row's own max and sum stored to the
-// constant one (r, unless !kR).
+// constant one (r, unless !kR). Rows of at least a vector end on a TailLanes vector; shorter
+// ones run element by element.
 template <typename scalar_t, bool kB = true, bool kR = true, typename acc_t = at::opmath_type<scalar_t>>
 void pool_row(const scalar_t* x, int64_t len, std::array<acc_t*, 2> a, std::array<acc_t*, 2> b,
               std::array<acc_t*, 2> r) {
@@ -145,32 +206,17 @@ void pool_row(const scalar_t* x, int64_t len, std::array<acc_t*, 2> a, std::arra
   }
   int64_t i = 0;
   for (; i + S::kWidth <= len; i += S::kWidth) {
-    AccVec xv[S::kVecs], am[S::kVecs], as[S::kVecs], bm[S::kVecs], bs[S::kVecs];
+    AccVec xv[S::kVecs];
     S::load(x + i, xv);
-    S::load_acc(a[0] + i, am);
-    S::load_acc(a[1] + i, as);
-    if constexpr (kB) {
-      S::load_acc(b[0] + i, bm);
-      S::load_acc(b[1] + i, bs);
-    }
-    for (int k = 0; k < S::kVecs; ++k) {
-      am[k] = at::vec::maximum(am[k], xv[k]);  // NaN-propagating, as torch.amax
-      as[k] += xv[k];
-      if constexpr (kB) {
-        bm[k] = at::vec::maximum(bm[k], xv[k]);
-        bs[k] += xv[k];
-      }
-      if constexpr (kR) {
-        rmax[k] = at::vec::maximum(rmax[k], xv[k]);
-        rsum[k] += xv[k];
-      }
-    }
-    S::store_acc(a[0] + i, am);
-    S::store_acc(a[1] + i, as);
-    if constexpr (kB) {
-      S::store_acc(b[0] + i, bm);
-      S::store_acc(b[1] + i, bs);
-    }
+    pool_step<scalar_t, kB, kR>(i, xv, xv, a, b, rmax, rsum);
+  }
+  if (i < len && len >= S::kWidth) {
+    const int64_t last = len - S::kWidth;
+    AccVec xv[S::kVecs], xm[S::kVecs], xs[S::kVecs];
+    S::load(x + last, xv);
+    TailLanes<scalar_t>(len - i).split(xv, xm, xs);
+    pool_step<scalar_t, kB, kR>(last, xm, xs, a, b, rmax, rsum);
+    i = len;
   }
   acc_t mx = lowest, sum = 0;
   if constexpr (kR) {
@@ -196,14 +242,50 @@ void pool_row(const scalar_t* x, int64_t len, std::array<acc_t*, 2> a, std::arra
   }
 }
 
-// NCHW pooling of channel c's plane: hw over the whole H*W run (no row tails), then cw and hc
-// row by row from L1. (Rows of W = 28 did all three at 7 instructions per element.)
+// NCHW pooling of channels c .. c + cn - 1 (cn <= kPlaneGroup, planes H*W apart): hw over
+// their whole H*W planes (no row tails), the partial plane loaded and stored once per group
+// rather than once per channel (the sums still added channel by channel, in order), then cw
+// and hc of each channel row by row from L1. (Rows of W = 28 did all three at 7 instructions
+// per element.)
+constexpr int kPlaneGroup = 4;
+
 template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
-void pool_plane(const scalar_t* x, int64_t H, int64_t W, int64_t C, std::array<acc_t*, 2> hw,
-                std::array<acc_t*, 2> cw, std::array<acc_t*, 2> hc) {
-  pool_row<scalar_t, false, false>(x, H * W, hw, {}, {});
-  for (int64_t h = 0; h < H; ++h) {
-    pool_row<scalar_t, false, true>(x + h * W, W, cw, {}, {hc[0] + h * C, hc[1] + h * C});
+void pool_planes(const scalar_t* x, int cn, int64_t H, int64_t W, int64_t C, std::array<acc_t*, 2> hw,
+                 std::array<acc_t*, 2> cw, std::array<acc_t*, 2> hc) {
+  using S = Step<scalar_t>;
+  using AccVec = typename S::AccVec;
+  const int64_t HW = H * W;
+  int64_t i = 0;
+  for (; i + S::kWidth <= HW; i += S::kWidth) {
+    AccVec m[S::kVecs], s[S::kVecs];
+    S::load_acc(hw[0] + i, m);
+    S::load_acc(hw[1] + i, s);
+    for (int j = 0; j < cn; ++j) {
+      AccVec xv[S::kVecs];
+      S::load(x + j * HW + i, xv);
+      for (int k = 0; k < S::kVecs; ++k) {
+        m[k] = at::vec::maximum(m[k], xv[k]);  // NaN-propagating, as torch.amax
+        s[k] += xv[k];
+      }
+    }
+    S::store_acc(hw[0] + i, m);
+    S::store_acc(hw[1] + i, s);
+  }
+  for (; i < HW; ++i) {
+    acc_t m = hw[0][i], s = hw[1][i];
+    for (int j = 0; j < cn; ++j) {
+      const acc_t v = static_cast<acc_t>(x[j * HW + i]);
+      m = nan_max(m, v);
+      s += v;
+    }
+    hw[0][i] = m;
+    hw[1][i] = s;
+  }
+  for (int j = 0; j < cn; ++j) {
+    for (int64_t h = 0; h < H; ++h) {
+      pool_row<scalar_t, false, true>(x + j * HW + h * W, W, {cw[0] + j * W, cw[1] + j * W}, {},
+                                      {hc[0] + h * C + j, hc[1] + h * C + j});
+    }
   }
 }
 
@@ -218,21 +300,32 @@ void count_row(const scalar_t* x, int64_t len, const acc_t* a_max, acc_t* a_cnt,
   const AccVec rm(*r_max);
   AccVec rc[S::kVecs];
   for (int k = 0; k < S::kVecs; ++k) rc[k] = AccVec(0);
-  int64_t i = 0;
-  for (; i + S::kWidth <= len; i += S::kWidth) {
+  // The counts of x[j .. j + kWidth); with a tail, only the lanes it has not counted yet.
+  const auto step = [=, &rc](int64_t j, const TailLanes<scalar_t>* tail) {
     AccVec xv[S::kVecs], am[S::kVecs], ac[S::kVecs], bm[S::kVecs], bc[S::kVecs];
-    S::load(x + i, xv);
-    S::load_acc(a_max + i, am);
-    S::load_acc(a_cnt + i, ac);
-    S::load_acc(b_max + i, bm);
-    S::load_acc(b_cnt + i, bc);
+    S::load(x + j, xv);
+    S::load_acc(a_max + j, am);
+    S::load_acc(a_cnt + j, ac);
+    S::load_acc(b_max + j, bm);
+    S::load_acc(b_cnt + j, bc);
     for (int k = 0; k < S::kVecs; ++k) {
-      ac[k] += xv[k].eq(am[k]);
-      bc[k] += xv[k].eq(bm[k]);
-      rc[k] += xv[k].eq(rm);
+      AccVec ta = xv[k].eq(am[k]), tb = xv[k].eq(bm[k]), tr = xv[k].eq(rm);
+      if (tail != nullptr) {
+        ta = tail->only_new(ta, k, 0), tb = tail->only_new(tb, k, 0), tr = tail->only_new(tr, k, 0);
+      }
+      ac[k] += ta;
+      bc[k] += tb;
+      rc[k] += tr;
     }
-    S::store_acc(a_cnt + i, ac);
-    S::store_acc(b_cnt + i, bc);
+    S::store_acc(a_cnt + j, ac);
+    S::store_acc(b_cnt + j, bc);
+  };
+  int64_t i = 0;
+  for (; i + S::kWidth <= len; i += S::kWidth) step(i, nullptr);
+  if (i < len && len >= S::kWidth) {
+    const TailLanes<scalar_t> tail(len - i);
+    step(len - S::kWidth, &tail);
+    i = len;
   }
   acc_t cnt = 0;
   for (int k = 0; k < S::kVecs; ++k) cnt += reduce_sum(rc[k]);
@@ -273,15 +366,20 @@ void pool_grad_row(const scalar_t* x, scalar_t* gx, int64_t len, MaxGrad<scalar_
   using S = Step<scalar_t>;
   using acc_t = typename S::acc_t;
   using AccVec = typename S::AccVec;
-  int64_t i = 0;
-  for (; i + S::kWidth <= len; i += S::kWidth) {
+  const auto step = [=](int64_t j) {
     AccVec xv[S::kVecs], t_hw[S::kVecs], t_cw[S::kVecs], t_hc[S::kVecs], out[S::kVecs];
-    S::load(x + i, xv);
-    hw.term(i, xv, t_hw);
-    cw.term(i, xv, t_cw);
-    hc.term(i, xv, t_hc);
+    S::load(x + j, xv);
+    hw.term(j, xv, t_hw);
+    cw.term(j, xv, t_cw);
+    hc.term(j, xv, t_hc);
     for (int k = 0; k < S::kVecs; ++k) out[k] = t_hw[k] + t_cw[k] + t_hc[k];
-    S::store(gx + i, out);
+    S::store(gx + j, out);
+  };
+  int64_t i = 0;
+  for (; i + S::kWidth <= len; i += S::kWidth) step(i);
+  if (i < len && len >= S::kWidth) {  // the last vector again, ending at the row's end
+    step(len - S::kWidth);
+    i = len;
   }
   for (; i < len; ++i) {
     const acc_t v = static_cast<acc_t>(x[i]);
@@ -297,15 +395,20 @@ void apply_row(const scalar_t* x, scalar_t* y, int64_t len, Along<scalar_t, !kCL
   using acc_t = typename S::acc_t;
   using AccVec = typename S::AccVec;
   const AccVec three(3);
-  int64_t i = 0;
-  for (; i + S::kWidth <= len; i += S::kWidth) {
+  const auto step = [=](int64_t j) {
     AccVec xv[S::kVecs], a[S::kVecs], b[S::kVecs], c[S::kVecs], out[S::kVecs];
-    S::load(x + i, xv);
-    s_hw.load(i, a);
-    s_cw.load(i, b);
-    s_hc.load(i, c);
+    S::load(x + j, xv);
+    s_hw.load(j, a);
+    s_cw.load(j, b);
+    s_hc.load(j, c);
     for (int k = 0; k < S::kVecs; ++k) out[k] = (xv[k] * a[k] + xv[k] * b[k] + xv[k] * c[k]) / three;
-    S::store(y + i, out, stream);
+    S::store(y + j, out, stream);
+  };
+  int64_t i = 0;
+  for (; i + S::kWidth <= len; i += S::kWidth) step(i);
+  if (i < len && len >= S::kWidth) {  // the last vector again, ending at the row's end
+    step(len - S::kWidth);
+    i = len;
   }
   for (; i < len; ++i) {
     const acc_t v = static_cast<acc_t>(x[i]);
@@ -326,27 +429,37 @@ void apply_grad_row(const scalar_t* gy, const scalar_t* x, scalar_t* gx, int64_t
   const AccVec three(3);
   AccVec rs[S::kVecs];
   for (int k = 0; k < S::kVecs; ++k) rs[k] = AccVec(0);
-  int64_t i = 0;
-  for (; i + S::kWidth <= len; i += S::kWidth) {
+  // grad_x of x[j .. j + kWidth), and its g * x sums; with a tail, only the lanes it has not
+  // summed yet (grad_x's other lanes are written again with the same values).
+  const auto step = [=, &rs](int64_t j, const TailLanes<scalar_t>* tail) {
     AccVec gv[S::kVecs], xv[S::kVecs], u[S::kVecs], v[S::kVecs], w[S::kVecs], as[S::kVecs], bs[S::kVecs],
         out[S::kVecs];
-    S::load(gy + i, gv);
-    S::load(x + i, xv);
-    s_hw.load(i, u);
-    s_cw.load(i, v);
-    s_hc.load(i, w);
-    S::load_acc(a + i, as);
-    S::load_acc(b + i, bs);
+    S::load(gy + j, gv);
+    S::load(x + j, xv);
+    s_hw.load(j, u);
+    s_cw.load(j, v);
+    s_hc.load(j, w);
+    S::load_acc(a + j, as);
+    S::load_acc(b + j, bs);
     for (int k = 0; k < S::kVecs; ++k) {
-      const AccVec g = gv[k] / three, gxk = g * xv[k];
+      const AccVec g = gv[k] / three;
+      AccVec gxk = g * xv[k];
+      if (tail != nullptr) gxk = tail->only_new(gxk, k, acc_t(-0.0));
       out[k] = g * u[k] + g * v[k] + g * w[k];
       as[k] += gxk;
       bs[k] += gxk;
       rs[k] += gxk;
     }
-    S::store(gx + i, out);
-    S::store_acc(a + i, as);
-    S::store_acc(b + i, bs);
+    S::store(gx + j, out);
+    S::store_acc(a + j, as);
+    S::store_acc(b + j, bs);
+  };
+  int64_t i = 0;
+  for (; i + S::kWidth <= len; i += S::kWidth) step(i, nullptr);
+  if (i < len && len >= S::kWidth) {
+    const TailLanes<scalar_t> tail(len - i);
+    step(len - S::kWidth, &tail);
+    i = len;
   }
   acc_t sum = 0;
   for (int k = 0; k < S::kVecs; ++k) sum += reduce_sum(rs[k]);
@@ -439,9 +552,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> triplet_pool_cpu(const at::Tensor
       acc_t* p_sum = p_max + g.blocks * HW;
       acc_t *cw_max = cw + n * 2 * CW, *hc_max = hc + n * 2 * HC;
       if (!g.channels_last) {
-        for (int64_t c = c0; c < c1; ++c) {
-          pool_plane<scalar_t>(xp + (n * g.C + c) * HW, g.H, g.W, g.C, {p_max, p_sum},
-                               {cw_max + c * g.W, cw_max + CW + c * g.W}, {hc_max + c, hc_max + HC + c});
+        for (int64_t c = c0; c < c1; c += kPlaneGroup) {
+          const int cn = static_cast<int>(std::min<int64_t>(kPlaneGroup, c1 - c));
+          pool_planes<scalar_t>(xp + (n * g.C + c) * HW, cn, g.H, g.W, g.C, {p_max, p_sum},
+                                {cw_max + c * g.W, cw_max + CW + c * g.W}, {hc_max + c, hc_max + HC + c});
         }
         return;
       }
