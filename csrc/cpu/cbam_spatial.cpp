@@ -22,7 +22,7 @@ using namespace cpu_spatial;
 
 // An (N, k, H, W) map of x in acc(x), NCHW-contiguous.
 at::Tensor pixel_maps(const at::Tensor& x, int64_t k) {
-  return at::empty({x.size(0), k, x.size(2), x.size(3)}, x.options().dtype(acc_type(x.scalar_type())));
+  return at::empty({x.size(0), k, x.size(2), x.size(3)}, acc_options(x));
 }
 
 // ---------------------------------------------------------------- cbam_spatial_pool

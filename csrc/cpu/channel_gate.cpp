@@ -166,7 +166,7 @@ std::tuple<at::Tensor, at::Tensor> pool(const at::Tensor& x_in, bool with_max) {
   const at::Tensor x = dense(x_in);
   const int64_t N = x.size(0), C = x.size(1), hw = x.size(2) * x.size(3);
   AK_CHECK_VALUE(hw > 0, "channel_pool: x must have H*W > 0, got shape ", x.sizes());
-  auto opts = x.options().dtype(acc_type(x.scalar_type()));
+  auto opts = acc_options(x);
   at::Tensor avg = at::empty({N, C}, opts), max = with_max ? at::empty({N, C}, opts) : at::Tensor();
   if (N * C == 0) return {avg, max};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "channel_pool_cpu", [&] {
@@ -636,7 +636,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> channel_attention_cpu
     return {channel_rescale_cpu(x, gate), avg, max, gate};
   }
   const int64_t N = x.size(0), C = x.size(1);
-  auto opts = x.options().dtype(acc_type(x.scalar_type()));
+  auto opts = acc_options(x);
   at::Tensor avg = at::empty({N, C}, opts), max = at::empty({N, C}, opts), gate = at::empty({N, C}, opts);
   const GateMode pooling = check_gate_args(avg, max, weight, alpha, beta, mode, op);
   at::Tensor y = empty_like_layout(x);

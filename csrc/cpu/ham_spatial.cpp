@@ -55,7 +55,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ham_spatial_pool_cpu(const at::Te
   const int64_t N = x.size(0), C = x.size(1), hw = x.size(2) * x.size(3);
   check_c_im(c_im, C, op);
   const at::Tensor gate = gate_in.contiguous();
-  auto opts = x.options().dtype(acc_type(x.scalar_type()));
+  auto opts = acc_options(x);
   at::Tensor d1 = at::empty({N, 2, x.size(2), x.size(3)}, opts), d2 = at::empty_like(d1);
   at::Tensor mask = at::empty({N, C}, opts);
   if (N * C == 0) return {d1, d2, mask};

@@ -156,6 +156,23 @@ struct TailLanes {
   }
 };
 
+// Calls step(j, tail) over a row of len elements a vector at a time: tail == nullptr for each
+// whole vector, then, where the row holds a vector but does not end on one, once more on the
+// vector that ends at the row's end, with tail marking the lanes not yet taken. Returns where
+// an element-by-element remainder starts: len, or 0 for a row shorter than a vector.
+template <typename scalar_t, typename F>
+int64_t vector_steps(int64_t len, const F& step) {
+  constexpr int64_t kWidth = Step<scalar_t>::kWidth;
+  int64_t i = 0;
+  for (; i + kWidth <= len; i += kWidth) step(i, static_cast<const TailLanes<scalar_t>*>(nullptr));
+  if (i < len && len >= kWidth) {
+    const TailLanes<scalar_t> tail(len - i);
+    step(len - kWidth, &tail);
+    i = len;
+  }
+  return i;
+}
+
 // One vector step of pool_row at element i: xm into the maxima, xs into the sums (the same
 // values, but for TailLanes' identities).
 template <typename scalar_t, bool kB, bool kR, typename acc_t, typename AccVec, int kVecs>
@@ -204,20 +221,17 @@ void pool_row(const scalar_t* x, int64_t len, std::array<acc_t*, 2> a, std::arra
     rmax[k] = AccVec(lowest);
     rsum[k] = AccVec(0);
   }
-  int64_t i = 0;
-  for (; i + S::kWidth <= len; i += S::kWidth) {
+  int64_t i = vector_steps<scalar_t>(len, [=, &rmax, &rsum](int64_t j, const TailLanes<scalar_t>* tail) {
     AccVec xv[S::kVecs];
-    S::load(x + i, xv);
-    pool_step<scalar_t, kB, kR>(i, xv, xv, a, b, rmax, rsum);
-  }
-  if (i < len && len >= S::kWidth) {
-    const int64_t last = len - S::kWidth;
-    AccVec xv[S::kVecs], xm[S::kVecs], xs[S::kVecs];
-    S::load(x + last, xv);
-    TailLanes<scalar_t>(len - i).split(xv, xm, xs);
-    pool_step<scalar_t, kB, kR>(last, xm, xs, a, b, rmax, rsum);
-    i = len;
-  }
+    S::load(x + j, xv);
+    if (tail == nullptr) {
+      pool_step<scalar_t, kB, kR>(j, xv, xv, a, b, rmax, rsum);
+      return;
+    }
+    AccVec xm[S::kVecs], xs[S::kVecs];
+    tail->split(xv, xm, xs);
+    pool_step<scalar_t, kB, kR>(j, xm, xs, a, b, rmax, rsum);
+  });
   acc_t mx = lowest, sum = 0;
   if constexpr (kR) {
     for (int k = 0; k < S::kVecs; ++k) {
@@ -311,7 +325,9 @@ void count_row(const scalar_t* x, int64_t len, const acc_t* a_max, acc_t* a_cnt,
     for (int k = 0; k < S::kVecs; ++k) {
       AccVec ta = xv[k].eq(am[k]), tb = xv[k].eq(bm[k]), tr = xv[k].eq(rm);
       if (tail != nullptr) {
-        ta = tail->only_new(ta, k, 0), tb = tail->only_new(tb, k, 0), tr = tail->only_new(tr, k, 0);
+        ta = tail->only_new(ta, k, 0);
+        tb = tail->only_new(tb, k, 0);
+        tr = tail->only_new(tr, k, 0);
       }
       ac[k] += ta;
       bc[k] += tb;
@@ -320,13 +336,7 @@ void count_row(const scalar_t* x, int64_t len, const acc_t* a_max, acc_t* a_cnt,
     S::store_acc(a_cnt + j, ac);
     S::store_acc(b_cnt + j, bc);
   };
-  int64_t i = 0;
-  for (; i + S::kWidth <= len; i += S::kWidth) step(i, nullptr);
-  if (i < len && len >= S::kWidth) {
-    const TailLanes<scalar_t> tail(len - i);
-    step(len - S::kWidth, &tail);
-    i = len;
-  }
+  int64_t i = vector_steps<scalar_t>(len, step);
   acc_t cnt = 0;
   for (int k = 0; k < S::kVecs; ++k) cnt += reduce_sum(rc[k]);
   for (; i < len; ++i) {
@@ -366,7 +376,9 @@ void pool_grad_row(const scalar_t* x, scalar_t* gx, int64_t len, MaxGrad<scalar_
   using S = Step<scalar_t>;
   using acc_t = typename S::acc_t;
   using AccVec = typename S::AccVec;
-  const auto step = [=](int64_t j) {
+  // grad_x of x[j .. j + kWidth): elementwise, so a tail vector writes its taken lanes again
+  // with the same values.
+  const auto step = [=](int64_t j, const TailLanes<scalar_t>*) {
     AccVec xv[S::kVecs], t_hw[S::kVecs], t_cw[S::kVecs], t_hc[S::kVecs], out[S::kVecs];
     S::load(x + j, xv);
     hw.term(j, xv, t_hw);
@@ -375,12 +387,7 @@ void pool_grad_row(const scalar_t* x, scalar_t* gx, int64_t len, MaxGrad<scalar_
     for (int k = 0; k < S::kVecs; ++k) out[k] = t_hw[k] + t_cw[k] + t_hc[k];
     S::store(gx + j, out);
   };
-  int64_t i = 0;
-  for (; i + S::kWidth <= len; i += S::kWidth) step(i);
-  if (i < len && len >= S::kWidth) {  // the last vector again, ending at the row's end
-    step(len - S::kWidth);
-    i = len;
-  }
+  int64_t i = vector_steps<scalar_t>(len, step);
   for (; i < len; ++i) {
     const acc_t v = static_cast<acc_t>(x[i]);
     gx[i] = static_cast<scalar_t>(hw.term(i, v) + cw.term(i, v) + hc.term(i, v));
@@ -451,13 +458,7 @@ void apply_grad_row(const scalar_t* gy, const scalar_t* x, scalar_t* gx, int64_t
     S::store_acc(a + j, as);
     S::store_acc(b + j, bs);
   };
-  int64_t i = 0;
-  for (; i + S::kWidth <= len; i += S::kWidth) step(i, nullptr);
-  if (i < len && len >= S::kWidth) {
-    const TailLanes<scalar_t> tail(len - i);
-    step(len - S::kWidth, &tail);
-    i = len;
-  }
+  int64_t i = vector_steps<scalar_t>(len, step);
   acc_t sum = 0;
   for (int k = 0; k < S::kVecs; ++k) sum += reduce_sum(rs[k]);
   for (; i < len; ++i) {
@@ -495,8 +496,6 @@ void sum_blocks(const at::Tensor& part, at::Tensor& out, int64_t out_stride) {
 }
 
 // ---------------------------------------------------------------- helpers of the ops
-
-at::TensorOptions acc_options(const at::Tensor& x) { return x.options().dtype(acc_type(x.scalar_type())); }
 
 // (N, k, rows, cols) in acc(x); rows and cols of the cw plane swapped in channels_last.
 at::Tensor plane_maps(const Geometry& g, const at::Tensor& x, Gate gate, int64_t k) {

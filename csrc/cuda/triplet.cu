@@ -475,8 +475,6 @@ struct ApplyBackward {
 // contiguous in acc(x).
 // ---------------------------------------------------------------------------------------------
 
-at::TensorOptions acc_options(const at::Tensor& x) { return x.options().dtype(acc_type(x.scalar_type())); }
-
 // (N, k, rows, cols) of gate `gate`'s plane, in acc(x), NCHW-contiguous.
 at::Tensor plane_map(const at::Tensor& x, Gate gate, int64_t k) {
   const PlaneDims d = plane_dims(gate);

@@ -58,6 +58,9 @@ inline at::ScalarType acc_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// x's options (device, layout) with acc(x) as the dtype: the small maps and partials of a kernel.
+inline at::TensorOptions acc_options(const at::Tensor& x) { return x.options().dtype(acc_type(x.scalar_type())); }
+
 // Inside a CPU kernel's parallel region, ATen calls on tiles (BLAS products on views) run below
 // autograd: the kernel's inputs may require grad, and no graph may be recorded from worker threads.
 struct BelowAutograd {

@@ -418,7 +418,7 @@ inline void check_cuda_pixel_map(const at::Tensor& t, const at::Tensor& x, int64
 
 // An (N, k, H, W) map of x in acc(x), NCHW-contiguous.
 inline at::Tensor pixel_map(const at::Tensor& x, int64_t k) {
-  return at::empty({x.size(0), k, x.size(2), x.size(3)}, x.options().dtype(acc_type(x.scalar_type())));
+  return at::empty({x.size(0), k, x.size(2), x.size(3)}, acc_options(x));
 }
 
 // t's data, or null for an undefined t (a map the one-group ops do not have).
