@@ -326,6 +326,21 @@ def _hw_offsets(hw, W, s_h, s_w, s_hw, FLAT: tl.constexpr):
 
 
 @triton.jit
+def _max_update(acc, v):
+    """NaN-propagating running max: a NaN, once in, stays (NaN > y and y > NaN are false)."""
+    return tl.where((v > acc) | (v != v), v, acc)
+
+
+@triton.jit
+def _max_reduce(t, axis: tl.constexpr):
+    """max of t along axis, NaN if any lane there is NaN (as torch.amax): tl.max does not
+    promise NaN propagation, so the NaN is put back explicitly."""
+    mx = tl.max(t, axis=axis)
+    has_nan = tl.max((t != t).to(tl.int32), axis=axis) > 0
+    return tl.where(has_nan, float("nan"), mx)
+
+
+@triton.jit
 def _div(a, b):
     """a / b correctly rounded, b broadcast to a's dtype. (fp32 `/` compiles to an
     approximate division on NVIDIA GPUs; these divisions run once per channel.)"""

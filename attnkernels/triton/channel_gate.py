@@ -57,6 +57,8 @@ from ._common import (
     _in_acc,
     _launch_measured,
     _like_param,
+    _max_reduce,
+    _max_update,
     _min_programs,
     _nchw_strides,
     _nonempty,
@@ -167,14 +169,10 @@ def _pool_kernel(
         offs = x_row[:, None] + _hw_offsets(hw, W, sx_h, sx_w, sx_hw, FLAT)[None, :]
         v = tl.load(x_ptr + offs, mask=mask, other=float("-inf")).to(ACC)
         acc_sum += tl.where(mask, v, 0.0)
-        # NaN-propagating running max: a NaN, once in, stays (NaN > y and y > NaN are false).
-        acc_max = tl.where((v > acc_max) | (v != v), v, acc_max)
+        acc_max = _max_update(acc_max, v)
 
     total = tl.sum(acc_sum, axis=1)
-    # tl.max does not promise NaN propagation: put the NaN back explicitly.
-    mx = tl.max(acc_max, axis=1)
-    has_nan = tl.max((acc_max != acc_max).to(tl.int32), axis=1) > 0
-    mx = tl.where(has_nan, float("nan"), mx)
+    mx = _max_reduce(acc_max, 1)
     out = n * C + c
     tl.store(avg_ptr + out, _div(total, HW), mask=c_mask)
     tl.store(max_ptr + out, mx, mask=c_mask)

@@ -53,6 +53,8 @@ from ._common import (
     _hw_offsets,
     _in_acc,
     _launch_measured,
+    _max_reduce,
+    _max_update,
     _min_programs,
     _nchw_strides,
     _nonempty,
@@ -148,21 +150,6 @@ def _sum_blocks(npb: int, c: int) -> tuple[int, int]:
 # Kernels
 # ----------------------------------------------------------------------------------------
 @triton.jit
-def _max_update(acc, v):
-    # NaN-propagating running max: a NaN, once in, stays (NaN > y and y > NaN are false).
-    return tl.where((v > acc) | (v != v), v, acc)
-
-
-@triton.jit
-def _max_over_channels(acc):
-    """max over axis 0 of a running-max tile, NaN if any lane holds NaN (as torch.amax).
-    tl.max does not promise NaN propagation: put the NaN back explicitly."""
-    mx = tl.max(acc, axis=0)
-    has_nan = tl.max((acc != acc).to(tl.int32), axis=0) > 0
-    return tl.where(has_nan, float("nan"), mx)
-
-
-@triton.jit
 def _mask_kernel(
     gate_ptr, mask_ptr, C, c_im, num_cb,
     BLOCK_C: tl.constexpr, BLOCK_J: tl.constexpr,
@@ -249,10 +236,10 @@ def _pool_kernel(
 
     out = n * 2 * HW + hw  # d[n, 0, p]; d[n, 1, p] is HW further
     tl.store(d1_ptr + out, _div(tl.sum(sum1, axis=0), c_im), mask=hw_mask)
-    tl.store(d1_ptr + out + HW, _max_over_channels(max1), mask=hw_mask)
+    tl.store(d1_ptr + out + HW, _max_reduce(max1, 0), mask=hw_mask)
     if not ONE_GROUP:
         tl.store(d2_ptr + out, _div(tl.sum(sum2, axis=0), c_sub), mask=hw_mask)
-        tl.store(d2_ptr + out + HW, _max_over_channels(max2), mask=hw_mask)
+        tl.store(d2_ptr + out + HW, _max_reduce(max2, 0), mask=hw_mask)
 
 
 @triton.jit

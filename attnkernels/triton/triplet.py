@@ -64,6 +64,8 @@ from ._common import (
     _div,
     _in_acc,
     _launch_measured,
+    _max_reduce,
+    _max_update,
     _min_programs,
     _nonempty,
     _op_registrar,
@@ -195,21 +197,6 @@ def _summed(part: torch.Tensor, split: bool) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------
 # Kernels
 # ----------------------------------------------------------------------------------------
-@triton.jit
-def _max_update(acc, v):
-    # NaN-propagating running max: a NaN, once in, stays (NaN > y and y > NaN are false).
-    return tl.where((v > acc) | (v != v), v, acc)
-
-
-@triton.jit
-def _max_reduce(t, axis: tl.constexpr):
-    """max of t along axis, NaN if any lane there is NaN (as torch.amax): tl.max does not
-    promise NaN propagation, so the NaN is put back explicitly."""
-    mx = tl.max(t, axis=axis)
-    has_nan = tl.max((t != t).to(tl.int32), axis=axis) > 0
-    return tl.where(has_nan, float("nan"), mx)
-
-
 @triton.jit
 def _wide(n, v):
     """The int v as an int64 scalar (n: an int64 scalar), so that products of sizes (a plane,
