@@ -34,7 +34,7 @@ __all__ = ["bam_apply"]
 # ----------------------------------------------------------------------------------------
 # Public functions (attnkernels.functional)
 # ----------------------------------------------------------------------------------------
-def _ops(device: torch.device):
+def bam_ops(device: torch.device):
     return backend_ops(HOT_PATH, device, Reference)
 
 
@@ -51,7 +51,7 @@ def bam_apply(x: torch.Tensor, mc: torch.Tensor, ms: torch.Tensor) -> torch.Tens
         mc = mc.flatten(1)
     mc, ms = mc.to(acc).contiguous(), ms.to(acc).contiguous()
     check_bam_apply(x, mc, ms)
-    return _ops(x.device).bam_apply(x, mc, ms)
+    return bam_ops(x.device).bam_apply(x, mc, ms)
 
 
 # ----------------------------------------------------------------------------------------
