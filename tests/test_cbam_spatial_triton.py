@@ -25,6 +25,7 @@ from triton_cases import (
     measured_launches,
     ops,
     shape_id,
+    small_pixel_tiles,
 )
 from triton_cases import close as _close
 from triton_cases import randn as _t
@@ -46,27 +47,12 @@ SHAPES = [(2, 5, 3, 4), (2, 24, 5, 3), (2, 3, 1, 1), (2, 1, 3, 2), (1, 7, 2, 5)]
 # slice (a sample stride that is not C*H*W): triton_cases.make_t's.
 LAYOUTS = ["nchw", "channels_last", "sliced", "channel_slice"]
 
-# ham_spatial's tile knobs, small: several channel chunks and pixel blocks (partial ones
-# included), so grad_gate sums pixel-block partials. cbam_spatial uses ham_spatial's tiles.
-SMALL_TILES = dict(
-    _TILE_ELEMENTS={F32: 16, F64: 16},
-    _MAX_BLOCK_HW=4,
-    _MIN_BLOCK_HW=1,
-    _MAX_BLOCK_C_CHANNELS_LAST=4,
-    _SUM_TILE_ELEMENTS=8,
-    _min_programs=lambda device: 1,  # the CPU's program target on every device
-)
-
-
-def small_tiles(monkeypatch):
-    for name, value in SMALL_TILES.items():
-        monkeypatch.setattr(H, name, value)
 
 
 @pytest.fixture(params=["default_tiles", "small_tiles"])
 def tiles(request, monkeypatch):
     if request.param == "small_tiles":
-        small_tiles(monkeypatch)
+        small_pixel_tiles(monkeypatch)
     return request.param
 
 
@@ -158,7 +144,7 @@ def test_tiles(dtype, layout, tiles):
 
 def test_small_tiles_really_split(monkeypatch):
     """The small tiles do split the work: 4 channel chunks and 4 pixel blocks at (2, 13, 5, 3)."""
-    small_tiles(monkeypatch)
+    small_pixel_tiles(monkeypatch)
     x = make_t((2, 13, 5, 3), F64, "nchw")
     assert H._pixel_tiles(x, F64) == (4, 4)
     assert H._pixel_tiles(x.to(memory_format=torch.channels_last), F64) == (4, 4)
@@ -328,7 +314,7 @@ def test_measured_tile_configurations_match_the_reference(monkeypatch, fastest):
 
 def test_deterministic(monkeypatch):
     """Same input, same outputs bit for bit (pixel-block partials included)."""
-    small_tiles(monkeypatch)
+    small_pixel_tiles(monkeypatch)
     x = make_t((2, 11, 5, 3), F32, "nchw")
     gate = make_gate(2, 11, F32)
     args = upstream(x)

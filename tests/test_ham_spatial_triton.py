@@ -25,6 +25,7 @@ from triton_cases import (
     measured_launches,
     ops,
     shape_id,
+    small_pixel_tiles,
 )
 from triton_cases import close as _close
 from triton_cases import randn as _t
@@ -135,22 +136,9 @@ def check_mask(mask, c_im):
     assert (mask.sum(dim=1) == c_im).all()  # exactly c_im per sample
 
 
-SMALL_TILES = dict(
-    _TILE_ELEMENTS={F32: 16, F64: 16},
-    _MAX_BLOCK_HW=4,
-    _MIN_BLOCK_HW=1,
-    _MAX_BLOCK_C_CHANNELS_LAST=4,
-    _MASK_BLOCK_C=4,
-    _MASK_TILE_ELEMENTS=8,
-    _SUM_TILE_ELEMENTS=8,
-    # The CPU's program target on every device, so a GPU run splits exactly as the asserts say.
-    _min_programs=lambda device: 1,
-)
-
-
 def small_tiles(monkeypatch):
-    for name, value in SMALL_TILES.items():
-        monkeypatch.setattr(T, name, value)
+    """The pixel tiles small (triton_cases.small_pixel_tiles), and the rank count's chunks."""
+    small_pixel_tiles(monkeypatch, _MASK_BLOCK_C=4, _MASK_TILE_ELEMENTS=8)
 
 
 @pytest.fixture(params=["default_tiles", "small_tiles"])

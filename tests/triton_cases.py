@@ -120,6 +120,29 @@ def small_reductions(monkeypatch):
     monkeypatch.setattr(_common, "_SUM_TILE", 8)
 
 
+# ham_spatial's pixel-tile knobs (`_pixel_tiles`: the tiles of its pixel kernels, which
+# cbam_spatial and bam launch too), small: several channel chunks and pixel blocks, partial ones
+# included, so a reduction over pixels sums pixel-block partials (`_SUM_TILE_ELEMENTS`: in
+# several row chunks).
+SMALL_PIXEL_TILES = dict(
+    _TILE_ELEMENTS={F32: 16, F64: 16},
+    _MAX_BLOCK_HW=4,
+    _MIN_BLOCK_HW=1,
+    _MAX_BLOCK_C_CHANNELS_LAST=4,
+    _SUM_TILE_ELEMENTS=8,
+    # The CPU's program target on every device, so a GPU run splits exactly as the asserts say.
+    _min_programs=lambda device: 1,
+)
+
+
+def small_pixel_tiles(monkeypatch, **more):
+    """ham_spatial's pixel tiles small (SMALL_PIXEL_TILES), and its other knobs in `more`."""
+    from attnkernels.triton import ham_spatial
+
+    for name, value in {**SMALL_PIXEL_TILES, **more}.items():
+        monkeypatch.setattr(ham_spatial, name, value)
+
+
 # ----------------------------------------------------------------------------------------
 # Checks
 # ----------------------------------------------------------------------------------------
