@@ -49,6 +49,16 @@ with backend.use_backend("cuda"):
                 d_hw, d_cw, d_hc = AF.triplet_pool(x)
                 s = [torch.sigmoid(d.sum(1, keepdim=True)) for d in (d_hw, d_cw, d_hc)]
                 AF.triplet_apply(x, *s).float().square().sum().backward()
+    # bam_apply and its backward: mc and ms require grad, so both reductions (grad_mc per
+    # channel over the pixels, grad_ms per pixel over the channels) run. C = 1, HW = 1, C and
+    # H*W odd, under and over one tile.
+    for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            for n, c, h, w in ((3, 37, 5, 7), (1, 1, 1, 1), (2, 260, 1, 3), (2, 300, 37, 41)):
+                x = torch.randn(n, c, h, w, device="cuda", dtype=dtype).contiguous(memory_format=fmt).requires_grad_()
+                mc = torch.randn(n, c, device="cuda", requires_grad=True)
+                ms = torch.randn(n, 1, h, w, device="cuda", requires_grad=True)
+                AF.bam_apply(x, mc, ms).float().square().sum().backward()
     # nonlocal_attn on the CUDA kernels (and on Triton, whose launches the sanitizer checks
     # too): HW not a multiple of any tile, HW = 1, D_qk = 1, D_v above one D_v tile.
     for name in ("cuda", "triton"):

@@ -383,6 +383,14 @@ def cbam_spatial_apply_problem(data, m: Maker) -> Problem:
     return Problem(AF.cbam_spatial_apply, [x, gate, s], ["x", "gate", "s"], layout_of=x, seed=m.seed)
 
 
+def bam_apply_problem(data, m: Maker) -> Problem:
+    n, c, h, w = shape = data.draw(m.sizes.shapes(), label="shape")
+    x = m.feature(shape)
+    mc = acc_map(m, (n, c), m.uniform((n, c), -3.0, 3.0))  # logits: sigmoid from 0.05 to 0.95
+    ms = acc_map(m, (n, 1, h, w), m.uniform((n, 1, h, w), -3.0, 3.0))
+    return Problem(AF.bam_apply, [x, mc, ms], ["x", "mc", "ms"], layout_of=x, seed=m.seed)
+
+
 def ham_spatial_conv_problem(data, m: Maker) -> Problem:
     n, _, h, w = data.draw(m.sizes.shapes(), label="shape")
     cd = data.draw(st.sampled_from([1, 2, 4]), label="C_d")  # HAM's: 2 (mean and max maps)
@@ -525,6 +533,7 @@ OPS: dict[str, Callable] = {
     "ham_spatial_conv": ham_spatial_conv_problem,
     "cbam_spatial_pool": cbam_spatial_pool_problem,
     "cbam_spatial_apply": cbam_spatial_apply_problem,
+    "bam_apply": bam_apply_problem,
     "nonlocal_attn": nonlocal_attn_problem,
     "gam_channel": gam_channel_problem,
     "softmax_spatial": softmax_spatial_problem,
@@ -564,6 +573,10 @@ def module_config(draw, name: str, sizes: Sizes) -> tuple[int, dict]:
         return c, {"reduction": draw(st.sampled_from([1, 4, 16])), "spatial_kernel_size": draw(sizes.kernels(7))}
     if name == "triplet":  # one kernel size for its three gates' convs
         return c, {"kernel_size": draw(sizes.kernels(7))}
+    if name == "bam":  # rd = C // reduction >= 1
+        reduction = draw(st.sampled_from([1, 2, 4]))
+        c = draw(st.integers(reduction, reduction + sizes.channels))
+        return c, {"reduction": reduction, "dilation": draw(st.integers(1, 3))}
     if name == "bridge":  # the maps come from x (helpers.FeedsBridges), none to three of them
         bridges = draw(st.lists(st.integers(1, sizes.channels), max_size=3))
         return c, {"bridge_channels": bridges, "reduction": draw(st.sampled_from([1, 4, 16]))}

@@ -1,0 +1,50 @@
+"""pytest-benchmark of the bam hot path, op by op, per backend, against eager.
+
+Run: `.venv/bin/python -m pytest benchmarks/bench_bam.py --benchmark-only`
+(add `--benchmark-group-by=param:shape` to compare backends side by side). Each group has a
+`memcpy` row (x.clone(): read x, write y), the floor of a memory-bound op, and `eager` rows,
+BAM's combination in torch ops as reference.BAM runs it: `x * (1 + sigmoid(mc + ms))` with mc
+(N, C, 1, 1) and ms (N, 1, H, W) broadcast, four x-sized passes. The branch outputs are random
+logits, float32. The `forward_backward` phase adds the backward op through autograd. Timing
+only, no assertions on speed: the ratios are read from the table.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from _bench_common import DEVICE, PHASES, SHAPES, _sync, _x, backends, op_step
+from attnkernels import backend
+from attnkernels import functional as AF
+
+BACKENDS = backends("bam")
+
+
+def eager_apply(x: torch.Tensor, mc: torch.Tensor, ms: torch.Tensor) -> torch.Tensor:
+    return x * (1 + torch.sigmoid(mc + ms))
+
+
+def _branches(x: torch.Tensor) -> list[torch.Tensor]:
+    """mc (N, C, 1, 1) and ms (N, 1, H, W) of x: logits of either sign."""
+    n, c, h, w = x.shape
+    return [torch.randn(n, c, 1, 1, device=DEVICE), torch.randn(n, 1, h, w, device=DEVICE)]
+
+
+#: op: (its eager composition, its public function, its arguments from x)
+OPS = {"apply": (eager_apply, AF.bam_apply, lambda x: [x, *_branches(x)])}
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_memcpy(benchmark, shape: str) -> None:
+    x = _x(shape)
+    benchmark(_sync(x.clone))
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("op", list(OPS))
+@pytest.mark.parametrize("variant", ["eager", *BACKENDS])
+@pytest.mark.parametrize("phase", PHASES)
+def test_bam(benchmark, shape: str, op: str, variant: str, phase: str) -> None:
+    eager, fused, arguments = OPS[op]
+    with backend.use_backend(None if variant == "eager" else variant):
+        benchmark(op_step(eager if variant == "eager" else fused, arguments(_x(shape)), phase))
