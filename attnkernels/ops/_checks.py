@@ -94,6 +94,14 @@ def like_x(op: str, name: str, t, x: torch.Tensor) -> None:
     device(op, name, t, x.device)
 
 
+def one_value(op: str, name: str, t, where: torch.device) -> None:
+    """t is a one-value floating parameter (PAM's and CAM's gamma), any shape, on `where`."""
+    tensor(op, name, t)
+    if t.numel() != 1:
+        raise ValueError(f"{op}: {name} must hold one value, got shape {list(t.shape)}")
+    device(op, name, t, where)
+
+
 def vector(op: str, name: str, t, count: int, where: torch.device, what: str) -> None:
     """t is a small parameter of `count` floating values (`what` names the count) on `where`."""
     tensor(op, name, t)

@@ -132,10 +132,7 @@ def check_nonlocal_attn(q, k, v, x, gamma, cpu_tile: int = 0, op: str = "nonloca
         if t.dtype != x.dtype:
             raise TypeError(f"{op}: {name} must have x's dtype {check.dtype_name(x.dtype)}, got {check.dtype_name(t.dtype)}")
         check.device(op, name, t, x.device)
-    check.tensor(op, "gamma", gamma)
-    if gamma.numel() != 1:
-        raise ValueError(f"{op}: gamma must hold one value, got shape {list(gamma.shape)}")
-    check.device(op, "gamma", gamma, x.device)
+    check.one_value(op, "gamma", gamma, x.device)
     if not 0 <= cpu_tile <= MAX_CPU_TILE:
         raise ValueError(f"{op}: cpu_tile must be 0 (the default tile) or 1 to {MAX_CPU_TILE} pixels, got {cpu_tile}")
 

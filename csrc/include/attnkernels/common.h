@@ -151,6 +151,13 @@ inline at::Tensor walked_like_x(const at::Tensor& t, const at::Tensor& x, const 
   return t.contiguous(memory_format_of(layout_of(x)));
 }
 
+// A one-value parameter (PAM's and CAM's gamma): one floating value on `device`, any shape.
+inline void check_one_value(const at::Tensor& t, const at::Device& device, const char* op, const char* name) {
+  AK_CHECK_VALUE(t.numel() == 1, op, ": ", name, " must hold one value, got shape ", t.sizes());
+  check_floating(t, op, name);
+  check_device(t, device, op, name);
+}
+
 // A small parameter vector (bias, BN scale/shift, statistics): `count` floating values on `device`.
 inline void check_vector(const at::Tensor& t, int64_t count, const at::Device& device, const char* op,
                          const char* name, const char* what) {

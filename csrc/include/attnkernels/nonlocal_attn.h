@@ -24,9 +24,7 @@ inline void check_nonlocal_args(const at::Tensor& q, const at::Tensor& k, const 
                      x.scalar_type(), ", got ", t->scalar_type());
     check_device(*t, x.device(), op, name);
   }
-  AK_CHECK_VALUE(gamma.numel() == 1, op, ": gamma must hold one value, got shape ", gamma.sizes());
-  check_floating(gamma, op, "gamma");
-  check_device(gamma, x.device(), op, "gamma");
+  check_one_value(gamma, x.device(), op, "gamma");
 }
 
 // nonlocal_attn's lse: (N, H*W) in acc(x), on x's device.
