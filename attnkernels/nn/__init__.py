@@ -11,6 +11,7 @@ from torch import nn
 
 from ._fused import FusedModule, reference_class
 from .bam import BAM
+from .cam import CAM
 from .bridge import Bridge
 from .cbam import CBAM
 from .csm import CSM
@@ -24,9 +25,9 @@ from .triplet import Triplet
 
 #: Registry name -> fused class, for the modules with fused kernels so far.
 FUSED = {"eca": ECA, "se": SE, "ham": HAM, "pam": PAM, "csm": CSM, "gam": GAM, "softmax_spatial": SoftmaxSpatial,
-         "bridge": Bridge, "cbam": CBAM, "triplet": Triplet, "bam": BAM}
+         "bridge": Bridge, "cbam": CBAM, "triplet": Triplet, "bam": BAM, "cam": CAM}
 
-__all__ = ["ECA", "SE", "HAM", "PAM", "CSM", "GAM", "SoftmaxSpatial", "Bridge", "CBAM", "Triplet", "BAM", "FUSED",
+__all__ = ["ECA", "SE", "HAM", "PAM", "CSM", "GAM", "SoftmaxSpatial", "Bridge", "CBAM", "Triplet", "BAM", "CAM", "FUSED",
            "FusedModule", "reference_class", "fused_class", "as_fused"]
 
 

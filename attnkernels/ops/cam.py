@@ -84,7 +84,7 @@ def flush_subnormal(attn: torch.Tensor) -> torch.Tensor:
 
 def _rows(t: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
     """An (N, C, H, W) tensor as (N, C, H*W) in acc."""
-    return t.reshape(t.shape[0], t.shape[1], -1).to(acc)
+    return t.reshape(t.shape[0], t.shape[1], t.shape[2] * t.shape[3]).to(acc)
 
 
 class Reference:
