@@ -95,7 +95,8 @@ class Reference:
         acc = accumulate_dtype(x.dtype)
         X = _rows(x, acc)
         E = X @ X.transpose(1, 2)
-        attn = flush_subnormal(torch.softmax(E.amin(-1, keepdim=True) - E, dim=-1))
+        low = E.amin(-1, keepdim=True) if E.shape[-1] else E  # C = 0: nothing to shift
+        attn = flush_subnormal(torch.softmax(low - E, dim=-1))
         y = gamma.to(acc).reshape(()) * (attn @ X) + X
         return y.view(x.shape).to(x.dtype).contiguous(memory_format=memory_format_of(x)), attn
 
