@@ -403,22 +403,11 @@ struct HamApplyBackward : OpBase<scalar_t> {
 // group-2 maps, and gets undefined ones back. Divisors are counts, divided by in acc(x).
 // ---------------------------------------------------------------------------------------------
 
-// x, a feature map on a CUDA device (messages as the CPU kernels').
-inline void check_cuda_x(const at::Tensor& x, const char* op) {
-  check_feature_map(x, op, "x");
-  AK_CHECK_VALUE(x.is_cuda(), op, ": x must be a CUDA tensor, got ", x.device());
-}
-
 // check_pixel_map (ham_spatial.h), and on a CUDA device.
 inline void check_cuda_pixel_map(const at::Tensor& t, const at::Tensor& x, int64_t k, const char* op,
                                  const char* name) {
   check_pixel_map(t, x, k, op, name);
   check_cuda(t, x, op, name);
-}
-
-// An (N, k, H, W) map of x in acc(x), NCHW-contiguous.
-inline at::Tensor pixel_map(const at::Tensor& x, int64_t k) {
-  return at::empty({x.size(0), k, x.size(2), x.size(3)}, acc_options(x));
 }
 
 // t's data, or null for an undefined t (a map the one-group ops do not have).

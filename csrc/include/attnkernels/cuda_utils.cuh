@@ -39,6 +39,17 @@ inline void check_cuda(const at::Tensor& t, const at::Tensor& like, const char* 
               like.device(), ", got ", t.device());
 }
 
+// x, a feature map on a CUDA device (messages as the CPU kernels').
+inline void check_cuda_x(const at::Tensor& x, const char* op) {
+  check_feature_map(x, op, "x");
+  AK_CHECK_VALUE(x.is_cuda(), op, ": x must be a CUDA tensor, got ", x.device());
+}
+
+// An (N, k, H, W) map of x in acc(x), NCHW-contiguous.
+inline at::Tensor pixel_map(const at::Tensor& x, int64_t k) {
+  return at::empty({x.size(0), k, x.size(2), x.size(3)}, acc_options(x));
+}
+
 // attnkernels::check_like_x (common.h), and on x's CUDA device.
 inline void check_like_x(const at::Tensor& t, const at::Tensor& x, const char* op, const char* name) {
   attnkernels::check_like_x(t, x, op, name);
