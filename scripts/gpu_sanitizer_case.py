@@ -59,6 +59,13 @@ with backend.use_backend("cuda"):
                 mc = torch.randn(n, c, device="cuda", requires_grad=True)
                 ms = torch.randn(n, 1, h, w, device="cuda", requires_grad=True)
                 AF.bam_apply(x, mc, ms).float().square().sum().backward()
+    # cam and its backward: C = 1, HW = 1, C and H*W odd, C over one block of rows.
+    for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            for n, c, h, w in ((3, 37, 5, 7), (1, 1, 1, 1), (2, 260, 1, 3), (2, 70, 9, 13)):
+                x = (torch.randn(n, c, h, w, device="cuda", dtype=dtype) * 0.3).contiguous(memory_format=fmt)
+                gamma = torch.tensor([0.5], device="cuda", requires_grad=True)
+                AF.cam(x.requires_grad_(), gamma).float().square().sum().backward()
     # nonlocal_attn on the CUDA kernels (and on Triton, whose launches the sanitizer checks
     # too): HW not a multiple of any tile, HW = 1, D_qk = 1, D_v above one D_v tile.
     for name in ("cuda", "triton"):

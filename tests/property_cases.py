@@ -421,6 +421,12 @@ def nonlocal_attn_problem(data, m: Maker) -> Problem:
     return Problem(AF.nonlocal_attn, [q, k, v, x, gamma], ["q", "k", "v", "x", "gamma"], layout_of=x, seed=m.seed)
 
 
+def cam_problem(data, m: Maker) -> Problem:
+    shape = data.draw(m.sizes.shapes(), label="shape")
+    x = m.feature(shape, large=large_energies_ok(m))  # energies are sums of x * x
+    return Problem(AF.cam, [x, m.param(1)], ["x", "gamma"], layout_of=x, seed=m.seed)
+
+
 def gam_channel_problem(data, m: Maker) -> Problem:
     shape = data.draw(m.sizes.shapes(), label="shape")
     rd = data.draw(st.integers(1, 5), label="rd")
@@ -535,6 +541,7 @@ OPS: dict[str, Callable] = {
     "cbam_spatial_apply": cbam_spatial_apply_problem,
     "bam_apply": bam_apply_problem,
     "nonlocal_attn": nonlocal_attn_problem,
+    "cam": cam_problem,
     "gam_channel": gam_channel_problem,
     "softmax_spatial": softmax_spatial_problem,
     "shuffle_conv": shuffle_conv_problem,
@@ -573,6 +580,8 @@ def module_config(draw, name: str, sizes: Sizes) -> tuple[int, dict]:
         return c, {"reduction": draw(st.sampled_from([1, 4, 16])), "spatial_kernel_size": draw(sizes.kernels(7))}
     if name == "triplet":  # one kernel size for its three gates' convs
         return c, {"kernel_size": draw(sizes.kernels(7))}
+    if name == "cam":  # no options
+        return c, {}
     if name == "bam":  # rd = C // reduction >= 1
         reduction = draw(st.sampled_from([1, 2, 4]))
         c = draw(st.integers(reduction, reduction + sizes.channels))

@@ -171,6 +171,8 @@ def _op_arguments() -> dict[str, tuple]:
         "triplet_apply_backward": (_rand(N, C, H, W), x, s1, _rand(N, 1, C, W), _rand(N, 1, H, C)),
         "bam_apply": (x, gate, s1),
         "bam_apply_backward": (_rand(N, C, H, W), x, gate, s1),
+        "cam": (x, gamma),
+        "cam_backward": (_rand(N, C, H, W), x, gamma, _rand(N, C, C)),
     }
 
 
@@ -275,6 +277,7 @@ def _public(op: str, conv: str):
         "softmax_spatial": AF.softmax_spatial,
         "triplet_apply": AF.triplet_apply,
         "bam_apply": AF.bam_apply,
+        "cam": AF.cam,
         "shuffle_conv": lambda *args: AF.shuffle_conv(*args, conv=conv),
         "shuffle_conv_bn_gate": lambda *a: AF.shuffle_conv_bn_gate(*a[:10], a[12], conv=conv, bn_mean=a[10],
                                                                    bn_var=a[11]),
