@@ -33,9 +33,9 @@ Kernels (all deterministic: no atomics, every reduction in a fixed order):
     registers).
   * `_out_kernel`: y[n, i, p] = gamma * sum_j attn[n, i, j] X[n, j, p] + x[n, i, p], one program
     per (n, channel block i, pixel block p), the channels j in chunks.
-  * backward `_rows_kernel`: per block of rows, r = rowsum(attn * G), rd = rowsum(attn * dA)
-    (dA = gamma G), dE = -attn * (dA - rd), and the block's sum of r (grad_gamma's partial; the
-    partials are summed in order by `_common._sum_partials`).
+  * backward `_rows_kernel`: per block of rows, r = rowsum(attn * G), rowsum(attn * dA) =
+    gamma r (dA = gamma G), dE = -attn * (dA - gamma r), and the block's sum of r (grad_gamma's
+    partial; the partials are summed in order by `_common._sum_partials`).
   * backward `_grad_x_kernel`: grad_x = g + gamma attn^T g + (dE + dE^T) X, both K = C
     products into one accumulator per (n, channel block, pixel block) tile.
 
@@ -146,10 +146,14 @@ def _row_tiles(c: int, rows: int) -> Callable[[int], tuple[int, int]]:
 
 def _launch_rows(site: str, x: torch.Tensor, launch: Callable[..., Any]) -> Any:
     """`launch(block_c=, block_hw=, num_warps=)` of a row kernel over the N*C rows of C values
-    (block_c rows, block_hw columns), measured on a GPU (`_common._launch_measured`)."""
+    (block_c rows, block_hw columns), measured on a GPU (`_common._launch_measured`). 8 warps
+    from 8192 fp32 or 4096 fp64 values a tile (compiled for sm_90, the fp64 backward rows at
+    [64, 64] and 4 warps spilled 368 B per thread)."""
     n, c = x.shape[:2]
+    words = accumulate_dtype(x.dtype).itemsize // 4  # an fp64 tile holds twice the registers
+
     return _launch_measured(site, x, _row_tiles(c, n * c), _ROW_TILE_ELEMENTS,
-                            lambda block_r, block_j: _warps(block_r * block_j), launch)
+                            lambda block_r, block_j: _warps(block_r * block_j * words), launch)
 
 
 # ----------------------------------------------------------------------------------------
@@ -272,7 +276,6 @@ def _rows_kernel(
     r, r_mask = _row_block(R, BLOCK_R)
     gamma = tl.load(gamma_ptr)
     sg = tl.zeros([BLOCK_R, BLOCK_J], dtype=ACC)
-    sd = tl.zeros([BLOCK_R, BLOCK_J], dtype=ACC)
     for j0 in range(0, C, BLOCK_J):
         j = j0 + tl.arange(0, BLOCK_J)
         mask = r_mask[:, None] & (j < C)[None, :]
@@ -280,8 +283,8 @@ def _rows_kernel(
         a = tl.load(attn_ptr + offs, mask=mask, other=0.0)
         g = tl.load(g_ptr + offs, mask=mask, other=0.0)
         sg += a * g
-        sd += (gamma * g) * a
-    rd = tl.sum(sd, axis=1)
+    r_sum = tl.sum(sg, axis=1)
+    rd = gamma * r_sum  # rowsum(dA * attn), dA = gamma G: gamma factored out (one accumulator)
     for j0 in range(0, C, BLOCK_J):
         j = j0 + tl.arange(0, BLOCK_J)
         mask = r_mask[:, None] & (j < C)[None, :]
@@ -289,7 +292,7 @@ def _rows_kernel(
         a = tl.load(attn_ptr + offs, mask=mask, other=0.0)
         g = tl.load(g_ptr + offs, mask=mask, other=0.0)
         tl.store(de_ptr + offs, -a * (gamma * g - rd[:, None]), mask=mask)
-    tl.store(part_ptr + tl.program_id(0), tl.sum(tl.sum(sg, axis=1), axis=0))
+    tl.store(part_ptr + tl.program_id(0), tl.sum(r_sum, axis=0))
 
 
 @triton.jit
