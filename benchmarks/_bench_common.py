@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from typing import Any, Callable, List
 
+import pytest
 import torch
 from torch import nn
 
+from attnkernels import backend
 from harness.backends import fused_backends
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -79,6 +81,29 @@ def op_step(fn: Callable[..., Any], inputs: List[torch.Tensor], phase: str) -> C
             t.grad = None
 
     return _sync(forward_backward)
+
+
+def op_table(ops: dict, hot_path: str) -> tuple[Callable[..., None], Callable[..., None]]:
+    """The two benchmarks of an op-by-op file, to bind as `test_memcpy, test_<path> = ...`:
+    x.clone() per shape (the floor of a memory-bound op), and each op of `ops` (name -> (its
+    eager composition, its public function, its arguments from x)) per shape, variant (eager,
+    then every backend of `hot_path` here) and phase."""
+
+    @pytest.mark.parametrize("shape", SHAPES)
+    def memcpy(benchmark, shape: str) -> None:
+        x = _x(shape)
+        benchmark(_sync(x.clone))
+
+    @pytest.mark.parametrize("shape", SHAPES)
+    @pytest.mark.parametrize("op", list(ops))
+    @pytest.mark.parametrize("variant", ["eager", *backends(hot_path)])
+    @pytest.mark.parametrize("phase", PHASES)
+    def op_benchmark(benchmark, shape: str, op: str, variant: str, phase: str) -> None:
+        eager, fused, arguments = ops[op]
+        with backend.use_backend(None if variant == "eager" else variant):
+            benchmark(op_step(eager if variant == "eager" else fused, arguments(_x(shape)), phase))
+
+    return memcpy, op_benchmark
 
 
 def module_step(m: nn.Module, x: torch.Tensor, phase: str, *bridges: torch.Tensor) -> Callable[[], Any]:

@@ -10,14 +10,11 @@ only, no assertions on speed: the ratios are read from the table.
 """
 from __future__ import annotations
 
-import pytest
 import torch
 
-from _bench_common import DEVICE, PHASES, SHAPES, _sync, _x, backends, op_step
-from attnkernels import backend
+from _bench_common import DEVICE, op_table
 from attnkernels import functional as AF
-
-BACKENDS = backends("bam")
+from attnkernels.ops.bam import HOT_PATH
 
 
 def eager_apply(x: torch.Tensor, mc: torch.Tensor, ms: torch.Tensor) -> torch.Tensor:
@@ -34,17 +31,4 @@ def _branches(x: torch.Tensor) -> list[torch.Tensor]:
 OPS = {"apply": (eager_apply, AF.bam_apply, lambda x: [x, *_branches(x)])}
 
 
-@pytest.mark.parametrize("shape", SHAPES)
-def test_memcpy(benchmark, shape: str) -> None:
-    x = _x(shape)
-    benchmark(_sync(x.clone))
-
-
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("op", list(OPS))
-@pytest.mark.parametrize("variant", ["eager", *BACKENDS])
-@pytest.mark.parametrize("phase", PHASES)
-def test_bam(benchmark, shape: str, op: str, variant: str, phase: str) -> None:
-    eager, fused, arguments = OPS[op]
-    with backend.use_backend(None if variant == "eager" else variant):
-        benchmark(op_step(eager if variant == "eager" else fused, arguments(_x(shape)), phase))
+test_memcpy, test_bam = op_table(OPS, HOT_PATH)

@@ -11,14 +11,11 @@ the table.
 """
 from __future__ import annotations
 
-import pytest
 import torch
 
-from _bench_common import PHASES, SHAPES, _channel_gate, _spatial_gate, _sync, _x, backends, op_step
-from attnkernels import backend
+from _bench_common import _channel_gate, _spatial_gate, op_table
 from attnkernels import functional as AF
-
-BACKENDS = backends("cbam_spatial")
+from attnkernels.ops.cbam_spatial import HOT_PATH
 
 
 def eager_pool(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
@@ -37,17 +34,4 @@ OPS = {
 }
 
 
-@pytest.mark.parametrize("shape", SHAPES)
-def test_memcpy(benchmark, shape: str) -> None:
-    x = _x(shape)
-    benchmark(_sync(x.clone))
-
-
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("op", list(OPS))
-@pytest.mark.parametrize("variant", ["eager", *BACKENDS])
-@pytest.mark.parametrize("phase", PHASES)
-def test_cbam_spatial(benchmark, shape: str, op: str, variant: str, phase: str) -> None:
-    eager, fused, arguments = OPS[op]
-    with backend.use_backend(None if variant == "eager" else variant):
-        benchmark(op_step(eager if variant == "eager" else fused, arguments(_x(shape)), phase))
+test_memcpy, test_cbam_spatial = op_table(OPS, HOT_PATH)

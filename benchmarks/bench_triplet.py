@@ -11,15 +11,11 @@ speed: the ratios are read from the table.
 """
 from __future__ import annotations
 
-import pytest
 import torch
 
-from _bench_common import DEVICE, PHASES, SHAPES, _sync, _x, backends, op_step
-from attnkernels import backend
+from _bench_common import DEVICE, op_table
 from attnkernels import functional as AF
-from attnkernels.ops.triplet import GATES, in_plane, plane_shape
-
-BACKENDS = backends("triplet")
+from attnkernels.ops.triplet import GATES, HOT_PATH, in_plane, plane_shape
 
 
 def eager_pool(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -44,17 +40,4 @@ OPS = {
 }
 
 
-@pytest.mark.parametrize("shape", SHAPES)
-def test_memcpy(benchmark, shape: str) -> None:
-    x = _x(shape)
-    benchmark(_sync(x.clone))
-
-
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("op", list(OPS))
-@pytest.mark.parametrize("variant", ["eager", *BACKENDS])
-@pytest.mark.parametrize("phase", PHASES)
-def test_triplet(benchmark, shape: str, op: str, variant: str, phase: str) -> None:
-    eager, fused, arguments = OPS[op]
-    with backend.use_backend(None if variant == "eager" else variant):
-        benchmark(op_step(eager if variant == "eager" else fused, arguments(_x(shape)), phase))
+test_memcpy, test_triplet = op_table(OPS, HOT_PATH)
