@@ -10,15 +10,12 @@ the table.
 """
 from __future__ import annotations
 
-import pytest
 import torch
 
-from _bench_common import DEVICE, PHASES, SHAPES, _sync, _x, backends, op_step
-from attnkernels import backend
+from _bench_common import DEVICE, op_table
 from attnkernels import functional as AF
+from attnkernels.ops.cam import HOT_PATH
 from attnkernels.reference.formulas import accumulate_dtype
-
-BACKENDS = backends("cam")
 
 
 def eager_cam(x: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
@@ -33,17 +30,4 @@ def eager_cam(x: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
 OPS = {"cam": (eager_cam, AF.cam, lambda x: [x, torch.tensor([0.5], device=DEVICE)])}
 
 
-@pytest.mark.parametrize("shape", SHAPES)
-def test_memcpy(benchmark, shape: str) -> None:
-    x = _x(shape)
-    benchmark(_sync(x.clone))
-
-
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("op", list(OPS))
-@pytest.mark.parametrize("variant", ["eager", *BACKENDS])
-@pytest.mark.parametrize("phase", PHASES)
-def test_cam(benchmark, shape: str, op: str, variant: str, phase: str) -> None:
-    eager, fused, arguments = OPS[op]
-    with backend.use_backend(None if variant == "eager" else variant):
-        benchmark(op_step(eager if variant == "eager" else fused, arguments(_x(shape)), phase))
+test_memcpy, test_cam = op_table(OPS, HOT_PATH)
