@@ -39,7 +39,7 @@ class BAM(FusedModule, reference.BAM):
         if self.folds_batch_norm() and not autograd_may_record():
             runs = {"folded": self.attend_folded, "eager": super().attend}
             return pick_inference("bam", x, (), runs, "folded")(x)
-        return AF.bam_apply(x, self.channel_logits(x), self.spatial(x))
+        return AF.bam_apply(x, self.channel_logits(x), self.spatial_logits(x))
 
     def folds_batch_norm(self) -> bool:
         """Eval with running stats in every BatchNorm: each is then an affine map."""
@@ -55,18 +55,30 @@ class BAM(FusedModule, reference.BAM):
         mean = AF.channel_pool(x)[0].to(c.fc1.weight.dtype)
         return c.fc2(F.relu(c.bn(c.fc1(mean))))
 
+    def spatial_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """ms (N, 1, H, W): the spatial branch in x's dtype, each conv's weights cast to it (an
+        fp32 module given the bf16 output of an autocast layer, as the reference runs under
+        autocast); the BatchNorms as the reference runs them."""
+        sp = self.spatial
+        s = F.relu(sp.reduce_bn(conv_in_dtype(sp.reduce, x)))
+        for conv, bn in zip(sp.dilated, sp.dilated_bn):
+            s = F.relu(bn(conv_in_dtype(conv, s)))
+        return conv_in_dtype(sp.final, s)
+
     def attend_folded(self, x: torch.Tensor) -> torch.Tensor:
         """The inference forward: folded Linear and convs, each ReLU in place, then bam_apply on
-        the backend directly (the module-level choice already measured it against eager)."""
-        (w1, b1), *convs = self.folded_weights(x)
-        mc = F.linear(F.relu_(F.linear(AF.channel_pool(x)[0].to(w1.dtype), w1, b1)),
-                      self.channel.fc2.weight, self.channel.fc2.bias)
+        the backend directly (the module-level choice already measured it against eager). The
+        channel branch runs in acc(x), the convs in x's dtype."""
+        (w1, b1), *folded_convs = self.folded_weights(x)
+        fc2 = self.channel.fc2
+        h = F.relu_(F.linear(AF.channel_pool(x)[0], w1, b1))
+        mc = F.linear(h, fc2.weight.to(h.dtype), fc2.bias.to(h.dtype))
         s = x
-        for (w, b), dilation in zip(convs, (1, self.dilation, self.dilation)):
-            s = F.relu_(F.conv2d(s, w, b, padding=dilation if dilation > 1 else 0, dilation=dilation))
-        ms = F.conv2d(s, self.spatial.final.weight, self.spatial.final.bias)
+        for (w, b), conv in zip(folded_convs, (self.spatial.reduce, *self.spatial.dilated)):
+            s = F.relu_(conv_in_dtype(conv, s, w, b))
+        ms = conv_in_dtype(self.spatial.final, s)
         acc = accumulate_dtype(x.dtype)
-        return bam_ops(x.device).bam_apply(x, mc.to(acc).contiguous(), ms.to(acc).contiguous())
+        return bam_ops(x.device).bam_apply(x, mc.contiguous(), ms.to(acc).contiguous())
 
     @property
     def dilation(self) -> int:
@@ -74,8 +86,8 @@ class BAM(FusedModule, reference.BAM):
 
     def folded_weights(self, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """[(w, b)] of fc1, the 1x1 reduce conv and the two dilated convs with the BatchNorm
-        after each folded in: `bn(W z + b) = (scale W) z + (scale b + shift)`. Folded in
-        acc(x), stored in the weights' dtype; rebuilt only when a weight or statistic changes."""
+        after each folded in: `bn(W z + b) = (scale W) z + (scale b + shift)`, in acc(x);
+        rebuilt only when a weight or statistic changes."""
         layers = [(self.channel.fc1, self.channel.bn), (self.spatial.reduce, self.spatial.reduce_bn),
                   *zip(self.spatial.dilated, self.spatial.dilated_bn)]
         acc = accumulate_dtype(x.dtype)
@@ -86,9 +98,19 @@ class BAM(FusedModule, reference.BAM):
 
 
 def folded(layer: nn.Module, bn: nn.Module, acc: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weight, bias) of `bn(layer(z))` for a Linear or conv `layer` and an eval BatchNorm `bn`."""
+    """(weight, bias) in `acc` of `bn(layer(z))` for a Linear or conv `layer` and an eval
+    BatchNorm `bn`."""
     scale, shift, _ = fold_batch_norm(bn.running_mean.to(acc), bn.running_var.to(acc), bn.weight, bn.bias, bn.eps)
     w = layer.weight.to(acc) * scale.reshape(-1, *[1] * (layer.weight.dim() - 1))
     b = shift if layer.bias is None else layer.bias.to(acc) * scale + shift
-    dtype = layer.weight.dtype
-    return w.to(dtype), b.to(dtype)
+    return w, b
+
+
+def conv_in_dtype(conv: nn.Conv2d, t: torch.Tensor, weight: torch.Tensor | None = None,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`conv` (or its geometry with the given weight and bias) on t, the weights cast to t's
+    dtype."""
+    weight = conv.weight if weight is None else weight
+    bias = conv.bias if bias is None else bias
+    return F.conv2d(t, weight.to(t.dtype), None if bias is None else bias.to(t.dtype), conv.stride, conv.padding,
+                    conv.dilation)
