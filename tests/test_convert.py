@@ -145,12 +145,12 @@ def test_fused_backbone_matches_reference(name: str, train: bool) -> None:
 
 
 def test_modules_without_fused_version_are_left_with_reason() -> None:
-    model = models.resnet20(attention="bam")
+    model = models.resnet20(attention="criss_cross")
     before = {n: m for n, m in model.named_modules()}
     out, rep = attnkernels.fuse(model, report=True)
     assert out is model and rep.swapped == []
     assert [e.name for e in rep.left] == attention_names(model) and len(rep.left) == 9
-    assert all("no fused version of BAM" in e.detail for e in rep.left)
+    assert all("no fused version of CrissCross" in e.detail for e in rep.left)
     assert all(m is before[n] for n, m in model.named_modules())
 
 
@@ -458,13 +458,13 @@ def test_fuse_unfuse_round_trip(source: str) -> None:
 
 
 def test_fusing_twice_is_a_no_op() -> None:
-    model = nn.Sequential(R.SE(32), timm_layers.EcaModule(32), R.BAM(32))
+    model = nn.Sequential(R.SE(32), timm_layers.EcaModule(32), R.CrissCross(32))
     attnkernels.fuse(model, backend="reference")
     after_first = dict(model.named_modules())
     out, rep = attnkernels.fuse(model, report=True)  # another backend would not re-pin either
     assert out is model and rep.swapped == []
     assert [(e.name, e.detail) for e in rep.left[:2]] == [("0", "already fused"), ("1", "already fused")]
-    assert rep.left[2].name == "2" and "no fused version of BAM" in rep.left[2].detail
+    assert rep.left[2].name == "2" and "no fused version of CrissCross" in rep.left[2].detail
     assert dict(model.named_modules()) == after_first
     assert model[0].backend == "reference"
 
