@@ -239,6 +239,29 @@ def full_size_saved(module, x: torch.Tensor, backend_name: str) -> set[int]:
     return storages
 
 
+def grads_of(fn, inputs, grads, backend_name: str) -> list[torch.Tensor]:
+    """[*outputs, *grads of every input]: fn(*inputs) on `backend_name` (one output or a tuple)
+    and autograd's gradients for `grads` (one per output). The inputs keep their strides."""
+    inputs = [t.detach().requires_grad_() for t in inputs]
+    with backend.use_backend(backend_name):
+        out = fn(*inputs)
+    outs = list(out) if isinstance(out, tuple) else [out]
+    return [o.detach() for o in outs] + list(torch.autograd.grad(outs, inputs, grads))
+
+
+def assert_cpp_error_like_python(compiled_ops, ops_module, op: str, args: dict, error: type, start: str) -> None:
+    """The C++ CPU kernel of `op` (called below the dispatcher's meta routing) and the Python
+    check `ops_module.check_<op>` (what the reference and Triton backends and the fakes run)
+    raise `error` with the same message, which starts with "<op>: <start>"."""
+    cpu_kernel = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
+    with pytest.raises(error) as from_cpp:
+        getattr(compiled_ops, op).default.redispatch(cpu_kernel, *args.values())
+    with pytest.raises(error) as from_python:
+        getattr(ops_module, f"check_{op}")(*args.values())
+    assert str(from_cpp.value).startswith(f"{op}: {start}"), str(from_cpp.value)
+    assert str(from_cpp.value) == str(from_python.value)
+
+
 def op_forward_backward(op, inputs: list[torch.Tensor], grad: torch.Tensor, backend_name: str):
     """`op(*inputs)` on `backend_name`: its output and the gradient of every input."""
     with backend.use_backend(backend_name):

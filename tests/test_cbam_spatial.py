@@ -14,9 +14,11 @@ import torch
 from helpers import (
     LAYOUTS,
     assert_all_close,
+    assert_cpp_error_like_python,
     assert_error_like_eager,
     assert_layout_of,
     backend_cases,
+    grads_of,
     leaf,
     make_input,
     on_backend,
@@ -59,14 +61,6 @@ def make_s(x: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------
 # Runs: the backend through autograd, and the Reference's forward and explicit backward
 # ----------------------------------------------------------------------------------------
-def grads_of(fn, inputs, grad, backend_name):
-    """[out, *grads of every input]: fn on `backend_name` and autograd. x keeps its strides."""
-    inputs = [t.detach().requires_grad_() for t in inputs]
-    with backend.use_backend(backend_name):
-        out = fn(*inputs)
-    return [out.detach(), *torch.autograd.grad(out, inputs, grad)]
-
-
 def pool_run(x, gate, g_d, backend_name):
     return grads_of(AF.cbam_spatial_pool, [x, gate], g_d, backend_name)
 
@@ -373,11 +367,4 @@ BAD_INPUTS = [
 def test_bad_inputs(compiled_ops, op, changed, error, start) -> None:
     """The C++ CPU kernel (called below the dispatcher's meta routing), and the Python check the
     reference and Triton backends and the fakes run, raise the same error with the same words."""
-    args = _valid(op) | changed
-    cpu_kernel = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
-    with pytest.raises(error) as from_cpp:
-        getattr(compiled_ops, op).default.redispatch(cpu_kernel, *args.values())
-    with pytest.raises(error) as from_python:
-        getattr(ops_module, f"check_{op}")(*args.values())
-    assert str(from_cpp.value).startswith(f"{op}: {start}"), str(from_cpp.value)
-    assert str(from_cpp.value) == str(from_python.value)
+    assert_cpp_error_like_python(compiled_ops, ops_module, op, _valid(op) | changed, error, start)

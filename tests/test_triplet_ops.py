@@ -15,9 +15,11 @@ import torch
 from helpers import (
     LAYOUTS,
     assert_all_close,
+    assert_cpp_error_like_python,
     assert_error_like_eager,
     assert_layout_of,
     backend_cases,
+    grads_of,
     leaf,
     make_input,
     needs_gpu,
@@ -72,15 +74,6 @@ def make_map_grads(x: torch.Tensor) -> list[torch.Tensor]:
 # ----------------------------------------------------------------------------------------
 # Runs: the backend through autograd, and the Reference's forward and explicit backward
 # ----------------------------------------------------------------------------------------
-def grads_of(fn, inputs, grads, backend_name):
-    """[*outputs, *grads of every input]: fn on `backend_name` and autograd. x keeps its strides."""
-    inputs = [t.detach().requires_grad_() for t in inputs]
-    with backend.use_backend(backend_name):
-        out = fn(*inputs)
-    outs = list(out) if isinstance(out, tuple) else [out]
-    return [o.detach() for o in outs] + list(torch.autograd.grad(outs, inputs, grads))
-
-
 def pool_want(x, g_d):
     d = Ref.triplet_pool(x)
     return [*d, Ref.triplet_pool_backward(*g_d, x, *d)]
@@ -380,14 +373,7 @@ BAD_INPUTS = [
 def test_bad_inputs(compiled_ops, op, changed, error, start) -> None:
     """The C++ CPU kernel (called below the dispatcher's meta routing), and the Python check the
     reference backend and the fakes run, raise the same error with the same words."""
-    args = _valid(op) | changed
-    cpu_kernel = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
-    with pytest.raises(error) as from_cpp:
-        getattr(compiled_ops, op).default.redispatch(cpu_kernel, *args.values())
-    with pytest.raises(error) as from_python:
-        getattr(ops_module, f"check_{op}")(*args.values())
-    assert str(from_cpp.value).startswith(f"{op}: {start}"), str(from_cpp.value)
-    assert str(from_cpp.value) == str(from_python.value)
+    assert_cpp_error_like_python(compiled_ops, ops_module, op, _valid(op) | changed, error, start)
 
 
 def test_backend_report() -> None:
