@@ -43,10 +43,12 @@ class BAM(FusedModule, reference.BAM):
 
     def folds_batch_norm(self) -> bool:
         """Eval with running stats in every BatchNorm: each is then an affine map."""
-        return not self.training and all(bn.running_mean is not None for bn in self.batch_norms())
+        return not self.training and all(bn.running_mean is not None for _, bn in self.layers_with_batch_norm())
 
-    def batch_norms(self) -> list[nn.Module]:
-        return [self.channel.bn, self.spatial.reduce_bn, *self.spatial.dilated_bn]
+    def layers_with_batch_norm(self) -> list[tuple[nn.Module, nn.Module]]:
+        """(layer, the BatchNorm after it): fc1, the 1x1 reduce conv and the two dilated convs."""
+        return [(self.channel.fc1, self.channel.bn), (self.spatial.reduce, self.spatial.reduce_bn),
+                *zip(self.spatial.dilated, self.spatial.dilated_bn)]
 
     def channel_logits(self, x: torch.Tensor) -> torch.Tensor:
         """mc (N, C): the channel branch on mean_hw(x) (channel_pool: one read), in the
@@ -88,8 +90,7 @@ class BAM(FusedModule, reference.BAM):
         """[(w, b)] of fc1, the 1x1 reduce conv and the two dilated convs with the BatchNorm
         after each folded in: `bn(W z + b) = (scale W) z + (scale b + shift)`, in acc(x);
         rebuilt only when a weight or statistic changes."""
-        layers = [(self.channel.fc1, self.channel.bn), (self.spatial.reduce, self.spatial.reduce_bn),
-                  *zip(self.spatial.dilated, self.spatial.dilated_bn)]
+        layers = self.layers_with_batch_norm()
         acc = accumulate_dtype(x.dtype)
         key = (acc, *(bn.eps for _, bn in layers))  # eps is a plain attribute: no version counter
         sources = module_tensors([m for pair in layers for m in pair])

@@ -39,11 +39,6 @@ using cpu_spatial::checked_x;
 // Attention rows per parallel task: at least ~16K values, so small C still amortises a task.
 int64_t row_grain(int64_t C) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)); }
 
-// (N, C, H, W) -> (N, C, P) in acc: a view of dense t (either layout) unless t is half.
-at::Tensor channel_rows(const at::Tensor& t, at::ScalarType acc) {
-  return t.reshape({t.size(0), t.size(1), t.size(2) * t.size(3)}).to(acc);
-}
-
 // out = a @ b, or out += alpha * (a @ b) when `accumulate`, batched. out is (N, C, P) in x's
 // layout: a channels_last out is contiguous as out^T, so it takes out^T = b^T a^T, and BLAS
 // writes it in place instead of through a temporary.
@@ -210,7 +205,7 @@ std::tuple<at::Tensor, at::Tensor> cam_cpu(const at::Tensor& x_in, const at::Ten
   check_cam_args(x, gamma, op);
   const at::ScalarType acc = acc_type(x.scalar_type());
   const int64_t N = x.size(0), C = x.size(1), P = x.size(2) * x.size(3);
-  const at::Tensor X = channel_rows(x, acc);
+  const at::Tensor X = pixel_matrix(x, acc);
   const double gamma_value = gamma.item<double>();
   const bool fold = fold_identity(C, P);
   at::Tensor attn = at::bmm(X, X.transpose(1, 2)).contiguous();  // E, then attn in place
@@ -246,7 +241,7 @@ std::tuple<at::Tensor, at::Tensor> cam_backward_cpu(const at::Tensor& grad_y, co
   const at::Tensor gy = walked_like_x(grad_y, x, op, "grad_y");
   const at::ScalarType acc = acc_type(x.scalar_type());
   const int64_t N = x.size(0), C = x.size(1), P = x.size(2) * x.size(3);
-  const at::Tensor X = channel_rows(x, acc), g = channel_rows(gy, acc), attn = attn_in.contiguous();
+  const at::Tensor X = pixel_matrix(x, acc), g = pixel_matrix(gy, acc), attn = attn_in.contiguous();
   const double gamma_value = gamma.item<double>();
   const bool fold = fold_identity(C, P);
   at::Tensor dE = at::bmm(g, X.transpose(1, 2)).contiguous();  // G, then dE in place

@@ -35,9 +35,6 @@ constexpr int64_t kSlots = 64;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// x viewed as (N, C, HW) whatever its layout: a view for dense x.
-at::Tensor pixel_matrix(const at::Tensor& t) { return t.reshape({t.size(0), t.size(1), t.size(2) * t.size(3)}); }
-
 // The pixel tiles of the whole batch: tile t is pixels [p0, p0 + P) of sample n.
 struct Tiling {
   int64_t HW, per_sample, count;

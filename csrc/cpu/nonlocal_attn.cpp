@@ -60,12 +60,6 @@ Tiles backward_tiles(int64_t HW, int64_t cpu_tile) {
   return {std::min(kBackwardQueries, HW), split_tile(cpu_tile, kBackwardKeys, HW)};
 }
 
-// (N, D, H, W) -> (N, D, HW): a view when the pixels flatten to one stride (NCHW and
-// channels_last do), else a dense copy; in the accumulation dtype (a copy for half inputs).
-at::Tensor pixel_matrix(const at::Tensor& t, at::ScalarType acc) {
-  return t.reshape({t.size(0), t.size(1), t.size(2) * t.size(3)}).to(acc);
-}
-
 // Row i of the (rows x cols) tile s, stored with row stride ld: s[i, :] = exp(s[i, :] - shift),
 // returning the row's sum. In the forward's online softmax (kOnline), a shift of -inf (a row
 // whose energies so far are all -inf) gives zeros: such keys have no weight yet, and a row

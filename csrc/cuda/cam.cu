@@ -40,7 +40,6 @@
 #include <tuple>
 
 #include "attnkernels/cam.h"
-#include "attnkernels/cuda_spatial_pool.cuh"
 #include "attnkernels/cuda_utils.cuh"
 
 namespace attnkernels {
@@ -51,17 +50,12 @@ using cuda::block_allreduce;
 using cuda::ceil_div;
 using cuda::kMaxGrid;
 using cuda::kWarpSize;
+using cuda::nan_min;
 using cuda::warp_allreduce;
 
 constexpr int kThreads = 256;  // threads per block of the row kernels and the sum
 constexpr int kTile = 32;      // symmetrize_kernel: tiles of kTile x kTile, blocks of kTile x kTileRows
 constexpr int kTileRows = 8;
-
-// min that propagates NaN, as torch.amin.
-template <typename T>
-__device__ __forceinline__ T nan_min(T a, T b) {
-  return (a != a || a < b) ? a : b;
-}
 
 // The two running sums of a backward row: sum attn*G (grad_gamma) and sum attn*dA.
 template <typename acc_t>

@@ -151,6 +151,13 @@ inline at::Tensor walked_like_x(const at::Tensor& t, const at::Tensor& x, const 
   return t.contiguous(memory_format_of(layout_of(x)));
 }
 
+// (N, C, H, W) -> (N, C, H*W): a view when the pixels flatten to one stride (NCHW and
+// channels_last both do), else a dense copy. For the CPU kernels' batched GEMMs over pixels.
+inline at::Tensor pixel_matrix(const at::Tensor& t) { return t.reshape({t.size(0), t.size(1), t.size(2) * t.size(3)}); }
+
+// pixel_matrix(t) in `dtype` (a copy where t's dtype differs: half inputs read in acc).
+inline at::Tensor pixel_matrix(const at::Tensor& t, at::ScalarType dtype) { return pixel_matrix(t).to(dtype); }
+
 // A one-value parameter (PAM's and CAM's gamma): one floating value on `device`, any shape.
 inline void check_one_value(const at::Tensor& t, const at::Device& device, const char* op, const char* name) {
   AK_CHECK_VALUE(t.numel() == 1, op, ": ", name, " must hold one value, got shape ", t.sizes());

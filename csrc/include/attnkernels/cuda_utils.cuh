@@ -91,6 +91,12 @@ __device__ __forceinline__ T nan_max(T a, T b) {
   return (a != a || a > b) ? a : b;
 }
 
+// min that propagates NaN, as torch.amin: NaN if either operand is NaN.
+template <typename T>
+__device__ __forceinline__ T nan_min(T a, T b) {
+  return (a != a || a < b) ? a : b;
+}
+
 // __shfl_xor_sync for any trivially copyable value (a float, or a struct of running sums),
 // moved 32 bits at a time. All 32 lanes must call it.
 template <typename T>
