@@ -6,17 +6,18 @@
 //
 // criss_cross hot path (docs/contract.md CrissCross): CCNet's attention of each pixel over its
 // row and its column. q, k are (N, D, H, W) and v, x (N, C, H, W), one floating dtype, any
-// strides; gamma holds one value. Everything in acc(x). For pixel (h, w) the keys are the
+// strides; gamma holds one value. The arguments are nonlocal_attn's and are checked by its rules
+// (include/attnkernels/criss_cross.h). Everything in acc(x). For pixel (h, w) the keys are the
 // column (h', w), h' != h, and the row (h, w'), every w' (the pixel itself once):
 //
 //   criss_cross(q, k, v, x, gamma) -> (y, out, lse)
 //     e_col[n,h,w,h'] = sum_d q[n,d,h,w] k[n,d,h',w]   (h' != h)
 //     e_row[n,h,w,w'] = sum_d q[n,d,h,w] k[n,d,h,w']
-//     lse[n,h,w] = log(sum_h' exp(e_col) + sum_w' exp(e_row))          (N, H, W) contiguous, acc
+//     lse[n,h*W+w] = log(sum_h' exp(e_col) + sum_w' exp(e_row))        (N, H*W) contiguous, acc
 //     out[n,c,h,w] = sum_h' exp(e_col - lse) v[n,c,h',w] + sum_w' exp(e_row - lse) v[n,c,h,w']
 //     y = gamma * out + x                          (out and y in x's dtype and layout)
 //   criss_cross_backward(grad_y, q, k, v, gamma, out, lse) -> (grad_q, grad_k, grad_v, grad_gamma)
-//     P = exp(e - lse) recomputed;  dO = gamma * grad_y;  R[n,h,w] = sum_c grad_y * out
+//     P = exp(e - lse) recomputed;  dO = gamma * grad_y;  R[n,h,w] = sum_c grad_y * out (in acc)
 //     grad_gamma = sum R                           (gamma's shape and dtype)
 //     dP_col[n,h,w,h'] = sum_c dO[n,c,h,w] v[n,c,h',w];  dP_row likewise over the row
 //     dS = P * (dP - gamma * R)
