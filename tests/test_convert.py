@@ -144,14 +144,34 @@ def test_fused_backbone_matches_reference(name: str, train: bool) -> None:
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12, msg=k)
 
 
+class _Unfused(R.AttentionModule):
+    """An attention module with no fused version (every registry module has one)."""
+
+    def attend(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(x)
+
+
 def test_modules_without_fused_version_are_left_with_reason() -> None:
-    model = models.resnet20(attention="criss_cross")
+    model = nn.Sequential(_Unfused(16), nn.ReLU(), _Unfused(16))
     before = {n: m for n, m in model.named_modules()}
     out, rep = attnkernels.fuse(model, report=True)
     assert out is model and rep.swapped == []
-    assert [e.name for e in rep.left] == attention_names(model) and len(rep.left) == 9
-    assert all("no fused version of CrissCross" in e.detail for e in rep.left)
+    assert [e.name for e in rep.left] == ["0", "2"]
+    assert all("no fused version of _Unfused" in e.detail for e in rep.left)
     assert all(m is before[n] for n, m in model.named_modules())
+
+
+@pytest.mark.parametrize("name", R.names())
+def test_every_registry_module_is_swapped(name: str) -> None:
+    """Every module of attnkernels.reference.REGISTRY has a fused version, which fuse() puts
+    in each block of a backbone, and unfuse() takes out again."""
+    model = models.resnet20(attention=name)
+    out, rep = attnkernels.fuse(model, report=True)
+    assert out is model and rep.left == []
+    assert [e.name for e in rep.swapped] == attention_names(model) and len(rep.swapped) == 9
+    assert all(isinstance(model.get_submodule(e.name), fused.FUSED[name]) for e in rep.swapped)
+    attnkernels.unfuse(model)
+    assert all(type(model.get_submodule(e.name)) is R.REGISTRY[name] for e in rep.swapped)
 
 
 class _Wrapper(R.AttentionModule):
@@ -458,13 +478,13 @@ def test_fuse_unfuse_round_trip(source: str) -> None:
 
 
 def test_fusing_twice_is_a_no_op() -> None:
-    model = nn.Sequential(R.SE(32), timm_layers.EcaModule(32), R.CrissCross(32))
+    model = nn.Sequential(R.SE(32), timm_layers.EcaModule(32), _Unfused(32))
     attnkernels.fuse(model, backend="reference")
     after_first = dict(model.named_modules())
     out, rep = attnkernels.fuse(model, report=True)  # another backend would not re-pin either
     assert out is model and rep.swapped == []
     assert [(e.name, e.detail) for e in rep.left[:2]] == [("0", "already fused"), ("1", "already fused")]
-    assert rep.left[2].name == "2" and "no fused version of CrissCross" in rep.left[2].detail
+    assert rep.left[2].name == "2" and "no fused version of _Unfused" in rep.left[2].detail
     assert dict(model.named_modules()) == after_first
     assert model[0].backend == "reference"
 

@@ -393,7 +393,8 @@ def test_backend_choice_comes_from_hot_paths(harness, monkeypatch, no_nonlocal_a
     assert B.fused_backends(FUSED["csm"].hot_paths, "cpu", ["cpu"]) == []  # CSM runs SE's and PAM's hot paths
     assert B.module_backends("eca", "cpu", ["cpu"]) == {"cpu": None}
     assert B.module_backends("bridge", "cpu", ["cpu"]) == {"cpu": None}  # channel_gate only
-    assert B.module_backends("criss_cross", "cpu", ["cpu"]) == {}  # no fused class
+    monkeypatch.delitem(FUSED, "cam")
+    assert B.module_backends("cam", "cpu", ["cpu"]) == {}  # no fused class
     monkeypatch.setattr(FUSED["eca"], "hot_paths", ("channel_gate", "nonlocal_attn"))  # the class attribute decides
     assert B.module_backends("eca", "cpu", ["cpu"]) == {"cpu": off}
 

@@ -14,6 +14,7 @@ from .bam import BAM
 from .cam import CAM
 from .bridge import Bridge
 from .cbam import CBAM
+from .criss_cross import CrissCross
 from .csm import CSM
 from .eca import ECA
 from .gam import GAM
@@ -25,9 +26,11 @@ from .triplet import Triplet
 
 #: Registry name -> fused class, for the modules with fused kernels so far.
 FUSED = {"eca": ECA, "se": SE, "ham": HAM, "pam": PAM, "csm": CSM, "gam": GAM, "softmax_spatial": SoftmaxSpatial,
-         "bridge": Bridge, "cbam": CBAM, "triplet": Triplet, "bam": BAM, "cam": CAM}
+         "bridge": Bridge, "cbam": CBAM, "triplet": Triplet, "bam": BAM, "cam": CAM,
+         "criss_cross": CrissCross}
 
-__all__ = ["ECA", "SE", "HAM", "PAM", "CSM", "GAM", "SoftmaxSpatial", "Bridge", "CBAM", "Triplet", "BAM", "CAM", "FUSED",
+__all__ = ["ECA", "SE", "HAM", "PAM", "CSM", "GAM", "SoftmaxSpatial", "Bridge", "CBAM", "Triplet", "BAM", "CAM",
+           "CrissCross", "FUSED",
            "FusedModule", "reference_class", "fused_class", "as_fused"]
 
 

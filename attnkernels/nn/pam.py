@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .. import functional as AF
 from ..reference import pam as reference
@@ -42,18 +43,22 @@ class PAM(FusedModule, reference.PAM):
         # is fp32. The op writes y in x's dtype, so x (the full-size residual) is converted then:
         # a half y converted afterwards would carry a rounding the reference's y does not.
         x = x.to(torch.promote_types(x.dtype, self.gamma.dtype))
-        q, k, v = self.projections(x)
+        q, k, v = qkv_projections(self, x)
         return AF.nonlocal_attn(q, k, v, x, self.gamma)
 
-    def projections(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """query(x), key(x), value(x) from one conv with the three weights stacked, in x's dtype.
 
-        The weights are cast to x's dtype, a no-op unless an fp32 module gets a half x under
-        autocast: casting the small weights, not x, leaves the full-size input as it is.
-        """
-        convs = (self.query, self.key, self.value)
-        weight = torch.cat([c.weight for c in convs]).to(x.dtype)
-        bias = torch.cat([c.bias for c in convs]).to(x.dtype)
-        qkv = F.conv2d(x, weight, bias)
-        d = self.query.out_channels
-        return qkv[:, :d], qkv[:, d : 2 * d], qkv[:, 2 * d :]
+
+def qkv_projections(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """module.query(x), .key(x), .value(x) (PAM's and CrissCross's 1x1 convs) from one conv with
+    the three weights stacked, in x's dtype: one read of x, one GEMM; q, k and v are channel
+    slices of its output, which the kernels read in place.
+
+    The weights are cast to x's dtype, a no-op unless an fp32 module gets a half x under
+    autocast: casting the small weights, not x, leaves the full-size input as it is.
+    """
+    convs = (module.query, module.key, module.value)
+    weight = torch.cat([c.weight for c in convs]).to(x.dtype)
+    bias = torch.cat([c.bias for c in convs]).to(x.dtype)
+    qkv = F.conv2d(x, weight, bias)
+    d = module.query.out_channels
+    return qkv[:, :d], qkv[:, d : 2 * d], qkv[:, 2 * d :]
