@@ -134,7 +134,7 @@ if [ $quick -eq 1 ]; then
   # table back): host time per call, then the bf16 table, which also lists the Triton tile
   # configurations measured per shape (choose.explain()).
   step host_overhead "$python" benchmarks/host_overhead.py --device cuda
-  bench throughput_bfloat16 --dtype bfloat16 --modules eca,se,cbam,triplet,bam,cam,ham,pam,gam,softmax_spatial,bridge --models none \
+  bench throughput_bfloat16 --dtype bfloat16 --modules eca,se,cbam,triplet,bam,cam,criss_cross,ham,pam,gam,softmax_spatial,bridge --models none \
     --variants memcpy,eager,fused-cuda,fused-triton --repeats 5
 fi
 
@@ -147,7 +147,8 @@ if have_pytest; then
     tests/test_cbam_spatial.py tests/test_cbam_spatial_triton.py tests/test_cbam.py
     tests/test_triplet_ops.py tests/test_triplet_triton.py tests/test_triplet.py
     tests/test_bam_ops.py tests/test_bam_triton.py tests/test_bam.py
-    tests/test_cam_ops.py tests/test_cam_triton.py tests/test_cam.py)
+    tests/test_cam_ops.py tests/test_cam_triton.py tests/test_cam.py
+    tests/test_criss_cross_ops.py tests/test_criss_cross_triton.py tests/test_criss_cross.py)
   if [ $quick -eq 1 ] && [ $full_ops -eq 0 ]; then
     # Each hot path's comparisons with the reference: the CUDA ops and modules (ids carry
     # "cuda"), the Triton files' fp32 and half-precision cases.
@@ -180,11 +181,11 @@ if [ $quick -eq 0 ]; then
   step host_overhead "$python" benchmarks/host_overhead.py --device cuda
   # bf16 first (the dtype GPU users train in), then the whole-model rows: the numbers a short
   # lease should bring back before fp32 and the per-path tables.
-  bench throughput_bfloat16 --dtype bfloat16 --modules eca,se,cbam,triplet,bam,cam,ham,gam,gam-gc,softmax_spatial,bridge --models none
+  bench throughput_bfloat16 --dtype bfloat16 --modules eca,se,cbam,triplet,bam,cam,criss_cross,ham,gam,gam-gc,softmax_spatial,bridge --models none
   # Whole-model ResNet-50 training steps (bf16 autocast, channels_last); no compile: a compiled
   # ResNet-50 per attention module would take minutes of the budget.
-  bench throughput_models --modules none --models ham,se,eca,cbam,triplet,bam,cam,gam,softmax_spatial,bridge --variants eager,fused-cuda,fused-triton
-  bench throughput_float32 --dtype float32 --modules eca,se,cbam,triplet,bam,cam,ham,gam,gam-gc,softmax_spatial,bridge --models none
+  bench throughput_models --modules none --models ham,se,eca,cbam,triplet,bam,cam,criss_cross,gam,softmax_spatial,bridge --variants eager,fused-cuda,fused-triton
+  bench throughput_float32 --dtype float32 --modules eca,se,cbam,triplet,bam,cam,criss_cross,ham,gam,gam-gc,softmax_spatial,bridge --models none
   # Position attention against projections + SDPA (memory-efficient kernel), bf16, the issue's
   # shapes: 32x32 and 64x64 maps, C = 256..1024; TFLOP/s in the table (bf16 tensor-core peak:
   # 989 dense on H100 SXM / H200). No compile variant: the eager reference holds N x HW^2.

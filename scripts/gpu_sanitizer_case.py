@@ -66,6 +66,19 @@ with backend.use_backend("cuda"):
                 x = (torch.randn(n, c, h, w, device="cuda", dtype=dtype) * 0.3).contiguous(memory_format=fmt)
                 gamma = torch.tensor([0.5], device="cuda", requires_grad=True)
                 AF.cam(x.requires_grad_(), gamma).float().square().sum().backward()
+    # criss_cross on the CUDA kernels and Triton: H = 1, W = 1, H and W over one key tile, C over
+    # one channel tile, D = 1.
+    for name in ("cuda", "triton"):
+        with backend.use_backend(name):
+            for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+                for fmt in (torch.contiguous_format, torch.channels_last):
+                    for n, d, c, h, w in ((2, 5, 40, 9, 13), (1, 1, 3, 1, 6), (1, 2, 70, 37, 1), (1, 8, 130, 35, 33)):
+                        def make(c):
+                            t = torch.randn(n, c, h, w, device="cuda", dtype=dtype)
+                            return t.contiguous(memory_format=fmt).requires_grad_()
+
+                        gamma = torch.tensor([0.5], device="cuda", requires_grad=True)
+                        AF.criss_cross(make(d), make(d), make(c), make(c), gamma).float().square().sum().backward()
     # nonlocal_attn on the CUDA kernels (and on Triton, whose launches the sanitizer checks
     # too): HW not a multiple of any tile, HW = 1, D_qk = 1, D_v above one D_v tile.
     for name in ("cuda", "triton"):

@@ -421,6 +421,14 @@ def nonlocal_attn_problem(data, m: Maker) -> Problem:
     return Problem(AF.nonlocal_attn, [q, k, v, x, gamma], ["q", "k", "v", "x", "gamma"], layout_of=x, seed=m.seed)
 
 
+def criss_cross_problem(data, m: Maker) -> Problem:
+    n, c, h, w = data.draw(m.sizes.shapes(8), label="shape")
+    d_qk = data.draw(st.integers(1, 4), label="D_qk")
+    q, k = (m.feature((n, d_qk, h, w), large=large_energies_ok(m)) for _ in range(2))
+    v, x = m.feature((n, c, h, w)), m.feature((n, c, h, w))
+    return Problem(AF.criss_cross, [q, k, v, x, m.param(1)], ["q", "k", "v", "x", "gamma"], layout_of=x, seed=m.seed)
+
+
 def cam_problem(data, m: Maker) -> Problem:
     shape = data.draw(m.sizes.shapes(), label="shape")
     x = m.feature(shape, large=large_energies_ok(m))  # energies are sums of x * x
@@ -542,6 +550,7 @@ OPS: dict[str, Callable] = {
     "bam_apply": bam_apply_problem,
     "nonlocal_attn": nonlocal_attn_problem,
     "cam": cam_problem,
+    "criss_cross": criss_cross_problem,
     "gam_channel": gam_channel_problem,
     "softmax_spatial": softmax_spatial_problem,
     "shuffle_conv": shuffle_conv_problem,
@@ -558,8 +567,10 @@ ACC_ONLY_OPS = {"channel_gate", "ham_spatial_conv"}
 @st.composite
 def module_config(draw, name: str, sizes: Sizes) -> tuple[int, dict]:
     """(C, constructor kwargs) valid for module `name` per docs/contract.md."""
-    if name in ("pam", "csm"):
+    if name in ("pam", "csm", "criss_cross"):
         c = draw(st.integers(8, 8 + sizes.channels // 2))
+        if name == "criss_cross":
+            return c, {"recurrence": draw(st.integers(1, 2))}
         return c, ({"reduction": draw(st.sampled_from([1, 4, 16]))} if name == "csm" else {})
     if name == "gam":
         # The spec's rule: rd = C // reduction >= 1; for groups g > 1, g divides C and rd.
@@ -632,7 +643,7 @@ def module_case(data, name: str, m: Maker) -> ModuleCase:
         f.conv_algorithm = data.draw(st.sampled_from(["auto", "direct", "library"]), label="conv_algorithm")
     f.train(mode == "train"), ref.train(mode == "train")
     # x feeds PAM's q and k, softmax_spatial's logits
-    large = name not in ("pam", "csm", "softmax_spatial") or large_energies_ok(m)
+    large = name not in ("pam", "csm", "criss_cross", "softmax_spatial") or large_energies_ok(m)
     return ModuleCase(f, ref, m.feature((n, c, h, w), large, special=where != "state"), mode, m.seed)
 
 

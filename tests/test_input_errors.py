@@ -173,6 +173,8 @@ def _op_arguments() -> dict[str, tuple]:
         "bam_apply_backward": (_rand(N, C, H, W), x, gate, s1),
         "cam": (x, gamma),
         "cam_backward": (_rand(N, C, H, W), x, gamma, _rand(N, C, C)),
+        "criss_cross": (q, k, _rand(N, C, H, W), x, gamma),
+        "criss_cross_backward": (_rand(N, C, H, W), q, k, _rand(N, C, H, W), gamma, x, _rand(N, H * W)),
     }
 
 
@@ -198,6 +200,7 @@ def _tensor_names(op: str) -> list[str]:
 
 #: The argument each op's checks compare devices against: its feature map ("x" unless listed).
 _ANCHORS = {"channel_gate": "avg", "channel_gate_backward": "avg", "nonlocal_attn_backward": "out",
+            "criss_cross_backward": "out",
             "ham_spatial_conv": "d", "ham_spatial_conv_backward": "d", "shuffle_conv": "s",
             "shuffle_conv_backward": "s", "shuffle_conv_bn_gate": "s", "shuffle_conv_epilogue": "z",
             "shuffle_conv_epilogue_backward": "z"}
@@ -278,6 +281,7 @@ def _public(op: str, conv: str):
         "triplet_apply": AF.triplet_apply,
         "bam_apply": AF.bam_apply,
         "cam": AF.cam,
+        "criss_cross": AF.criss_cross,
         "shuffle_conv": lambda *args: AF.shuffle_conv(*args, conv=conv),
         "shuffle_conv_bn_gate": lambda *a: AF.shuffle_conv_bn_gate(*a[:10], a[12], conv=conv, bn_mean=a[10],
                                                                    bn_var=a[11]),
