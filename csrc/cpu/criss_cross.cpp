@@ -2,23 +2,26 @@
 // csrc/criss_cross_ops.cpp.
 //
 // No (N, H + W - 1, H, W) energy tensor: a ROW pass of tasks (n, h) and then a COLUMN pass of
-// tasks (n, w), each holding one (L x L) block of energies (L = W or H) in per-thread scratch.
-// q, k, v (and grad_y, out) are first read into acc as (N, H, W, C) "pixels-last" tensors:
-// a row is then a (W x C) matrix of row stride C and a column an (H x C) one of row stride
-// W*C, both BLAS-ready views whatever layout or dtype came in (an NCHW column would have no
-// unit stride). That copy is O(N C H W), like every buffer here.
+// tasks (n, w), each holding one (L x L) block of energies (L = W or H) in per-thread scratch;
+// the products are BLAS calls on strided views (single-threaded inside at::parallel_for).
+// Every (N, C, H, W) tensor t in acc is read as (C x W) row matrices t[n, :, h, :] and (C x H)
+// column matrices t[n, :, :, w]. Both have a unit stride in channels_last; in NCHW a column has
+// strides (H*W, W), which BLAS cannot take, so the column pass reads a copy with each H x W
+// plane transposed (one L1-sized plane at a time; ATen's copy of such a view is slow).
 //
-// Forward: the row pass writes the unnormalised O_r = P V_r and each pixel's row max m_r and
-// sum s_r; the column pass (diagonal h' == h excluded) merges its own m_c, s_c, O_c into them
-// flash-style and leaves the normalised out and lse.
-// Backward: the row pass writes (=) each row's grad_q, grad_k, grad_v rows and R; the column
-// pass adds (+=) its column. Every write is task-local and every sum runs in a fixed order, so
-// results do not depend on the thread count.
+// Forward: the row pass writes the unnormalised O_r = V_r P^T and each pixel's row max m_r and
+// sum s_r; the column pass (diagonal h' == h excluded) its O_c, m_c, s_c; a last elementwise
+// pass merges them flash-style per pixel and writes out, y and lse.
+// Backward: the row pass writes (=) each row's gradient rows and R; the column pass writes its
+// columns (into a transposed buffer in NCHW, summed with the rows' at the end) or adds (+=)
+// them (channels_last, where a column is a view of the same buffer). Every write is task-local
+// and every sum runs in a fixed order: results do not depend on the thread count.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <tuple>
@@ -33,31 +36,90 @@ namespace {
 
 using at::vec::Vectorized;
 
-// t (N, C, H, W), any layout and dtype, as (N, H, W, C) contiguous in acc: t itself (a view)
-// when it already is channels_last in acc, else one copy.
-at::Tensor pixels_last(const at::Tensor& t, at::ScalarType acc) {
-  const at::Tensor p = t.permute({0, 2, 3, 1});
-  if (p.scalar_type() == acc && p.is_contiguous()) return p;
-  return at::empty(p.sizes(), t.options().dtype(acc)).copy_(p);
+// ---- Layout plumbing -------------------------------------------------------------------
+
+// dst[p][j][i] = src[p][i][j] + (add ? add[p][i][j] : 0) for `planes` (rows x cols) planes,
+// all contiguous, converting the dtype.
+template <typename src_t, typename dst_t>
+void transpose_planes(const src_t* src, const src_t* add, dst_t* dst, int64_t planes, int64_t rows, int64_t cols) {
+  const int64_t size = rows * cols;
+  at::parallel_for(0, planes, 1, [&](int64_t begin, int64_t end) {
+    constexpr int64_t kTile = 16;
+    for (int64_t p = begin; p < end; ++p) {
+      const src_t* s = src + p * size;
+      dst_t* d = dst + p * size;
+      for (int64_t i0 = 0; i0 < rows; i0 += kTile) {
+        const int64_t i1 = std::min(rows, i0 + kTile);
+        for (int64_t j0 = 0; j0 < cols; j0 += kTile) {
+          const int64_t j1 = std::min(cols, j0 + kTile);
+          for (int64_t j = j0; j < j1; ++j) {
+            for (int64_t i = i0; i < i1; ++i) {
+              src_t value = s[i * cols + j];
+              if (add != nullptr) value += add[p * size + j * rows + i];
+              d[j * rows + i] = static_cast<dst_t>(value);
+            }
+          }
+        }
+      }
+    }
+  });
 }
 
-// Back from (N, H, W, C) acc to t's dtype and (dense) layout.
-at::Tensor like_input(const at::Tensor& buf, const at::Tensor& t) {
-  at::Tensor r = empty_like_layout(dense(t));
-  r.copy_(buf.permute({0, 3, 1, 2}));
+// An NCHW-contiguous (N, C, H, W) tensor in acc as (N, C, W, H) contiguous.
+at::Tensor transposed_planes(const at::Tensor& t) {
+  at::Tensor r = at::empty({t.size(0), t.size(1), t.size(3), t.size(2)}, t.options());
+  AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "criss_cross_transpose", [&] {
+    transpose_planes<scalar_t, scalar_t>(t.const_data_ptr<scalar_t>(), nullptr, r.data_ptr<scalar_t>(),
+                                         t.size(0) * t.size(1), t.size(2), t.size(3));
+  });
   return r;
 }
 
-template <typename acc_t>
-acc_t dot(const acc_t* a, const acc_t* b, int64_t n) {
-  using V = Vectorized<acc_t>;
-  V sum(0);
-  int64_t j = 0;
-  for (; j + V::size() <= n; j += V::size()) sum = at::vec::fmadd(V::loadu(a + j), V::loadu(b + j), sum);
-  acc_t total = reduce_sum(sum);
-  for (; j < n; ++j) total += a[j] * b[j];
-  return total;
+bool is_channels_last(const at::Tensor& t) { return layout_of(t) == Layout::ChannelsLast; }
+
+// The two passes' views of one input in acc: `rows` (N, C, H, W) and `cols` (N, C, W, H), both
+// with a unit stride in their last two dims' matrices. channels_last: one tensor; else a copy.
+struct PassViews {
+  at::Tensor rows, cols;
+};
+
+PassViews pass_views(const at::Tensor& t, at::ScalarType acc) {
+  at::Tensor r = dense(t);
+  if (r.scalar_type() != acc) r = r.to(acc);  // half read in acc; keeps the dense layout
+  if (is_channels_last(r)) return {r, r.transpose(2, 3)};
+  return {r, transposed_planes(r)};
 }
+
+// A buffer both passes write, in acc and t's layout: `rows` (N, C, H, W) and `cols`
+// (N, C, W, H). channels_last: cols is a view of rows (`shared`; the column pass adds); NCHW:
+// a separate transposed buffer (the column pass writes, `finish` sums).
+struct TwoPass {
+  at::Tensor rows, cols;
+  bool shared;
+};
+
+TwoPass two_pass_buffer(const at::Tensor& t, at::ScalarType acc) {
+  at::Tensor rows = empty_like_layout(t, acc);
+  if (is_channels_last(rows)) return {rows, rows.transpose(2, 3), true};
+  return {rows, at::empty({t.size(0), t.size(1), t.size(3), t.size(2)}, rows.options()), false};
+}
+
+// rows + cols^T in t's dtype and dense layout.
+at::Tensor finish(const TwoPass& b, const at::Tensor& t) {
+  at::Tensor r = empty_like_layout(dense(t));
+  if (b.shared) return b.rows.scalar_type() == r.scalar_type() ? b.rows : r.copy_(b.rows);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, r.scalar_type(), "criss_cross_finish", [&] {
+    using dst_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES(b.rows.scalar_type(), "criss_cross_finish", [&] {
+      // cols (N, C, W, H) transposed onto rows (N, C, H, W)
+      transpose_planes<scalar_t, dst_t>(b.cols.const_data_ptr<scalar_t>(), b.rows.const_data_ptr<scalar_t>(),
+                                        r.data_ptr<dst_t>(), r.size(0) * r.size(1), r.size(3), r.size(2));
+    });
+  });
+  return r;
+}
+
+// ---- Row vector loops --------------------------------------------------------------------
 
 // Max of n values; a NaN among them makes it NaN (at::vec::maximum and nan_max propagate it),
 // so a NaN energy poisons its pixel as torch's logsumexp does.
@@ -94,7 +156,7 @@ acc_t exp_sum(acc_t* s, int64_t n, acc_t shift) {
   return total;
 }
 
-// Forward softmax of one row of energies in place: P = exp(S - m), returns (m, sum). A row
+// Forward softmax part of one row of energies in place: P = exp(S - m); returns (m, sum). A row
 // with no live entry (all -inf: a column of H == 1, or -inf energies) is P = 0, sum 0, m = -inf,
 // not exp(-inf - -inf) = NaN: the other pass may still hold live keys for the pixel.
 template <typename acc_t>
@@ -114,9 +176,9 @@ acc_t rescale(acc_t part_max, acc_t m) {
   return part_max == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : std::exp(part_max - m);
 }
 
-// Backward, one query row of L keys: P = exp(S - lse) (in s), dS = gamma * P * (dP - R) in
-// place of dP (in ds; dP = G V^T is dP / gamma of the contract), then s = gamma * P, the
-// weights grad_v needs (dV = P^T dO, dO = gamma * grad_y).
+// Backward, one query row of n keys: P = exp(S - lse) (from s), dS = gamma * P * (dP - R) in
+// place of dP (ds holds G^T V, the contract's dP / gamma), then s = gamma * P, the weights of
+// grad_v (dV = dO P, dO = gamma * grad_y).
 template <typename acc_t>
 void softmax_backward_row(acc_t* s, acc_t* ds, int64_t n, acc_t lse, acc_t R, acc_t gamma) {
   using V = Vectorized<acc_t>;
@@ -134,55 +196,79 @@ void softmax_backward_row(acc_t* s, acc_t* ds, int64_t n, acc_t lse, acc_t R, ac
   }
 }
 
-// o = (o * a + oc * b) * inv_Z over n channels: the merged, normalised out of one pixel.
+// R[i] = sum_c G[c, i] * O[c, i] over a (C x n) pair of strided matrices, c in order.
 template <typename acc_t>
-void merge_pixel(acc_t* o, const acc_t* oc, int64_t n, acc_t a, acc_t b, acc_t inv_Z) {
-  using V = Vectorized<acc_t>;
-  int64_t c = 0;
-  const V va(a), vb(b), vz(inv_Z);
-  for (; c + V::size() <= n; c += V::size()) {
-    ((V::loadu(o + c) * va + V::loadu(oc + c) * vb) * vz).store(o + c);
+void channel_dots(const at::Tensor& G, const at::Tensor& O, acc_t* R) {
+  const int64_t C = G.size(0), n = G.size(1);
+  const int64_t gc = G.stride(0), gi = G.stride(1), oc = O.stride(0), oi = O.stride(1);
+  const acc_t* g = G.const_data_ptr<acc_t>();
+  const acc_t* o = O.const_data_ptr<acc_t>();
+  if (gc == 1 && oc == 1) {  // channels_last: one contiguous dot per pixel
+    using V = Vectorized<acc_t>;
+    for (int64_t i = 0; i < n; ++i) {
+      const acc_t* gp = g + i * gi;
+      const acc_t* op = o + i * oi;
+      V sum(0);
+      int64_t c = 0;
+      for (; c + V::size() <= C; c += V::size()) sum = at::vec::fmadd(V::loadu(gp + c), V::loadu(op + c), sum);
+      acc_t total = reduce_sum(sum);
+      for (; c < C; ++c) total += gp[c] * op[c];
+      R[i] = total;
+    }
+    return;
   }
-  for (; c < n; ++c) o[c] = (o[c] * a + oc[c] * b) * inv_Z;
+  std::fill_n(R, n, acc_t(0));
+  if (gi == 1 && oi == 1) {  // NCHW: channel by channel, along the row
+    for (int64_t c = 0; c < C; ++c) {
+      const acc_t* gp = g + c * gc;
+      const acc_t* op = o + c * oc;
+      for (int64_t i = 0; i < n; ++i) R[i] += gp[i] * op[i];
+    }
+    return;
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    for (int64_t i = 0; i < n; ++i) R[i] += g[c * gc + i * gi] * o[c * oc + i * oi];
+  }
 }
 
-// Forward row pass, task (n, h): S = Q_r K_r^T (W x W), P = exp(S - m_r) row by row, O_r = P V_r
-// (unnormalised) into out's row; m_r and s_r per pixel.
+// ---- Forward -----------------------------------------------------------------------------
+
+// One row (n, h) or column (n, w) block of L queries and keys: S = Q^T K (L x L), the softmax
+// parts (m, s) per query, O = V P^T (C x L) unnormalised. `own` excludes the diagonal (the
+// column pass: the pixel itself counts once, in the row pass).
 template <typename acc_t>
-void forward_row(const at::Tensor& Q_r, const at::Tensor& K_r, const at::Tensor& V_r, at::Tensor O_r,
-                 at::Tensor& S, acc_t* m_r, acc_t* s_r) {
-  const int64_t W = Q_r.size(0);
-  at::mm_out(S, Q_r, K_r.t());
-  acc_t* s = S.data_ptr<acc_t>();
-  for (int64_t i = 0; i < W; ++i) std::tie(m_r[i], s_r[i]) = softmax_part(s + i * W, W);
-  at::mm_out(O_r, S, V_r);
+void forward_block(const at::Tensor& Q, const at::Tensor& K, const at::Tensor& V, at::Tensor O, at::Tensor& S,
+                   bool own, acc_t* m, acc_t* s) {
+  const int64_t L = Q.size(1);
+  at::mm_out(S, Q.t(), K);
+  acc_t* e = S.data_ptr<acc_t>();
+  for (int64_t i = 0; i < L; ++i) {
+    if (own) e[i * L + i] = -std::numeric_limits<acc_t>::infinity();
+    std::tie(m[i], s[i]) = softmax_part(e + i * L, L);
+  }
+  at::mm_out(O, V, S.t());
 }
 
-// Forward column pass, task (n, w): the column's softmax with the pixel itself (h' == h)
-// excluded, merged into the row pass's partials of each pixel (h, w). O (H x C, row stride
-// W*C) holds O_r and receives out; m holds m_r and receives lse; l holds s_r (both strided W).
+// The merge of one pixel's two parts: lse, and the weights a / Z, b / Z of O_r and O_c.
 template <typename acc_t>
-void forward_column(const at::Tensor& Q_c, const at::Tensor& K_c, const at::Tensor& V_c, at::Tensor O,
-                    at::Tensor& S, at::Tensor& O_c, acc_t* m, const acc_t* l, int64_t stride) {
-  const int64_t H = Q_c.size(0), C = V_c.size(1), ldo = O.stride(0);
-  const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
-  std::vector<acc_t> m_c(H), s_c(H);
-  at::mm_out(S, Q_c, K_c.t());
-  acc_t* s = S.data_ptr<acc_t>();
-  for (int64_t i = 0; i < H; ++i) {
-    s[i * H + i] = neg_inf;  // the pixel's own key counts once, in the row pass
-    std::tie(m_c[i], s_c[i]) = softmax_part(s + i * H, H);
-  }
-  at::mm_out(O_c, S, V_c);
-  acc_t* o = O.data_ptr<acc_t>();
-  const acc_t* oc = O_c.data_ptr<acc_t>();
-  for (int64_t i = 0; i < H; ++i) {
-    const acc_t m_r = m[i * stride], s_r = l[i * stride];
-    const acc_t mx = nan_max(m_r, m_c[i]);
-    const acc_t a = rescale(m_r, mx), b = rescale(m_c[i], mx);
-    const acc_t Z = s_r * a + s_c[i] * b;  // 0 with no live key at all: out = 0/0 = NaN, as torch
-    merge_pixel(o + i * ldo, oc + i * C, C, a, b, acc_t(1) / Z);
-    m[i * stride] = mx + std::log(Z);
+void merge_pixel(acc_t m_r, acc_t s_r, acc_t m_c, acc_t s_c, acc_t& lse, acc_t& wr, acc_t& wc) {
+  const acc_t m = nan_max(m_r, m_c);
+  const acc_t a = rescale(m_r, m), b = rescale(m_c, m);
+  const acc_t Z = s_r * a + s_c * b;  // 0 with no live key at all: out = 0 * inf = NaN, as torch
+  lse = m + std::log(Z);
+  wr = a / Z;
+  wc = b / Z;
+}
+
+// out = O_r wr + O_c wc rounded to x's dtype, y = gamma * out + x in acc, rounded once, for
+// `count` elements along out's unit stride; O_c, wr and wc advance by their own steps.
+template <typename scalar_t, typename acc_t>
+void write_outputs(const acc_t* o_r, const acc_t* o_c, int64_t c_step, const acc_t* wr, const acc_t* wc,
+                   int64_t w_step, const scalar_t* x, scalar_t* out, scalar_t* y, acc_t gamma, int64_t count) {
+  for (int64_t j = 0; j < count; ++j) {
+    const scalar_t o = static_cast<scalar_t>(o_r[j] * wr[j * w_step] + o_c[j * c_step] * wc[j * w_step]);
+    out[j] = o;
+    y[j] = static_cast<scalar_t>(gamma * static_cast<acc_t>(o) + static_cast<acc_t>(x[j]));
   }
 }
 
@@ -194,83 +280,105 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> criss_cross_cpu(const at::Tensor&
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), HW = H * W;
   const at::Tensor x_dense = dense(x);
   at::Tensor lse = at::empty({N, HW}, x.options().dtype(acc));
-  if (N * HW == 0) return {empty_like_layout(x_dense), empty_like_layout(x_dense), lse};
-  const at::Tensor Q = pixels_last(q, acc), K = pixels_last(k, acc), V = pixels_last(v, acc);
-  at::Tensor O = at::empty({N, H, W, C}, Q.options());  // out in acc, pixels last
-  at::Tensor row_sum = at::empty({N, HW}, Q.options());  // s_r; lse holds m_r until merged
+  at::Tensor out = empty_like_layout(x_dense), y = empty_like_layout(x_dense);
+  if (N * HW == 0) return {y, out, lse};
+  const PassViews Q = pass_views(q, acc), K = pass_views(k, acc), V = pass_views(v, acc);
+  // O_r in x's layout; O_c (N, C, W, H) a transposed view of x's layout where that is
+  // channels_last (so the merge reads both along c), NCHW-contiguous planes otherwise.
+  const at::Tensor O_r = empty_like_layout(x_dense, acc);
+  const bool cl = is_channels_last(O_r);
+  const at::Tensor O_c = cl ? empty_like_layout(x_dense, acc).transpose(2, 3) : at::empty({N, C, W, H}, O_r.options());
+  // m_r, s_r per pixel (n, h, w); m_c, s_c per pixel as (n, w, h); then wr, wc the merged weights.
+  at::Tensor stats = at::empty({6, N, HW}, O_r.options());
+  const double gamma_value = gamma.item<double>();
   AT_DISPATCH_FLOATING_TYPES(acc, "criss_cross_cpu", [&] {
-    scalar_t* m = lse.data_ptr<scalar_t>();
-    scalar_t* l = row_sum.data_ptr<scalar_t>();
+    using acc_t = scalar_t;
+    acc_t* m_r = stats[0].data_ptr<acc_t>();
+    acc_t* s_r = stats[1].data_ptr<acc_t>();
+    acc_t* m_c = stats[2].data_ptr<acc_t>();
+    acc_t* s_c = stats[3].data_ptr<acc_t>();
+    acc_t* wr = stats[4].data_ptr<acc_t>();
+    acc_t* wc = stats[5].data_ptr<acc_t>();
     at::parallel_for(0, N * H, 1, [&](int64_t begin, int64_t end) {
       BelowAutograd below;
-      at::Tensor S = at::empty({W, W}, Q.options());
+      at::Tensor S = at::empty({W, W}, O_r.options());
       for (int64_t task = begin; task < end; ++task) {
         const int64_t n = task / H, h = task % H;
-        forward_row<scalar_t>(Q[n][h], K[n][h], V[n][h], O[n][h], S, m + task * W, l + task * W);
+        forward_block<acc_t>(Q.rows[n].select(1, h), K.rows[n].select(1, h), V.rows[n].select(1, h),
+                             O_r[n].select(1, h), S, false, m_r + task * W, s_r + task * W);
       }
     });
     at::parallel_for(0, N * W, 1, [&](int64_t begin, int64_t end) {
       BelowAutograd below;
-      at::Tensor S = at::empty({H, H}, Q.options());
-      at::Tensor O_c = at::empty({H, C}, Q.options());
+      at::Tensor S = at::empty({H, H}, O_r.options());
       for (int64_t task = begin; task < end; ++task) {
         const int64_t n = task / W, w = task % W;
-        forward_column<scalar_t>(Q[n].select(1, w), K[n].select(1, w), V[n].select(1, w), O[n].select(1, w), S,
-                                 O_c, m + n * HW + w, l + n * HW + w, W);
+        forward_block<acc_t>(Q.cols[n].select(1, w), K.cols[n].select(1, w), V.cols[n].select(1, w),
+                             O_c[n].select(1, w), S, true, m_c + task * H, s_c + task * H);
+      }
+    });
+    acc_t* lse_p = lse.data_ptr<acc_t>();
+    at::parallel_for(0, N * H, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t n = task / H, h = task % H;
+        for (int64_t w = 0; w < W; ++w) {
+          const int64_t p = task * W + w, pc = (n * W + w) * H + h;
+          merge_pixel(m_r[p], s_r[p], m_c[pc], s_c[pc], lse_p[p], wr[p], wc[p]);
+        }
+      }
+    });
+    const acc_t g = static_cast<acc_t>(gamma_value);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "criss_cross_out", [&] {
+      const scalar_t* xp = x_dense.const_data_ptr<scalar_t>();
+      scalar_t* outp = out.data_ptr<scalar_t>();
+      scalar_t* yp = y.data_ptr<scalar_t>();
+      const acc_t* orp = O_r.const_data_ptr<acc_t>();
+      const acc_t* ocp = O_c.const_data_ptr<acc_t>();
+      if (cl) {  // pixel by pixel, channels contiguous in every tensor
+        at::parallel_for(0, N * HW, 16, [&](int64_t begin, int64_t end) {
+          for (int64_t p = begin; p < end; ++p) {
+            write_outputs(orp + p * C, ocp + p * C, 1, wr + p, wc + p, 0, xp + p * C, outp + p * C, yp + p * C, g, C);
+          }
+        });
+      } else {  // plane (n, c) by row h: O_c read across its transposed plane
+        at::parallel_for(0, N * C, 1, [&](int64_t begin, int64_t end) {
+          for (int64_t plane = begin; plane < end; ++plane) {
+            const int64_t n = plane / C;
+            for (int64_t h = 0; h < H; ++h) {
+              const int64_t at_ = plane * HW + h * W;
+              write_outputs(orp + at_, ocp + plane * HW + h, H, wr + n * HW + h * W, wc + n * HW + h * W, 1,
+                            xp + at_, outp + at_, yp + at_, g, W);
+            }
+          }
+        });
       }
     });
   });
-  const at::Tensor out = like_input(O, x_dense);
-  // y = gamma * out + x with out rounded to x's dtype first, in acc, rounded once (the Reference).
-  at::Tensor y = empty_like_layout(x_dense);
-  const double gamma_value = gamma.item<double>();
-  if (x.scalar_type() == acc) {
-    at::add_out(y, x_dense, out, gamma_value);
-  } else {
-    y.copy_(at::add(x_dense.to(acc), out.to(acc), gamma_value));
-  }
   return {y, out, lse};
 }
 
-// Backward row pass, task (n, h): R of the row's pixels, then S, P, dP, dS of the row's W x W
-// block and the row's gradients, written (=).
-template <typename acc_t>
-void backward_row(const at::Tensor& Q_r, const at::Tensor& K_r, const at::Tensor& V_r, const at::Tensor& G_r,
-                  const at::Tensor& O_r, const acc_t* lse, acc_t* R, acc_t gamma, at::Tensor& P, at::Tensor& dS,
-                  at::Tensor dQ, at::Tensor dK, at::Tensor dV) {
-  const int64_t W = Q_r.size(0), C = G_r.size(1);
-  const acc_t* g = G_r.data_ptr<acc_t>();
-  const acc_t* o = O_r.data_ptr<acc_t>();
-  for (int64_t i = 0; i < W; ++i) R[i] = dot(g + i * C, o + i * C, C);
-  at::mm_out(P, Q_r, K_r.t());   // S
-  at::mm_out(dS, G_r, V_r.t());  // dP / gamma
-  acc_t* p = P.data_ptr<acc_t>();
-  acc_t* ds = dS.data_ptr<acc_t>();
-  for (int64_t i = 0; i < W; ++i) softmax_backward_row(p + i * W, ds + i * W, W, lse[i], R[i], gamma);
-  at::mm_out(dQ, dS, K_r);
-  at::mm_out(dK, dS.t(), Q_r);
-  at::mm_out(dV, P.t(), G_r);  // P holds gamma * P: dV = P^T dO
-}
+// ---- Backward ----------------------------------------------------------------------------
 
-// Backward column pass, task (n, w): the column's block with the diagonal excluded; its
-// gradients added (+=) into column w. lse and R are strided W.
+// One row or column block: S, P = exp(S - lse), dP / gamma = G^T V, dS; then dQ = K dS^T,
+// dK = Q dS, dV = dO P, each (x L), written or, where `add` says so, added into the given views.
 template <typename acc_t>
-void backward_column(const at::Tensor& Q_c, const at::Tensor& K_c, const at::Tensor& V_c, const at::Tensor& G_c,
-                     const acc_t* lse, const acc_t* R, int64_t stride, acc_t gamma, at::Tensor& P, at::Tensor& dS,
-                     at::Tensor dQ, at::Tensor dK, at::Tensor dV) {
-  const int64_t H = Q_c.size(0);
-  at::mm_out(P, Q_c, K_c.t());
-  at::mm_out(dS, G_c, V_c.t());
+void backward_block(const at::Tensor& Q, const at::Tensor& K, const at::Tensor& V, const at::Tensor& G,
+                    const acc_t* lse, int64_t lse_step, const acc_t* R, int64_t R_step, acc_t gamma, bool own,
+                    at::Tensor& P, at::Tensor& dS, at::Tensor dQ, at::Tensor dK, at::Tensor dV, const bool (&add)[3]) {
+  const int64_t L = Q.size(1);
+  at::mm_out(P, Q.t(), K);
+  at::mm_out(dS, G.t(), V);
   acc_t* p = P.data_ptr<acc_t>();
   acc_t* ds = dS.data_ptr<acc_t>();
-  for (int64_t i = 0; i < H; ++i) {
-    // -inf, as the Reference's masked energy: P = exp(-inf - lse) is 0 (NaN where lse is).
-    p[i * H + i] = -std::numeric_limits<acc_t>::infinity();
-    softmax_backward_row(p + i * H, ds + i * H, H, lse[i * stride], R[i * stride], gamma);
+  for (int64_t i = 0; i < L; ++i) {
+    // The masked energy is -inf, as the Reference's: P = exp(-inf - lse) = 0 (NaN where lse is).
+    if (own) p[i * L + i] = -std::numeric_limits<acc_t>::infinity();
+    softmax_backward_row(p + i * L, ds + i * L, L, lse[i * lse_step], R[i * R_step], gamma);
   }
-  dQ.addmm_(dS, K_c);
-  dK.addmm_(dS.t(), Q_c);
-  dV.addmm_(P.t(), G_c);
+  // beta 0: the buffer's old (uninitialised) values are ignored, not multiplied
+  dQ.addmm_(K, dS.t(), add[0] ? 1.0 : 0.0);
+  dK.addmm_(Q, dS, add[1] ? 1.0 : 0.0);
+  dV.addmm_(G, P, add[2] ? 1.0 : 0.0);  // P holds gamma * P
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> criss_cross_backward_cpu(
@@ -278,54 +386,62 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> criss_cross_backward_
     const at::Tensor& gamma, const at::Tensor& out, const at::Tensor& lse) {
   check_criss_cross_backward_args(grad_y, q, k, v, gamma, out, lse, "criss_cross_backward");
   const at::ScalarType acc = acc_type(out.scalar_type());
-  const int64_t N = out.size(0), C = out.size(1), H = out.size(2), W = out.size(3), HW = H * W;
-  const int64_t D = q.size(1);
-  if (N * HW == 0) {  // no pixel: empty gradients, grad_gamma = an empty sum
+  const int64_t N = out.size(0), H = out.size(2), W = out.size(3), HW = H * W;
+  if (N * HW == 0) {  // no pixel: empty gradients, grad_gamma an empty sum
     return {empty_like_layout(dense(q)), empty_like_layout(dense(k)), empty_like_layout(dense(v)),
             at::zeros_like(gamma)};
   }
-  const at::Tensor Q = pixels_last(q, acc), K = pixels_last(k, acc), V = pixels_last(v, acc);
-  const at::Tensor G = pixels_last(grad_y, acc), Out = pixels_last(out, acc);
+  const PassViews Q = pass_views(q, acc), K = pass_views(k, acc), V = pass_views(v, acc);
+  const PassViews G = pass_views(grad_y, acc);
+  at::Tensor Out = dense(out);
+  if (Out.scalar_type() != acc) Out = Out.to(acc);
   const at::Tensor lse_c = lse.contiguous();
-  at::Tensor R = at::empty({N, HW}, Q.options());
-  std::vector<double> row_R(N * H);  // sum of R per row task, summed in order below
-  at::Tensor dQ = at::empty({N, H, W, D}, Q.options()), dK = at::empty_like(dQ);
-  at::Tensor dV = at::empty({N, H, W, C}, Q.options());
+  const TwoPass dQ = two_pass_buffer(dense(q), acc), dK = two_pass_buffer(dense(k), acc),
+                dV = two_pass_buffer(dense(v), acc);
+  at::Tensor R = at::empty({N, HW}, lse_c.options());
+  std::vector<double> row_R(N * H);  // sum of R per row task, summed in task order below
   double grad_gamma_value = 0;
+  // The row pass writes; the column pass adds where its column is a view of the rows' buffer.
+  const bool kWrite[3] = {false, false, false};
+  const bool col_add[3] = {dQ.shared, dK.shared, dV.shared};
   AT_DISPATCH_FLOATING_TYPES(acc, "criss_cross_backward_cpu", [&] {
-    const scalar_t g = static_cast<scalar_t>(gamma.item<double>());
-    const scalar_t* lse_p = lse_c.data_ptr<scalar_t>();
-    scalar_t* R_p = R.data_ptr<scalar_t>();
+    using acc_t = scalar_t;
+    const acc_t g = static_cast<acc_t>(gamma.item<double>());
+    const acc_t* lse_p = lse_c.const_data_ptr<acc_t>();
+    acc_t* R_p = R.data_ptr<acc_t>();
     at::parallel_for(0, N * H, 1, [&](int64_t begin, int64_t end) {
       BelowAutograd below;
-      at::Tensor P = at::empty({W, W}, Q.options()), dS = at::empty_like(P);
+      at::Tensor P = at::empty({W, W}, R.options()), dS = at::empty_like(P);
       for (int64_t task = begin; task < end; ++task) {
         const int64_t n = task / H, h = task % H;
-        scalar_t* R_row = R_p + task * W;
-        backward_row<scalar_t>(Q[n][h], K[n][h], V[n][h], G[n][h], Out[n][h], lse_p + task * W, R_row, g, P, dS,
-                               dQ[n][h], dK[n][h], dV[n][h]);
-        scalar_t sum = 0;
+        acc_t* R_row = R_p + task * W;
+        const at::Tensor G_r = G.rows[n].select(1, h);
+        channel_dots(G_r, Out[n].select(1, h), R_row);
+        backward_block<acc_t>(Q.rows[n].select(1, h), K.rows[n].select(1, h), V.rows[n].select(1, h), G_r,
+                              lse_p + task * W, 1, R_row, 1, g, false, P, dS, dQ.rows[n].select(1, h),
+                              dK.rows[n].select(1, h), dV.rows[n].select(1, h), kWrite);
+        acc_t sum = 0;
         for (int64_t i = 0; i < W; ++i) sum += R_row[i];
         row_R[task] = sum;
       }
     });
     at::parallel_for(0, N * W, 1, [&](int64_t begin, int64_t end) {
       BelowAutograd below;
-      at::Tensor P = at::empty({H, H}, Q.options()), dS = at::empty_like(P);
+      at::Tensor P = at::empty({H, H}, R.options()), dS = at::empty_like(P);
       for (int64_t task = begin; task < end; ++task) {
         const int64_t n = task / W, w = task % W;
-        backward_column<scalar_t>(Q[n].select(1, w), K[n].select(1, w), V[n].select(1, w), G[n].select(1, w),
-                                  lse_p + n * HW + w, R_p + n * HW + w, W, g, P, dS, dQ[n].select(1, w),
-                                  dK[n].select(1, w), dV[n].select(1, w));
+        backward_block<acc_t>(Q.cols[n].select(1, w), K.cols[n].select(1, w), V.cols[n].select(1, w),
+                              G.cols[n].select(1, w), lse_p + n * HW + w, W, R_p + n * HW + w, W, g, true, P, dS,
+                              dQ.cols[n].select(1, w), dK.cols[n].select(1, w), dV.cols[n].select(1, w), col_add);
       }
     });
-    scalar_t total = 0;  // grad_gamma = sum R, the rows' partials in row order: thread-count independent
-    for (const double part : row_R) total += static_cast<scalar_t>(part);
+    acc_t total = 0;  // grad_gamma = sum R: the rows' partials in row order, for any thread count
+    for (const double part : row_R) total += static_cast<acc_t>(part);
     grad_gamma_value = total;
   });
   at::Tensor grad_gamma =
       at::full(gamma.sizes(), grad_gamma_value, gamma.options().dtype(acc)).to(gamma.scalar_type());
-  return {like_input(dQ, q), like_input(dK, k), like_input(dV, v), grad_gamma};
+  return {finish(dQ, q), finish(dK, k), finish(dV, v), grad_gamma};
 }
 
 }  // namespace
