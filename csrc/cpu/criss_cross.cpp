@@ -19,9 +19,11 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
+#include <dlfcn.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <climits>
 #include <cmath>
 #include <limits>
 #include <tuple>
@@ -38,41 +40,10 @@ using at::vec::Vectorized;
 
 // ---- Layout plumbing -------------------------------------------------------------------
 
-// dst[p][j][i] = src[p][i][j] + (add ? add[p][i][j] : 0) for `planes` (rows x cols) planes,
-// all contiguous, converting the dtype.
-template <typename src_t, typename dst_t>
-void transpose_planes(const src_t* src, const src_t* add, dst_t* dst, int64_t planes, int64_t rows, int64_t cols) {
-  const int64_t size = rows * cols;
-  at::parallel_for(0, planes, 1, [&](int64_t begin, int64_t end) {
-    constexpr int64_t kTile = 16;
-    for (int64_t p = begin; p < end; ++p) {
-      const src_t* s = src + p * size;
-      dst_t* d = dst + p * size;
-      for (int64_t i0 = 0; i0 < rows; i0 += kTile) {
-        const int64_t i1 = std::min(rows, i0 + kTile);
-        for (int64_t j0 = 0; j0 < cols; j0 += kTile) {
-          const int64_t j1 = std::min(cols, j0 + kTile);
-          for (int64_t j = j0; j < j1; ++j) {
-            for (int64_t i = i0; i < i1; ++i) {
-              src_t value = s[i * cols + j];
-              if (add != nullptr) value += add[p * size + j * rows + i];
-              d[j * rows + i] = static_cast<dst_t>(value);
-            }
-          }
-        }
-      }
-    }
-  });
-}
-
-// An NCHW-contiguous (N, C, H, W) tensor in acc as (N, C, W, H) contiguous.
+// An NCHW-contiguous (N, C, H, W) tensor as (N, C, W, H) contiguous: each plane transposed
+// (ATen copies one L1-sized plane at a time here).
 at::Tensor transposed_planes(const at::Tensor& t) {
-  at::Tensor r = at::empty({t.size(0), t.size(1), t.size(3), t.size(2)}, t.options());
-  AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "criss_cross_transpose", [&] {
-    transpose_planes<scalar_t, scalar_t>(t.const_data_ptr<scalar_t>(), nullptr, r.data_ptr<scalar_t>(),
-                                         t.size(0) * t.size(1), t.size(2), t.size(3));
-  });
-  return r;
+  return at::empty({t.size(0), t.size(1), t.size(3), t.size(2)}, t.options()).copy_(t.transpose(2, 3));
 }
 
 bool is_channels_last(const at::Tensor& t) { return layout_of(t) == Layout::ChannelsLast; }
@@ -108,15 +79,96 @@ TwoPass two_pass_buffer(const at::Tensor& t, at::ScalarType acc) {
 at::Tensor finish(const TwoPass& b, const at::Tensor& t) {
   at::Tensor r = empty_like_layout(dense(t));
   if (b.shared) return b.rows.scalar_type() == r.scalar_type() ? b.rows : r.copy_(b.rows);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, r.scalar_type(), "criss_cross_finish", [&] {
-    using dst_t = scalar_t;
-    AT_DISPATCH_FLOATING_TYPES(b.rows.scalar_type(), "criss_cross_finish", [&] {
-      // cols (N, C, W, H) transposed onto rows (N, C, H, W)
-      transpose_planes<scalar_t, dst_t>(b.cols.const_data_ptr<scalar_t>(), b.rows.const_data_ptr<scalar_t>(),
-                                        r.data_ptr<dst_t>(), r.size(0) * r.size(1), r.size(3), r.size(2));
-    });
-  });
+  at::add_out(r, b.rows, b.cols.transpose(2, 3));  // in acc, rounded once
   return r;
+}
+
+// ---- Strided matrices and BLAS -----------------------------------------------------------
+// The tasks' products call the Fortran BLAS that torch links (sgemm_ / dgemm_, found once by
+// dlsym) on raw strided matrices: at::mm_out on views costs dispatcher calls and tensor views
+// per product, about a third of the forward's time at 64 x 64 blocks. Where torch exports no
+// such symbol, or a size exceeds BLAS's 32-bit ints, at::mm_out on from_blob views does it.
+
+// Element (i, j) at p[i * rs + j * cs].
+template <typename T>
+struct Mat {
+  T* p;
+  int64_t rows, cols, rs, cs;
+  Mat t() const { return {p, cols, rows, cs, rs}; }
+  operator Mat<const T>() const { return {p, rows, cols, rs, cs}; }
+};
+
+// t[n, :, a, :] of a 4-D tensor: (size(1) x size(3)).
+template <typename T>
+Mat<T> slice(const at::Tensor& t, int64_t n, int64_t a) {
+  return {t.data_ptr<T>() + n * t.stride(0) + a * t.stride(2), t.size(1), t.size(3), t.stride(1), t.stride(3)};
+}
+
+// A contiguous (rows x cols) scratch matrix.
+template <typename T>
+Mat<T> dense_mat(T* p, int64_t rows, int64_t cols) {
+  return {p, rows, cols, cols, 1};
+}
+
+template <typename T>
+using FortranGemm = void (*)(const char*, const char*, const int*, const int*, const int*, const T*, const T*,
+                             const int*, const T*, const int*, const T*, T*, const int*);
+
+template <typename T>
+FortranGemm<T> fortran_gemm() {
+  static const FortranGemm<T> f = reinterpret_cast<FortranGemm<T>>(
+      dlsym(RTLD_DEFAULT, std::is_same_v<T, double> ? "dgemm_" : "sgemm_"));
+  return f;
+}
+
+// X as a column-major BLAS operand: 'N' where its row stride is 1, else 'T' (row-major); a
+// dimension of size 1 takes whichever stride fits. Returns the leading dimension.
+template <typename T>
+int64_t blas_operand(const Mat<T>& X, char& op) {
+  if (X.rs == 1 || X.rows == 1) {
+    op = 'N';
+    return X.cols == 1 ? std::max<int64_t>(1, X.rows) : X.cs;
+  }
+  TORCH_INTERNAL_ASSERT(X.cs == 1 || X.cols == 1, "criss_cross: a matrix without a unit stride");
+  op = 'T';
+  return X.rows == 1 ? std::max<int64_t>(1, X.cols) : X.rs;
+}
+
+template <typename T>
+at::Tensor as_tensor(const Mat<T>& X) {
+  return at::from_blob(const_cast<std::remove_const_t<T>*>(X.p), {X.rows, X.cols}, {X.rs, X.cs},
+                       at::TensorOptions().dtype(c10::CppTypeToScalarType<std::remove_const_t<T>>::value));
+}
+
+// C = alpha * A B + beta * C (beta 0: C's old values are ignored, NaN included).
+template <typename T>
+void gemm(const Mat<const T>& A, const Mat<const T>& B, const Mat<T>& C, T alpha, T beta) {
+  const int64_t m = C.rows, n = C.cols, k = A.cols;
+  if (m == 0 || n == 0) return;
+  if (k == 0) {  // an empty sum: C = beta * C
+    for (int64_t i = 0; i < m; ++i) {
+      for (int64_t j = 0; j < n; ++j) {
+        T& c = C.p[i * C.rs + j * C.cs];
+        c = beta == T(0) ? T(0) : beta * c;
+      }
+    }
+    return;
+  }
+  if (!(C.rs == 1 || C.rows == 1)) {  // row-major C: C^T = B^T A^T is column-major
+    gemm<T>(B.t(), A.t(), C.t(), alpha, beta);
+    return;
+  }
+  char op_a, op_b, op_c;
+  const int64_t lda = blas_operand(A, op_a), ldb = blas_operand(B, op_b);
+  const int64_t ldc = blas_operand(Mat<const T>(C), op_c);
+  const FortranGemm<T> f = fortran_gemm<T>();
+  if (f != nullptr && std::max({m, n, k, lda, ldb, ldc}) <= INT_MAX) {
+    const int mi = m, ni = n, ki = k, la = lda, lb = ldb, lc = ldc;
+    f(&op_a, &op_b, &mi, &ni, &ki, &alpha, A.p, &la, B.p, &lb, &beta, C.p, &lc);
+    return;
+  }
+  at::Tensor c = as_tensor(C);
+  c.addmm_(as_tensor(A), as_tensor(B), beta, alpha);
 }
 
 // ---- Row vector loops --------------------------------------------------------------------
@@ -198,11 +250,10 @@ void softmax_backward_row(acc_t* s, acc_t* ds, int64_t n, acc_t lse, acc_t R, ac
 
 // R[i] = sum_c G[c, i] * O[c, i] over a (C x n) pair of strided matrices, c in order.
 template <typename acc_t>
-void channel_dots(const at::Tensor& G, const at::Tensor& O, acc_t* R) {
-  const int64_t C = G.size(0), n = G.size(1);
-  const int64_t gc = G.stride(0), gi = G.stride(1), oc = O.stride(0), oi = O.stride(1);
-  const acc_t* g = G.const_data_ptr<acc_t>();
-  const acc_t* o = O.const_data_ptr<acc_t>();
+void channel_dots(const Mat<const acc_t>& G, const Mat<const acc_t>& O, acc_t* R) {
+  const int64_t C = G.rows, n = G.cols, gc = G.rs, gi = G.cs, oc = O.rs, oi = O.cs;
+  const acc_t* g = G.p;
+  const acc_t* o = O.p;
   if (gc == 1 && oc == 1) {  // channels_last: one contiguous dot per pixel
     using V = Vectorized<acc_t>;
     for (int64_t i = 0; i < n; ++i) {
@@ -237,16 +288,16 @@ void channel_dots(const at::Tensor& G, const at::Tensor& O, acc_t* R) {
 // parts (m, s) per query, O = V P^T (C x L) unnormalised. `own` excludes the diagonal (the
 // column pass: the pixel itself counts once, in the row pass).
 template <typename acc_t>
-void forward_block(const at::Tensor& Q, const at::Tensor& K, const at::Tensor& V, at::Tensor O, at::Tensor& S,
-                   bool own, acc_t* m, acc_t* s) {
-  const int64_t L = Q.size(1);
-  at::mm_out(S, Q.t(), K);
-  acc_t* e = S.data_ptr<acc_t>();
+void forward_block(const Mat<const acc_t>& Q, const Mat<const acc_t>& K, const Mat<const acc_t>& V,
+                   const Mat<acc_t>& O, acc_t* e, bool own, acc_t* m, acc_t* s) {
+  const int64_t L = Q.cols;
+  const Mat<acc_t> S = dense_mat(e, L, L);
+  gemm<acc_t>(Q.t(), K, S, 1, 0);
   for (int64_t i = 0; i < L; ++i) {
     if (own) e[i * L + i] = -std::numeric_limits<acc_t>::infinity();
     std::tie(m[i], s[i]) = softmax_part(e + i * L, L);
   }
-  at::mm_out(O, V, S.t());
+  gemm<acc_t>(V, S.t(), O, 1, 0);
 }
 
 // The merge of one pixel's two parts: lse, and the weights a / Z, b / Z of O_r and O_c.
@@ -261,12 +312,13 @@ void merge_pixel(acc_t m_r, acc_t s_r, acc_t m_c, acc_t s_c, acc_t& lse, acc_t& 
 }
 
 // out = O_r wr + O_c wc rounded to x's dtype, y = gamma * out + x in acc, rounded once, for
-// `count` elements along out's unit stride; O_c, wr and wc advance by their own steps.
-template <typename scalar_t, typename acc_t>
-void write_outputs(const acc_t* o_r, const acc_t* o_c, int64_t c_step, const acc_t* wr, const acc_t* wc,
-                   int64_t w_step, const scalar_t* x, scalar_t* out, scalar_t* y, acc_t gamma, int64_t count) {
+// `count` contiguous elements; the weights per element (kPerElement) or one for all.
+template <bool kPerElement, typename scalar_t, typename acc_t>
+void write_outputs(const acc_t* o_r, const acc_t* o_c, const acc_t* wr, const acc_t* wc, const scalar_t* x,
+                   scalar_t* out, scalar_t* y, acc_t gamma, int64_t count) {
   for (int64_t j = 0; j < count; ++j) {
-    const scalar_t o = static_cast<scalar_t>(o_r[j] * wr[j * w_step] + o_c[j * c_step] * wc[j * w_step]);
+    const int64_t i = kPerElement ? j : 0;
+    const scalar_t o = static_cast<scalar_t>(o_r[j] * wr[i] + o_c[j] * wc[i]);
     out[j] = o;
     y[j] = static_cast<scalar_t>(gamma * static_cast<acc_t>(o) + static_cast<acc_t>(x[j]));
   }
@@ -300,21 +352,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> criss_cross_cpu(const at::Tensor&
     acc_t* wr = stats[4].data_ptr<acc_t>();
     acc_t* wc = stats[5].data_ptr<acc_t>();
     at::parallel_for(0, N * H, 1, [&](int64_t begin, int64_t end) {
-      BelowAutograd below;
-      at::Tensor S = at::empty({W, W}, O_r.options());
+      std::vector<acc_t> S(W * W);
       for (int64_t task = begin; task < end; ++task) {
         const int64_t n = task / H, h = task % H;
-        forward_block<acc_t>(Q.rows[n].select(1, h), K.rows[n].select(1, h), V.rows[n].select(1, h),
-                             O_r[n].select(1, h), S, false, m_r + task * W, s_r + task * W);
+        forward_block<acc_t>(slice<acc_t>(Q.rows, n, h), slice<acc_t>(K.rows, n, h), slice<acc_t>(V.rows, n, h),
+                             slice<acc_t>(O_r, n, h), S.data(), false, m_r + task * W, s_r + task * W);
       }
     });
     at::parallel_for(0, N * W, 1, [&](int64_t begin, int64_t end) {
-      BelowAutograd below;
-      at::Tensor S = at::empty({H, H}, O_r.options());
+      std::vector<acc_t> S(H * H);
       for (int64_t task = begin; task < end; ++task) {
         const int64_t n = task / W, w = task % W;
-        forward_block<acc_t>(Q.cols[n].select(1, w), K.cols[n].select(1, w), V.cols[n].select(1, w),
-                             O_c[n].select(1, w), S, true, m_c + task * H, s_c + task * H);
+        forward_block<acc_t>(slice<acc_t>(Q.cols, n, w), slice<acc_t>(K.cols, n, w), slice<acc_t>(V.cols, n, w),
+                             slice<acc_t>(O_c, n, w), S.data(), true, m_c + task * H, s_c + task * H);
       }
     });
     acc_t* lse_p = lse.data_ptr<acc_t>();
@@ -337,18 +387,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> criss_cross_cpu(const at::Tensor&
       if (cl) {  // pixel by pixel, channels contiguous in every tensor
         at::parallel_for(0, N * HW, 16, [&](int64_t begin, int64_t end) {
           for (int64_t p = begin; p < end; ++p) {
-            write_outputs(orp + p * C, ocp + p * C, 1, wr + p, wc + p, 0, xp + p * C, outp + p * C, yp + p * C, g, C);
+            write_outputs<false>(orp + p * C, ocp + p * C, wr + p, wc + p, xp + p * C, outp + p * C, yp + p * C, g, C);
           }
         });
-      } else {  // plane (n, c) by row h: O_c read across its transposed plane
+      } else {  // plane by plane, O_c's (W x H) plane transposed into scratch first
         at::parallel_for(0, N * C, 1, [&](int64_t begin, int64_t end) {
+          std::vector<acc_t> plane_c(HW);
           for (int64_t plane = begin; plane < end; ++plane) {
-            const int64_t n = plane / C;
-            for (int64_t h = 0; h < H; ++h) {
-              const int64_t at_ = plane * HW + h * W;
-              write_outputs(orp + at_, ocp + plane * HW + h, H, wr + n * HW + h * W, wc + n * HW + h * W, 1,
-                            xp + at_, outp + at_, yp + at_, g, W);
+            const int64_t n = plane / C, at_ = plane * HW;
+            const acc_t* src = ocp + at_;
+            for (int64_t w = 0; w < W; ++w) {
+              for (int64_t h = 0; h < H; ++h) plane_c[h * W + w] = src[w * H + h];
             }
+            write_outputs<true>(orp + at_, plane_c.data(), wr + n * HW, wc + n * HW, xp + at_, outp + at_, yp + at_,
+                                g, HW);
           }
         });
       }
@@ -360,25 +412,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> criss_cross_cpu(const at::Tensor&
 // ---- Backward ----------------------------------------------------------------------------
 
 // One row or column block: S, P = exp(S - lse), dP / gamma = G^T V, dS; then dQ = K dS^T,
-// dK = Q dS, dV = dO P, each (x L), written or, where `add` says so, added into the given views.
+// dK = Q dS, dV = dO P, each (x L), written or, where `add` says so, added into dQ, dK, dV.
 template <typename acc_t>
-void backward_block(const at::Tensor& Q, const at::Tensor& K, const at::Tensor& V, const at::Tensor& G,
-                    const acc_t* lse, int64_t lse_step, const acc_t* R, int64_t R_step, acc_t gamma, bool own,
-                    at::Tensor& P, at::Tensor& dS, at::Tensor dQ, at::Tensor dK, at::Tensor dV, const bool (&add)[3]) {
-  const int64_t L = Q.size(1);
-  at::mm_out(P, Q.t(), K);
-  at::mm_out(dS, G.t(), V);
-  acc_t* p = P.data_ptr<acc_t>();
-  acc_t* ds = dS.data_ptr<acc_t>();
+void backward_block(const Mat<const acc_t>& Q, const Mat<const acc_t>& K, const Mat<const acc_t>& V,
+                    const Mat<const acc_t>& G, const acc_t* lse, int64_t lse_step, const acc_t* R, int64_t R_step,
+                    acc_t gamma, bool own, acc_t* p, acc_t* ds, const Mat<acc_t>& dQ, const Mat<acc_t>& dK,
+                    const Mat<acc_t>& dV, const bool (&add)[3]) {
+  const int64_t L = Q.cols;
+  const Mat<acc_t> P = dense_mat(p, L, L), dS = dense_mat(ds, L, L);
+  gemm<acc_t>(Q.t(), K, P, 1, 0);
+  gemm<acc_t>(G.t(), V, dS, 1, 0);
   for (int64_t i = 0; i < L; ++i) {
     // The masked energy is -inf, as the Reference's: P = exp(-inf - lse) = 0 (NaN where lse is).
     if (own) p[i * L + i] = -std::numeric_limits<acc_t>::infinity();
     softmax_backward_row(p + i * L, ds + i * L, L, lse[i * lse_step], R[i * R_step], gamma);
   }
   // beta 0: the buffer's old (uninitialised) values are ignored, not multiplied
-  dQ.addmm_(K, dS.t(), add[0] ? 1.0 : 0.0);
-  dK.addmm_(Q, dS, add[1] ? 1.0 : 0.0);
-  dV.addmm_(G, P, add[2] ? 1.0 : 0.0);  // P holds gamma * P
+  gemm<acc_t>(K, dS.t(), dQ, 1, add[0] ? 1 : 0);
+  gemm<acc_t>(Q, dS, dK, 1, add[1] ? 1 : 0);
+  gemm<acc_t>(G, P, dV, 1, add[2] ? 1 : 0);  // P holds gamma * P
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> criss_cross_backward_cpu(
@@ -410,29 +462,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> criss_cross_backward_
     const acc_t* lse_p = lse_c.const_data_ptr<acc_t>();
     acc_t* R_p = R.data_ptr<acc_t>();
     at::parallel_for(0, N * H, 1, [&](int64_t begin, int64_t end) {
-      BelowAutograd below;
-      at::Tensor P = at::empty({W, W}, R.options()), dS = at::empty_like(P);
+      std::vector<acc_t> P(W * W), dS(W * W);
       for (int64_t task = begin; task < end; ++task) {
         const int64_t n = task / H, h = task % H;
         acc_t* R_row = R_p + task * W;
-        const at::Tensor G_r = G.rows[n].select(1, h);
-        channel_dots(G_r, Out[n].select(1, h), R_row);
-        backward_block<acc_t>(Q.rows[n].select(1, h), K.rows[n].select(1, h), V.rows[n].select(1, h), G_r,
-                              lse_p + task * W, 1, R_row, 1, g, false, P, dS, dQ.rows[n].select(1, h),
-                              dK.rows[n].select(1, h), dV.rows[n].select(1, h), kWrite);
+        const Mat<const acc_t> G_r = slice<acc_t>(G.rows, n, h);
+        channel_dots(G_r, Mat<const acc_t>(slice<acc_t>(Out, n, h)), R_row);
+        backward_block<acc_t>(slice<acc_t>(Q.rows, n, h), slice<acc_t>(K.rows, n, h), slice<acc_t>(V.rows, n, h),
+                              G_r, lse_p + task * W, 1, R_row, 1, g, false, P.data(), dS.data(),
+                              slice<acc_t>(dQ.rows, n, h), slice<acc_t>(dK.rows, n, h), slice<acc_t>(dV.rows, n, h),
+                              kWrite);
         acc_t sum = 0;
         for (int64_t i = 0; i < W; ++i) sum += R_row[i];
         row_R[task] = sum;
       }
     });
     at::parallel_for(0, N * W, 1, [&](int64_t begin, int64_t end) {
-      BelowAutograd below;
-      at::Tensor P = at::empty({H, H}, R.options()), dS = at::empty_like(P);
+      std::vector<acc_t> P(H * H), dS(H * H);
       for (int64_t task = begin; task < end; ++task) {
         const int64_t n = task / W, w = task % W;
-        backward_block<acc_t>(Q.cols[n].select(1, w), K.cols[n].select(1, w), V.cols[n].select(1, w),
-                              G.cols[n].select(1, w), lse_p + n * HW + w, W, R_p + n * HW + w, W, g, true, P, dS,
-                              dQ.cols[n].select(1, w), dK.cols[n].select(1, w), dV.cols[n].select(1, w), col_add);
+        backward_block<acc_t>(slice<acc_t>(Q.cols, n, w), slice<acc_t>(K.cols, n, w), slice<acc_t>(V.cols, n, w),
+                              slice<acc_t>(G.cols, n, w), lse_p + n * HW + w, W, R_p + n * HW + w, W, g, true,
+                              P.data(), dS.data(), slice<acc_t>(dQ.cols, n, w), slice<acc_t>(dK.cols, n, w),
+                              slice<acc_t>(dV.cols, n, w), col_add);
       }
     });
     acc_t total = 0;  // grad_gamma = sum R: the rows' partials in row order, for any thread count
