@@ -19,7 +19,6 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
-#include <dlfcn.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -84,8 +83,8 @@ at::Tensor finish(const TwoPass& b, const at::Tensor& t) {
 }
 
 // ---- Strided matrices and BLAS -----------------------------------------------------------
-// The tasks' products call the Fortran BLAS that torch links (sgemm_ / dgemm_, found once by
-// dlsym) on raw strided matrices: at::mm_out on views costs dispatcher calls and tensor views
+// The tasks' products call the Fortran BLAS that libtorch_cpu carries (sgemm_ / dgemm_, weak
+// references: null where it exports none) on raw strided matrices: at::mm_out on views costs dispatcher calls and tensor views
 // per product, about a third of the forward's time at 64 x 64 blocks. Where torch exports no
 // such symbol, or a size exceeds BLAS's 32-bit ints, at::mm_out on from_blob views does it.
 
@@ -110,15 +109,30 @@ Mat<T> dense_mat(T* p, int64_t rows, int64_t cols) {
   return {p, rows, cols, cols, 1};
 }
 
+}  // namespace
+}  // namespace attnkernels
+
+extern "C" {
+void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*, const float*, const int*,
+            const float*, const int*, const float*, float*, const int*) __attribute__((weak));
+void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*, const double*, const int*,
+            const double*, const int*, const double*, double*, const int*) __attribute__((weak));
+}
+
+namespace attnkernels {
+namespace {
+
 template <typename T>
 using FortranGemm = void (*)(const char*, const char*, const int*, const int*, const int*, const T*, const T*,
                              const int*, const T*, const int*, const T*, T*, const int*);
 
 template <typename T>
 FortranGemm<T> fortran_gemm() {
-  static const FortranGemm<T> f = reinterpret_cast<FortranGemm<T>>(
-      dlsym(RTLD_DEFAULT, std::is_same_v<T, double> ? "dgemm_" : "sgemm_"));
-  return f;
+  if constexpr (std::is_same_v<T, double>) {
+    return &dgemm_;
+  } else {
+    return &sgemm_;
+  }
 }
 
 // X as a column-major BLAS operand: 'N' where its row stride is 1, else 'T' (row-major); a
