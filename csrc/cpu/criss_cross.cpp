@@ -7,7 +7,7 @@
 // Every (N, C, H, W) tensor t in acc is read as (C x W) row matrices t[n, :, h, :] and (C x H)
 // column matrices t[n, :, :, w]. Both have a unit stride in channels_last; in NCHW a column has
 // strides (H*W, W), which BLAS cannot take, so the column pass reads a copy with each H x W
-// plane transposed (one L1-sized plane at a time; ATen's copy of such a view is slow).
+// plane transposed.
 //
 // Forward: the row pass writes the unnormalised O_r = V_r P^T and each pixel's row max m_r and
 // sum s_r; the column pass (diagonal h' == h excluded) its O_c, m_c, s_c; a last elementwise
@@ -39,8 +39,7 @@ using at::vec::Vectorized;
 
 // ---- Layout plumbing -------------------------------------------------------------------
 
-// An NCHW-contiguous (N, C, H, W) tensor as (N, C, W, H) contiguous: each plane transposed
-// (ATen copies one L1-sized plane at a time here).
+// An NCHW-contiguous (N, C, H, W) tensor as (N, C, W, H) contiguous: each plane transposed.
 at::Tensor transposed_planes(const at::Tensor& t) {
   return at::empty({t.size(0), t.size(1), t.size(3), t.size(2)}, t.options()).copy_(t.transpose(2, 3));
 }
@@ -84,9 +83,10 @@ at::Tensor finish(const TwoPass& b, const at::Tensor& t) {
 
 // ---- Strided matrices and BLAS -----------------------------------------------------------
 // The tasks' products call the Fortran BLAS that libtorch_cpu carries (sgemm_ / dgemm_, weak
-// references: null where it exports none) on raw strided matrices: at::mm_out on views costs dispatcher calls and tensor views
-// per product, about a third of the forward's time at 64 x 64 blocks. Where torch exports no
-// such symbol, or a size exceeds BLAS's 32-bit ints, at::mm_out on from_blob views does it.
+// references: null where it exports none) on raw strided matrices: at::mm_out on views costs
+// dispatcher calls and tensor views per product, about a third of the forward's time at 64 x 64
+// blocks. Where there is no such symbol, or a size exceeds BLAS's 32-bit ints, addmm_ on
+// from_blob views does the product.
 
 // Element (i, j) at p[i * rs + j * cs].
 template <typename T>
