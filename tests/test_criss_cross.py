@@ -12,6 +12,7 @@ import pytest
 import torch
 from helpers import (
     LAYOUTS,
+    assert_all_close,
     assert_layout_of,
     assert_steps_match,
     backend_cases,
@@ -38,6 +39,33 @@ def pair(channels: int, dtype: torch.dtype, device: str, recurrence: int = 1):
     return fused_pair(fused.CrissCross, R.CrissCross, channels, recurrence, dtype=dtype, device=device)
 
 
+def assert_like_reference(f, ref, x, g, backend_name) -> None:
+    """The fused module's output and gradients against the reference's; fp32: or as accurate,
+    against an fp64 copy of the reference. key.bias's gradient is rounding noise on both (its
+    term q . key.bias is the same for every key of a pixel: the softmax cancels it), so it is
+    bounded, then left out."""
+    names = gradient_names(ref)
+    (y, grads, _), (y_ref, grads_ref, _) = training_step(f, x, g, backend_name), training_step(ref, x, g)
+    got, want = [y, *grads], [y_ref, *grads_ref]
+    noise = names.index("key.bias") + 1
+    scale = want[names.index("key.weight") + 1].abs().max().item()
+    bound = 1e-9 if x.dtype == torch.float64 else 1e-4
+    assert got[noise].abs().max().item() <= bound * scale and want[noise].abs().max().item() <= bound * scale
+    keep = [i for i in range(len(got)) if i != noise]
+    truth_ref = copy.deepcopy(ref).double()
+
+    def truths():
+        y, grads, _ = training_step(truth_ref, x.double(), g.double())
+        return [[y, *grads][i] for i in keep]
+
+    # fp32: the weights' gradients sum over every pixel of every pass (RCCA chains two), in
+    # different orders on the two sides: 3e-4 apart at (2, 24, 7, 5), each as near the truth.
+    tol = {"rtol": 1e-10, "atol": 1e-10} if x.dtype == torch.float64 else {"rtol": 1e-3, "atol": 2e-5}
+    labels = ["y", *names]
+    assert_all_close([got[i] for i in keep], [want[i] for i in keep], [labels[i] for i in keep], truths, **tol)
+    assert all(want[i].abs().max() > 0 for i in keep)  # every gradient is live: the comparison can fail
+
+
 @pytest.mark.parametrize("backend_name,device", CASES)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
@@ -45,10 +73,7 @@ def pair(channels: int, dtype: torch.dtype, device: str, recurrence: int = 1):
 def test_fused_criss_cross_matches_reference(backend_name, device, shape, dtype, recurrence) -> None:
     f, ref = pair(shape[1], dtype, device, recurrence)
     x = torch.randn(shape, dtype=dtype, device=device)
-    g = torch.randn(shape, dtype=dtype, device=device)
-    got, want = training_step(f, x, g, backend_name), training_step(ref, x, g)
-    assert_steps_match(got, want, dtype, gradient_names(ref))
-    assert all(t.abs().max() > 0 for t in want[1])  # every gradient is live: the comparison can fail
+    assert_like_reference(f, ref, x, torch.randn_like(x), backend_name)
 
 
 @pytest.mark.parametrize("backend_name,device", CASES)
@@ -58,9 +83,8 @@ def test_layouts(backend_name, device, layout) -> None:
     f, ref = pair(16, torch.float64, device, 2)
     x = make_input((2, 16, 6, 7), layout, torch.float64, device)
     g = torch.randn(2, 16, 6, 7, dtype=torch.float64, device=device)
-    got = training_step(f, x, g, backend_name)
-    assert_steps_match(got, training_step(ref, x, g), torch.float64, gradient_names(ref))
-    assert_layout_of(got[0], x)
+    assert_like_reference(f, ref, x, g, backend_name)
+    assert_layout_of(training_step(f, x, g, backend_name)[0], x)
 
 
 @pytest.mark.parametrize("backend_name,device", CASES)
@@ -85,7 +109,7 @@ def test_nan_propagates_like_the_reference(backend_name, device) -> None:
     g = torch.randn_like(x)
     got, want = training_step(f, x, g, backend_name), training_step(ref, x, g)
     assert torch.isnan(want[0]).any() and torch.isfinite(want[0][0]).all()
-    assert_steps_match(got, want, torch.float64, gradient_names(ref))
+    assert_steps_match(got, want, torch.float64, gradient_names(ref))  # key.bias: NaN on both
 
 
 @pytest.mark.parametrize("backend_name,device", without_reference(CASES))
@@ -134,6 +158,4 @@ def test_triton_module_under_interpreter() -> None:
         pytest.skip("covered by the triton-cuda cases")
     f, ref = pair(8, torch.float64, "cpu", 2)
     x = torch.randn(2, 8, 3, 4, dtype=torch.float64)
-    g = torch.randn_like(x)
-    assert_steps_match(training_step(f, x, g, "triton"), training_step(ref, x, g), torch.float64,
-                       gradient_names(ref))
+    assert_like_reference(f, ref, x, torch.randn_like(x), "triton")

@@ -294,7 +294,7 @@ BAD_INPUTS = [
      "lse must be Float (the accumulation dtype of x, Float), got Double"),
     ("criss_cross_backward", {"grad_y": _t(2, 3, 4, 6)}, ValueError,
      "grad_y must match x's shape [2, 3, 4, 5] and dtype Float, got [2, 3, 4, 6] Float"),
-    ("criss_cross_backward", {"out": _t(2, 3, 4, 5, device="meta")}, ValueError, "x must be on cpu, got meta"),
+    ("criss_cross_backward", {"q": _t(2, 2, 4, 5, device="meta")}, ValueError, "q must be on cpu, got meta"),
 ]
 
 
