@@ -181,6 +181,19 @@ def test_nan_reaches_its_row_and_column_only(backend_name, device, layout) -> No
     assert torch.isfinite(y[1, :, :2, :3]).all() and torch.isfinite(y[0]).all() and torch.isfinite(grad_q[0]).all()
 
 
+@pytest.mark.parametrize("backend_name,device", CASES)
+@pytest.mark.parametrize("which", ["q", "k", "v", "x"])
+def test_nan_in_each_input_lands_where_the_references_does(backend_name, device, which) -> None:
+    """A NaN in any input: the results hold NaN exactly where the Reference's do."""
+    args = make_args((2, 8, 2, 5, 6), "nchw", F64, device)
+    args["qkvx".index(which)][1, 0, 2, 3] = float("nan")
+    got = check_cc(args, backend_name, **TOL[F64], equal_nan=True)
+    g_y = torch.randn_like(args[3])
+    for a, b in zip(cc_run(args, g_y, backend_name), cc_want(args, g_y)):
+        assert torch.equal(a.isnan(), b.isnan())
+    assert torch.isnan(got[0]).any()
+
+
 # ----------------------------------------------------------------------------------------
 # gradcheck, opcheck, torch.compile, determinism, saved tensors, empty inputs
 # ----------------------------------------------------------------------------------------
@@ -235,6 +248,22 @@ def test_deterministic(backend_name, device, layout) -> None:
     g_y = torch.randn_like(args[3])
     first = cc_run(args, g_y, backend_name)
     assert all(torch.equal(a, b) for a, b in zip(first, cc_run(args, g_y, backend_name)))
+
+
+def test_independent_of_thread_count(compiled_ops) -> None:
+    """The CPU kernels' results are bitwise the same on 1, 2 and 3 threads (every sum runs in
+    a fixed order, whatever the split)."""
+    args = make_args((2, 16, 3, 9, 11), "nchw", F32, "cpu")
+    g_y = torch.randn_like(args[3])
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append(cc_run(args, g_y, "cpu"))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for other in results[1:] for a, b in zip(results[0], other))
 
 
 @pytest.mark.parametrize("backend_name,device", CASES)
