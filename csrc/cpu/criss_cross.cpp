@@ -73,10 +73,13 @@ TwoPass two_pass_buffer(const at::Tensor& t, at::ScalarType acc) {
   return {rows, at::empty({t.size(0), t.size(1), t.size(3), t.size(2)}, rows.options()), false};
 }
 
-// rows + cols^T in t's dtype and dense layout.
+// rows + cols^T in t's dtype and dense layout (in place in rows where t's dtype is acc: one
+// x-sized buffer fewer at the backward's peak).
 at::Tensor finish(const TwoPass& b, const at::Tensor& t) {
+  const bool in_acc = b.rows.scalar_type() == t.scalar_type();
+  if (b.shared) return in_acc ? b.rows : empty_like_layout(dense(t)).copy_(b.rows);
+  if (in_acc) return b.rows.add_(b.cols.transpose(2, 3));
   at::Tensor r = empty_like_layout(dense(t));
-  if (b.shared) return b.rows.scalar_type() == r.scalar_type() ? b.rows : r.copy_(b.rows);
   at::add_out(r, b.rows, b.cols.transpose(2, 3));  // in acc, rounded once
   return r;
 }
@@ -350,10 +353,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> criss_cross_cpu(const at::Tensor&
   if (N * HW == 0) return {y, out, lse};
   const PassViews Q = pass_views(q, acc), K = pass_views(k, acc), V = pass_views(v, acc);
   // O_r in x's layout; O_c (N, C, W, H) a transposed view of x's layout where that is
-  // channels_last (so the merge reads both along c), NCHW-contiguous planes otherwise.
-  const at::Tensor O_r = empty_like_layout(x_dense, acc);
+  // channels_last (so the merge reads both along c), NCHW-contiguous planes otherwise. Where x
+  // is in acc they live in out and y: the merge reads each element (O_c: each plane, into
+  // scratch) before it writes the same element (plane) of out and y.
+  const bool in_acc = x.scalar_type() == acc;
+  const at::Tensor O_r = in_acc ? out : empty_like_layout(x_dense, acc);
   const bool cl = is_channels_last(O_r);
-  const at::Tensor O_c = cl ? empty_like_layout(x_dense, acc).transpose(2, 3) : at::empty({N, C, W, H}, O_r.options());
+  const at::Tensor O_c = cl ? (in_acc ? y : empty_like_layout(x_dense, acc)).transpose(2, 3)
+                            : (in_acc ? y.view({N, C, W, H}) : at::empty({N, C, W, H}, O_r.options()));
   // m_r, s_r per pixel (n, h, w); m_c, s_c per pixel as (n, w, h); then wr, wc the merged weights.
   at::Tensor stats = at::empty({6, N, HW}, O_r.options());
   const double gamma_value = gamma.item<double>();
