@@ -194,6 +194,26 @@ def test_nan_in_each_input_lands_where_the_references_does(backend_name, device,
     assert torch.isnan(got[0]).any()
 
 
+@pytest.mark.parametrize("backend_name,device", CASES)
+def test_infinite_energy_gives_torchs_lse(backend_name, device) -> None:
+    """An energy of +inf (q = inf against k > 0): lse is +inf there, as torch.logsumexp's (not
+    inf - inf = NaN), so the backward's P = exp(S - lse) is 0 at the pixel's finite energies and
+    grad_v of a key only finite energies reach stays finite (H = 1, W = 2: hypothesis's case)."""
+    t = lambda *v: torch.tensor(v, dtype=F64, device=device).reshape(1, 1, 1, len(v))  # noqa: E731
+    args = [t(1.541, float("inf")), t(-float("inf"), 0.249), t(-float("inf"), float("inf")), t(-0.72, float("nan")),
+            torch.tensor([0.41], dtype=F64, device=device)]
+    lse = cc_lse(args, backend_name)
+    assert lse[0, 1].item() == float("inf") and torch.isfinite(lse[0, 0])
+    grad_v = check_cc(args, backend_name, **TOL[F64], equal_nan=True)[3]
+    assert grad_v[0, 0, 0, 0].item() == 0 and torch.isnan(grad_v[0, 0, 0, 1])
+
+
+def cc_lse(args, backend_name) -> torch.Tensor:
+    """The op's lse on the backend."""
+    with backend.use_backend(backend_name):
+        return ops_module.criss_cross_ops(args[3].device).criss_cross(*args)[2]
+
+
 # ----------------------------------------------------------------------------------------
 # gradcheck, opcheck, torch.compile, determinism, saved tensors, empty inputs
 # ----------------------------------------------------------------------------------------

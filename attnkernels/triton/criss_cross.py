@@ -251,7 +251,8 @@ def _forward_kernel(
         y_offs = n * sy_n + line * sy_l + i.to(tl.int64)[:, None] * sy_p + c.to(tl.int64)[None, :] * sy_c
         tl.store(out_ptr + y_offs, out, mask=tile_mask)
         tl.store(y_ptr + y_offs, y.to(y_ptr.dtype.element_ty), mask=tile_mask)
-        tl.store(lse_ptr + px, m + tl.log(z), mask=i_mask & (cb == 0))
+        # An energy of +inf: torch.logsumexp's +inf (z is NaN, inf - inf).
+        tl.store(lse_ptr + px, tl.where(m == float("inf"), m, m + tl.log(z)), mask=i_mask & (cb == 0))
     else:
         tl.store(o_ptr + o_offs, acc, mask=tile_mask)
         tl.store(m_ptr + px, m_i, mask=i_mask & (cb == 0))

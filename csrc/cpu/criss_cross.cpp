@@ -323,7 +323,9 @@ void merge_pixel(acc_t m_r, acc_t s_r, acc_t m_c, acc_t s_c, acc_t& lse, acc_t& 
   const acc_t m = nan_max(m_r, m_c);
   const acc_t a = rescale(m_r, m), b = rescale(m_c, m);
   const acc_t Z = s_r * a + s_c * b;  // 0 with no live key at all: out = 0 * inf = NaN, as torch
-  lse = m + std::log(Z);
+  // An energy of +inf: torch.logsumexp's +inf (Z is NaN here, inf - inf), whose P = exp(S - lse)
+  // is 0 for the finite energies in the backward.
+  lse = m == std::numeric_limits<acc_t>::infinity() ? m : m + std::log(Z);
   wr = a / Z;
   wc = b / Z;
 }

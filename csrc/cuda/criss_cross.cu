@@ -332,7 +332,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) line_kernel(const LineAr
           const acc_t m_safe = mm == kNegInf ? acc_t(0) : mm;
           const acc_t fr = acc_exp(mr - m_safe), fc = acc_exp(m[r] - m_safe);
           const acc_t zsum = sr * fr + s[r] * fc;
-          if (chunk == 0 && tx == 0) a.lse.ptr[a.lse.off(n, 0, line, o)] = mm + acc_log(zsum);
+          // An energy of +inf: torch.logsumexp's +inf (zsum is NaN, inf - inf).
+          if (chunk == 0 && tx == 0) a.lse.ptr[a.lse.off(n, 0, line, o)] = mm == -kNegInf ? mm : mm + acc_log(zsum);
 #pragma unroll
           for (int u = 0; u < 4; ++u) {
             const int64_t e = e0 + tx + 16 * u;
