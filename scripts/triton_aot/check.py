@@ -10,8 +10,9 @@ and GPU default shapes). By default a representative subset is compiled: specs t
 in the alignment of their pointers or the divisibility of their ints (which change
 vectorisation, not tiles or stages) are compiled once, all aligned, the variant that vectorises
 most. `--full` compiles every spec. Results are cached per Triton version, spec and the
-device code of attnkernels/triton/ (`--cache`; `source_digest`), so an unchanged kernel is not
-compiled again, also when host code around it changed. Writes
+device code of the kernel's file and the attnkernels/triton/ files it imports (`--cache`;
+`source_digest`), so an unchanged kernel is not compiled again, also when host code around it or
+another hot path's kernels changed. Writes
 build/triton_aot/<triton version>/table.md (one row per kernel: its worst case) and
 results.json (every spec), prints the table, exits 1 if any spec fails a limit.
 """
@@ -56,17 +57,41 @@ def select(specs: List[Dict[str, Any]], full: bool) -> List[Dict[str, Any]]:
 
 
 def source_digest(kernels: List[str]) -> Dict[str, str]:
-    """A hash of the device code each kernel may use: every `triton.jit` function and every
-    module-level constant of attnkernels/triton/ (a kernel calls helpers from _common and reads
-    tl.constexpr globals). Host code (block-size rules, launches, op registration) is left
-    out: it changes which specs are recorded, which the spec keys already say, not what a spec
-    compiles to. So a change to host code alone recompiles nothing."""
-    device = hashlib.sha256()
-    for path in sorted((ROOT / "attnkernels" / "triton").glob("*.py")):
-        device.update(path.name.encode())
-        for part in device_code(path.read_text()):
-            device.update(part.encode())
-    return {k: device.hexdigest()[:16] for k in kernels}
+    """Per kernel, a hash of the device code it may use: every `triton.jit` function and every
+    module-level constant of its own file and of the attnkernels/triton/ files that file imports,
+    transitively (a kernel calls helpers from _common and other hot paths' files and reads
+    tl.constexpr globals). Host code (block-size rules, launches, op registration) is left out:
+    it changes which specs are recorded, which the spec keys already say, not what a spec
+    compiles to. So a change to host code alone recompiles nothing, and a change to one hot
+    path's kernels recompiles only that path and the paths importing it."""
+    folder = ROOT / "attnkernels" / "triton"
+    digests: Dict[str, str] = {}
+    for kernel in kernels:
+        module = kernel.split(":")[0].rsplit(".", 1)[-1]
+        device = hashlib.sha256()
+        for name in sorted(triton_file_closure(folder, module)):
+            device.update(name.encode())
+            for part in device_code((folder / f"{name}.py").read_text()):
+                device.update(part.encode())
+        digests[kernel] = device.hexdigest()[:16]
+    return digests
+
+
+def triton_file_closure(folder: Path, module: str) -> set:
+    """`module` and every module of `folder` it imports relatively (`from .x import`), transitively."""
+    import ast
+
+    seen, todo = set(), [module]
+    while todo:
+        name = todo.pop()
+        path = folder / f"{name}.py"
+        if name in seen or not path.is_file():
+            continue
+        seen.add(name)
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                todo += [node.module] if node.module else [a.name for a in node.names]
+    return seen
 
 
 def device_code(source: str) -> List[str]:
