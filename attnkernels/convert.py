@@ -2,6 +2,10 @@
 
 `fuse` replaces, in place, every module that has a fused version:
 
+* a residual block of `attnkernels.models` (resnet.BasicBlock, resnet.Bottleneck) with no
+  attention, SE or ECA: its tail-fused class (`attnkernels.nn.block_tail`), which runs
+  BatchNorm, the gate, the add and the ReLU as one hot path (`tails=False` leaves blocks);
+
 * a reference module (`attnkernels.reference`) whose class `attnkernels.nn.FUSED` maps to a
   fused class (exactly that class: a subclass may change the forward, so it is left);
 * timm's `EcaModule`, `SEModule` and `CbamModule` (timm.layers) in the configuration the fused
@@ -34,11 +38,15 @@ from torch import nn
 from . import backend as _backend
 from .nn import FUSED, FusedModule, fused_class, reference_class
 from .nn._fused import CACHE_ATTRIBUTE, rebind
+from .nn.block_tail import TAIL_FUSED, why_tail_not_fused
 from .reference import AttentionModule
 
 __all__ = ["FuseReport", "ReportEntry", "fuse", "unfuse"]
 
 logger = logging.getLogger("attnkernels")
+
+# Tail-fused block class -> the block class it came from.
+_TAIL_UNFUSED = {fused: block for block, fused in TAIL_FUSED.items()}
 
 # Where a timm-derived fused module keeps the timm module it replaced, for `unfuse`. Written
 # into __dict__ directly: as a registered submodule it would add state_dict keys.
@@ -97,15 +105,17 @@ class _Site(NamedTuple):
 
 
 @overload
-def fuse(model: nn.Module, backend: str | None = None, *, report: Literal[False] = False) -> nn.Module: ...
+def fuse(
+    model: nn.Module, backend: str | None = None, *, tails: bool = True, report: Literal[False] = False
+) -> nn.Module: ...
 @overload
 def fuse(
-    model: nn.Module, backend: str | None = None, *, report: Literal[True]
+    model: nn.Module, backend: str | None = None, *, tails: bool = True, report: Literal[True]
 ) -> tuple[nn.Module, FuseReport]: ...
 
 
 def fuse(
-    model: nn.Module, backend: str | None = None, *, report: bool = False
+    model: nn.Module, backend: str | None = None, *, tails: bool = True, report: bool = False
 ) -> Union[nn.Module, tuple[nn.Module, FuseReport]]:
     """Replace, in place, every attention module of `model` that has a fused version.
 
@@ -120,6 +130,10 @@ def fuse(
         backend: None or "auto" lets `attnkernels.backend` pick at every call; a name
             ("cpu", "cuda", "triton", "reference") pins the swapped modules to it. It must be
             available on the device of every module to swap (checked before any swap).
+        tails: also fuse the tails of residual blocks (`attnkernels.nn.block_tail`): a block of
+            `attnkernels.models` (resnet.BasicBlock, resnet.Bottleneck) whose attention is
+            none, SE or ECA becomes its tail-fused class, which runs BatchNorm, the gate, the
+            residual add and the ReLU as the block_tail ops; other blocks are reported as left.
         report: also return the `FuseReport` (it is always logged at INFO on the
             "attnkernels" logger).
 
@@ -135,7 +149,7 @@ def fuse(
     _check_model(model, "fuse")
     pinned = _backend_name(backend)
     rep = FuseReport("fuse", pinned)
-    sites = _walk(model, lambda m: _fuse_plan(m, pinned), rep)
+    sites = _walk(model, lambda m: _fuse_plan(m, pinned, tails), rep)
     if pinned is not None:
         _check_available(pinned, [(site.module, site.plan.target) for site in sites])
     return _finish(_apply(model, sites), rep, report)
@@ -228,7 +242,9 @@ def _qualname(cls: type) -> str:
 # --- fuse: what becomes what ------------------------------------------------------------
 
 
-def _fuse_plan(module: nn.Module, pinned: str | None) -> _Plan | None:
+def _fuse_plan(module: nn.Module, pinned: str | None, tails: bool) -> _Plan | None:
+    if tails and type(module) in TAIL_FUSED:
+        return _tail_plan(module, TAIL_FUSED[type(module)], pinned)
     if isinstance(module, FusedModule):  # it owns its children: nothing below it to fuse
         return _Plan(None, "already fused", descend=False)
     if isinstance(module, AttentionModule):
@@ -239,6 +255,22 @@ def _fuse_plan(module: nn.Module, pinned: str | None) -> _Plan | None:
     if _is_timm(module):
         return _timm_plan(module, pinned)
     return None
+
+
+def _tail_plan(block: nn.Module, cls: type[nn.Module], pinned: str | None) -> _Plan:
+    """A residual block: its tail-fused class if its attention allows, else left (reported).
+    Its children are walked either way, so its attention module is fused too."""
+    problem = why_tail_not_fused(block.attn)
+    if problem is not None:
+        return _Plan(None, f"tail not fused: {problem}", descend=True)
+
+    def build() -> nn.Module:
+        new = rebind(block, cls)
+        if pinned is not None:
+            new.backend = pinned
+        return new
+
+    return _Plan(build, _qualname(cls), True, cls)
 
 
 def _why_no_fused_class(module: nn.Module) -> str:
@@ -495,6 +527,14 @@ _TIMM_ADAPTERS = (
 
 
 def _unfuse_plan(module: nn.Module) -> _Plan | None:
+    block = _TAIL_UNFUSED.get(type(module))
+    if block is not None:  # a tail-fused block: back to its class, and on to its attention module
+        def build() -> nn.Module:
+            new = rebind(module, block)
+            new.__dict__.pop("backend", None)
+            return new
+
+        return _Plan(build, _qualname(block), descend=True)
     if not isinstance(module, FusedModule):
         return None
     cls = type(module)

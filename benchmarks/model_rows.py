@@ -9,11 +9,15 @@ variant and would only dilute the difference). The variants of one attention nam
 * ``eager``     - the model as built (the reference attention modules);
 * ``compile``   - ``torch.compile(model, dynamic=False)`` of that same model object;
 * ``fused-<b>`` - a copy of the model (same initial weights) with every attention module
-  swapped for its fused version by ``attnkernels.fuse(model, backend=b)``; only for
-  attention names with a fused class (``attnkernels.nn.FUSED``) whose hot paths backend b
-  runs on the device.
+  swapped for its fused version by ``attnkernels.fuse(model, backend=b, tails=False)``; only
+  for attention names with a fused class (``attnkernels.nn.FUSED``) whose hot paths backend b
+  runs on the device;
+* ``tail-<b>``  - a copy with the blocks' tails fused too (``attnkernels.fuse(model,
+  backend=b)``: BatchNorm, the gate, the residual add and the ReLU as the block_tail ops);
+  for the bare network and the attentions whose blocks get a fused tail (TAIL_ATTENTIONS),
+  for each backend b of a ``fused-<b>`` variant that runs their hot paths.
 
-plus one ``eager`` row of the bare ``resnet50()`` (attention ``none``) per run, timed in the
+plus the bare ``resnet50()`` (attention ``none``): its ``eager`` row per run, timed in the
 same interleaved rounds as every other model, so each row's overhead over the bare network
 (``step / bare step - 1``) compares times taken side by side.
 
@@ -108,16 +112,23 @@ def model_variants(variants: Sequence[str], device: torch.device, explicit: bool
     return out
 
 
+#: The attentions whose blocks `attnkernels.fuse` gives a fused tail (attnkernels.nn.block_tail).
+TAIL_ATTENTIONS = (BARE, "se", "eca")
+
+
 def variants_of(attention: str, settings: ModelSettings) -> List[str]:
-    """The variants measured for one attention name (the bare network: eager only); a
-    ``fused-<b>`` one only where backend b runs every hot path of the attention's fused
-    class on the device (``harness/backends.py``, the one place that decides it)."""
-    if attention == BARE:
-        return ["eager"]
+    """The variants measured for one attention name (the bare network: eager, and its fused
+    tails); a ``fused-<b>`` one only where backend b runs every hot path of the attention's
+    fused class on the device, a ``tail-<b>`` one where b also runs block_tail
+    (``harness/backends.py``, the one place that decides it)."""
     wanted = [v[len("fused-"):] for v in settings.variants if v.startswith("fused-")]
-    paths = fused_hot_paths(attention)
+    paths = () if attention == BARE else fused_hot_paths(attention)
     runs = [] if paths is None else fused_backends(paths, settings.device, wanted)
-    return [v for v in settings.variants if not v.startswith("fused-") or v[len("fused-"):] in runs]
+    out = ["eager"] if attention == BARE else [
+        v for v in settings.variants if not v.startswith("fused-") or v[len("fused-"):] in runs]
+    if attention in TAIL_ATTENTIONS and paths is not None:
+        out += [f"tail-{b}" for b in fused_backends((*paths, "block_tail"), settings.device, wanted)]
+    return out
 
 
 def label(attention: str, variant: str) -> str:
@@ -128,16 +139,17 @@ def label(attention: str, variant: str) -> str:
 # --------------------------------------------------------------------------- building
 
 
-def fuse_model(model: nn.Module, backend_name: str) -> nn.Module:
-    """``model`` with every attention module that has a fused version swapped for it, pinned
-    to ``backend_name``: ``attnkernels.fuse`` where it exists, else the same swap by hand
-    (``attnkernels.nn.as_fused`` on each module ``fused_class`` knows)."""
+def fuse_model(model: nn.Module, backend_name: str, tails: bool = False) -> nn.Module:
+    """``model`` with every attention module that has a fused version swapped for it, and with
+    ``tails`` the blocks' tails fused, pinned to ``backend_name``: ``attnkernels.fuse`` where it
+    exists, else the module swap by hand (``attnkernels.nn.as_fused`` on each module
+    ``fused_class`` knows)."""
     try:
         from attnkernels import fuse
     except ImportError:
         fuse = None
     if fuse is not None:
-        return fuse(model, backend=backend_name)
+        return fuse(model, backend=backend_name, tails=tails)
     for parent in list(model.modules()):
         for attr, child in list(parent._modules.items()):
             if child is not None and fused_class(child) is not None:
@@ -165,6 +177,8 @@ def build_variant(variant: str, reference: nn.Module) -> nn.Module:
         return torch.compile(reference, dynamic=False)
     if variant.startswith("fused-"):
         return fuse_model(copy.deepcopy(reference), variant[len("fused-"):])
+    if variant.startswith("tail-"):
+        return fuse_model(copy.deepcopy(reference), variant[len("tail-"):], tails=True)
     raise ValueError(f"unknown model variant {variant!r}")
 
 

@@ -1,0 +1,224 @@
+"""Tail-fused residual blocks (attnkernels.nn.block_tail, the block_tail ops) against the
+unfused blocks of attnkernels.models: output, every gradient and the BatchNorm buffers after a
+step, train and eval, fp64 and fp32, NCHW and channels_last, identity and projection
+shortcuts, no attention, SE and ECA; fuse()/unfuse() of whole models; SGD steps of a CIFAR
+ResNet-20 + SE; what backward saves; BatchNorm's bookkeeping variants; NaN; bad gates.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from helpers import (
+    assert_all_close,
+    assert_layout_of,
+    assert_steps_match,
+    backend_cases,
+    full_size_saved,
+    training_step,
+)
+
+import attnkernels
+from attnkernels import backend
+from attnkernels.models import cifar_resnet, resnet
+from attnkernels.models._blocks import attention_factory
+from attnkernels.nn import block_tail as tail_blocks
+from attnkernels.ops.block_tail import block_tail
+
+CASES = backend_cases(cpu=("cpu", "reference"))
+ATTENTIONS = [None, "se", "eca"]
+# (block, in_ch, out_ch, stride): identity shortcuts and 1x1-conv + BN projections.
+BLOCKS = {
+    "basic-identity": (resnet.BasicBlock, 16, 16, 1, {}),
+    "basic-projection": (resnet.BasicBlock, 8, 16, 2, {}),
+    "bottleneck-identity": (resnet.Bottleneck, 32, 32, 1, {"width": 8}),
+    "bottleneck-projection": (resnet.Bottleneck, 16, 32, 2, {"width": 8}),
+}
+
+
+def randomize_batch_norms(model: torch.nn.Module) -> torch.nn.Module:
+    """Non-trivial BatchNorm affine parameters and running statistics (scale of either sign)."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(-1.5, 1.5)
+                m.bias.normal_()
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.5, 2.0)
+    return model
+
+
+def block_pair(kind: str, attention: str | None, dtype: torch.dtype):
+    """An unfused block with random weights, and a deep copy of it fused by `attnkernels.fuse`."""
+    cls, in_ch, out_ch, stride, kwargs = BLOCKS[kind]
+    make_attn = attention_factory(attention, {"reduction": 4} if attention == "se" else None)
+    ref = randomize_batch_norms(cls(in_ch, out_ch, stride, make_attn, **kwargs)).to(dtype)
+    fused = attnkernels.fuse(copy.deepcopy(ref))
+    assert type(fused) is tail_blocks.TAIL_FUSED[cls]
+    return fused, ref
+
+
+def assert_block_steps_match(got, want, dtype, truth, names) -> None:
+    """Two `training_step` results agree: fp64 to 1e-10; fp32 to module tolerances, or, for a
+    result outside them (a conv weight's gradient summed through BatchNorm's backward), as
+    accurate against the fp64 `truth()` as eager fp32 (flash-attention's criterion)."""
+    if dtype == torch.float64:
+        assert_steps_match(got, want, dtype, names)
+        return
+    exact = truth()
+    flat = lambda step: [step[0], *step[1], *step[2]]  # noqa: E731
+    assert_all_close(flat(got), flat(want), ["y", *names, *(f"buffer {i}" for i in range(len(got[2])))],
+                     truths=lambda: flat(exact), rtol=2e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize("backend_name,device", CASES)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("attention", ATTENTIONS, ids=str)
+@pytest.mark.parametrize("kind", BLOCKS)
+def test_tail_fused_block_matches_block(backend_name, device, layout, train, dtype, attention, kind) -> None:
+    fused, ref = block_pair(kind, attention, dtype)
+    fused.train(train), ref.train(train)
+    in_ch = BLOCKS[kind][1]
+    x = torch.randn(3, in_ch, 9, 7, dtype=dtype)
+    memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    fused, ref = fused.to(memory_format=memory_format), ref.to(memory_format=memory_format)
+    x = x.contiguous(memory_format=memory_format)
+    y_shape = ref(x).shape
+    ref.load_state_dict(fused.state_dict())  # undo that call's running-statistics update
+    g = torch.randn(y_shape, dtype=dtype).contiguous(memory_format=memory_format)
+    truth_model = copy.deepcopy(ref).double()
+    got = training_step(fused, x, g, backend_name)
+    want = training_step(ref, x, g)
+    assert_block_steps_match(got, want, dtype, lambda: training_step(truth_model, x.double(), g.double()),
+                             ["x"] + [n for n, _ in ref.named_parameters()])
+    assert_layout_of(got[0], x)
+    assert got[0].abs().sum() > 0 and (got[0] == 0).any()  # the ReLU is live, and so is the rest
+
+
+@pytest.mark.parametrize("backend_name,device", CASES)
+@pytest.mark.parametrize("attention", ATTENTIONS, ids=str)
+def test_sgd_steps_give_the_same_losses(backend_name, device, attention) -> None:
+    """A few SGD steps of a CIFAR ResNet-20: the fused model follows the unfused one."""
+    torch.manual_seed(0)
+    ref = randomize_batch_norms(cifar_resnet.resnet20(attention=attention)).double()
+    fused = attnkernels.fuse(copy.deepcopy(ref))
+    images, labels = torch.randn(8, 3, 12, 12, dtype=torch.float64), torch.randint(0, 10, (8,))
+    losses = {}
+    for name, model in (("fused", fused), ("ref", ref)):
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        losses[name] = []
+        for _ in range(4):
+            opt.zero_grad()
+            with backend.use_backend(backend_name if name == "fused" else None):
+                loss = torch.nn.functional.cross_entropy(model(images), labels)
+            loss.backward()
+            opt.step()
+            losses[name].append(loss.item())
+    torch.testing.assert_close(losses["fused"], losses["ref"], rtol=1e-9, atol=1e-12)
+    assert losses["ref"][-1] != losses["ref"][0]
+    for a, b in zip(fused.state_dict().values(), ref.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_fuse_reports_blocks_and_unfuse_restores_them() -> None:
+    model = cifar_resnet.resnet20(attention="se")
+    keys = list(model.state_dict())
+    fused, rep = attnkernels.fuse(model, report=True)
+    blocks = [m for m in fused.modules() if isinstance(m, resnet.BasicBlock)]
+    assert len(blocks) == 9 and all(type(b) is tail_blocks.BasicBlock for b in blocks)
+    swapped = {e.detail for e in rep.swapped}
+    assert "attnkernels.nn.block_tail.BasicBlock" in swapped and "attnkernels.nn.se.SE" in swapped
+    assert list(fused.state_dict()) == keys
+    back, rep = attnkernels.unfuse(fused, report=True)
+    assert all(type(m) is resnet.BasicBlock for m in back.modules() if isinstance(m, resnet.BasicBlock))
+    assert len(rep.swapped) == 18 and list(back.state_dict()) == keys
+    # tails=False fuses the attention modules only.
+    kept = attnkernels.fuse(cifar_resnet.resnet20(attention="se"), tails=False)
+    assert all(type(m) is resnet.BasicBlock for m in kept.modules() if isinstance(m, resnet.BasicBlock))
+
+
+def test_blocks_with_other_attention_are_left_and_reported() -> None:
+    model, rep = attnkernels.fuse(cifar_resnet.resnet20(attention="cbam"), report=True)
+    left = [e for e in rep.left if e.module == "attnkernels.models.resnet.BasicBlock"]
+    assert len(left) == 9 and all("tail not fused: attention CBAM" in e.detail for e in left)
+    assert all(type(m) is resnet.BasicBlock for m in model.modules() if isinstance(m, resnet.BasicBlock))
+    # Their attention modules are still fused.
+    assert any(e.detail == "attnkernels.nn.cbam.CBAM" for e in rep.swapped)
+
+
+@pytest.mark.parametrize("backend_name,device", CASES)
+def test_backward_saves_no_more_than_eager(backend_name, device) -> None:
+    fused, ref = block_pair("basic-identity", "se", torch.float32)
+    x = torch.randn(4, 16, 8, 8, requires_grad=True)
+    saved = len(full_size_saved(fused, x, backend_name))
+    # The block's input, conv1's output and its ReLU's (for conv1, BatchNorm and conv2), then
+    # z and the output of the tail, which eager's BatchNorm and ReLU save too. Eager also keeps
+    # bn(z) for the gate's product: the fused tail keeps no tensor of its own.
+    assert saved == 5 and saved < len(full_size_saved(ref, x, None))
+
+
+@pytest.mark.parametrize("backend_name,device", CASES)
+@pytest.mark.parametrize("config", ["momentum-none", "no-running-stats", "no-affine"])
+def test_batch_norm_configurations(backend_name, device, config) -> None:
+    """nn.BatchNorm2d's other configurations: a cumulative average, no running statistics
+    (batch statistics in eval too), no affine parameters."""
+    fused, ref = block_pair("basic-identity", "eca", torch.float64)
+    for model in (fused, ref):
+        bn = model.conv2[1]
+        if config == "momentum-none":
+            bn.momentum = None
+        elif config == "no-running-stats":
+            bn.track_running_stats = False
+            bn.running_mean = bn.running_var = bn.num_batches_tracked = None
+        else:
+            bn.weight = bn.bias = None
+    for train in (True, False, True):
+        fused.train(train), ref.train(train)
+        x = torch.randn(2, 16, 5, 6, dtype=torch.float64)
+        g = torch.randn(2, 16, 5, 6, dtype=torch.float64)
+        got, want = training_step(fused, x, g, backend_name), training_step(ref, x, g)
+        assert_steps_match(got, want, torch.float64, ["x"] + [n for n, _ in ref.named_parameters()])
+
+
+@pytest.mark.parametrize("backend_name,device", CASES)
+def test_nan_propagates_as_in_eager(backend_name, device) -> None:
+    fused, ref = block_pair("basic-identity", "se", torch.float64)
+    fused.eval(), ref.eval()
+    x = torch.randn(2, 16, 5, 5, dtype=torch.float64)
+    x[1, 3, 2, 2] = float("nan")
+    with backend.use_backend(backend_name):
+        got = fused(x)
+    torch.testing.assert_close(got, ref(x), equal_nan=True)
+    assert got[1].isnan().any() and not got[0].isnan().any()
+
+
+def test_block_tail_checks_its_arguments() -> None:
+    z, s = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3)
+    rm, rv = torch.zeros(4), torch.ones(4)
+    with pytest.raises(ValueError, match=r"block_tail: gate must return an \(N, C\) = \(2, 4\)"):
+        block_tail(z, s, rm, rv, gate=lambda avg: avg[:, :2])
+    with pytest.raises(ValueError, match="block_tail: shortcut must match x's shape"):
+        block_tail(z, s[:, :3], rm, rv)
+    with pytest.raises(ValueError, match=r"block_tail: running_mean must hold C = 4 values"):
+        block_tail(z, s, torch.zeros(3), rv)
+    with pytest.raises(ValueError, match="block_tail: running_mean and running_var are needed"):
+        block_tail(z, s, None, None)
+    with pytest.raises(ValueError, match="block_tail: expected more than 1 value per channel"):
+        block_tail(z[:1, :, :1, :1], s[:1, :, :1, :1], rm, rv, training=True)
+    with pytest.raises(ValueError, match="tail_gate: attention Triplet"):
+        tail_blocks.tail_gate(attnkernels.reference.create("triplet", 8))
+
+
+def test_unfused_tail_where_the_shortcut_dtype_differs() -> None:
+    """Under autocast the shortcut can arrive in another dtype than z: the block runs its tail
+    unfused, as eager does (promoting)."""
+    fused, ref = block_pair("basic-identity", None, torch.float32)
+    fused.eval(), ref.eval()
+    x = torch.randn(2, 16, 5, 5)
+    z = fused.conv2[0](fused.conv1(x)).to(torch.float64)
+    want = torch.relu(ref.conv2[1].double()(z) + x)
+    fused.conv2[1].double()
+    torch.testing.assert_close(fused.tail(z, fused.conv2[1], x), want)
