@@ -38,15 +38,12 @@ from torch import nn
 from . import backend as _backend
 from .nn import FUSED, FusedModule, fused_class, reference_class
 from .nn._fused import CACHE_ATTRIBUTE, rebind
-from .nn.block_tail import TAIL_FUSED, why_tail_not_fused
+from .nn.block_tail import TAIL_FUSED, timm_tail_class, why_tail_not_fused, why_timm_tail_not_fused
 from .reference import AttentionModule
 
 __all__ = ["FuseReport", "ReportEntry", "fuse", "unfuse"]
 
 logger = logging.getLogger("attnkernels")
-
-# Tail-fused block class -> the block class it came from.
-_TAIL_UNFUSED = {fused: block for block, fused in TAIL_FUSED.items()}
 
 # Where a timm-derived fused module keeps the timm module it replaced, for `unfuse`. Written
 # into __dict__ directly: as a registered submodule it would add state_dict keys.
@@ -244,7 +241,10 @@ def _qualname(cls: type) -> str:
 
 def _fuse_plan(module: nn.Module, pinned: str | None, tails: bool) -> _Plan | None:
     if tails and type(module) in TAIL_FUSED:
-        return _tail_plan(module, TAIL_FUSED[type(module)], pinned)
+        return _tail_plan(module, TAIL_FUSED[type(module)], why_tail_not_fused(module.attn), pinned)
+    if tails and _timm_resnet_block(module):
+        problem = why_timm_tail_not_fused(module, _why_timm_attention_not_fused)
+        return _tail_plan(module, timm_tail_class(type(module)), problem, pinned)
     if isinstance(module, FusedModule):  # it owns its children: nothing below it to fuse
         return _Plan(None, "already fused", descend=False)
     if isinstance(module, AttentionModule):
@@ -257,10 +257,9 @@ def _fuse_plan(module: nn.Module, pinned: str | None, tails: bool) -> _Plan | No
     return None
 
 
-def _tail_plan(block: nn.Module, cls: type[nn.Module], pinned: str | None) -> _Plan:
-    """A residual block: its tail-fused class if its attention allows, else left (reported).
-    Its children are walked either way, so its attention module is fused too."""
-    problem = why_tail_not_fused(block.attn)
+def _tail_plan(block: nn.Module, cls: type[nn.Module], problem: str | None, pinned: str | None) -> _Plan:
+    """A residual block: its tail-fused class `cls` if nothing stops it (`problem`), else left
+    (reported). Its children are walked either way, so its attention module is fused too."""
     if problem is not None:
         return _Plan(None, f"tail not fused: {problem}", descend=True)
 
@@ -377,6 +376,22 @@ def _timm_plan(module: nn.Module, pinned: str | None) -> _Plan | None:
             return _Plan(None, f"{reason}; the fused {cls.__name__} cannot reproduce it", descend=True)
         return _Plan(lambda: _from_timm(module, adapter, cls, pinned), _qualname(cls), False, cls)
     return None
+
+
+def _timm_resnet_block(module: nn.Module) -> bool:
+    """Whether `module` is exactly timm's ResNet BasicBlock or Bottleneck (timm.models.resnet)."""
+    cls = type(module)
+    return cls.__module__ == "timm.models.resnet" and cls.__name__ in ("BasicBlock", "Bottleneck")
+
+
+def _why_timm_attention_not_fused(se: nn.Module) -> str | None:
+    """Why a timm block's attention module keeps its tail unfused (None: it becomes a fused SE
+    or ECA, whose gate the tail runs)."""
+    plan = _timm_plan(se, None) if _is_timm(se) else None
+    if plan is not None and plan.build is not None and plan.target in (FUSED["se"], FUSED["eca"]):
+        return None
+    why = plan.detail if plan is not None and plan.build is None else "no fused SE or ECA gate"
+    return f"attention {type(se).__name__}: {why}; only blocks with no attention, SE or ECA have a fused tail"
 
 
 def _timm_class(name: str) -> type | None:
@@ -527,7 +542,7 @@ _TIMM_ADAPTERS = (
 
 
 def _unfuse_plan(module: nn.Module) -> _Plan | None:
-    block = _TAIL_UNFUSED.get(type(module))
+    block = type(module).__dict__.get("tail_of")
     if block is not None:  # a tail-fused block: back to its class, and on to its attention module
         def build() -> nn.Module:
             new = rebind(module, block)

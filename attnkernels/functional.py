@@ -30,6 +30,10 @@ gam_channel and shuffle_conv (GAM):
 
 softmax_spatial (SoftmaxSpatial):
     y = softmax_spatial(x, weight, bias, rescale)   # x * softmax_p(conv1x1(x))[c // (C/g)] * (H*W or 1)
+
+block_tail (a residual block's tail, attnkernels.nn.block_tail):
+    out = block_tail(z, shortcut, running_mean, running_var, weight, bias, training, momentum, eps,
+                     gate)   # relu(batch_norm(z) * gate(mean of bn(z)) + shortcut), two passes
 """
 from __future__ import annotations
 

@@ -222,3 +222,53 @@ def test_unfused_tail_where_the_shortcut_dtype_differs() -> None:
     want = torch.relu(ref.conv2[1].double()(z) + x)
     fused.conv2[1].double()
     torch.testing.assert_close(fused.tail(z, fused.conv2[1], x), want)
+
+
+# --- timm's ResNets ------------------------------------------------------------------------
+
+
+def timm_pair(name: str, **kwargs):
+    """A timm model with random weights (BatchNorms too) in fp64, and a fused deep copy."""
+    import timm
+
+    torch.manual_seed(0)
+    ref = randomize_batch_norms(timm.create_model(name, pretrained=False, num_classes=10, **kwargs)).double()
+    fused, rep = attnkernels.fuse(copy.deepcopy(ref), report=True)
+    return fused, ref, rep
+
+
+@pytest.mark.parametrize("backend_name,device", CASES)
+@pytest.mark.parametrize("name", ["seresnet50", "ecaresnet50d", "resnet18"])
+def test_timm_resnets_give_the_same_logits_and_gradients(backend_name, device, name) -> None:
+    fused, ref, rep = timm_pair(name)
+    blocks = [e for e in rep.swapped if "block_tail.timm_" in e.detail]
+    assert len(blocks) == (8 if name == "resnet18" else 16) and rep.left == []
+    for train in (True, False):
+        fused.train(train), ref.train(train)
+        x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+        g = torch.randn(2, 10, dtype=torch.float64)
+        got, want = training_step(fused, x, g, backend_name), training_step(ref, x, g)
+        assert_steps_match(got, want, torch.float64, ["x"] + [n for n, _ in ref.named_parameters()])
+    back = attnkernels.unfuse(fused)
+    assert {type(m) for m in back.modules()} == {type(m) for m in ref.modules()}
+    assert list(back.state_dict()) == list(ref.state_dict())
+
+
+def test_timm_blocks_with_drop_path_are_left_and_reported() -> None:
+    fused, _, rep = timm_pair("resnet18", drop_path_rate=0.1)
+    left = [e for e in rep.left if e.module == "timm.models.resnet.BasicBlock"]
+    assert len(left) == 8 and all("drop_path is on" in e.detail for e in left)
+    assert not any("timm_" in e.detail for e in rep.swapped)
+
+
+def test_tail_fused_timm_model_pickles() -> None:
+    """The timm classes are made on first use; pickle finds them by name."""
+    import pickle
+
+    fused, ref, _ = timm_pair("resnet18")
+    back = pickle.loads(pickle.dumps(fused))
+    assert type(back.layer1[0]) is type(fused.layer1[0]) and type(back.layer1[0]).__name__ == "BasicBlock"
+    x = torch.randn(1, 3, 32, 32, dtype=torch.float64)
+    fused.eval(), back.eval()
+    with backend.use_backend("reference"):
+        torch.testing.assert_close(back(x), fused(x))

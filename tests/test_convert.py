@@ -1,5 +1,8 @@
 """attnkernels.fuse / unfuse: in-place swaps of reference and timm attention modules, and back.
 
+The backbone tests here check the module swap alone (`tails=False`); the blocks' fused tails,
+which `fuse` adds by default, have their own tests in test_block_tail.py.
+
 Fused HAM forwards run under `use_backend("reference")` (the fused module's control flow on
 the reference ops) while its C++ kernels are in progress; ECA and SE run on the default
 (automatic) backend.
@@ -115,7 +118,7 @@ def test_fused_backbone_matches_reference(name: str, train: bool) -> None:
     names = attention_names(model)
     swapped_names = [n for n in names if not any(n.startswith(f"{p}.") for p in names)]  # CSM's children go with it
 
-    out, rep = attnkernels.fuse(model, report=True)
+    out, rep = attnkernels.fuse(model, tails=False, report=True)
 
     assert out is model
     assert [e.name for e in rep.swapped] == swapped_names and len(swapped_names) == 9
@@ -167,7 +170,7 @@ def test_every_registry_module_is_swapped(name: str) -> None:
     in each block of a backbone, and unfuse() takes out again."""
     model = models.resnet20(attention=name)
     blocks = [n for n, m in model.named_modules() if type(m) is R.REGISTRY[name]]  # CSM's children aside
-    out, rep = attnkernels.fuse(model, report=True)
+    out, rep = attnkernels.fuse(model, tails=False, report=True)
     assert out is model and rep.left == []
     assert [e.name for e in rep.swapped] == blocks and len(blocks) == 9
     assert all(isinstance(model.get_submodule(e.name), fused.FUSED[name]) for e in rep.swapped)
@@ -238,7 +241,7 @@ def test_no_attention_modules_swaps_nothing(caplog) -> None:
     model = models.resnet20()
     sd = model.state_dict()
     with caplog.at_level(logging.INFO, logger="attnkernels"):
-        out, rep = attnkernels.fuse(model, report=True)
+        out, rep = attnkernels.fuse(model, tails=False, report=True)
     assert out is model and rep.swapped == [] and rep.left == []
     assert "attnkernels.fuse: swapped 0, left 0" in caplog.text
     assert all(v is not None and torch.equal(v, sd[k]) for k, v in model.state_dict().items())
@@ -249,7 +252,7 @@ def test_no_attention_modules_swaps_nothing(caplog) -> None:
 def test_report_is_logged(caplog) -> None:
     model = models.resnet20(attention="se")
     with caplog.at_level(logging.INFO, logger="attnkernels"):
-        attnkernels.fuse(model)
+        attnkernels.fuse(model, tails=False)
     record = next(r for r in caplog.records if r.name == "attnkernels")
     assert record.levelno == logging.INFO
     assert "swapped 9, left 0" in record.getMessage()
@@ -418,16 +421,16 @@ def test_backend_pins_the_swapped_modules(monkeypatch) -> None:
 def test_backend_argument_errors() -> None:
     model = models.resnet20(attention="eca")
     with pytest.raises(ValueError, match=r"fuse: backend must be None, 'auto' or one of .*got 'gpu'"):
-        attnkernels.fuse(model, backend="gpu")
+        attnkernels.fuse(model, backend="gpu", tails=False)
     with pytest.raises(ValueError, match=r"backend must be"):
-        attnkernels.fuse(model, backend=3)
+        attnkernels.fuse(model, backend=3, tails=False)
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match=r"backend='cuda' cannot run channel_gate on cpu"):
-            attnkernels.fuse(model, backend="cuda")
+            attnkernels.fuse(model, backend="cuda", tails=False)
         assert type(model.features[1][0].attn) is R.ECA  # checked before any swap
     with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
         attnkernels.fuse(torch.randn(3))
-    _, rep = attnkernels.fuse(model, backend="AUTO", report=True)  # auto: not pinned
+    _, rep = attnkernels.fuse(model, backend="AUTO", tails=False, report=True)  # auto: not pinned
     assert rep.backend is None and model.features[1][0].attn.backend is None
 
 
@@ -457,7 +460,7 @@ def test_fuse_unfuse_round_trip(source: str) -> None:
     first = attention_names(model)[0]
     handle = model.get_submodule(first).register_forward_hook(lambda *args: hook_calls.append(1))
 
-    attnkernels.fuse(model)
+    attnkernels.fuse(model, tails=False)
     assert type(model.get_submodule(first)) in fused.FUSED.values()
     model.eval()  # a mode change while fused reaches the restored modules
     with backend.use_backend("reference"):

@@ -415,7 +415,7 @@ def test_no_row_for_a_backend_missing_a_hot_path(throughput, tmp_path, capsys, n
         device=torch.device("cpu"),
     )
     assert throughput.model_rows.variants_of("pam", settings) == ["eager"]
-    assert throughput.model_rows.variants_of("eca", settings) == ["eager", "fused-cpu"]
+    assert throughput.model_rows.variants_of("eca", settings) == ["eager", "fused-cpu", "tail-cpu"]
 
 
 # --------------------------------------------------------------------------- model rows
@@ -445,8 +445,10 @@ def test_throughput_model_rows(throughput, tmp_path, capsys, one_thread):
         reader = csv.DictReader(fh)
         header, models = reader.fieldnames, list(reader)
     assert header == list(throughput.model_rows.MODEL_COLUMNS)
+    # The bare network with its blocks' tails fused; HAM's blocks keep their tails (no row).
     assert [(r["model"], r["attention"], r["variant"]) for r in models] == [
-        ("resnet50", "none", "eager"), ("resnet50", "ham", "eager"), ("resnet50", "ham", "fused-cpu"),
+        ("resnet50", "none", "eager"), ("resnet50", "none", "tail-cpu"), ("resnet50", "ham", "eager"),
+        ("resnet50", "ham", "fused-cpu"),
     ]
     for r in models:
         assert r["error"] == "", r
@@ -463,7 +465,7 @@ def test_throughput_model_rows(throughput, tmp_path, capsys, one_thread):
         expected = (float(r["step_ms"]) / bare - 1) * 100
         assert float(r["overhead_vs_bare_pct"]) == pytest.approx(expected, rel=1e-3, abs=1e-3)
     assert [(r["attention"], r["variant"]) for r in doc["model_rows"]] == [
-        ("none", "eager"), ("ham", "eager"), ("ham", "fused-cpu"),
+        ("none", "eager"), ("none", "tail-cpu"), ("ham", "eager"), ("ham", "fused-cpu"),
     ]
     assert doc["meta"]["models"]["attentions"] == ["ham"] and doc["meta"]["models"]["repeats"] == 1
     printed = capsys.readouterr().out

@@ -1,8 +1,9 @@
 """Residual blocks whose tail `relu(attention(bn(z)) + shortcut)` runs as the block_tail ops.
 
 `attnkernels.fuse(model)` turns the blocks of `attnkernels.models` (`resnet.BasicBlock`,
-`resnet.Bottleneck`: every ResNet, CIFAR ResNet and ResNeXt there) into these classes when the
-block's attention is none, SE or ECA: a channel gate on the mean of bn(z), which the tail
+`resnet.Bottleneck`: every ResNet, CIFAR ResNet and ResNeXt there) and of timm's ResNet family
+(`timm.models.resnet.BasicBlock` and `Bottleneck`: resnet*, seresnet*, ecaresnet*, resnext*, ...)
+into these classes when the block's attention is none, SE or ECA: a channel gate on the mean of bn(z), which the tail
 computes from the statistics BatchNorm gathers anyway (`attnkernels.ops.block_tail`). The
 fused block holds the same submodules, parameters and buffers (state_dict unchanged) and
 updates BatchNorm's running statistics and `num_batches_tracked` as nn.BatchNorm2d does.
@@ -10,6 +11,8 @@ Blocks with other attention are left to `fuse`'s module swap, and reported.
 """
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import ClassVar
 
 import torch
@@ -24,7 +27,8 @@ from ..reference import se as reference_se
 from .eca import ECA
 from .se import SE
 
-__all__ = ["BasicBlock", "Bottleneck", "TAIL_FUSED", "batch_norm_tail", "tail_gate", "why_tail_not_fused"]
+__all__ = ["BasicBlock", "Bottleneck", "TAIL_FUSED", "batch_norm_tail", "tail_gate", "timm_tail_class",
+           "why_tail_not_fused", "why_timm_tail_not_fused"]
 
 # Exactly these classes (a subclass may change the forward): the reference modules and their
 # fused versions, whose gates read the same parameters.
@@ -81,20 +85,22 @@ def batch_norm_tail(z: torch.Tensor, shortcut: torch.Tensor, bn: nn.BatchNorm2d,
 
 
 class _TailFused(nn.Module):
-    """What the fused blocks share: the pin and the tail. Subclasses say where z and its BN are."""
+    """What the fused blocks share: the pin and the tail. Subclasses say where z and its BN are,
+    and set `tail_of`, the block class they fuse (`unfuse` turns them back into it)."""
+
+    tail_of: ClassVar[type[nn.Module]]
 
     #: The pinned backend of the tail's ops (None: automatic), as `FusedModule.backend`.
     backend: str | None = None
     #: The hot paths the block runs (`fuse` checks a pinned backend on them).
     hot_paths: ClassVar[tuple[str, ...]] = ("block_tail",)
 
-    def tail(self, z: torch.Tensor, bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
-        """`relu(attn(bn(z)) + shortcut(x))`, fused where the shapes and dtypes allow."""
-        shortcut = x if self.shortcut is None else self.shortcut(x)
-        if shortcut.dtype != z.dtype or shortcut.shape != z.shape or not isinstance(bn, nn.BatchNorm2d):
+    def tail(self, z: torch.Tensor, bn: nn.BatchNorm2d, attn: nn.Module | None, shortcut: torch.Tensor) -> torch.Tensor:
+        """`relu(attn(bn(z)) + shortcut)`, fused where the shapes and dtypes allow."""
+        if shortcut.dtype != z.dtype or shortcut.shape != z.shape:
             # e.g. under autocast (z in bf16, the shortcut in fp32): the unfused tail, as eager.
-            return self.relu(self.attn(bn(z)) + shortcut if self.attn is not None else bn(z) + shortcut)
-        gate = tail_gate(self.attn)
+            return torch.relu((bn(z) if attn is None else attn(bn(z))) + shortcut)
+        gate = tail_gate(attn)
         if self.backend is None:
             return batch_norm_tail(z, shortcut, bn, gate)
         with _backend.use_backend(self.backend):
@@ -107,18 +113,93 @@ class _TailFused(nn.Module):
 class BasicBlock(_TailFused, resnet.BasicBlock):
     """`attnkernels.models.resnet.BasicBlock` with its tail (conv2's BN, attention, add, ReLU) fused."""
 
+    tail_of = resnet.BasicBlock
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         conv, bn = self.conv2
-        return self.tail(conv(self.conv1(x)), bn, x)
+        shortcut = x if self.shortcut is None else self.shortcut(x)
+        return self.tail(conv(self.conv1(x)), bn, self.attn, shortcut)
 
 
 class Bottleneck(_TailFused, resnet.Bottleneck):
     """`attnkernels.models.resnet.Bottleneck` with its tail (conv3's BN, attention, add, ReLU) fused."""
 
+    tail_of = resnet.Bottleneck
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         conv, bn = self.conv3
-        return self.tail(conv(self.conv2(self.conv1(x))), bn, x)
+        shortcut = x if self.shortcut is None else self.shortcut(x)
+        return self.tail(conv(self.conv2(self.conv1(x))), bn, self.attn, shortcut)
 
 
 #: Block class -> its tail-fused class (exactly that class: a subclass may change the forward).
 TAIL_FUSED: dict[type[nn.Module], type[nn.Module]] = {resnet.BasicBlock: BasicBlock, resnet.Bottleneck: Bottleneck}
+
+
+# --- timm's ResNet blocks ------------------------------------------------------------------
+# timm.models.resnet.Bottleneck: conv1 bn1 act1, conv2 bn2 drop_block act2 aa, conv3, then the
+# tail bn3 -> se -> drop_path -> += downsample(x) -> act3; BasicBlock: conv1 bn1 drop_block act1
+# aa, conv2, then bn2 -> se -> drop_path -> += downsample(x) -> act2. The fused forwards run
+# the same modules up to the last conv, then the fused tail.
+
+
+def _timm_tail_parts(block: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """A timm block's last norm and its activation after the add."""
+    bottleneck = hasattr(block, "conv3")
+    return (block.bn3, block.act3) if bottleneck else (block.bn2, block.act2)
+
+
+def why_timm_tail_not_fused(block: nn.Module, why_attention_not: Callable[[nn.Module], str | None]) -> str | None:
+    """Why the tail of timm block `block` cannot run fused, or None if it can. The norm must be
+    exactly nn.BatchNorm2d and the activation nn.ReLU, drop_path off; `why_attention_not(se)`
+    says why its attention (a timm module) cannot become a fused SE or ECA (None: it can)."""
+    bn, act = _timm_tail_parts(block)
+    if type(bn) is not nn.BatchNorm2d:
+        return f"its last norm is {type(bn).__name__}, not nn.BatchNorm2d"
+    if type(act) is not nn.ReLU:
+        return f"its activation after the add is {type(act).__name__}, not nn.ReLU"
+    if block.drop_path is not None and type(block.drop_path) is not nn.Identity:
+        return "drop_path is on (stochastic depth scales the branch per sample)"
+    se = block.se
+    if se is None or type(se) in _SE_CLASSES or type(se) in _ECA_CLASSES:
+        return None
+    return why_attention_not(se)
+
+
+class _TimmBottleneckForward(_TailFused):
+    """The forward of a tail-fused timm Bottleneck."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.act1(self.bn1(self.conv1(x)))
+        y = self.aa(self.act2(self.drop_block(self.bn2(self.conv2(y)))))
+        shortcut = x if self.downsample is None else self.downsample(x)
+        return self.tail(self.conv3(y), self.bn3, self.se, shortcut)
+
+
+class _TimmBasicBlockForward(_TailFused):
+    """The forward of a tail-fused timm BasicBlock."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.aa(self.act1(self.drop_block(self.bn1(self.conv1(x)))))
+        shortcut = x if self.downsample is None else self.downsample(x)
+        return self.tail(self.conv2(y), self.bn2, self.se, shortcut)
+
+
+@functools.lru_cache(maxsize=None)
+def timm_tail_class(block_cls: type[nn.Module]) -> type[nn.Module]:
+    """The tail-fused class of timm's `Bottleneck` or `BasicBlock` (made on first use: timm is
+    optional): a subclass holding the same attributes, whose forward runs the fused tail."""
+    forward = _TimmBottleneckForward if block_cls.__name__ == "Bottleneck" else _TimmBasicBlockForward
+    return type(block_cls.__name__, (forward, block_cls), {
+        "__module__": __name__, "__qualname__": f"timm_{block_cls.__name__}", "tail_of": block_cls,
+        "__doc__": f"timm's {block_cls.__name__} with its tail (last BN, attention, add, ReLU) fused."})
+
+
+def __getattr__(name: str) -> type[nn.Module]:
+    """`timm_Bottleneck` and `timm_BasicBlock` by name, so pickle finds the classes a model
+    saved whole refers to (they are made on first use)."""
+    if name in ("timm_Bottleneck", "timm_BasicBlock"):
+        from timm.models import resnet as timm_resnet
+
+        return timm_tail_class(getattr(timm_resnet, name[len("timm_"):]))
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
