@@ -41,6 +41,7 @@ from attnkernels import functional as AF
 from attnkernels import nn as fused
 from attnkernels import reference as R
 from attnkernels.ops import nonlocal_attn as nonlocal_attn_ops
+from attnkernels.ops._common import backend_ops
 from attnkernels.profiling import peak_memory
 
 CASES = backend_cases(cpu=("cpu", "reference"), cuda=("cuda", "triton", "reference"))
@@ -130,6 +131,37 @@ def test_op_propagates_nan(backend_name, device) -> None:
     with backend.use_backend(backend_name):
         y = AF.nonlocal_attn(q, k, v_nan, x, gamma)
     assert torch.isnan(y[:, 2]).all() and not torch.isnan(y[:, [0, 1, 3, 4]]).any()
+
+
+@pytest.mark.parametrize("backend_name,device", CASES)
+@pytest.mark.parametrize("k_row", [(-float("inf"), 0.249), (-0.5, 0.249)], ids=["k_neg_inf", "k_finite"])
+def test_infinite_energy_gives_torchs_lse(backend_name, device, k_row) -> None:
+    """An energy of +inf (q = inf against k > 0): lse is +inf there, as torch.logsumexp's (not
+    inf - inf = NaN), and the backward's P of that row is NaN, as torch.softmax's row (not
+    exp(S - inf) = 0 at its finite energies): y, out, lse and every gradient are the
+    Reference's, NaN where its are (H = 1, W = 2: hypothesis's case, and one with finite k)."""
+    t = lambda *v: torch.tensor(v, dtype=torch.float64, device=device).reshape(1, 1, 1, len(v))  # noqa: E731
+    inputs = [a.requires_grad_() for a in (t(1.541, float("inf")), t(*k_row), t(-0.72, 0.33), t(0.1, 0.2),
+                                           torch.tensor([0.41], dtype=torch.float64, device=device))]
+    got, want = nonlocal_attn_outputs(inputs, backend_name), nonlocal_attn_outputs(inputs, "reference")
+    assert got[2][0, 1].item() == float("inf") and torch.isfinite(got[2][0, 0])
+    for a, b in zip(got[:3], want[:3]):
+        torch.testing.assert_close(a, b, **op_tolerance(torch.float64), equal_nan=True)
+    grad_y = t(1.0, -0.5)
+    y, grads = attn_forward_backward(inputs, grad_y, backend_name)
+    y_ref, grads_ref = attn_forward_backward(inputs, grad_y, "reference")
+    torch.testing.assert_close(y, y_ref, **op_tolerance(torch.float64), equal_nan=True)
+    for got_g, want_g in zip(grads, grads_ref):
+        torch.testing.assert_close(got_g, want_g, **op_tolerance(torch.float64), equal_nan=True)
+    assert torch.isnan(grads[2]).all()  # grad_v: the +inf row's P is NaN at every key
+
+
+def nonlocal_attn_outputs(inputs, backend_name: str) -> tuple[torch.Tensor, ...]:
+    """The op's (y, out, lse) on the backend."""
+    x = inputs[3]
+    with torch.no_grad(), backend.use_backend(backend_name):
+        ops = backend_ops(nonlocal_attn_ops.HOT_PATH, x.device, nonlocal_attn_ops.Reference)
+        return ops.nonlocal_attn(*inputs)
 
 
 @pytest.mark.parametrize("backend_name,device", CASES)

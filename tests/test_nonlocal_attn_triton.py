@@ -376,6 +376,23 @@ def test_overflowing_energies(tiles):
     assert torch.isfinite(got["grad_q"][0]).all() and torch.isfinite(got["grad_v"][0]).all()
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy under the interpreter: NaN, inf - inf
+@pytest.mark.parametrize("k_row", [(-float("inf"), 0.249), (-0.5, 0.249)], ids=["k_neg_inf", "k_finite"])
+def test_infinite_energy_gives_torchs_lse(k_row):
+    """An energy of +inf (q = inf against k > 0): lse is +inf there, as torch.logsumexp's (not
+    inf - inf = NaN), and the backward's P of that row is NaN, as torch.softmax's row (not
+    exp(S - inf) = 0 at its finite energies): NaN where the reference's results are."""
+    t = lambda *v: torch.tensor(v, dtype=F64, device=DEVICE).reshape(1, 1, 1, len(v))  # noqa: E731
+    inputs = (t(1.541, float("inf")), t(*k_row), t(-0.72, 0.33), t(0.1, 0.2),
+              torch.tensor([0.41], dtype=F64, device=DEVICE), t(1.0, -0.5))
+    y, out, lse = ops.nonlocal_attn(*inputs[:5])
+    s = torch.einsum("ndi,ndj->nij", inputs[0].flatten(2), inputs[1].flatten(2))
+    close(lse, torch.logsumexp(s, -1), F64, equal_nan=True)
+    assert lse[0, 1].item() == float("inf") and torch.isfinite(lse[0, 0])
+    got = compare(inputs, equal_nan=True)
+    assert torch.isnan(got["grad_v"]).all()  # the +inf row's P is NaN at every key
+
+
 # ----------------------------------------------------------------------------------------
 # Determinism, registration, input checks
 # ----------------------------------------------------------------------------------------

@@ -256,6 +256,13 @@ def _contract(
 
 
 @triton.jit
+def _p_shift(lse):
+    """The backward's shift of P = exp(S - lse): NaN for an lse of +inf (an energy of +inf), as
+    torch.softmax's row is NaN there (its sum is inf - inf), not exp(S - inf) = 0."""
+    return tl.where(lse == float("inf"), float("nan"), lse)
+
+
+@triton.jit
 def _forward_kernel(
     q_ptr, k_ptr, v_ptr, x_ptr, gamma_ptr, y_ptr, out_ptr, lse_ptr,
     HW, DQK, DV, num_mb, num_cb,
@@ -318,7 +325,8 @@ def _forward_kernel(
     tile_mask = i_mask[:, None] & c_mask[None, :]
     tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=tile_mask)
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=tile_mask)
-    tl.store(lse_ptr + n * HW + i, m_i + tl.log(l_i), mask=i_mask & (cb == 0))
+    # An energy of +inf: torch.logsumexp's +inf (l_i is NaN, inf - inf).
+    tl.store(lse_ptr + n * HW + i, tl.where(m_i == float("inf"), m_i, m_i + tl.log(l_i)), mask=i_mask & (cb == 0))
 
 
 @triton.jit
@@ -381,7 +389,7 @@ def _grad_q_kernel(
     k_base = n * sk_n
     v_base = n * sv_n
     g_base = n * sg_n
-    lse_i = tl.load(lse_ptr + n * HW + i, mask=i_mask, other=0.0)
+    lse_i = _p_shift(tl.load(lse_ptr + n * HW + i, mask=i_mask, other=0.0))
     r_i = tl.load(r_ptr + n * HW + i, mask=i_mask, other=0.0)
     gamma = tl.load(gamma_ptr)
     if ONE_DQK:
@@ -454,7 +462,7 @@ def _grad_k_kernel(
     for i0 in range(0, HW, BLOCK_M):
         i = i0 + tl.arange(0, BLOCK_M)
         i_mask = i < HW
-        lse_i = tl.load(lse_ptr + n * HW + i, mask=i_mask, other=0.0)
+        lse_i = _p_shift(tl.load(lse_ptr + n * HW + i, mask=i_mask, other=0.0))
         r_i = tl.load(r_ptr + n * HW + i, mask=i_mask, other=0.0)
         st = tl.zeros([BLOCK_N, BLOCK_M], dtype=ACC)
         qq = _tile(q_ptr, q_base, e, sq_d, e_mask, i, sq_p, i_mask)  # q [BLOCK_DQK, BLOCK_M]
@@ -519,7 +527,7 @@ def _grad_v_kernel(
     for i0 in range(0, HW, BLOCK_M):
         i = i0 + tl.arange(0, BLOCK_M)
         i_mask = i < HW
-        lse_i = tl.load(lse_ptr + n * HW + i, mask=i_mask, other=0.0)
+        lse_i = _p_shift(tl.load(lse_ptr + n * HW + i, mask=i_mask, other=0.0))
         st = tl.zeros([BLOCK_N, BLOCK_M], dtype=ACC)
         if ONE_DQK:
             qq = _tile(q_ptr, q_base, d, sq_d, d_mask, i, sq_p, i_mask)

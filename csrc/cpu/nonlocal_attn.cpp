@@ -64,7 +64,9 @@ Tiles backward_tiles(int64_t HW, int64_t cpu_tile) {
 // returning the row's sum. In the forward's online softmax (kOnline), a shift of -inf (a row
 // whose energies so far are all -inf) gives zeros: such keys have no weight yet, and a row
 // that stays all -inf ends as 0/0 = NaN, as torch.softmax gives. The backward's shift is the
-// final lse, and there exp(-inf - (-inf)) = NaN is torch's P for such a row.
+// final lse, and there exp(-inf - (-inf)) = NaN is torch's P for such a row; an lse of +inf
+// (an energy of +inf) shifts by NaN: torch.softmax's row is NaN there (its sum is inf - inf),
+// not exp(S - inf) = 0 at the finite energies.
 template <bool kOnline, typename acc_t>
 acc_t exp_shifted(acc_t* s, int64_t cols, acc_t shift) {
   using V = Vectorized<acc_t>;
@@ -72,6 +74,7 @@ acc_t exp_shifted(acc_t* s, int64_t cols, acc_t shift) {
     std::fill_n(s, cols, acc_t(0));
     return acc_t(0);
   }
+  if (!kOnline && shift == std::numeric_limits<acc_t>::infinity()) shift = std::numeric_limits<acc_t>::quiet_NaN();
   V sum(0);
   int64_t j = 0;
   for (; j + V::size() <= cols; j += V::size()) {
@@ -171,7 +174,8 @@ void forward_tile(const at::Tensor& Q, const at::Tensor& K, const at::Tensor& V,
     O.addmm_(V.narrow(1, j0, bk), S.t());  // += v_blk P^T
   }
   for (int64_t i = 0; i < bq; ++i) {
-    lse[i] = m[i] + std::log(l[i]);
+    // An energy of +inf: torch.logsumexp's +inf (l is NaN here, inf - inf).
+    lse[i] = m[i] == std::numeric_limits<acc_t>::infinity() ? m[i] : m[i] + std::log(l[i]);
     alpha[i] = acc_t(1) / l[i];
   }
   scale_columns(O, alpha.data());

@@ -145,6 +145,13 @@ constexpr bool kHasY = kMode == Mode::kGradQ || kMode == Mode::kGradK;          
 __device__ __forceinline__ float acc_log(float v) { return logf(v); }
 __device__ __forceinline__ double acc_log(double v) { return log(v); }
 
+// The backward's shift of P = exp(S - lse): NaN for an lse of +inf (an energy of +inf), as
+// torch.softmax's row is NaN there (its sum is inf - inf), not exp(S - inf) = 0.
+template <typename acc_t>
+__device__ __forceinline__ acc_t p_shift(acc_t lse) {
+  return lse == std::numeric_limits<acc_t>::infinity() ? std::numeric_limits<acc_t>::quiet_NaN() : lse;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Epilogue shared by both walks: a staged (pixels x channels) tile of acc values -> out (and, in the
 // forward, y = gamma * out + x, in acc from the unrounded out: out and y are each rounded once).
@@ -497,7 +504,7 @@ __global__ void __launch_bounds__(kThreads, (kTcMinBlocks<kMode, kCL, kAcc>))
       for (int h = 0; h < 2; ++h) {
         const int64_t o = o0 + warp * 16 + g + h * 8;
         if (o < HW) {
-          lse2_r[h] = a.lse[n * HW + o] * kLog2e;
+          lse2_r[h] = p_shift(a.lse[n * HW + o]) * kLog2e;
           R_r[h] = a.R[n * HW + o];
         }
       }
@@ -513,7 +520,7 @@ __global__ void __launch_bounds__(kThreads, (kTcMinBlocks<kMode, kCL, kAcc>))
           float* st = stats + (b & 1) * 2 * kBN;
           if (tid < kBN) {
             const int64_t i = b * kBN + tid;
-            st[tid] = i < HW ? a.lse[n * HW + i] * kLog2e : 0.f;
+            st[tid] = i < HW ? p_shift(a.lse[n * HW + i]) * kLog2e : 0.f;
             st[kBN + tid] = (kMode == Mode::kGradK && i < HW) ? a.R[n * HW + i] : 0.f;
           }
         }
@@ -696,7 +703,8 @@ __global__ void __launch_bounds__(kThreads, (kTcMinBlocks<kMode, kCL, kAcc>))
         row_scale[h] = 1.f / l;
         const int64_t o = o0 + warp * 16 + g + h * 8;
         if (ec == 0 && t4 == 0 && o < HW) {
-          a.lse_out[n * HW + o] = m_r[h] + logf(l);
+          // An energy of +inf: torch.logsumexp's +inf (l is NaN, inf - inf).
+          a.lse_out[n * HW + o] = m_r[h] == INFINITY ? m_r[h] : m_r[h] + logf(l);
         }
       }
     } else {  // every gradient carries one factor gamma, applied here
@@ -824,7 +832,7 @@ __global__ void __launch_bounds__(kThreads) attn_simt_kernel(const WalkArgs<T, a
     for (int r = 0; r < 4; ++r) {
       const int64_t o = o0 + tr * 4 + r;
       const bool ok = kMode == Mode::kGradQ && o < HW;
-      lse_r[r] = ok ? a.lse[n * HW + o] : acc_t(0);
+      lse_r[r] = ok ? p_shift(a.lse[n * HW + o]) : acc_t(0);
       R_r[r] = ok ? a.R[n * HW + o] : acc_t(0);
     }
     acc_t acc[4][4];
@@ -842,7 +850,7 @@ __global__ void __launch_bounds__(kThreads) attn_simt_kernel(const WalkArgs<T, a
       __syncthreads();  // the previous step's readers of z, t and stats are done
       if (!kQ && tid < kSBN) {
         const int64_t i = j0 + tid;
-        sm.stats[0][tid] = i < HW ? a.lse[n * HW + i] : acc_t(0);
+        sm.stats[0][tid] = i < HW ? p_shift(a.lse[n * HW + i]) : acc_t(0);
         sm.stats[1][tid] = (kMode == Mode::kGradK && i < HW) ? a.R[n * HW + i] : acc_t(0);
       }
       // T^T: channels e0.. of v (forward), grad_y (grad_v), k (grad_q) or q (grad_k).
@@ -922,7 +930,8 @@ __global__ void __launch_bounds__(kThreads) attn_simt_kernel(const WalkArgs<T, a
         row_scale[r] = acc_t(1) / l;
         const int64_t o = o0 + tr * 4 + r;
         if (ec == 0 && tc == 0 && o < HW) {
-          a.lse_out[n * HW + o] = m_r[r] + acc_log(l);
+          // An energy of +inf: torch.logsumexp's +inf (l is NaN, inf - inf).
+          a.lse_out[n * HW + o] = m_r[r] == -kNegInf ? m_r[r] : m_r[r] + acc_log(l);
         }
       } else {  // every gradient carries one factor gamma, applied here
         row_scale[r] = gamma;
