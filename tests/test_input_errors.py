@@ -175,6 +175,9 @@ def _op_arguments() -> dict[str, tuple]:
         "cam_backward": (_rand(N, C, H, W), x, gamma, _rand(N, C, C)),
         "criss_cross": (q, k, _rand(N, C, H, W), x, gamma),
         "criss_cross_backward": (_rand(N, C, H, W), q, k, _rand(N, C, H, W), gamma, x, _rand(N, H * W)),
+        "block_tail_stats": (x,),
+        "block_tail_apply": (x, _rand(N, C, H, W), _rand(N, C), _rand(N, C), _rand(N, C), True),
+        "block_tail_backward_reduce": (_rand(N, C, H, W), _rand(N, C, H, W), x),
     }
 
 
@@ -203,14 +206,14 @@ _ANCHORS = {"channel_gate": "avg", "channel_gate_backward": "avg", "nonlocal_att
             "criss_cross_backward": "out",
             "ham_spatial_conv": "d", "ham_spatial_conv_backward": "d", "shuffle_conv": "s",
             "shuffle_conv_backward": "s", "shuffle_conv_bn_gate": "s", "shuffle_conv_epilogue": "z",
-            "shuffle_conv_epilogue_backward": "z"}
+            "shuffle_conv_epilogue_backward": "z", "block_tail_backward_reduce": "z"}
 #: The op name in the messages, where it is not the op's own (the composite reports as shuffle_conv).
 _MESSAGE_NAMES = {"shuffle_conv_bn_gate": "shuffle_conv"}
 #: The Python check of each op (the one the reference backend, the Triton ops and the fakes run).
 _CHECK_NAMES = {"channel_mlp_attention": "check_mlp_args"}
 
 DEVICE_CASES = [pytest.param(op, arg, id=f"{op}-{arg}") for op in _all_schemas() for arg in _tensor_names(op)
-                if len(_tensor_names(op)) > 1]  # channel_pool(x), triplet_pool(x): no second tensor to disagree with
+                if len(_tensor_names(op)) > 1]  # channel_pool(x), triplet_pool(x), block_tail_stats(z): one tensor
 
 
 def _with_one_on_meta(op: str, arg: str) -> list:
@@ -241,7 +244,7 @@ def _python_check(op: str):
 
 def test_the_device_cases_cover_every_op() -> None:
     assert _op_arguments().keys() == _all_schemas().keys()
-    single_tensor = {"channel_pool", "triplet_pool"}
+    single_tensor = {"channel_pool", "triplet_pool", "block_tail_stats"}
     assert {op for op, _ in (c.values for c in DEVICE_CASES)} == _all_schemas().keys() - single_tensor
 
 
