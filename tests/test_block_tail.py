@@ -221,7 +221,7 @@ def test_unfused_tail_where_the_shortcut_dtype_differs() -> None:
     z = fused.conv2[0](fused.conv1(x)).to(torch.float64)
     want = torch.relu(ref.conv2[1].double()(z) + x)
     fused.conv2[1].double()
-    torch.testing.assert_close(fused.tail(z, fused.conv2[1], x), want)
+    torch.testing.assert_close(fused.tail(z, fused.conv2[1], None, x), want)
 
 
 # --- timm's ResNets ------------------------------------------------------------------------
