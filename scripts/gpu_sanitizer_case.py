@@ -59,6 +59,23 @@ with backend.use_backend("cuda"):
                 mc = torch.randn(n, c, device="cuda", requires_grad=True)
                 ms = torch.randn(n, 1, h, w, device="cuda", requires_grad=True)
                 AF.bam_apply(x, mc, ms).float().square().sum().backward()
+    # block_tail (stats, apply, backward_reduce, and apply again for grad_z) with a gate, training
+    # and eval: C = 1, HW = 1, C and H*W odd, planes over one tile, a sliced (non-dense) z.
+    for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            for n, c, h, w in ((3, 37, 5, 7), (1, 1, 1, 1), (2, 260, 1, 3), (2, 300, 37, 41), (2, 5, 9, 26)):
+                z = torch.randn(n, c, h, w, device="cuda", dtype=dtype).contiguous(memory_format=fmt)
+                if w == 26:
+                    z = z[..., ::2]  # any strides
+                z.requires_grad_()
+                shortcut = torch.randn(z.shape, device="cuda", dtype=dtype).contiguous(memory_format=fmt).requires_grad_()
+                weight = torch.rand(c, device="cuda", requires_grad=True)
+                bias = torch.randn(c, device="cuda", requires_grad=True)
+                gate_w = torch.randn(c, device="cuda", requires_grad=True)
+                for training in (True, False) if n * h * w > 1 else (False,):
+                    y = AF.block_tail(z, shortcut, torch.zeros(c, device="cuda"), torch.ones(c, device="cuda"),
+                                      weight, bias, training=training, gate=lambda avg: torch.sigmoid(avg * gate_w))
+                    y.float().square().sum().backward()
     # cam and its backward: C = 1, HW = 1, C and H*W odd, C over one block of rows.
     for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
         for fmt in (torch.contiguous_format, torch.channels_last):

@@ -15,9 +15,12 @@
 //                          pix_combine(a, b), pix_finish(n, p, s)                       (NoState)
 //   kGradY                 it also reads grad_y, x-shaped and in x's layout, at the same element
 //   kWrites                it writes an x-shaped output, in x's layout
+//   kAux                   it also reads a third x-shaped input in x's layout, op.aux (a
+//                          `const scalar_t* aux` member), at the same element (walk only)
 //   acc_t visit(chan, pix, grad_y, x, PixState&, ChanState&) const
 //                          one element, read in acc (grad_y is 0 without kGradY): adds to the
 //                          states and returns the output value (ignored without kWrites).
+//                          With kAux: visit(chan, pix, grad_y, x, aux, PixState&, ChanState&).
 //
 // Walks:
 //   walk(op, x, grad_y, out)             any op. A block owns a tile: one sample, TX*V positions
@@ -71,19 +74,26 @@ struct OpBase {
   using PixState = NoState;
   static constexpr bool kGradY = false;
   static constexpr bool kWrites = false;
+  static constexpr bool kAux = false;
   __device__ NoCtx chan(int64_t) const { return {}; }
   __device__ NoCtx pix(int64_t, int64_t) const { return {}; }
 };
 
-// op.visit of one element given in scalar_t (g is ignored without kGradY).
+// op.visit of one element given in scalar_t (g is ignored without kGradY, aux without kAux).
 template <typename Op>
 __device__ __forceinline__ typename Op::acc_t visit_elem(const Op& op, const typename Op::ChanCtx& k,
                                                          const typename Op::PixCtx& px,
                                                          typename Op::scalar_t g, typename Op::scalar_t x,
                                                          typename Op::PixState& ps,
-                                                         typename Op::ChanState& cs) {
+                                                         typename Op::ChanState& cs,
+                                                         typename Op::scalar_t aux = {}) {
   using acc_t = typename Op::acc_t;
-  return op.visit(k, px, Op::kGradY ? static_cast<acc_t>(g) : acc_t(0), static_cast<acc_t>(x), ps, cs);
+  const acc_t gv = Op::kGradY ? static_cast<acc_t>(g) : acc_t(0);
+  if constexpr (Op::kAux) {
+    return op.visit(k, px, gv, static_cast<acc_t>(x), static_cast<acc_t>(aux), ps, cs);
+  } else {
+    return op.visit(k, px, gv, static_cast<acc_t>(x), ps, cs);
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -168,10 +178,12 @@ __global__ void __launch_bounds__(kBlock)
         const Vec<scalar_t, V> xv = load_vec<V>(x + off);
         Vec<scalar_t, V> gv{};
         if constexpr (Op::kGradY) gv = load_vec<V>(grad_y + off);
+        Vec<scalar_t, V> av{};
+        if constexpr (Op::kAux) av = load_vec<V>(op.aux + off);
         Vec<scalar_t, V> yv;
 #pragma unroll
         for (int v = 0; v < V; ++v) {
-          const auto y = visit_elem(op, k, px[v], gv.val[v], xv.val[v], ps[v], cs);
+          const auto y = visit_elem(op, k, px[v], gv.val[v], xv.val[v], ps[v], cs, av.val[v]);
           if constexpr (Op::kWrites) yv.val[v] = static_cast<scalar_t>(y);
         }
         if constexpr (Op::kWrites) store_vec<V>(out + off, yv);
@@ -253,10 +265,12 @@ __global__ void __launch_bounds__(kBlock)
         const Vec<scalar_t, V> xv = load_vec<V>(x + off);
         Vec<scalar_t, V> gv{};
         if constexpr (Op::kGradY) gv = load_vec<V>(grad_y + off);
+        Vec<scalar_t, V> av{};
+        if constexpr (Op::kAux) av = load_vec<V>(op.aux + off);
         Vec<scalar_t, V> yv;
 #pragma unroll
         for (int v = 0; v < V; ++v) {
-          const auto y = visit_elem(op, k[v], px, gv.val[v], xv.val[v], ps, cs[v]);
+          const auto y = visit_elem(op, k[v], px, gv.val[v], xv.val[v], ps, cs[v], av.val[v]);
           if constexpr (Op::kWrites) yv.val[v] = static_cast<scalar_t>(y);
         }
         if constexpr (Op::kWrites) store_vec<V>(out + off, yv);
@@ -396,9 +410,9 @@ void launch_walk(const Op& op, const at::Tensor& x, const typename Op::scalar_t*
 }
 
 // Runs op over every element of the dense x (x.numel() > 0) in layout L = layout_of(x); grad_y
-// (in x's layout) and out are defined only when the op reads or writes them. V-wide loads along
-// the contiguous axis need that axis divisible by V and every pointer aligned to V elements: 16
-// bytes, else (kTryHalfVec) 8 bytes, else one element.
+// (in x's layout) and out are defined only when the op reads or writes them, op.aux (in x's
+// layout) only with kAux. V-wide loads along the contiguous axis need that axis divisible by V
+// and every pointer aligned to V elements: 16 bytes, else (kTryHalfVec) 8 bytes, else one element.
 template <Layout L, bool kTryHalfVec = true, typename Op>
 void walk_in(const Op& op, const at::Tensor& x, const at::Tensor& grad_y, const at::Tensor& out) {
   using scalar_t = typename Op::scalar_t;
@@ -407,11 +421,13 @@ void walk_in(const Op& op, const at::Tensor& x, const at::Tensor& grad_y, const 
   const scalar_t* x_ptr = x.data_ptr<scalar_t>();
   const scalar_t* grad_y_ptr = Op::kGradY ? grad_y.data_ptr<scalar_t>() : nullptr;
   scalar_t* out_ptr = Op::kWrites ? out.data_ptr<scalar_t>() : nullptr;
+  const scalar_t* aux_ptr = nullptr;
+  if constexpr (Op::kAux) aux_ptr = op.aux;
   const int64_t width = L == Layout::NCHW ? x.size(2) * x.size(3) : x.size(1);
   auto fits = [&](int64_t V) {
     const auto bytes = static_cast<uintptr_t>(V * sizeof(scalar_t));
     auto ok = [&](const void* p) { return p == nullptr || reinterpret_cast<uintptr_t>(p) % bytes == 0; };
-    return width % V == 0 && ok(x_ptr) && ok(grad_y_ptr) && ok(out_ptr);
+    return width % V == 0 && ok(x_ptr) && ok(grad_y_ptr) && ok(out_ptr) && ok(aux_ptr);
   };
   if (fits(kVec)) {
     launch_walk<L, kVec>(op, x, x_ptr, grad_y_ptr, out_ptr);
@@ -535,7 +551,7 @@ void launch_reduce_planes(const Op& op, PlaneInputs<typename Op::scalar_t> in, i
 template <typename Op>
 void reduce_per_channel(const Op& op, const at::Tensor& x, const at::Tensor& grad_y) {
   static_assert(kHas<typename Op::ChanState> && !kHas<typename Op::PixState> && !Op::kWrites &&
-                    std::is_same<typename Op::PixCtx, NoCtx>::value,
+                    !Op::kAux && std::is_same<typename Op::PixCtx, NoCtx>::value,
                 "reduce_per_channel runs ops that only sum over the pixels of each (n, c)");
   using scalar_t = typename Op::scalar_t;
   constexpr int kVec = 16 / sizeof(scalar_t);
@@ -630,7 +646,7 @@ __global__ void __launch_bounds__(kBlock)
 // out = op over the dense in (in.numel() > 0), both walked in `layout`.
 template <typename Op>
 void map_per_channel(const Op& op, const at::Tensor& in, const at::Tensor& out, Layout layout) {
-  static_assert(Op::kWrites && !Op::kGradY && !kHas<typename Op::ChanState> &&
+  static_assert(Op::kWrites && !Op::kGradY && !Op::kAux && !kHas<typename Op::ChanState> &&
                     !kHas<typename Op::PixState> && std::is_same<typename Op::PixCtx, NoCtx>::value,
                 "map_per_channel runs per-channel elementwise maps");
   using scalar_t = typename Op::scalar_t;
