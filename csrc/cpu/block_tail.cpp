@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "attnkernels/block_tail.h"
+#include "attnkernels/cpu_spatial_pool.h"
 #include "attnkernels/cpu_vec.h"
 
 namespace attnkernels {
@@ -35,30 +36,20 @@ namespace {
 #define AK_DISPATCH_FEATURE(x, name, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, (x).scalar_type(), name, __VA_ARGS__)
 
-// Pixels per channels_last task: one partial row of C per chunk.
-constexpr int64_t kChunk = 1024;
+// Pixels per channels_last task (one partial row of C per chunk), and the parallel walk over
+// (sample, chunk): the spatial pools' pixel blocks.
+constexpr int64_t kChunk = cpu_spatial::kPixelBlock;
+using cpu_spatial::for_pixel_blocks;
 // Values per sub-block of the statistics: its second pass finds it in L1/L2.
 constexpr int64_t kSubBlock = 16384;
 // Independent vector accumulators per plane: one add chain would stall on the add's latency
 // once the plane is in cache (the statistics' second pass).
 constexpr int kUnroll = 4;
 
-inline int64_t chunks_of(int64_t hw) { return (hw + kChunk - 1) / kChunk; }
+inline int64_t chunks_of(int64_t hw) { return cpu_spatial::pixel_blocks(hw); }
 
 // Grain for parallel loops over planes: about 32K elements a task, so tiny planes are batched.
 inline int64_t plane_grain(int64_t hw) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(hw, 1)); }
-
-// Calls f(n, chunk, p0, p1) for every (sample, chunk of pixels), in parallel.
-template <typename F>
-void for_chunks(int64_t N, int64_t hw, const F& f) {
-  const int64_t chunks = chunks_of(hw);
-  at::parallel_for(0, N * chunks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t n = t / chunks, k = t % chunks, p0 = k * kChunk;
-      f(n, k, p0, std::min(hw, p0 + kChunk));
-    }
-  });
-}
 
 // Chan's combination, len values at a time: (mean, m2) of count_a values and (mean_b, m2_b) of
 // count_b more become those of all count_a + count_b. count_a = 0 takes b as it is (a
@@ -229,7 +220,7 @@ void stats_channels_last(const scalar_t* z, int64_t N, int64_t C, int64_t hw, at
   // Per-chunk (mean, m2) rows, (N, chunks, C); a sample of one chunk writes its result directly.
   std::vector<acc_t> part(chunks > 1 ? 2 * N * chunks * C : 0);
   acc_t *pm = part.data(), *pm2 = pm + N * chunks * C;
-  for_chunks(N, hw, [&](int64_t n, int64_t j, int64_t p0, int64_t p1) {
+  for_pixel_blocks(N, hw, [&](int64_t n, int64_t j, int64_t p0, int64_t p1) {
     const scalar_t* z_n = z + n * hw * C;
     std::vector<acc_t> k(C);
     shifts_of(z_n, C, k.data());
@@ -338,7 +329,7 @@ void apply_all(const scalar_t* x, const scalar_t* y, scalar_t* out, int64_t N, i
                bool channels_last, const at::opmath_type<scalar_t>* a, const at::opmath_type<scalar_t>* b,
                const at::opmath_type<scalar_t>* c) {
   if (channels_last) {
-    for_chunks(N, hw, [&](int64_t n, int64_t, int64_t p0, int64_t p1) {
+    for_pixel_blocks(N, hw, [&](int64_t n, int64_t, int64_t p0, int64_t p1) {
       const int64_t nc = n * C;
       for (int64_t p = p0; p < p1; ++p) {
         const int64_t off = (n * hw + p) * C;
@@ -459,7 +450,7 @@ void backward_reduce_channels_last(const scalar_t* grad_out, const scalar_t* out
   // Per-chunk partial rows (N, chunks, C) of s1 and s2, summed over the chunks in order.
   std::vector<acc_t> part(2 * N * chunks * C, acc_t(0));
   acc_t *p1s = part.data(), *p2s = p1s + N * chunks * C;
-  for_chunks(N, hw, [&](int64_t n, int64_t k, int64_t p0, int64_t p1) {
+  for_pixel_blocks(N, hw, [&](int64_t n, int64_t k, int64_t p0, int64_t p1) {
     const int64_t row = (n * chunks + k) * C;
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t off = (n * hw + p) * C;
