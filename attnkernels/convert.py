@@ -241,7 +241,7 @@ def _qualname(cls: type) -> str:
 
 def _fuse_plan(module: nn.Module, pinned: str | None, tails: bool) -> _Plan | None:
     if tails and type(module) in TAIL_FUSED:
-        return _tail_plan(module, TAIL_FUSED[type(module)], why_tail_not_fused(module.attn), pinned)
+        return _tail_plan(module, TAIL_FUSED[type(module)], why_tail_not_fused(module), pinned)
     if tails and _timm_resnet_block(module):
         problem = why_timm_tail_not_fused(module, _why_timm_attention_not_fused)
         return _tail_plan(module, timm_tail_class(type(module)), problem, pinned)

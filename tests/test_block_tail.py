@@ -273,3 +273,23 @@ def test_tail_fused_timm_model_pickles() -> None:
     fused.eval(), back.eval()
     with backend.use_backend("reference"):
         torch.testing.assert_close(back(x), fused(x))
+
+
+def test_sync_batch_norm_keeps_the_tail_unfused() -> None:
+    """SyncBatchNorm's statistics span processes: a block converted before `fuse` is left
+    (reported), one converted after runs its tail unfused; both match the converted reference."""
+    convert = torch.nn.SyncBatchNorm.convert_sync_batchnorm
+    fused, ref = block_pair("basic-identity", "se", torch.float64)
+    ref = convert(ref)
+    after = convert(fused)
+    before, rep = attnkernels.fuse(convert(copy.deepcopy(block_pair("basic-identity", "se", torch.float64)[1])),
+                                   report=True)
+    assert type(before) is resnet.BasicBlock
+    assert any("its last norm is SyncBatchNorm" in e.detail for e in rep.left)
+    before.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 16, 5, 5, dtype=torch.float64)
+    for model in (after, before, ref):
+        model.eval()
+    want = ref(x)
+    torch.testing.assert_close(after(x), want)
+    torch.testing.assert_close(before(x), want)

@@ -36,8 +36,16 @@ _SE_CLASSES = (reference_se.SE, SE)
 _ECA_CLASSES = (reference_eca.ECA, ECA)
 
 
-def why_tail_not_fused(attn: nn.Module | None) -> str | None:
-    """Why a block with attention `attn` cannot run its tail fused, or None if it can."""
+def why_tail_not_fused(block: nn.Module) -> str | None:
+    """Why a block of attnkernels.models cannot run its tail fused, or None if it can: its last
+    norm must be exactly nn.BatchNorm2d, its attention none, SE or ECA."""
+    bn = (block.conv3 if hasattr(block, "conv3") else block.conv2)[1]
+    if type(bn) is not nn.BatchNorm2d:
+        return f"its last norm is {type(bn).__name__}, not nn.BatchNorm2d"
+    return _why_attention_not(block.attn)
+
+
+def _why_attention_not(attn: nn.Module | None) -> str | None:
     if attn is None or type(attn) in _SE_CLASSES or type(attn) in _ECA_CLASSES:
         return None
     return (f"attention {type(attn).__name__}: only blocks with no attention, SE or ECA have a fused tail "
@@ -47,7 +55,7 @@ def why_tail_not_fused(attn: nn.Module | None) -> str | None:
 def tail_gate(attn: nn.Module | None) -> Gate | None:
     """The gate of a block's channel attention as a function of the (N, C) mean of bn(z), or
     None for a block without attention. Raises ValueError for attention it cannot express."""
-    problem = why_tail_not_fused(attn)
+    problem = _why_attention_not(attn)
     if problem is not None:
         raise ValueError(f"tail_gate: {problem}")
     if attn is None:
@@ -97,8 +105,9 @@ class _TailFused(nn.Module):
 
     def tail(self, z: torch.Tensor, bn: nn.BatchNorm2d, attn: nn.Module | None, shortcut: torch.Tensor) -> torch.Tensor:
         """`relu(attn(bn(z)) + shortcut)`, fused where the shapes and dtypes allow."""
-        if shortcut.dtype != z.dtype or shortcut.shape != z.shape:
-            # e.g. under autocast (z in bf16, the shortcut in fp32): the unfused tail, as eager.
+        if type(bn) is not nn.BatchNorm2d or shortcut.dtype != z.dtype or shortcut.shape != z.shape:
+            # The unfused tail, as eager: a norm swapped in after fuse (SyncBatchNorm, whose
+            # statistics span processes), or a shortcut in another dtype (under autocast).
             return torch.relu((bn(z) if attn is None else attn(bn(z))) + shortcut)
         gate = tail_gate(attn)
         if self.backend is None:
