@@ -293,3 +293,14 @@ def test_sync_batch_norm_keeps_the_tail_unfused() -> None:
     want = ref(x)
     torch.testing.assert_close(after(x), want)
     torch.testing.assert_close(before(x), want)
+
+
+def test_compiles_without_graph_breaks() -> None:
+    """torch.compile(fullgraph=True) traces the two autograd Functions and the gate between
+    them: the compiled tail-fused block matches the eager block, output and gradients."""
+    fused, ref = block_pair("bottleneck-projection", "se", torch.float32)
+    compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 16, 8, 8)
+    g = torch.randn(2, 32, 4, 4)
+    got, want = training_step(compiled, x, g), training_step(ref, x, g)
+    assert_steps_match(got, want, torch.float32, ["x"] + [n for n, _ in ref.named_parameters()])
