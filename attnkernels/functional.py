@@ -34,6 +34,12 @@ softmax_spatial (SoftmaxSpatial):
 block_tail (a residual block's tail, attnkernels.nn.block_tail):
     out = block_tail(z, shortcut, running_mean, running_var, weight, bias, training, momentum, eps,
                      gate)   # relu(batch_norm(z) * gate(mean of bn(z)) + shortcut), two passes
+
+spatial_tail (a block tail with CBAM's or HAM's attention, attnkernels.nn.block_tail):
+    out = spatial_tail(z, shortcut, running_mean, running_var, weight, bias, training, momentum,
+                       eps, channel_gate=..., spatial_gate=..., important=None)
+          # relu(x1 * spatial_gate(pooled x1) + shortcut), x1 = batch_norm(z) * channel_gate(...)
+    mask = top_channels(gate, k)                   # HAM's important channels, the rank rule
 """
 from __future__ import annotations
 

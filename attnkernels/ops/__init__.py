@@ -24,7 +24,7 @@ import importlib
 #: A new hot path adds its name here: the library load registers its ops from it.
 HOT_PATHS = (
     "channel_gate", "ham_spatial", "nonlocal_attn", "gam_channel", "shuffle_conv", "softmax_spatial", "cbam_spatial",
-    "triplet", "bam", "cam", "criss_cross", "block_tail",
+    "triplet", "bam", "cam", "criss_cross", "block_tail", "spatial_tail",
 )
 
 

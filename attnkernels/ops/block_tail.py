@@ -196,7 +196,7 @@ class _TailStats(torch.autograd.Function):
             m2 = m2_nc.sum(0) + pixels * (mean_nc - mean).square().sum(0)
             var = m2 / count
             if running_mean is not None and running_var is not None:
-                _update_running(running_mean, running_var, mean, m2, count, momentum)
+                update_running_stats(running_mean, running_var, mean, m2, count, momentum)
         else:
             mean, var = running_mean.to(acc), running_var.to(acc)
         scale, shift, rstd = fold_batch_norm(mean, var, weight, bias, eps)
@@ -240,7 +240,7 @@ class _TailStats(torch.autograd.Function):
         return grad_z, grad_weight, grad_bias, None, None, None, None, None, None, None
 
 
-def _update_running(running_mean, running_var, mean, m2, count, momentum) -> None:
+def update_running_stats(running_mean, running_var, mean, m2, count, momentum) -> None:
     """F.batch_norm's update: r = (1 - momentum) * r + momentum * batch (unbiased variance)."""
     with torch.no_grad():
         unbiased = m2 / (count - 1) if count > 1 else torch.full_like(m2, float("nan"))
