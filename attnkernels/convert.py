@@ -3,7 +3,7 @@
 `fuse` replaces, in place, every module that has a fused version:
 
 * a residual block of `attnkernels.models` (resnet.BasicBlock, resnet.Bottleneck) with no
-  attention, SE or ECA: its tail-fused class (`attnkernels.nn.block_tail`), which runs
+  attention, SE, ECA, CBAM or HAM: its tail-fused class (`attnkernels.nn.block_tail`), which runs
   BatchNorm, the gate, the add and the ReLU as one hot path (`tails=False` leaves blocks);
 
 * a reference module (`attnkernels.reference`) whose class `attnkernels.nn.FUSED` maps to a
@@ -129,7 +129,7 @@ def fuse(
             available on the device of every module to swap (checked before any swap).
         tails: also fuse the tails of residual blocks (`attnkernels.nn.block_tail`): a block of
             `attnkernels.models` (resnet.BasicBlock, resnet.Bottleneck) whose attention is
-            none, SE or ECA becomes its tail-fused class, which runs BatchNorm, the gate, the
+            none, SE, ECA, CBAM or HAM becomes its tail-fused class, which runs BatchNorm, the gates, the
             residual add and the ReLU as the block_tail ops; other blocks are reported as left.
         report: also return the `FuseReport` (it is always logged at INFO on the
             "attnkernels" logger).
@@ -385,13 +385,14 @@ def _timm_resnet_block(module: nn.Module) -> bool:
 
 
 def _why_timm_attention_not_fused(se: nn.Module) -> str | None:
-    """Why a timm block's attention module keeps its tail unfused (None: it becomes a fused SE
-    or ECA, whose gate the tail runs)."""
+    """Why a timm block's attention module keeps its tail unfused (None: it becomes a fused SE,
+    ECA or CBAM, whose gates the tail runs)."""
     plan = _timm_plan(se, None) if _is_timm(se) else None
-    if plan is not None and plan.build is not None and plan.target in (FUSED["se"], FUSED["eca"]):
+    if plan is not None and plan.build is not None and plan.target in (FUSED["se"], FUSED["eca"], FUSED["cbam"]):
         return None
-    why = plan.detail if plan is not None and plan.build is None else "no fused SE or ECA gate"
-    return f"attention {type(se).__name__}: {why}; only blocks with no attention, SE or ECA have a fused tail"
+    why = plan.detail if plan is not None and plan.build is None else "no fused SE, ECA or CBAM gate"
+    return (f"attention {type(se).__name__}: {why}; only blocks with no attention, SE, ECA, CBAM or HAM have a "
+            "fused tail")
 
 
 def _timm_class(name: str) -> type | None:

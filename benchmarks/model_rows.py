@@ -13,7 +13,8 @@ variant and would only dilute the difference). The variants of one attention nam
   for attention names with a fused class (``attnkernels.nn.FUSED``) whose hot paths backend b
   runs on the device;
 * ``tail-<b>``  - a copy with the blocks' tails fused too (``attnkernels.fuse(model,
-  backend=b)``: BatchNorm, the gate, the residual add and the ReLU as the block_tail ops);
+  backend=b)``: BatchNorm, the gates, the residual add and the ReLU as the block_tail ops, or
+  the spatial_tail ops for CBAM and HAM);
   for the bare network and the attentions whose blocks get a fused tail (TAIL_ATTENTIONS),
   for each backend b of a ``fused-<b>`` variant that runs their hot paths.
 
@@ -112,14 +113,17 @@ def model_variants(variants: Sequence[str], device: torch.device, explicit: bool
     return out
 
 
-#: The attentions whose blocks `attnkernels.fuse` gives a fused tail (attnkernels.nn.block_tail).
-TAIL_ATTENTIONS = (BARE, "se", "eca")
+#: The attentions whose blocks `attnkernels.fuse` gives a fused tail (attnkernels.nn.block_tail),
+#: and the hot path that tail runs.
+TAIL_HOT_PATH = {BARE: "block_tail", "se": "block_tail", "eca": "block_tail", "cbam": "spatial_tail",
+                 "ham": "spatial_tail"}
+TAIL_ATTENTIONS = tuple(TAIL_HOT_PATH)
 
 
 def variants_of(attention: str, settings: ModelSettings) -> List[str]:
     """The variants measured for one attention name (the bare network: eager, and its fused
     tails); a ``fused-<b>`` one only where backend b runs every hot path of the attention's
-    fused class on the device, a ``tail-<b>`` one where b also runs block_tail
+    fused class on the device, a ``tail-<b>`` one where b also runs the tail's hot path
     (``harness/backends.py``, the one place that decides it)."""
     wanted = [v[len("fused-"):] for v in settings.variants if v.startswith("fused-")]
     paths = () if attention == BARE else fused_hot_paths(attention)
@@ -127,7 +131,8 @@ def variants_of(attention: str, settings: ModelSettings) -> List[str]:
     out = ["eager"] if attention == BARE else [
         v for v in settings.variants if not v.startswith("fused-") or v[len("fused-"):] in runs]
     if attention in TAIL_ATTENTIONS and paths is not None:
-        out += [f"tail-{b}" for b in fused_backends((*paths, "block_tail"), settings.device, wanted)]
+        tail_paths = (*paths, TAIL_HOT_PATH[attention])
+        out += [f"tail-{b}" for b in fused_backends(tail_paths, settings.device, wanted)]
     return out
 
 

@@ -1,8 +1,10 @@
-"""Tail-fused residual blocks (attnkernels.nn.block_tail, the block_tail ops) against the
-unfused blocks of attnkernels.models: output, every gradient and the BatchNorm buffers after a
-step, train and eval, fp64 and fp32, NCHW and channels_last, identity and projection
-shortcuts, no attention, SE and ECA; fuse()/unfuse() of whole models; SGD steps of a CIFAR
-ResNet-20 + SE; what backward saves; BatchNorm's bookkeeping variants; NaN; bad gates.
+"""Tail-fused residual blocks (attnkernels.nn.block_tail: the block_tail ops, and the
+spatial_tail ops for CBAM and HAM) against the unfused blocks of attnkernels.models: output,
+every gradient and the BatchNorm buffers after a step, train and eval, fp64 and fp32, NCHW and
+channels_last, identity and projection shortcuts, no attention, SE, ECA, CBAM and HAM;
+fuse()/unfuse() of whole models; SGD steps of a CIFAR ResNet-20 with each attention; what
+backward saves; BatchNorm's bookkeeping variants (a zero BatchNorm weight, as timm's
+zero_init_last gives, included); NaN; bad gates; timm's ResNets (SE, ECA, CBAM, none).
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ from attnkernels.nn import block_tail as tail_blocks
 from attnkernels.ops.block_tail import block_tail
 
 CASES = backend_cases(cpu=("cpu", "reference"))
-ATTENTIONS = [None, "se", "eca"]
+ATTENTIONS = [None, "se", "eca", "cbam", "ham"]
 # (block, in_ch, out_ch, stride): identity shortcuts and 1x1-conv + BN projections.
 BLOCKS = {
     "basic-identity": (resnet.BasicBlock, 16, 16, 1, {}),
@@ -52,7 +54,7 @@ def randomize_batch_norms(model: torch.nn.Module) -> torch.nn.Module:
 def block_pair(kind: str, attention: str | None, dtype: torch.dtype):
     """An unfused block with random weights, and a deep copy of it fused by `attnkernels.fuse`."""
     cls, in_ch, out_ch, stride, kwargs = BLOCKS[kind]
-    make_attn = attention_factory(attention, {"reduction": 4} if attention == "se" else None)
+    make_attn = attention_factory(attention, {"reduction": 4} if attention in ("se", "cbam") else None)
     ref = randomize_batch_norms(cls(in_ch, out_ch, stride, make_attn, **kwargs)).to(dtype)
     fused = attnkernels.fuse(copy.deepcopy(ref))
     assert type(fused) is tail_blocks.TAIL_FUSED[cls]
@@ -141,22 +143,23 @@ def test_fuse_reports_blocks_and_unfuse_restores_them() -> None:
 
 
 def test_blocks_with_other_attention_are_left_and_reported() -> None:
-    model, rep = attnkernels.fuse(cifar_resnet.resnet20(attention="cbam"), report=True)
+    model, rep = attnkernels.fuse(cifar_resnet.resnet20(attention="gam"), report=True)
     left = [e for e in rep.left if e.module == "attnkernels.models.resnet.BasicBlock"]
-    assert len(left) == 9 and all("tail not fused: attention CBAM" in e.detail for e in left)
+    assert len(left) == 9 and all("tail not fused: attention GAM" in e.detail for e in left)
     assert all(type(m) is resnet.BasicBlock for m in model.modules() if isinstance(m, resnet.BasicBlock))
     # Their attention modules are still fused.
-    assert any(e.detail == "attnkernels.nn.cbam.CBAM" for e in rep.swapped)
+    assert any(e.detail == "attnkernels.nn.gam.GAM" for e in rep.swapped)
 
 
 @pytest.mark.parametrize("backend_name,device", CASES)
-def test_backward_saves_no_more_than_eager(backend_name, device) -> None:
-    fused, ref = block_pair("basic-identity", "se", torch.float32)
+@pytest.mark.parametrize("attention", ["se", "cbam", "ham"])
+def test_backward_saves_no_more_than_eager(backend_name, device, attention) -> None:
+    fused, ref = block_pair("basic-identity", attention, torch.float32)
     x = torch.randn(4, 16, 8, 8, requires_grad=True)
     saved = len(full_size_saved(fused, x, backend_name))
     # The block's input, conv1's output and its ReLU's (for conv1, BatchNorm and conv2), then
     # z and the output of the tail, which eager's BatchNorm and ReLU save too. Eager also keeps
-    # bn(z) for the gate's product: the fused tail keeps no tensor of its own.
+    # bn(z) and the gated maps for the gates' products: the fused tail keeps none of its own.
     assert saved == 5 and saved < len(full_size_saved(ref, x, None))
 
 
@@ -181,6 +184,24 @@ def test_batch_norm_configurations(backend_name, device, config) -> None:
         g = torch.randn(2, 16, 5, 6, dtype=torch.float64)
         got, want = training_step(fused, x, g, backend_name), training_step(ref, x, g)
         assert_steps_match(got, want, torch.float64, ["x"] + [n for n, _ in ref.named_parameters()])
+
+
+@pytest.mark.parametrize("backend_name,device", CASES)
+@pytest.mark.parametrize("attention", ["se", "cbam", "ham"])
+def test_zero_batch_norm_weight(backend_name, device, attention) -> None:
+    """timm's zero_init_last: the last BatchNorm starts at weight 0 and bias 0, so bn(z) is 0
+    everywhere and every maximum (over a plane, over channels) ties everywhere: the gradients of
+    BatchNorm's parameters split among the ties as eager's torch.amax splits them."""
+    fused, ref = block_pair("bottleneck-identity", attention, torch.float64)
+    for model in (fused, ref):
+        with torch.no_grad():
+            model.conv3[1].weight.zero_(), model.conv3[1].bias.zero_()
+    x = torch.randn(2, 32, 6, 5, dtype=torch.float64)
+    g = torch.randn(2, 32, 6, 5, dtype=torch.float64)
+    got, want = training_step(fused, x, g, backend_name), training_step(ref, x, g)
+    names = ["x"] + [n for n, _ in ref.named_parameters()]
+    assert_steps_match(got, want, torch.float64, names)
+    assert want[1][names.index("conv3.1.weight")].abs().sum() > 0  # the case is live
 
 
 @pytest.mark.parametrize("backend_name,device", CASES)
@@ -227,6 +248,15 @@ def test_unfused_tail_where_the_shortcut_dtype_differs() -> None:
 # --- timm's ResNets ------------------------------------------------------------------------
 
 
+#: timm models by test id: (model name, create_model's keyword arguments).
+TIMM_MODELS = {
+    "seresnet50": ("seresnet50", {}),
+    "ecaresnet50d": ("ecaresnet50d", {}),
+    "resnet18": ("resnet18", {}),
+    "cbam-resnet18": ("resnet18", {"block_args": {"attn_layer": "cbam"}}),
+}
+
+
 def timm_pair(name: str, **kwargs):
     """A timm model with random weights (BatchNorms too) in fp64, and a fused deep copy."""
     import timm
@@ -238,9 +268,10 @@ def timm_pair(name: str, **kwargs):
 
 
 @pytest.mark.parametrize("backend_name,device", CASES)
-@pytest.mark.parametrize("name", ["seresnet50", "ecaresnet50d", "resnet18"])
-def test_timm_resnets_give_the_same_logits_and_gradients(backend_name, device, name) -> None:
-    fused, ref, rep = timm_pair(name)
+@pytest.mark.parametrize("model_id", TIMM_MODELS)
+def test_timm_resnets_give_the_same_logits_and_gradients(backend_name, device, model_id) -> None:
+    name, kwargs = TIMM_MODELS[model_id]
+    fused, ref, rep = timm_pair(name, **kwargs)
     blocks = [e for e in rep.swapped if "block_tail.timm_" in e.detail]
     assert len(blocks) == (8 if name == "resnet18" else 16) and rep.left == []
     for train in (True, False):
@@ -295,10 +326,11 @@ def test_sync_batch_norm_keeps_the_tail_unfused() -> None:
     torch.testing.assert_close(before(x), want)
 
 
-def test_compiles_without_graph_breaks() -> None:
-    """torch.compile(fullgraph=True) traces the two autograd Functions and the gate between
-    them: the compiled tail-fused block matches the eager block, output and gradients."""
-    fused, ref = block_pair("bottleneck-projection", "se", torch.float32)
+@pytest.mark.parametrize("attention", ["se", "cbam", "ham"])
+def test_compiles_without_graph_breaks(attention) -> None:
+    """torch.compile(fullgraph=True) traces the autograd Functions and the gates between them:
+    the compiled tail-fused block matches the eager block, output and gradients."""
+    fused, ref = block_pair("bottleneck-projection", attention, torch.float32)
     compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
     x = torch.randn(2, 16, 8, 8)
     g = torch.randn(2, 32, 4, 4)

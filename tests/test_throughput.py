@@ -445,10 +445,10 @@ def test_throughput_model_rows(throughput, tmp_path, capsys, one_thread):
         reader = csv.DictReader(fh)
         header, models = reader.fieldnames, list(reader)
     assert header == list(throughput.model_rows.MODEL_COLUMNS)
-    # The bare network with its blocks' tails fused; HAM's blocks keep their tails (no row).
+    # The bare network and HAM's, each with its blocks' tails fused too.
     assert [(r["model"], r["attention"], r["variant"]) for r in models] == [
         ("resnet50", "none", "eager"), ("resnet50", "none", "tail-cpu"), ("resnet50", "ham", "eager"),
-        ("resnet50", "ham", "fused-cpu"),
+        ("resnet50", "ham", "fused-cpu"), ("resnet50", "ham", "tail-cpu"),
     ]
     for r in models:
         assert r["error"] == "", r
@@ -465,7 +465,7 @@ def test_throughput_model_rows(throughput, tmp_path, capsys, one_thread):
         expected = (float(r["step_ms"]) / bare - 1) * 100
         assert float(r["overhead_vs_bare_pct"]) == pytest.approx(expected, rel=1e-3, abs=1e-3)
     assert [(r["attention"], r["variant"]) for r in doc["model_rows"]] == [
-        ("none", "eager"), ("none", "tail-cpu"), ("ham", "eager"), ("ham", "fused-cpu"),
+        ("none", "eager"), ("none", "tail-cpu"), ("ham", "eager"), ("ham", "fused-cpu"), ("ham", "tail-cpu"),
     ]
     assert doc["meta"]["models"]["attentions"] == ["ham"] and doc["meta"]["models"]["repeats"] == 1
     printed = capsys.readouterr().out

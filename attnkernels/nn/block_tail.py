@@ -1,11 +1,15 @@
-"""Residual blocks whose tail `relu(attention(bn(z)) + shortcut)` runs as the block_tail ops.
+"""Residual blocks whose tail `relu(attention(bn(z)) + shortcut)` runs as fused ops.
 
 `attnkernels.fuse(model)` turns the blocks of `attnkernels.models` (`resnet.BasicBlock`,
 `resnet.Bottleneck`: every ResNet, CIFAR ResNet and ResNeXt there) and of timm's ResNet family
 (`timm.models.resnet.BasicBlock` and `Bottleneck`: resnet*, seresnet*, ecaresnet*, resnext*, ...)
-into these classes when the block's attention is none, SE or ECA: a channel gate on the mean of bn(z), which the tail
-computes from the statistics BatchNorm gathers anyway (`attnkernels.ops.block_tail`). The
-fused block holds the same submodules, parameters and buffers (state_dict unchanged) and
+into these classes when the block's attention is one whose gates read pooled statistics of
+bn(z), which the tail computes from the statistics BatchNorm gathers anyway:
+* none, SE or ECA (a channel gate on the mean of bn(z)): the block_tail ops
+  (`attnkernels.ops.block_tail`);
+* CBAM or HAM (a channel gate on the mean and max of bn(z), then spatial gates on the channel
+  mean and max of the gated map): the spatial_tail ops (`attnkernels.ops.spatial_tail`).
+The fused block holds the same submodules, parameters and buffers (state_dict unchanged) and
 updates BatchNorm's running statistics and `num_batches_tracked` as nn.BatchNorm2d does.
 Blocks with other attention are left to `fuse`'s module swap, and reported.
 """
@@ -21,24 +25,36 @@ from torch import nn
 
 from .. import backend as _backend
 from ..models import resnet
+from .. import functional as AF
 from ..ops.block_tail import Gate, block_tail
+from ..ops.spatial_tail import ChannelGate, SpatialGate, spatial_tail
+from ..reference import cbam as reference_cbam
 from ..reference import eca as reference_eca
+from ..reference import ham as reference_ham
 from ..reference import se as reference_se
+from .cbam import CBAM
 from .eca import ECA
+from .ham import HAM
 from .se import SE
 
-__all__ = ["BasicBlock", "Bottleneck", "TAIL_FUSED", "batch_norm_tail", "tail_gate", "timm_tail_class",
-           "why_tail_not_fused", "why_timm_tail_not_fused"]
+__all__ = ["BasicBlock", "Bottleneck", "TAIL_FUSED", "attention_tail", "batch_norm_tail", "spatial_tail_gates",
+           "tail_gate", "timm_tail_class", "why_tail_not_fused", "why_timm_tail_not_fused"]
 
 # Exactly these classes (a subclass may change the forward): the reference modules and their
 # fused versions, whose gates read the same parameters.
 _SE_CLASSES = (reference_se.SE, SE)
 _ECA_CLASSES = (reference_eca.ECA, ECA)
+_CBAM_CLASSES = (reference_cbam.CBAM, CBAM)
+_HAM_CLASSES = (reference_ham.HAM, HAM)
+#: The attention whose tail the block_tail ops run (a channel gate on the mean of bn(z)), and
+#: the attention whose tail the spatial_tail ops run (then spatial gates).
+_CHANNEL_GATED = _SE_CLASSES + _ECA_CLASSES
+_SPATIALLY_GATED = _CBAM_CLASSES + _HAM_CLASSES
 
 
 def why_tail_not_fused(block: nn.Module) -> str | None:
     """Why a block of attnkernels.models cannot run its tail fused, or None if it can: its last
-    norm must be exactly nn.BatchNorm2d, its attention none, SE or ECA."""
+    norm must be exactly nn.BatchNorm2d, its attention none, SE, ECA, CBAM or HAM."""
     bn = (block.conv3 if hasattr(block, "conv3") else block.conv2)[1]
     if type(bn) is not nn.BatchNorm2d:
         return f"its last norm is {type(bn).__name__}, not nn.BatchNorm2d"
@@ -46,18 +62,18 @@ def why_tail_not_fused(block: nn.Module) -> str | None:
 
 
 def _why_attention_not(attn: nn.Module | None) -> str | None:
-    if attn is None or type(attn) in _SE_CLASSES or type(attn) in _ECA_CLASSES:
+    if attn is None or type(attn) in _CHANNEL_GATED or type(attn) in _SPATIALLY_GATED:
         return None
-    return (f"attention {type(attn).__name__}: only blocks with no attention, SE or ECA have a fused tail "
-            "so far (their gate reads the mean of bn(z))")
+    return (f"attention {type(attn).__name__}: only blocks with no attention, SE, ECA, CBAM or HAM have a "
+            "fused tail so far (their gates read pooled statistics of bn(z))")
 
 
 def tail_gate(attn: nn.Module | None) -> Gate | None:
-    """The gate of a block's channel attention as a function of the (N, C) mean of bn(z), or
-    None for a block without attention. Raises ValueError for attention it cannot express."""
-    problem = _why_attention_not(attn)
-    if problem is not None:
-        raise ValueError(f"tail_gate: {problem}")
+    """The gate of a block's channel attention (SE, ECA) as a function of the (N, C) mean of
+    bn(z), or None for a block without attention. Raises ValueError for other attention."""
+    if attn is not None and type(attn) not in _CHANNEL_GATED:
+        raise ValueError(f"tail_gate: attention {type(attn).__name__}: only SE and ECA gate channels on the "
+                         "mean of bn(z) alone (CBAM and HAM: spatial_tail_gates)")
     if attn is None:
         return None
     if type(attn) in _SE_CLASSES:
@@ -78,18 +94,60 @@ def tail_gate(attn: nn.Module | None) -> Gate | None:
     return eca_gate
 
 
-def batch_norm_tail(z: torch.Tensor, shortcut: torch.Tensor, bn: nn.BatchNorm2d, gate: Gate | None) -> torch.Tensor:
-    """`relu(bn(z) * gate(mean of bn(z)) + shortcut)` through `attnkernels.ops.block_tail`,
-    with `bn`'s bookkeeping as nn.BatchNorm2d.forward does it (num_batches_tracked, momentum
-    None for a cumulative average, batch statistics when it tracks none)."""
+def spatial_tail_gates(attn: nn.Module) -> tuple[ChannelGate, SpatialGate, int | None]:
+    """CBAM's or HAM's gates as `spatial_tail` takes them: `(channel_gate, spatial_gate,
+    important)`. The channel gate of the (N, C) mean and max of bn(z); the spatial gate of the
+    per-group channel mean and max of the gated map; HAM's important-channel count (None for
+    CBAM's one group). They read the module's own parameters, as its fused forward does."""
+    if type(attn) in _CBAM_CLASSES:
+        conv, bn = CBAM.spatial_conv_bn(attn)
+
+        def cbam_spatial_gate(d: torch.Tensor) -> torch.Tensor:
+            return torch.sigmoid(bn(AF.ham_spatial_conv(d, conv.weight).to(bn.weight.dtype)))
+
+        return functools.partial(CBAM.channel_gate, attn), cbam_spatial_gate, None
+    if type(attn) in _HAM_CLASSES:
+
+        def ham_channel_gate(avg: torch.Tensor, max_: torch.Tensor) -> torch.Tensor:
+            return AF.channel_gate(avg, max_, attn.conv.weight, attn.alpha, attn.beta, mode="mix")
+
+        def ham_spatial_gate(d: torch.Tensor) -> torch.Tensor:
+            return torch.cat(HAM.spatial_gates(attn, d[:, :2], d[:, 2:]), 1)
+
+        return ham_channel_gate, ham_spatial_gate, attn.c_im
+    raise ValueError(f"spatial_tail_gates: attention {type(attn).__name__}: only CBAM and HAM gate channels, "
+                     "then pixels")
+
+
+def _batch_norm_arguments(bn: nn.BatchNorm2d) -> tuple:
+    """F.batch_norm's arguments for `bn` now, with nn.BatchNorm2d.forward's bookkeeping done
+    (num_batches_tracked, momentum None for a cumulative average, batch statistics when it
+    tracks none): (running_mean, running_var, weight, bias, training, momentum, eps)."""
     factor = 0.0 if bn.momentum is None else bn.momentum
     if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
         bn.num_batches_tracked.add_(1)
         factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
     batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
     track = not bn.training or bn.track_running_stats
-    return block_tail(z, shortcut, bn.running_mean if track else None, bn.running_var if track else None,
-                      bn.weight, bn.bias, batch_stats, factor, bn.eps, gate)
+    return (bn.running_mean if track else None, bn.running_var if track else None, bn.weight, bn.bias,
+            batch_stats, factor, bn.eps)
+
+
+def batch_norm_tail(z: torch.Tensor, shortcut: torch.Tensor, bn: nn.BatchNorm2d, gate: Gate | None) -> torch.Tensor:
+    """`relu(bn(z) * gate(mean of bn(z)) + shortcut)` through `attnkernels.ops.block_tail`,
+    with `bn`'s bookkeeping as nn.BatchNorm2d.forward does it (num_batches_tracked, momentum
+    None for a cumulative average, batch statistics when it tracks none)."""
+    return block_tail(z, shortcut, *_batch_norm_arguments(bn), gate)
+
+
+def attention_tail(z: torch.Tensor, shortcut: torch.Tensor, bn: nn.BatchNorm2d, attn: nn.Module | None) -> torch.Tensor:
+    """`relu(attn(bn(z)) + shortcut)` fused: the block_tail ops for no attention, SE or ECA,
+    the spatial_tail ops for CBAM or HAM; `bn`'s bookkeeping as nn.BatchNorm2d does it."""
+    if attn is not None and type(attn) in _SPATIALLY_GATED:
+        channel_gate, spatial_gate, important = spatial_tail_gates(attn)
+        return spatial_tail(z, shortcut, *_batch_norm_arguments(bn), channel_gate=channel_gate,
+                            spatial_gate=spatial_gate, important=important)
+    return batch_norm_tail(z, shortcut, bn, tail_gate(attn))
 
 
 class _TailFused(nn.Module):
@@ -101,7 +159,7 @@ class _TailFused(nn.Module):
     #: The pinned backend of the tail's ops (None: automatic), as `FusedModule.backend`.
     backend: str | None = None
     #: The hot paths the block runs (`fuse` checks a pinned backend on them).
-    hot_paths: ClassVar[tuple[str, ...]] = ("block_tail",)
+    hot_paths: ClassVar[tuple[str, ...]] = ("block_tail", "spatial_tail")
 
     def tail(self, z: torch.Tensor, bn: nn.BatchNorm2d, attn: nn.Module | None, shortcut: torch.Tensor) -> torch.Tensor:
         """`relu(attn(bn(z)) + shortcut)`, fused where the shapes and dtypes allow."""
@@ -109,11 +167,10 @@ class _TailFused(nn.Module):
             # The unfused tail, as eager: a norm swapped in after fuse (SyncBatchNorm, whose
             # statistics span processes), or a shortcut in another dtype (under autocast).
             return torch.relu((bn(z) if attn is None else attn(bn(z))) + shortcut)
-        gate = tail_gate(attn)
         if self.backend is None:
-            return batch_norm_tail(z, shortcut, bn, gate)
+            return attention_tail(z, shortcut, bn, attn)
         with _backend.use_backend(self.backend):
-            return batch_norm_tail(z, shortcut, bn, gate)
+            return attention_tail(z, shortcut, bn, attn)
 
     def extra_repr(self) -> str:
         return "" if self.backend is None else f"backend={self.backend!r}"
@@ -161,7 +218,7 @@ def _timm_tail_parts(block: nn.Module) -> tuple[nn.Module, nn.Module]:
 def why_timm_tail_not_fused(block: nn.Module, why_attention_not: Callable[[nn.Module], str | None]) -> str | None:
     """Why the tail of timm block `block` cannot run fused, or None if it can. The norm must be
     exactly nn.BatchNorm2d and the activation nn.ReLU, drop_path off; `why_attention_not(se)`
-    says why its attention (a timm module) cannot become a fused SE or ECA (None: it can)."""
+    says why its attention (a timm module) cannot become a fused SE, ECA or CBAM (None: it can)."""
     bn, act = _timm_tail_parts(block)
     if type(bn) is not nn.BatchNorm2d:
         return f"its last norm is {type(bn).__name__}, not nn.BatchNorm2d"
@@ -170,7 +227,7 @@ def why_timm_tail_not_fused(block: nn.Module, why_attention_not: Callable[[nn.Mo
     if block.drop_path is not None and type(block.drop_path) is not nn.Identity:
         return "drop_path is on (stochastic depth scales the branch per sample)"
     se = block.se
-    if se is None or type(se) in _SE_CLASSES or type(se) in _ECA_CLASSES:
+    if se is None or type(se) in _CHANNEL_GATED or type(se) in _SPATIALLY_GATED:
         return None
     return why_attention_not(se)
 
