@@ -149,7 +149,8 @@ if have_pytest; then
     tests/test_bam_ops.py tests/test_bam_triton.py tests/test_bam.py
     tests/test_cam_ops.py tests/test_cam_triton.py tests/test_cam.py
     tests/test_criss_cross_ops.py tests/test_criss_cross_triton.py tests/test_criss_cross.py
-    tests/test_block_tail_ops.py tests/test_block_tail_triton.py tests/test_block_tail.py)
+    tests/test_block_tail_ops.py tests/test_block_tail_triton.py tests/test_block_tail.py
+    tests/test_spatial_tail_cuda.py)
   if [ $quick -eq 1 ] && [ $full_ops -eq 0 ]; then
     # Each hot path's comparisons with the reference: the CUDA ops and modules (ids carry
     # "cuda"), the Triton files' fp32 and half-precision cases.

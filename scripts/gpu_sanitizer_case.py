@@ -76,6 +76,46 @@ with backend.use_backend("cuda"):
                     y = AF.block_tail(z, shortcut, torch.zeros(c, device="cuda"), torch.ones(c, device="cuda"),
                                       weight, bias, training=training, gate=lambda avg: torch.sigmoid(avg * gate_w))
                     y.float().square().sum().backward()
+    # spatial_tail (stats, pool, apply; backward_reduce, pool_backward, backward_apply) in
+    # training and eval, with a CBAM-like gate (one group: an MLP on avg and max, a 7x7 conv of
+    # [mean, max]) and a HAM-like one (two groups, important=k: a per-channel mix, the 7x7 conv
+    # per group): C = 1 (HAM's second group empty), HW = 1, C and H*W odd, planes over one tile,
+    # a sliced (non-dense) z.
+    from attnkernels.ops.spatial_tail import spatial_tail
+
+    for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            for n, c, h, w in ((3, 37, 5, 7), (1, 1, 1, 1), (2, 260, 1, 3), (2, 300, 37, 41), (2, 5, 9, 26)):
+                z = torch.randn(n, c, h, w, device="cuda", dtype=dtype).contiguous(memory_format=fmt)
+                if w == 26:
+                    z = z[..., ::2]  # any strides
+                z.requires_grad_()
+                shortcut = torch.randn(z.shape, device="cuda", dtype=dtype).contiguous(memory_format=fmt).requires_grad_()
+                weight = torch.rand(c, device="cuda", requires_grad=True)
+                bias = torch.randn(c, device="cuda", requires_grad=True)
+                hidden = max(c // 4, 1)
+                w1 = (torch.randn(hidden, c, device="cuda", dtype=acc) * 0.3).requires_grad_()
+                w2 = (torch.randn(c, hidden, device="cuda", dtype=acc) * 0.3).requires_grad_()
+                mix = torch.randn(c, device="cuda", dtype=acc, requires_grad=True)
+                conv = (torch.randn(1, 2, 7, 7, device="cuda", dtype=acc) * 0.2).requires_grad_()
+
+                def cbam_channel(avg, mx):
+                    return torch.sigmoid(torch.relu(avg @ w1.t()) @ w2.t() + torch.relu(mx @ w1.t()) @ w2.t())
+
+                def ham_channel(avg, mx):
+                    return torch.sigmoid(0.5 * (avg + mx) * mix)
+
+                def spatial(d):  # d (N, 2G, H, W): each group's [mean, max] through the same conv
+                    pairs = [d[:, k : k + 2] for k in range(0, d.shape[1], 2)]
+                    return torch.cat([torch.sigmoid(torch.nn.functional.conv2d(p, conv, padding=3)) for p in pairs], 1)
+
+                for channel_gate, important in ((cbam_channel, None), (ham_channel, max(1, c // 3))):
+                    for training in (True, False) if n * h * w > 1 else (False,):
+                        y = spatial_tail(z, shortcut, torch.zeros(c, device="cuda"), torch.ones(c, device="cuda"),
+                                         weight, bias, training,
+                                         channel_gate=channel_gate, spatial_gate=spatial, important=important)
+                        y.float().square().sum().backward()
     # cam and its backward: C = 1, HW = 1, C and H*W odd, C over one block of rows.
     for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
         for fmt in (torch.contiguous_format, torch.channels_last):

@@ -17,6 +17,10 @@
 //   kWrites                it writes an x-shaped output, in x's layout
 //   kAux                   it also reads a third x-shaped input in x's layout, op.aux (a
 //                          `const scalar_t* aux` member), at the same element (walk only)
+//   kMaxVec                the most elements V one thread loads per row in a walk (default 16:
+//                          no cap below the 16-byte vector): an op with large states or
+//                          contexts caps it, as V of them sit in registers and, for the tree
+//                          over the rows, in shared memory (kBlock * V states)
 //   acc_t visit(chan, pix, grad_y, x, PixState&, ChanState&) const
 //                          one element, read in acc (grad_y is 0 without kGradY): adds to the
 //                          states and returns the output value (ignored without kWrites).
@@ -75,6 +79,7 @@ struct OpBase {
   static constexpr bool kGradY = false;
   static constexpr bool kWrites = false;
   static constexpr bool kAux = false;
+  static constexpr int kMaxVec = 16;
   __device__ NoCtx chan(int64_t) const { return {}; }
   __device__ NoCtx pix(int64_t, int64_t) const { return {}; }
 };
@@ -412,11 +417,12 @@ void launch_walk(const Op& op, const at::Tensor& x, const typename Op::scalar_t*
 // Runs op over every element of the dense x (x.numel() > 0) in layout L = layout_of(x); grad_y
 // (in x's layout) and out are defined only when the op reads or writes them, op.aux (in x's
 // layout) only with kAux. V-wide loads along the contiguous axis need that axis divisible by V
-// and every pointer aligned to V elements: 16 bytes, else (kTryHalfVec) 8 bytes, else one element.
+// and every pointer aligned to V elements: 16 bytes (at most Op::kMaxVec elements), else
+// (kTryHalfVec) half that, else one element.
 template <Layout L, bool kTryHalfVec = true, typename Op>
 void walk_in(const Op& op, const at::Tensor& x, const at::Tensor& grad_y, const at::Tensor& out) {
   using scalar_t = typename Op::scalar_t;
-  constexpr int kVec = 16 / sizeof(scalar_t);
+  constexpr int kVec = std::min<int>(16 / sizeof(scalar_t), Op::kMaxVec);
   constexpr int kHalfVec = kTryHalfVec && kVec / 2 > 1 ? kVec / 2 : 1;
   const scalar_t* x_ptr = x.data_ptr<scalar_t>();
   const scalar_t* grad_y_ptr = Op::kGradY ? grad_y.data_ptr<scalar_t>() : nullptr;
