@@ -27,6 +27,7 @@ from attnkernels.models import cifar_resnet, resnet
 from attnkernels.models._blocks import attention_factory
 from attnkernels.nn import block_tail as tail_blocks
 from attnkernels.ops.block_tail import block_tail
+from attnkernels.ops.spatial_tail import spatial_tail
 
 CASES = backend_cases(cpu=("cpu", "reference"))
 ATTENTIONS = [None, "se", "eca", "cbam", "ham"]
@@ -231,6 +232,25 @@ def test_block_tail_checks_its_arguments() -> None:
         block_tail(z[:1, :, :1, :1], s[:1, :, :1, :1], rm, rv, training=True)
     with pytest.raises(ValueError, match="tail_gate: attention Triplet"):
         tail_blocks.tail_gate(attnkernels.reference.create("triplet", 8))
+
+
+def test_spatial_tail_checks_its_arguments() -> None:
+    z, s = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3)
+    rm, rv = torch.zeros(4), torch.ones(4)
+    gates = {"channel_gate": lambda avg, max_: torch.sigmoid(avg + max_),
+             "spatial_gate": lambda d: torch.sigmoid(d[:, :1] + d[:, 1:2])}
+    with pytest.raises(ValueError, match=r"spatial_tail: important must be an int in \[1, C\] = \[1, 4\], got 5"):
+        spatial_tail(z, s, rm, rv, important=5, **gates)
+    with pytest.raises(ValueError, match=r"spatial_tail: channel_gate must return an \(N, C\) = \(2, 4\)"):
+        spatial_tail(z, s, rm, rv, channel_gate=lambda avg, max_: avg[:, :2], spatial_gate=gates["spatial_gate"])
+    with pytest.raises(ValueError, match=r"spatial_tail: spatial_gate must return an \(N, G, H, W\) = \(2, 2, 3, 3\)"):
+        spatial_tail(z, s, rm, rv, important=2, **gates)
+    with pytest.raises(ValueError, match="spatial_tail: shortcut must match x's shape"):
+        spatial_tail(z, s[:, :3], rm, rv, **gates)
+    with pytest.raises(ValueError, match="spatial_tail_gates: attention Triplet"):
+        tail_blocks.spatial_tail_gates(attnkernels.reference.create("triplet", 8))
+    with pytest.raises(ValueError, match="tail_gate: attention CBAM: only SE and ECA"):
+        tail_blocks.tail_gate(attnkernels.reference.create("cbam", 8))
 
 
 def test_unfused_tail_where_the_shortcut_dtype_differs() -> None:

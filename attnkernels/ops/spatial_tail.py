@@ -219,8 +219,11 @@ def _per_pixel(t: torch.Tensor) -> torch.Tensor:
 
 
 def _x1(z: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """fma(a, z, b) in acc: the product and sum in float64 (exact product; one rounding to
-    float64, then to float32 where acc is float32), as close to one rounding as torch gets."""
+    """fma(a, z, b) in acc, as near as torch gets: the product and sum in float64, so for
+    float32 acc the product is exact and the sum rounds twice (float64, then float32), almost
+    always as one fma; for float64 acc both round (torch has no fma), a unit apart from the
+    kernels' x1 now and then. The reference's backward ops find the reference's own pool
+    maxima again; a test must not mix one backend's dmax with another's backward."""
     wide = torch.float64
     return (_per_pixel(a).to(wide) * z.to(wide) + _per_pixel(b).to(wide)).to(a.dtype)
 
