@@ -446,7 +446,8 @@ def _maps(n=2, c=3, h=4, w=4, k=1, dtype=F32):
 
 _M = lambda *s: torch.ones(s, dtype=torch.bool, device=DEVICE)  # noqa: E731
 BAD_INPUTS = [
-    (lambda: ops.spatial_tail_stats(_t(2, 3, 4)), ValueError, r"spatial_tail_stats: z must be 4-D \(N, C, H, W\), got 3-D"),
+    (lambda: ops.spatial_tail_stats(_t(2, 3, 4)), ValueError,
+     r"spatial_tail_stats: z must be 4-D \(N, C, H, W\), got 3-D"),
     (lambda: ops.spatial_tail_stats(torch.ones(2, 3, 4, 4, dtype=torch.int64, device=DEVICE)), TypeError,
      r"spatial_tail_stats: z must be a floating-point tensor, got Long"),
     (lambda: ops.spatial_tail_pool(_t(2, 3, 4, 4), _t(2, 4), _t(2, 3), None), ValueError,
@@ -470,7 +471,8 @@ BAD_INPUTS = [
                                               _t(2, 3), _maps(), None), ValueError,
      r"spatial_tail_backward_reduce: out must match x's shape \[2, 3, 4, 4\] and dtype Float, got \[2, 3, 4, 4\] Half"),
     (lambda: ops.spatial_tail_pool_backward(_t(2, 3, 4, 4), _t(2, 3), _t(2, 3), None, _maps(), _maps(k=2), _maps()),
-     ValueError, r"spatial_tail_pool_backward: gsum must have shape \(N, 1, H, W\) = \(2, 1, 4, 4\), got \[2, 2, 4, 4\]"),
+     ValueError,
+     r"spatial_tail_pool_backward: gsum must have shape \(N, 1, H, W\) = \(2, 1, 4, 4\), got \[2, 2, 4, 4\]"),
     (lambda: ops.spatial_tail_backward_apply(_t(2, 3, 4, 4), _t(2, 3, 4, 4), _t(2, 3), _t(2, 3), None, _maps(),
                                              _maps(), _maps(), _maps(), _t(2, 3), _t(2, 3), _t(2, 3), _t(2, 3),
                                              _t(2, 3), _t(3, 2)), ValueError,
