@@ -151,7 +151,8 @@ def _check_mask(op: str, mask, z: torch.Tensor) -> int:
     """None (one group) or an (N, C) bool mask on z's device (two groups); returns G."""
     if mask is None:
         return 1
-    check.tensor(op, "mask", mask)
+    if not isinstance(mask, torch.Tensor):  # (not check.tensor: that one wants floating point)
+        raise TypeError(f"{op}: mask must be a torch.Tensor, got {type(mask).__name__}")
     if tuple(mask.shape) != tuple(z.shape[:2]):
         raise ValueError(f"{op}: mask must have shape (N, C) = ({z.shape[0]}, {z.shape[1]}), got {list(mask.shape)}")
     if mask.dtype != torch.bool:
