@@ -245,6 +245,28 @@ def test_ties(compiled_ops, dtype, layout) -> None:
             check_op(compiled_ops, "spatial_tail_backward_apply", args)
 
 
+@pytest.mark.parametrize("dtype", [F64, F32], ids=str)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("masking", ["one_group", "random"])
+def test_infinite_x1(compiled_ops, dtype, layout, masking) -> None:
+    """x1 = -inf on every channel of a group (a = 0, b = -inf): its maximum -inf ties the whole
+    group; +inf and -inf in one pixel's group: the sum NaN, the maximum +inf, not NaN."""
+    shape = (2, 37, 5, 9)
+    args = op_args("spatial_tail_pool", shape, layout, dtype, masking)
+    z, a, b, mask = args
+    last = torch.ones_like(a, dtype=torch.bool) if mask is None else ~mask  # the last group's channels
+    a, b = torch.where(last, 0, a), torch.where(last, float("-inf"), b)
+    d = check_op(compiled_ops, "spatial_tail_pool", [z, a, b, mask], **TOL[dtype], equal_nan=True)[0]
+    sizes = last.sum(1)[:, None, None].to(d.dtype).expand_as(d[:, -1])
+    assert (d[:, -2] == float("-inf")).all() and torch.equal(d[:, -1], sizes)
+    a, b = args[1].clone(), args[2].clone()
+    first = torch.ones_like(a, dtype=torch.bool) if mask is None else mask
+    c0, c1 = first[0].nonzero()[:2, 0].tolist()
+    a[0, c0], b[0, c0], a[0, c1], b[0, c1] = 0, float("inf"), 0, float("-inf")
+    d = check_op(compiled_ops, "spatial_tail_pool", [z, a, b, mask], **TOL[dtype], equal_nan=True)[0]
+    assert torch.isnan(d[0, 0]).all() and (d[0, 1] == float("inf")).all() and (d[0, 2] == 1).all()
+
+
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("shape", EMPTY_SHAPES, ids=shape_id)
 @pytest.mark.parametrize("masking", ["one_group", "random"])
@@ -406,7 +428,8 @@ BAD_INPUTS = [
      "shortcut must match x's shape [2, 3, 4, 4] and dtype Float, got [2, 3, 4, 4] Double"),
     ("spatial_tail_apply", {"s": _t(2, 1, 4, 4)}, ValueError,
      "s must have shape (N, 2, H, W) = (2, 2, 4, 4), got [2, 1, 4, 4]"),
-    ("spatial_tail_apply", {"mask": None}, ValueError, "s must have shape (N, 1, H, W) = (2, 1, 4, 4), got [2, 2, 4, 4]"),
+    ("spatial_tail_apply", {"mask": None}, ValueError,
+     "s must have shape (N, 1, H, W) = (2, 1, 4, 4), got [2, 2, 4, 4]"),
     ("spatial_tail_apply", {"s": _t(2, 2, 4, 4, dtype=F16)}, TypeError,
      "s must be Float (the accumulation dtype of x, Float), got Half"),
     ("spatial_tail_apply", {"z": _t(2, 3, 4, 4, dtype=F16), "shortcut": _t(2, 3, 4, 4, dtype=F16),
