@@ -125,6 +125,7 @@ def _op_arguments() -> dict[str, tuple]:
     x, gate, taps, alpha, beta = _rand(N, C, H, W), torch.sigmoid(_rand(N, C)), _rand(3), _rand(), _rand()
     avg, max_ = x.mean((2, 3)), x.amax((2, 3))
     mask = (torch.rand(N, C) > 0.5).double()
+    important = torch.rand(N, C) > 0.5  # spatial_tail's two channel groups
     s1, s2 = torch.sigmoid(_rand(N, 1, H, W)), torch.sigmoid(_rand(N, 1, H, W))
     q, k, gamma = _rand(N, 2, H, W), _rand(N, 2, H, W), _rand(1)
     w1, b1, w2, b2 = _rand(3, C), _rand(3), _rand(C, 3), _rand(C)
@@ -178,6 +179,14 @@ def _op_arguments() -> dict[str, tuple]:
         "block_tail_stats": (x,),
         "block_tail_apply": (x, _rand(N, C, H, W), _rand(N, C), _rand(N, C), _rand(N, C), True),
         "block_tail_backward_reduce": (_rand(N, C, H, W), _rand(N, C, H, W), x),
+        "spatial_tail_stats": (x,),
+        "spatial_tail_pool": (x, _rand(N, C), _rand(N, C), important),
+        "spatial_tail_apply": (x, _rand(N, C, H, W), _rand(N, C), _rand(N, C), _rand(N, 2, H, W), important),
+        "spatial_tail_backward_reduce": (_rand(N, C, H, W), _rand(N, C, H, W), x, _rand(N, C), _rand(N, C),
+                                         _rand(N, 2, H, W), important),
+        "spatial_tail_pool_backward": (x, _rand(N, C), _rand(N, C), important, *(_rand(N, 2, H, W) for _ in range(3))),
+        "spatial_tail_backward_apply": (_rand(N, C, H, W), x, _rand(N, C), _rand(N, C), important,
+                                        *(_rand(N, 2, H, W) for _ in range(4)), *(_rand(N, C) for _ in range(6))),
     }
 
 
@@ -206,14 +215,16 @@ _ANCHORS = {"channel_gate": "avg", "channel_gate_backward": "avg", "nonlocal_att
             "criss_cross_backward": "out",
             "ham_spatial_conv": "d", "ham_spatial_conv_backward": "d", "shuffle_conv": "s",
             "shuffle_conv_backward": "s", "shuffle_conv_bn_gate": "s", "shuffle_conv_epilogue": "z",
-            "shuffle_conv_epilogue_backward": "z", "block_tail_backward_reduce": "z"}
+            "shuffle_conv_epilogue_backward": "z", "block_tail_backward_reduce": "z",
+            **{f"spatial_tail_{op}": "z" for op in ("pool", "apply", "backward_reduce", "pool_backward",
+                                                     "backward_apply")}}
 #: The op name in the messages, where it is not the op's own (the composite reports as shuffle_conv).
 _MESSAGE_NAMES = {"shuffle_conv_bn_gate": "shuffle_conv"}
 #: The Python check of each op (the one the reference backend, the Triton ops and the fakes run).
 _CHECK_NAMES = {"channel_mlp_attention": "check_mlp_args"}
 
 DEVICE_CASES = [pytest.param(op, arg, id=f"{op}-{arg}") for op in _all_schemas() for arg in _tensor_names(op)
-                if len(_tensor_names(op)) > 1]  # channel_pool(x), triplet_pool(x), block_tail_stats(z): one tensor
+                if len(_tensor_names(op)) > 1]  # channel_pool(x), triplet_pool(x), *_tail_stats(z): one tensor
 
 
 def _with_one_on_meta(op: str, arg: str) -> list:
@@ -244,7 +255,7 @@ def _python_check(op: str):
 
 def test_the_device_cases_cover_every_op() -> None:
     assert _op_arguments().keys() == _all_schemas().keys()
-    single_tensor = {"channel_pool", "triplet_pool", "block_tail_stats"}
+    single_tensor = {"channel_pool", "triplet_pool", "block_tail_stats", "spatial_tail_stats"}
     assert {op for op, _ in (c.values for c in DEVICE_CASES)} == _all_schemas().keys() - single_tensor
 
 
