@@ -88,16 +88,16 @@ def block_tail(
     ops = block_tail_ops(z.device)
     z_link, link, avg, scale, shift = _TailStats.apply(
         z, weight, bias, running_mean, running_var, training, momentum, eps, gate is not None, ops)
-    g = None if gate is None else _gate_values(op, gate(avg), z)
+    g = None if gate is None else per_channel_values(op, "gate", gate(avg), z)
     return _TailApply.apply(z_link, link, shortcut, g, scale, shift, ops)
 
 
-def _gate_values(op: str, g: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """The gate's output as an (N, C) map in acc(z)."""
+def per_channel_values(op: str, name: str, g: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """Gate function `name`'s output as an (N, C) map in acc(z)."""
     n, c = z.shape[:2]
     if not isinstance(g, torch.Tensor) or g.numel() != n * c or tuple(g.shape[:2]) != (n, c):
         shape = list(g.shape) if isinstance(g, torch.Tensor) else type(g).__name__
-        raise ValueError(f"{op}: gate must return an (N, C) = ({n}, {c}) or (N, C, 1, 1) tensor, got {shape}")
+        raise ValueError(f"{op}: {name} must return an (N, C) = ({n}, {c}) or (N, C, 1, 1) tensor, got {shape}")
     return g.reshape(n, c).to(accumulate_dtype(z.dtype))
 
 

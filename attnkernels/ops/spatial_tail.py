@@ -47,7 +47,7 @@ from ..reference._base import memory_format_of
 from ..reference.formulas import accumulate_dtype
 from . import _checks as check
 from ._common import Registration, backend_ops, empty_like_layout, fold_batch_norm
-from .block_tail import check_block_tail, update_running_stats
+from .block_tail import check_block_tail, per_channel_values, update_running_stats
 
 HOT_PATH = "spatial_tail"
 
@@ -108,7 +108,7 @@ def spatial_tail(
     ops = spatial_tail_ops(z.device)
     z_link, link, plink, avg, max_, scale, shift = _Stats.apply(
         z, weight, bias, running_mean, running_var, training, momentum, eps, groups, ops)
-    gate = _per_channel_values(op, "channel_gate", channel_gate(avg, max_), z)
+    gate = per_channel_values(op, "channel_gate", channel_gate(avg, max_), z)
     mask = None if important is None else top_channels(gate.detach(), important)
     a, b = gate * scale, gate * shift
     # Channels outside each group: HAM's group maxima include them as zeros.
@@ -132,15 +132,6 @@ def top_channels(gate: torch.Tensor, k: int) -> torch.Tensor:
     sort instead of C * C comparisons."""
     order = torch.sort(gate, dim=1, descending=True, stable=True).indices
     return torch.zeros_like(gate, dtype=torch.bool).scatter_(1, order[:, :k], True)
-
-
-def _per_channel_values(op: str, name: str, g: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """A gate's output as an (N, C) map in acc(z)."""
-    n, c = z.shape[:2]
-    if not isinstance(g, torch.Tensor) or g.numel() != n * c or tuple(g.shape[:2]) != (n, c):
-        shape = list(g.shape) if isinstance(g, torch.Tensor) else type(g).__name__
-        raise ValueError(f"{op}: {name} must return an (N, C) = ({n}, {c}) or (N, C, 1, 1) tensor, got {shape}")
-    return g.reshape(n, c).to(accumulate_dtype(z.dtype))
 
 
 # ----------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "attnkernels/channel_gate.h"
+#include "attnkernels/cpu_plane_stats.h"
 #include "attnkernels/cpu_sample.h"
 #include "attnkernels/cpu_vec.h"
 
@@ -42,7 +43,7 @@ void for_channel_blocks(int64_t N, int64_t C, const F& f) {
 }
 
 // Grain for tasks over planes: about 32K elements, so tiny planes are batched.
-inline int64_t plane_grain(int64_t hw) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(hw, 1)); }
+using cpu_stats::plane_grain;
 
 // ---------------------------------------------------------------- channel_pool
 

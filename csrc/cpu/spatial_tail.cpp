@@ -30,6 +30,7 @@
 #include <tuple>
 #include <vector>
 
+#include "attnkernels/cpu_plane_stats.h"
 #include "attnkernels/cpu_spatial_pool.h"
 #include "attnkernels/cpu_vec.h"
 #include "attnkernels/spatial_tail.h"
@@ -56,8 +57,9 @@ constexpr int64_t kStatsRows = 64;
 // latency once the values are in cache (the statistics' second pass).
 constexpr int kLanes = 4;
 
-// Grain for parallel loops over planes: about 32K elements a task, so tiny planes are batched.
-inline int64_t plane_grain(int64_t hw) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(hw, 1)); }
+using cpu_stats::chan_merge;
+using cpu_stats::plane_grain;
+using cpu_stats::shift_of;
 
 // ---------------------------------------------------------------- shared pieces
 
@@ -201,33 +203,6 @@ void fold_rows(acc_t* part, acc_t* local, int64_t len) {
 }
 
 // ---------------------------------------------------------------- spatial_tail_stats
-
-// Chan's combination, len values at a time: (mean, m2) of count_a values and (mean_b, m2_b) of
-// count_b more become those of all of them (block_tail_stats'). count_a = 0 takes b as it is.
-template <typename acc_t>
-void chan_merge(acc_t* mean, acc_t* m2, int64_t count_a, const acc_t* mean_b, const acc_t* m2_b, int64_t count_b,
-                int64_t len) {
-  if (count_a == 0) {
-    std::copy(mean_b, mean_b + len, mean);
-    std::copy(m2_b, m2_b + len, m2);
-    return;
-  }
-  const acc_t total = static_cast<acc_t>(count_a + count_b);
-  const acc_t wb = static_cast<acc_t>(count_b) / total;
-  const acc_t wab = static_cast<acc_t>(count_a) * static_cast<acc_t>(count_b) / total;
-  for (int64_t i = 0; i < len; ++i) {
-    const acc_t delta = mean_b[i] - mean[i];
-    mean[i] += delta * wb;
-    m2[i] += m2_b[i] + delta * delta * wab;
-  }
-}
-
-// The statistics are summed shifted by k, a value of the plane (0 where not finite): sums of
-// z - k stay near P * std where z's own grow to P * |mean| (block_tail_stats').
-template <typename acc_t>
-inline acc_t shift_of(acc_t first) {
-  return std::isfinite(first) ? first : acc_t(0);
-}
 
 // The six statistics of a plane, or of a row of C planes: mean, m2, max, min and their ties.
 enum Stat { kMean, kM2, kMax, kMin, kNMax, kNMin, kStats };
