@@ -27,7 +27,7 @@ from attnkernels.models import cifar_resnet, resnet
 from attnkernels.models._blocks import attention_factory
 from attnkernels.nn import block_tail as tail_blocks
 from attnkernels.ops.block_tail import block_tail
-from attnkernels.ops.spatial_tail import spatial_tail
+from attnkernels.ops.spatial_tail import compiles_correctly, spatial_tail
 
 CASES = backend_cases(cpu=("cpu", "reference"))
 ATTENTIONS = [None, "se", "eca", "cbam", "ham"]
@@ -349,10 +349,38 @@ def test_sync_batch_norm_keeps_the_tail_unfused() -> None:
 @pytest.mark.parametrize("attention", ["se", "cbam", "ham"])
 def test_compiles_without_graph_breaks(attention) -> None:
     """torch.compile(fullgraph=True) traces the autograd Functions and the gates between them:
-    the compiled tail-fused block matches the eager block, output and gradients."""
+    the compiled tail-fused block matches the eager block, output and gradients. (CBAM's and
+    HAM's blocks compile their unfused tail where torch would get the fused one's gradients
+    wrong: `test_spatial_tail_compiles_right_or_refuses`.)"""
     fused, ref = block_pair("bottleneck-projection", attention, torch.float32)
     compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
     x = torch.randn(2, 16, 8, 8)
     g = torch.randn(2, 32, 4, 4)
     got, want = training_step(compiled, x, g), training_step(ref, x, g)
     assert_steps_match(got, want, torch.float32, ["x"] + [n for n, _ in ref.named_parameters()])
+
+
+def test_spatial_tail_compiles_right_or_refuses() -> None:
+    """Compiled, `spatial_tail` gives eager's output and gradients, or, on a torch whose
+    compiled gradients of z, weight and bias are wrong (2.11), refuses with a clear error."""
+    torch.manual_seed(0)
+    weight, bias = torch.randn(8, requires_grad=True), torch.randn(8, requires_grad=True)
+    z, shortcut = torch.randn(2, 8, 5, 4, requires_grad=True), torch.randn(2, 8, 5, 4, requires_grad=True)
+    g = torch.randn(2, 8, 5, 4)
+
+    def tail(z, shortcut, weight, bias):
+        return spatial_tail(z, shortcut, None, None, weight, bias, True,
+                            channel_gate=lambda avg, max_: torch.sigmoid(avg + max_),
+                            spatial_gate=lambda d: torch.sigmoid(d[:, 0::2] + d[:, 1::2]), important=5)
+
+    def step(fn):
+        y = fn(z, shortcut, weight, bias)
+        return (y, *torch.autograd.grad(y, (z, shortcut, weight, bias), g))
+
+    compiled = torch.compile(tail, fullgraph=True, backend="aot_eager")
+    if not compiles_correctly():
+        with pytest.raises(Exception, match="spatial_tail: torch.compile of spatial_tail needs torch 2.14"):
+            step(compiled)
+        return
+    for got, want in zip(step(compiled), step(tail), strict=True):
+        torch.testing.assert_close(got, want)

@@ -54,6 +54,16 @@ HOT_PATH = "spatial_tail"
 #: The public functions (re-exported by attnkernels.functional).
 __all__ = ["spatial_tail", "top_channels"]
 
+_TORCH_VERSION = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
+
+
+def compiles_correctly() -> bool:
+    """Whether torch.compile differentiates spatial_tail's autograd Functions correctly: with
+    torch 2.11 the compiled graph's gradients of z, weight and bias are wrong (its output and
+    the shortcut's gradient are right); torch 2.14 is right. Versions between are untested and
+    taken as 2.11's."""
+    return _TORCH_VERSION >= (2, 14)
+
 #: `channel_gate(avg, max)`: the (N, C) mean and max of bn(z) over H*W, in acc(z) -> the gate.
 ChannelGate = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 #: `spatial_gate(d)`: d (N, 2G, H, W) in acc(z), per group its mean and max over the group's
@@ -100,6 +110,10 @@ def spatial_tail(
     Differentiable in z, shortcut, weight, bias and the gates' parameters.
     """
     op = "spatial_tail"
+    if torch.compiler.is_compiling() and not compiles_correctly():
+        raise RuntimeError(f"{op}: torch.compile of spatial_tail needs torch 2.14 or later (torch "
+                           f"{torch.__version__} compiles wrong gradients of z, weight and bias); "
+                           "run it eagerly, or compile the unfused tail (attnkernels.nn.block_tail's blocks do)")
     check_block_tail(op, z, shortcut, running_mean, running_var, weight, bias, training)
     channels = z.shape[1]
     if important is not None and not (isinstance(important, int) and 1 <= important <= channels):
