@@ -128,8 +128,8 @@ def spatial_tail(
     # Channels outside each group: HAM's group maxima include them as zeros.
     others = (0,) if important is None else (channels - important, important)
     dsum, dmax = _Pool.apply(z_link, a, b, plink, mask, others, ops)
-    counts = torch.tensor([max(channels - o, 1) for o in others], dtype=dsum.dtype, device=z.device)
-    d = torch.stack((dsum / counts[:, None, None], dmax), 2).flatten(1, 2)
+    # Per group its channel mean and max (Python counts: no host-to-device copy per call).
+    d = torch.stack([m for g, o in enumerate(others) for m in (dsum[:, g] / max(channels - o, 1), dmax[:, g])], 1)
     s = spatial_gate(d)
     n, _, h, w = z.shape
     if not isinstance(s, torch.Tensor) or s.numel() != n * groups * h * w:
@@ -401,12 +401,10 @@ class _Pool(torch.autograd.Function):
     def forward(ctx: Any, z_link, a, b, plink, mask, others, ops):
         d = ops.spatial_tail_pool(z_link, a, b, mask)
         dsum, top, ties = d[:, 0::3], d[:, 1::3], d[:, 2::3]
-        floored = torch.tensor([o > 0 for o in others], device=d.device)[None, :, None, None]
-        dmax = torch.where(floored, top.clamp_min(0), top)
+        dmax = torch.stack([top[:, g].clamp_min(0) if o > 0 else top[:, g] for g, o in enumerate(others)], 1)
         ctx.save_for_backward(z_link, a, b, mask, top, ties)
         ctx.others, ctx.ops = others, ops
-        ctx.mark_non_differentiable(ties)
-        return dsum.contiguous(), dmax.contiguous()
+        return dsum.contiguous(), dmax
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -414,11 +412,14 @@ class _Pool(torch.autograd.Function):
         z, a, b, mask, top, ties = ctx.saved_tensors
         # torch.amax's split among ties; a floored group's maximum 0 ties with its zeroed
         # channels too, and a negative member maximum loses to them.
-        others = torch.tensor(ctx.others, dtype=top.dtype, device=top.device)[None, :, None, None]
-        share = torch.where(ties > 0, 1 / ties, 0)
-        floored_share = torch.where(top > 0, share, torch.where(top == 0, 1 / (ties + others), 0))
-        share = torch.where(others > 0, floored_share, share)
-        gmax = (grad_max * share).contiguous()
+        shares = []
+        for g, others in enumerate(ctx.others):
+            group_top, group_ties = top[:, g], ties[:, g]
+            share = torch.where(group_ties > 0, 1 / group_ties, 0)
+            if others > 0:
+                share = torch.where(group_top > 0, share, torch.where(group_top == 0, 1 / (group_ties + others), 0))
+            shares.append(share)
+        gmax = (grad_max * torch.stack(shares, 1)).contiguous()
         gsum = grad_sum.contiguous()
         t1, t2 = ctx.ops.spatial_tail_pool_backward(z, a, b, mask, top.contiguous(), gsum, gmax)
         carried = top.new_zeros((*top.shape[:2], 4, *top.shape[2:]))
