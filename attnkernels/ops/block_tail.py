@@ -186,19 +186,10 @@ class _TailStats(torch.autograd.Function):
     def forward(ctx: Any, z, weight, bias, running_mean, running_var, training, momentum, eps, pooled, ops):
         n, c, h, w = z.shape
         acc = accumulate_dtype(z.dtype)
-        pixels, count = h * w, n * h * w
-        mean_nc = None
+        mean_nc = m2_nc = None
         if training or pooled:
             mean_nc, m2_nc = ops.block_tail_stats(z)
-        if training:
-            mean = mean_nc.mean(0) if n else z.new_full((c,), float("nan"), dtype=acc)
-            # Chan's combination of the planes' (mean, m2): exact, no sum-of-squares cancellation.
-            m2 = m2_nc.sum(0) + pixels * (mean_nc - mean).square().sum(0)
-            var = m2 / count
-            if running_mean is not None and running_var is not None:
-                update_running_stats(running_mean, running_var, mean, m2, count, momentum)
-        else:
-            mean, var = running_mean.to(acc), running_var.to(acc)
+        mean, var = batch_norm_statistics(z, mean_nc, m2_nc, running_mean, running_var, training, momentum)
         scale, shift, rstd = fold_batch_norm(mean, var, weight, bias, eps)
         avg = scale * mean_nc + shift if pooled else z.new_zeros((n, c), dtype=acc)
         ctx.save_for_backward(z, weight, mean, rstd, mean_nc if pooled else None)
@@ -238,6 +229,22 @@ class _TailStats(torch.autograd.Function):
         grad_weight = g2.to(weight.dtype) if ctx.needs_input_grad[1] else None
         grad_bias = g1.to(ctx.bias_dtype) if ctx.needs_input_grad[2] else None
         return grad_z, grad_weight, grad_bias, None, None, None, None, None, None, None
+
+
+def batch_norm_statistics(z, mean_nc, m2_nc, running_mean, running_var, training, momentum):
+    """BatchNorm's (mean, var) (C,) in acc(z): in training the batch's, from the planes' (mean,
+    m2) by Chan's combination (exact, no sum-of-squares cancellation), updating the running
+    statistics where given; otherwise the running statistics."""
+    acc = accumulate_dtype(z.dtype)
+    if not training:
+        return running_mean.to(acc), running_var.to(acc)
+    n, c, h, w = z.shape
+    count = n * h * w
+    mean = mean_nc.mean(0) if n else z.new_full((c,), float("nan"), dtype=acc)
+    m2 = m2_nc.sum(0) + h * w * (mean_nc - mean).square().sum(0)
+    if running_mean is not None and running_var is not None:
+        update_running_stats(running_mean, running_var, mean, m2, count, momentum)
+    return mean, m2 / count
 
 
 def update_running_stats(running_mean, running_var, mean, m2, count, momentum) -> None:

@@ -47,7 +47,7 @@ from ..reference._base import memory_format_of
 from ..reference.formulas import accumulate_dtype
 from . import _checks as check
 from ._common import Registration, backend_ops, empty_like_layout, fold_batch_norm
-from .block_tail import check_block_tail, per_channel_values, update_running_stats
+from .block_tail import batch_norm_statistics, check_block_tail, per_channel_values
 
 HOT_PATH = "spatial_tail"
 
@@ -332,14 +332,7 @@ class _Stats(torch.autograd.Function):
         n, c, h, w = z.shape
         acc = accumulate_dtype(z.dtype)
         mean_nc, m2_nc, zmax, zmin, nmax, nmin = ops.spatial_tail_stats(z)
-        if training:
-            mean = mean_nc.mean(0) if n else z.new_full((c,), float("nan"), dtype=acc)
-            m2 = m2_nc.sum(0) + h * w * (mean_nc - mean).square().sum(0)  # Chan's combination
-            var = m2 / (n * h * w)
-            if running_mean is not None and running_var is not None:
-                update_running_stats(running_mean, running_var, mean, m2, n * h * w, momentum)
-        else:
-            mean, var = running_mean.to(acc), running_var.to(acc)
+        mean, var = batch_norm_statistics(z, mean_nc, m2_nc, running_mean, running_var, training, momentum)
         scale, shift, rstd = fold_batch_norm(mean, var, weight, bias, eps)
         # max over a plane of bn(z): at z's maximum where scale >= 0, at its minimum where not.
         # Where scale == 0 every pixel ties (bn(z) = shift): the maximum's gradient splits over
