@@ -27,7 +27,7 @@ from attnkernels.models import cifar_resnet, resnet
 from attnkernels.models._blocks import attention_factory
 from attnkernels.nn import block_tail as tail_blocks
 from attnkernels.ops.block_tail import block_tail
-from attnkernels.ops.spatial_tail import compiles_correctly, spatial_tail
+from attnkernels.ops.spatial_tail import spatial_tail
 
 CASES = backend_cases(cpu=("cpu", "reference"))
 ATTENTIONS = [None, "se", "eca", "cbam", "ham"]
@@ -346,41 +346,55 @@ def test_sync_batch_norm_keeps_the_tail_unfused() -> None:
     torch.testing.assert_close(before(x), want)
 
 
+@pytest.mark.parametrize("backend_name,device", CASES)
+@pytest.mark.parametrize("batch", [1, 2])
 @pytest.mark.parametrize("attention", ["se", "cbam", "ham"])
-def test_compiles_without_graph_breaks(attention) -> None:
+def test_compiles_without_graph_breaks(backend_name, device, batch, attention) -> None:
     """torch.compile(fullgraph=True) traces the autograd Functions and the gates between them:
-    the compiled tail-fused block matches the eager block, output and gradients. (CBAM's and
-    HAM's blocks compile their unfused tail where torch would get the fused one's gradients
-    wrong: `test_spatial_tail_compiles_right_or_refuses`.)"""
+    the compiled tail-fused block matches the eager block, output and gradients (on torch
+    2.11 too: no Function returns one of its forward's intermediates, ops._common.as_layout)."""
+    torch._dynamo.reset()  # a fresh compile each case, not past the recompile limit
     fused, ref = block_pair("bottleneck-projection", attention, torch.float32)
+    fused, ref = fused.to(device), ref.to(device)
     compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
-    x = torch.randn(2, 16, 8, 8)
-    g = torch.randn(2, 32, 4, 4)
-    got, want = training_step(compiled, x, g), training_step(ref, x, g)
+    x = torch.randn(batch, 16, 8, 8, device=device)
+    g = torch.randn(batch, 32, 4, 4, device=device)
+    got, want = training_step(compiled, x, g, backend_name), training_step(ref, x, g)
     assert_steps_match(got, want, torch.float32, ["x"] + [n for n, _ in ref.named_parameters()])
 
 
-def test_spatial_tail_compiles_right_or_refuses() -> None:
-    """Compiled, `spatial_tail` gives eager's output and gradients, or, on a torch whose
-    compiled gradients of z, weight and bias are wrong (2.11), refuses with a clear error."""
+@pytest.mark.parametrize("backend_name,device", CASES)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("important", [None, 5])
+def test_spatial_tail_compiles_right(backend_name, device, layout, dtype, batch, important) -> None:
+    """Compiled, `spatial_tail` gives eager's output, gradients and running statistics, on
+    every torch (2.11 included): no autograd Function returns one of its forward's
+    intermediates, which torch 2.11's compile returns from the traced Function too, losing the
+    output's gradient (a batch of 1 makes the pool's sum map contiguous as sliced; fp32 and
+    fp64 make the reference apply's rounding a no-op)."""
+    torch._dynamo.reset()  # a fresh compile of `tail` each case, not past the recompile limit
     torch.manual_seed(0)
-    weight, bias = torch.randn(8, requires_grad=True), torch.randn(8, requires_grad=True)
-    z, shortcut = torch.randn(2, 8, 5, 4, requires_grad=True), torch.randn(2, 8, 5, 4, requires_grad=True)
-    g = torch.randn(2, 8, 5, 4)
+    memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    weight, bias = (torch.randn(8, dtype=dtype, device=device, requires_grad=True) for _ in range(2))
+    z, shortcut, g = (torch.randn(batch, 8, 5, 4, dtype=dtype, device=device).contiguous(memory_format=memory_format)
+                      for _ in range(3))
+    z.requires_grad_(), shortcut.requires_grad_()
+    spatial_gate = ((lambda d: torch.sigmoid(d.sum(1, keepdim=True))) if important is None
+                    else (lambda d: torch.sigmoid(d[:, 0::2] + d[:, 1::2])))
 
-    def tail(z, shortcut, weight, bias):
-        return spatial_tail(z, shortcut, None, None, weight, bias, True,
+    def tail(z, shortcut, weight, bias, running_mean, running_var):
+        return spatial_tail(z, shortcut, running_mean, running_var, weight, bias, True,
                             channel_gate=lambda avg, max_: torch.sigmoid(avg + max_),
-                            spatial_gate=lambda d: torch.sigmoid(d[:, 0::2] + d[:, 1::2]), important=5)
+                            spatial_gate=spatial_gate, important=important)
 
     def step(fn):
-        y = fn(z, shortcut, weight, bias)
-        return (y, *torch.autograd.grad(y, (z, shortcut, weight, bias), g))
+        running_mean, running_var = torch.zeros(8, dtype=dtype, device=device), torch.ones(8, dtype=dtype, device=device)
+        with backend.use_backend(backend_name):
+            y = fn(z, shortcut, weight, bias, running_mean, running_var)
+            return (y, *torch.autograd.grad(y, (z, shortcut, weight, bias), g), running_mean, running_var)
 
     compiled = torch.compile(tail, fullgraph=True, backend="aot_eager")
-    if not compiles_correctly():
-        with pytest.raises(Exception, match="spatial_tail: torch.compile of spatial_tail needs torch 2.14"):
-            step(compiled)
-        return
     for got, want in zip(step(compiled), step(tail), strict=True):
         torch.testing.assert_close(got, want)

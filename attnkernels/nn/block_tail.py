@@ -27,7 +27,7 @@ from .. import backend as _backend
 from ..models import resnet
 from .. import functional as AF
 from ..ops.block_tail import Gate, block_tail
-from ..ops.spatial_tail import ChannelGate, SpatialGate, compiles_correctly, spatial_tail
+from ..ops.spatial_tail import ChannelGate, SpatialGate, spatial_tail
 from ..reference import cbam as reference_cbam
 from ..reference import eca as reference_eca
 from ..reference import ham as reference_ham
@@ -163,11 +163,9 @@ class _TailFused(nn.Module):
 
     def tail(self, z: torch.Tensor, bn: nn.BatchNorm2d, attn: nn.Module | None, shortcut: torch.Tensor) -> torch.Tensor:
         """`relu(attn(bn(z)) + shortcut)`, fused where the shapes and dtypes allow."""
-        compiled_wrong = type(attn) in _SPATIALLY_GATED and torch.compiler.is_compiling() and not compiles_correctly()
-        if type(bn) is not nn.BatchNorm2d or shortcut.dtype != z.dtype or shortcut.shape != z.shape or compiled_wrong:
+        if type(bn) is not nn.BatchNorm2d or shortcut.dtype != z.dtype or shortcut.shape != z.shape:
             # The unfused tail, as eager: a norm swapped in after fuse (SyncBatchNorm, whose
-            # statistics span processes), a shortcut in another dtype (under autocast), or
-            # CBAM's or HAM's tail under a torch.compile that would get its gradients wrong.
+            # statistics span processes) or a shortcut in another dtype (under autocast).
             return torch.relu((bn(z) if attn is None else attn(bn(z))) + shortcut)
         if self.backend is None:
             return attention_tail(z, shortcut, bn, attn)

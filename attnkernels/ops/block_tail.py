@@ -38,7 +38,7 @@ import torch
 from ..reference._base import memory_format_of
 from ..reference.formulas import accumulate_dtype
 from . import _checks as check
-from ._common import Registration, backend_ops, empty_like_layout, fold_batch_norm
+from ._common import Registration, as_layout, backend_ops, empty_like_layout, fold_batch_norm
 
 HOT_PATH = "block_tail"
 
@@ -164,7 +164,11 @@ class Reference:
         out = _per_pixel(a) * x.to(acc) + _per_pixel(b) + _per_pixel(c) * y.to(acc)
         if relu:
             out = torch.relu(out)
-        return out.to(x.dtype).contiguous(memory_format=memory_format_of(x))
+        # No `.to` or `.contiguous` with nothing to do: `_TailApply` would return an
+        # intermediate (see ops._common.as_layout).
+        if out.dtype != x.dtype:
+            out = out.to(x.dtype)
+        return as_layout(out, memory_format_of(x))
 
     @staticmethod
     def block_tail_backward_reduce(grad_out, out, z):

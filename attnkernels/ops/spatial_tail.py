@@ -46,23 +46,13 @@ import torch
 from ..reference._base import memory_format_of
 from ..reference.formulas import accumulate_dtype
 from . import _checks as check
-from ._common import Registration, backend_ops, empty_like_layout, fold_batch_norm
+from ._common import Registration, as_layout, backend_ops, empty_like_layout, fold_batch_norm
 from .block_tail import batch_norm_statistics, check_block_tail, per_channel_values
 
 HOT_PATH = "spatial_tail"
 
 #: The public functions (re-exported by attnkernels.functional).
 __all__ = ["spatial_tail", "top_channels"]
-
-_TORCH_VERSION = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
-
-
-def compiles_correctly() -> bool:
-    """Whether torch.compile differentiates spatial_tail's autograd Functions correctly: with
-    torch 2.11 the compiled graph's gradients of z, weight and bias are wrong (its output and
-    the shortcut's gradient are right); torch 2.14 is right. Versions between are untested and
-    taken as 2.11's."""
-    return _TORCH_VERSION >= (2, 14)
 
 #: `channel_gate(avg, max)`: the (N, C) mean and max of bn(z) over H*W, in acc(z) -> the gate.
 ChannelGate = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -110,10 +100,6 @@ def spatial_tail(
     Differentiable in z, shortcut, weight, bias and the gates' parameters.
     """
     op = "spatial_tail"
-    if torch.compiler.is_compiling() and not compiles_correctly():
-        raise RuntimeError(f"{op}: torch.compile of spatial_tail needs torch 2.14 or later (torch "
-                           f"{torch.__version__} compiles wrong gradients of z, weight and bias); "
-                           "run it eagerly, or compile the unfused tail (attnkernels.nn.block_tail's blocks do)")
     check_block_tail(op, z, shortcut, running_mean, running_var, weight, bias, training)
     channels = z.shape[1]
     if important is not None and not (isinstance(important, int) and 1 <= important <= channels):
@@ -285,7 +271,10 @@ class Reference:
     @staticmethod
     def spatial_tail_apply(z, shortcut, a, b, s, mask):
         out = torch.relu(_of_group(s, mask) * _x1(z, a, b) + shortcut.to(a.dtype))
-        return out.to(z.dtype).contiguous(memory_format=memory_format_of(z))
+        # No `.to` or `.contiguous` with nothing to do: `_Apply` would return an intermediate.
+        if out.dtype != z.dtype:
+            out = out.to(z.dtype)
+        return as_layout(out, memory_format_of(z))
 
     @staticmethod
     def spatial_tail_backward_reduce(grad_out, out, z, a, b, s, mask):
@@ -322,6 +311,17 @@ def _pool_gradient(z, a, b, mask, dmax, gsum, gmax) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------------------
 # Autograd: three Functions around the gates (see the module docstring)
+#
+# No Function's forward may return a tensor that is also one of its intermediates, such as
+# the result of a `.contiguous()` or a `.to()` that had nothing to do (they return their
+# input itself): torch.compile before torch 2.14 (2.11 measured) makes every intermediate of
+# an autograd.Function's forward an extra output of the traced Function, and autograd gives a
+# tensor returned twice its gradient at the later place, which the traced backward ignores;
+# the real output's gradient arrives as zeros, and grad_z, weight's and bias's come out wrong.
+# (torch 2.14 leaves out the intermediates that alias an output.) So the outputs are the
+# results of real computations (the ops': new tensors, the Reference backend's too), and a
+# layout is fixed by `as_layout` (ops._common), never by a `.contiguous()` that may have
+# nothing to do.
 # ----------------------------------------------------------------------------------------
 class _Stats(torch.autograd.Function):
     """z -> (z_link, link, plink, avg, max, scale, shift): BatchNorm's statistics and folded
@@ -393,11 +393,11 @@ class _Pool(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, z_link, a, b, plink, mask, others, ops):
         d = ops.spatial_tail_pool(z_link, a, b, mask)
-        dsum, top, ties = d[:, 0::3], d[:, 1::3], d[:, 2::3]
+        dsum, top, ties = as_layout(d[:, 0::3]), d[:, 1::3], d[:, 2::3]
         dmax = torch.stack([top[:, g].clamp_min(0) if o > 0 else top[:, g] for g, o in enumerate(others)], 1)
         ctx.save_for_backward(z_link, a, b, mask, top, ties)
         ctx.others, ctx.ops = others, ops
-        return dsum.contiguous(), dmax
+        return dsum, dmax
 
     @staticmethod
     @torch.autograd.function.once_differentiable
