@@ -95,7 +95,9 @@ class Reference:
         acc = accumulate_dtype(x.dtype)
         X = _rows(x, acc)
         E = X @ X.transpose(1, 2)
-        low = E.amin(-1, keepdim=True) if E.shape[-1] else E  # C = 0: nothing to shift
+        # The row minimum, +inf taken as NaN: a row holding +inf is NaN, as the contract's
+        # rowmax(E) - E is there (inf - inf). C = 0: nothing to shift.
+        low = E.masked_fill(E == float("inf"), float("nan")).amin(-1, keepdim=True) if E.shape[-1] else E
         attn = flush_subnormal(torch.softmax(low - E, dim=-1))
         y = gamma.to(acc).reshape(()) * (attn @ X) + X
         return y.view(x.shape).to(x.dtype).contiguous(memory_format=memory_format_of(x)), attn

@@ -207,13 +207,15 @@ def _softmax_kernel(e_ptr, attn_ptr, R, C, BLOCK_R: tl.constexpr, BLOCK_J: tl.co
     """attn = flush(exp(rowmin(E) - E) / Z) for this program's rows of E (R = N*C rows of C)."""
     ACC = attn_ptr.dtype.element_ty
     r, r_mask = _row_block(R, BLOCK_R)
-    # 1. m = max(-E) = -rowmin(E), NaN-propagating (a NaN row stays NaN, as torch's amin).
+    # 1. m = max(-E) = -rowmin(E), NaN-propagating (a NaN row stays NaN, as torch's amin), and
+    # +inf taken as NaN: a row holding +inf is NaN, as the contract's rowmax(E) - E is there
+    # (inf - inf), where exp(rowmin - inf) would weigh it 0. Padded columns add -inf to -E.
     neg = tl.full([BLOCK_R, BLOCK_J], float("-inf"), dtype=ACC)
     for j0 in range(0, C, BLOCK_J):
         j = j0 + tl.arange(0, BLOCK_J)
         mask = r_mask[:, None] & (j < C)[None, :]
         e = tl.load(e_ptr + r[:, None] * C + j[None, :], mask=mask, other=float("inf"))
-        neg = _max_update(neg, -e)
+        neg = _max_update(neg, tl.where(mask & (e == float("inf")), float("nan"), -e))
     lo = -_max_reduce(neg, 1)
     # 2. Z = sum_j exp(rowmin - E); padded columns add 0.
     z = tl.zeros([BLOCK_R, BLOCK_J], dtype=ACC)

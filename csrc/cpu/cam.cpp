@@ -72,19 +72,29 @@ void add_scaled_product(const at::Tensor& out, const at::Tensor& a, const at::Te
 // One row of E (C values) in place: attn = softmax(rowmin(E) - E), written as torch.softmax
 // computes it (shift by the max of its input, which is 0 unless the row holds NaN or inf), then
 // every weight below the smallest normal number set to 0; NaN stays NaN.
+// A row holding +inf is NaN, as the contract's rowmax(E) - E is there (inf - inf): the row
+// minimum takes +inf as NaN, where exp(rowmin - inf) would give it a weight of 0.
 template <typename acc_t>
 void attention_row(acc_t* e, int64_t C) {
   using V = Vectorized<acc_t>;
   constexpr int64_t W = V::size();
   const int64_t body = C - C % W;
-  // rowmin, NaN-propagating as amin.
-  acc_t m = std::numeric_limits<acc_t>::infinity();
+  constexpr acc_t kInf = std::numeric_limits<acc_t>::infinity();
+  constexpr acc_t kNaN = std::numeric_limits<acc_t>::quiet_NaN();
+  // rowmin, NaN-propagating as amin, +inf counted as NaN.
+  acc_t m = kInf;
   if (body > 0) {
-    V mv = V::loadu(e);
-    for (int64_t j = W; j < body; j += W) mv = at::vec::minimum(mv, V::loadu(e + j));
+    V mv(kInf);
+    for (int64_t j = 0; j < body; j += W) {
+      const V v = V::loadu(e + j);
+      mv = at::vec::minimum(mv, V::blendv(v, V(kNaN), v == V(kInf)));
+    }
     m = at::vec::vec_reduce_all<acc_t>([](V& a, V& b) { return at::vec::minimum(a, b); }, mv);
   }
-  for (int64_t j = body; j < C; ++j) m = (std::isnan(e[j]) || e[j] < m) ? e[j] : m;
+  for (int64_t j = body; j < C; ++j) {
+    const acc_t v = e[j] == kInf ? kNaN : e[j];
+    m = (std::isnan(v) || v < m) ? v : m;
+  }
   // s = m - E and its max.
   acc_t shift = -std::numeric_limits<acc_t>::infinity();
   if (body > 0) {
