@@ -7,6 +7,9 @@ PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.14.1
 # Extra arguments for the benchmark, e.g. make bench ARGS="--modules ham,se --dtype float64"
 ARGS ?=
+# pytest-xdist workers for the tests: one per core, at most 8 (each worker loads the library
+# and takes its share of the cores' threads: tests/conftest.py); TEST_WORKERS=0 runs in-process.
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ $$n -gt 8 ] && n=8; echo $$n)
 # The oldest supported torch (README, setup.py), with the Triton it pulls in (3.6): the GPU
 # machine's versions.
 VENV_OLDEST ?= .venv-torch2.11
@@ -35,7 +38,7 @@ bench: install
 	$(PY) benchmarks/throughput.py $(ARGS)
 
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) tests
 
 # torch is pinned in the same pip command as the test tools, so their torch dependents
 # (torchvision, through timm) resolve to 2.11's. numpy < 2.4: Triton 3.6's interpreter calls
@@ -50,7 +53,7 @@ $(VENV_OLDEST)/.installed: setup.py
 # Triton 3.6, on CPU. ATTNKERNELS_WITH_CUDA=0: `make test` proves the CUDA build; this step
 # proves the Python layer and would only add minutes of nvcc. set -f: node ids hold [ ].
 # Any failure, and pytest collecting nothing (exit 5), fails the target.
-OLDEST_PYTEST := $(PY_OLDEST) -m pytest -q --durations=10 -Wignore::DeprecationWarning:triton.runtime.interpreter
+OLDEST_PYTEST := $(PY_OLDEST) -m pytest -q -n $(TEST_WORKERS) --durations=10 -Wignore::DeprecationWarning:triton.runtime.interpreter
 test-torch2.11: $(VENV_OLDEST)/.installed
 	@set -f; args="$$(sed -e 's/#.*//' $(SUBSET_OLDEST))"; \
 	test -n "$$(echo $$args)" || { echo "$(SUBSET_OLDEST) selects no tests" >&2; exit 1; }; \

@@ -89,6 +89,7 @@ setup(
     extras_require={
         "test": [
             "pytest", "pytest-benchmark", "timm", "numpy", "matplotlib",
+            "pytest-xdist",  # `make test` runs a worker per core
             "hypothesis",  # property-based tests (tests/test_properties.py)
             "onnx", "onnxscript", "onnxruntime",  # ONNX export tests (tests/test_export.py)
         ]

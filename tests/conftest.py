@@ -31,7 +31,20 @@ if os.environ.get("ATTNKERNELS_TRITON_LAUNCHES"):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts" / "triton_aot"))
     import launches  # noqa: E402
 
-    launches.record(Path(os.environ["ATTNKERNELS_TRITON_LAUNCHES"]).resolve())
+    _recorder = launches.record(Path(os.environ["ATTNKERNELS_TRITON_LAUNCHES"]).resolve())
+
+    def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+        # At the session's end too, not only at exit: a pytest-xdist worker may end without
+        # running its exit handlers. Merging into the file twice adds nothing.
+        _recorder.write()
+
+
+# On pytest-xdist workers (`make test` runs one per core): each worker gets its share of the
+# cores, so that workers do not oversubscribe them. The tests of thread-count invariance set
+# their own counts.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    torch.set_num_threads(max(1, torch.get_num_threads() // _WORKERS))
 
 
 @pytest.fixture(autouse=True)
