@@ -91,13 +91,13 @@ __global__ void __launch_bounds__(kThreads)
        r += static_cast<int64_t>(gridDim.x) * kRowsPerBlock) {
     acc_t* row = e + r * C;
     acc_t* srow = scaled + r * C;
-    // The row minimum, +inf taken as NaN: a row holding +inf is NaN, as the contract's
-    // rowmax(E) - E is there (inf - inf), where exp(rowmin - inf) would weigh it 0.
-    constexpr acc_t kInf = std::numeric_limits<acc_t>::infinity();
-    acc_t m = kInf;
+    // The row minimum, an infinity taken as NaN (v + (v - v): v where finite, NaN where not):
+    // a row holding +inf is NaN, as the contract's rowmax(E) - E is there (inf - inf), where
+    // exp(rowmin - inf) would weigh it 0 (a row holding -inf is NaN either way).
+    acc_t m = std::numeric_limits<acc_t>::infinity();
     for (int64_t j = t; j < C; j += kGroup) {
       const acc_t v = row[j];
-      m = nan_min(m, v == kInf ? std::numeric_limits<acc_t>::quiet_NaN() : v);
+      m = nan_min(m, v + (v - v));
     }
     m = row_allreduce<kGroup>(m, std::numeric_limits<acc_t>::infinity(),
                               [](acc_t a, acc_t b) { return nan_min(a, b); }, smem);
