@@ -37,12 +37,17 @@ def empty_like_layout(t: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(t, memory_format=memory_format_of(t))
 
 
-def as_layout(t: torch.Tensor, memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
-    """t in `memory_format`: t itself where it is already, else a copy. Not `t.contiguous()`,
-    whose result where it has nothing to do is t itself under another name, which an autograd
-    Function's forward must not return: torch.compile before torch 2.14 makes every
-    intermediate of the forward an output of the traced Function too, and autograd gives a
-    tensor returned twice its gradient at the later place, so the real output's is lost."""
+def as_layout(
+    t: torch.Tensor, memory_format: torch.memory_format = torch.contiguous_format, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """t in `memory_format` (and `dtype`, if given): t itself where it is already, else a copy.
+    Not `t.contiguous()` or `t.to(dtype)`, whose result where they have nothing to do is t
+    itself under another name, which an autograd Function's forward must not return:
+    torch.compile before torch 2.14 makes every intermediate of the forward an output of the
+    traced Function too, and autograd gives a tensor returned twice its gradient at the later
+    place, so the real output's is lost."""
+    if dtype is not None and t.dtype != dtype:
+        t = t.to(dtype)
     return t if t.is_contiguous(memory_format=memory_format) else t.contiguous(memory_format=memory_format)
 
 

@@ -164,11 +164,7 @@ class Reference:
         out = _per_pixel(a) * x.to(acc) + _per_pixel(b) + _per_pixel(c) * y.to(acc)
         if relu:
             out = torch.relu(out)
-        # No `.to` or `.contiguous` with nothing to do: `_TailApply` would return an
-        # intermediate (see ops._common.as_layout).
-        if out.dtype != x.dtype:
-            out = out.to(x.dtype)
-        return as_layout(out, memory_format_of(x))
+        return as_layout(out, memory_format_of(x), x.dtype)  # never a no-op .to: see as_layout
 
     @staticmethod
     def block_tail_backward_reduce(grad_out, out, z):

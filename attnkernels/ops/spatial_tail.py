@@ -271,10 +271,7 @@ class Reference:
     @staticmethod
     def spatial_tail_apply(z, shortcut, a, b, s, mask):
         out = torch.relu(_of_group(s, mask) * _x1(z, a, b) + shortcut.to(a.dtype))
-        # No `.to` or `.contiguous` with nothing to do: `_Apply` would return an intermediate.
-        if out.dtype != z.dtype:
-            out = out.to(z.dtype)
-        return as_layout(out, memory_format_of(z))
+        return as_layout(out, memory_format_of(z), z.dtype)  # never a no-op .to: see as_layout
 
     @staticmethod
     def spatial_tail_backward_reduce(grad_out, out, z, a, b, s, mask):
