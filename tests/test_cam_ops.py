@@ -35,8 +35,11 @@ Ref = ops_module.Reference
 F64, F32 = torch.float64, torch.float32
 CASES = backend_cases(cpu=("cpu", "reference"), cuda=("cuda", "triton", "reference"))
 # C = 1, odd C, C over one block of rows; H != W; HW = 1; N = 1; P large enough (20x21) that the
-# energies' spread flushes weights (see test_subnormal_weights_are_flushed).
-SHAPES = [(2, 16, 5, 6), (3, 1, 4, 4), (2, 7, 3, 5), (3, 33, 1, 1), (1, 70, 4, 9), (2, 12, 20, 21)]
+# energies' spread flushes weights (see test_subnormal_weights_are_flushed). Past 128 channels
+# with P >= C the CPU op multiplies only E's blocks on and above the diagonal (two and three row
+# blocks, the last one partial); 140 x 30 is past 128 channels with P < C (one GEMM).
+SHAPES = [(2, 16, 5, 6), (3, 1, 4, 4), (2, 7, 3, 5), (3, 33, 1, 1), (1, 70, 4, 9), (2, 12, 20, 21),
+          (2, 150, 12, 13), (1, 300, 16, 20), (2, 140, 5, 6)]
 TOL = {F64: {"rtol": 1e-10, "atol": 1e-10}, F32: {"rtol": 1e-4, "atol": 1e-4}}
 NAMES = ["y", "grad_x", "grad_gamma"]
 
