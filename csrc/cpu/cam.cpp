@@ -6,12 +6,13 @@
 // channels_last x it is the transposed view of a (P, C) matrix, which BLAS takes as a
 // transposed operand, so neither layout is copied (half inputs are widened to fp32 once).
 //
-// Forward: E = X X^T (gram(): only the blocks on and above the diagonal where that saves time); each row of E becomes attn = softmax(rowmin(E) - E) with the
-// weights below acc's smallest normal number flushed to 0 (subnormal operands can slow the next
-// GEMM tenfold on some CPUs); then y = X + gamma * attn X is one GEMM written straight into y
-// (fp32/fp64) or an acc buffer rounded once into y (half), oriented so that BLAS writes it
-// contiguously in x's layout. The "+ X" rides in the GEMM: as M = I + gamma * attn when C <= 2P
-// (fold_identity), else as a copy of X that the GEMM accumulates into.
+// Forward: E = X X^T (gram(): only its blocks on and above the diagonal, where that saves time);
+// each row of E becomes attn = softmax(rowmin(E) - E) with the weights below acc's smallest
+// normal number flushed to 0 (subnormal operands can slow the next GEMM tenfold on some CPUs);
+// then y = X + gamma * attn X is one GEMM written straight into y (fp32/fp64) or an acc buffer
+// rounded once into y (half), oriented so that BLAS writes it contiguously in x's layout. The
+// "+ X" rides in the GEMM: as M = I + gamma * attn when C <= 2P (fold_identity), else as a copy
+// of X that the GEMM accumulates into.
 // Backward: G = g X^T (one GEMM); per row, dA = gamma * G, dE = -attn * (dA - rowsum(dA * attn))
 // and the row's share of grad_gamma = sum(attn * G); then M2 = dE + dE^T (and M1 = I + gamma *
 // attn^T when folded) in cache-sized tiles; grad_x = g + gamma * attn^T g + M2 X is two GEMMs
