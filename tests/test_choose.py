@@ -1,6 +1,7 @@
 """attnkernels.choose: algorithm choices by measurement, on a fake clock (which candidate wins,
 ties, caching, static mode, the choices file, explain) and once for real (GAM's conv: the
-winner runs, gives the reference's numbers, and is not measured again)."""
+winner runs, gives the reference's numbers, and is not measured again); the fused modules'
+training choice between their fused forward and the reference's."""
 from __future__ import annotations
 
 import json
@@ -11,6 +12,7 @@ import torch
 from attnkernels import backend, choose
 from attnkernels import functional as AF
 from attnkernels.ops.shuffle_conv import Reference
+from attnkernels.reference.registry import names as registry_names
 
 
 @pytest.fixture(autouse=True)
@@ -262,7 +264,8 @@ def test_compile_fullgraph_uses_the_eager_choice(train, compiled_ops):
         assert "none made yet" in choose.explain()
         want = module(x)  # eager: measures
         made = choose.explain()
-        assert made.count("measured") == 2 if train else made.count("measured") >= 1
+        # Training: the module's choice (fused or eager) and, inside the fused candidate, the two convs'.
+        assert made.count("measured") == 3 if train else made.count("measured") >= 1
         torch._dynamo.reset()
         got = torch.compile(copy.deepcopy(module), fullgraph=True)(x)
     assert choose.explain() == made  # compiling measured nothing more
@@ -318,6 +321,8 @@ def test_gam_training_step_matches_the_reference_whichever_candidate_wins(winner
 
     def fake_clock(name, fn, args, prepared):
         measured.append(name)
+        if name == "fused":  # the module's own choice (fused or eager): the fused ops, whose op is this test's
+            return 0.0
         return 1e-3 if name == winner else 1.0
 
     monkeypatch.setattr(choose, "measure_candidate", fake_clock)
@@ -337,3 +342,74 @@ def test_gam_training_step_matches_the_reference_whichever_candidate_wins(winner
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-9, atol=1e-9, msg=name)
     for a, b in zip(f.buffers(), ref.buffers(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+TRAINING_CHOICE_MODULES = [name for name in registry_names() if name != "csm"]  # CSM's children choose
+
+
+@pytest.mark.parametrize("winner", ["fused", "eager"])
+@pytest.mark.parametrize("name", TRAINING_CHOICE_MODULES)
+def test_training_step_is_the_references_whichever_the_module_chooses(name, winner, monkeypatch, compiled_ops):
+    """A fused module's training choice (`chosen_in_training`: its fused attend or the
+    reference's), each candidate made the winner by a clock that runs the candidates as the
+    real one does (on the copies it is given, forward and backward): the step's output,
+    gradients and running statistics are the reference module's after exactly one step, so
+    the measurement left no trace on the module; explain() names the choice."""
+    from helpers import assert_steps_match, fused_pair, gradient_names, module_kwargs, training_step
+
+    from attnkernels import nn as fused
+    from attnkernels import reference as R
+
+    measured: list[str] = []
+
+    def running_clock(name, fn, args, prepared):
+        measured.append(name)
+        choose.forward_backward(fn, args)()
+        return 1e-3 if name == winner else 1.0
+
+    monkeypatch.setattr(choose, "measure_candidate", running_clock)
+    torch.manual_seed(0)
+    cls = R.REGISTRY[name]
+    f, ref = fused_pair(getattr(fused, cls.__name__), cls, 8, dtype=torch.float64, device="cpu", **module_kwargs(name, 8))
+    x = torch.randn(2, 8, 6, 5, dtype=torch.float64)
+    g = torch.randn_like(x)
+    got = training_step(f, x, g, "cpu")
+    assert {"fused", "eager"} <= set(measured)
+    assert_steps_match(got, training_step(ref, x, g), torch.float64, gradient_names(ref))
+    assert f"{cls.__name__} training [cpu float64 (2, 8, 6, 5)" in choose.explain()
+    assert f": {winner} (measured" in choose.explain()
+    rounds = len(measured)
+    training_step(f, x, g, "cpu")
+    assert len(measured) == rounds  # the key is known: not measured again
+
+
+def test_training_choice_measured_for_real_leaves_the_module_as_one_step_does(compiled_ops):
+    """Bridge (BatchNorm1d running statistics, bridge maps) on the real clock: both candidates
+    are timed, and the module's buffers and gradients after the measured step are those of
+    one reference step."""
+    from helpers import assert_steps_match, fused_pair, gradient_names, training_step
+
+    from attnkernels import nn as fused
+    from attnkernels import reference as R
+
+    torch.manual_seed(0)
+    f, ref = fused_pair(fused.Bridge, R.Bridge, 8, [4, 3], dtype=torch.float64, device="cpu")
+    x = torch.randn(3, 8, 5, 4, dtype=torch.float64)
+    g = torch.randn_like(x)
+    assert_steps_match(training_step(f, x, g, "cpu"), training_step(ref, x, g), torch.float64, gradient_names(ref))
+    lines = [line for line in choose.explain().splitlines() if "Bridge training [" in line]
+    assert len(lines) == 1 and "measured: fused " in lines[0] and ", eager " in lines[0], choose.explain()
+
+
+def test_a_module_holding_a_sync_batch_norm_is_not_measured(compiled_ops):
+    """Its collectives would run as many times as each process's measurement takes rounds:
+    the static rule (the fused attend), nothing measured or remembered."""
+    from attnkernels import nn as fused
+    from attnkernels.nn._fused import pick_training
+
+    module = torch.nn.SyncBatchNorm.convert_sync_batchnorm(fused.GAM(8, reduction=4)).train()
+    x = torch.randn(2, 8, 5, 4, requires_grad=True)
+    attends = {"fused": lambda *a: pytest.fail("measured"), "eager": lambda *a: pytest.fail("measured")}
+    assert pick_training(module, x, (), attends) == "fused"
+    assert "none made yet" in choose.explain()
+

@@ -1,6 +1,7 @@
 """The mixin every fused module shares: an optional pin to one backend; autocast handling."""
 from __future__ import annotations
 
+import copy
 import functools
 import operator
 from collections.abc import Callable, Hashable, Iterable
@@ -56,6 +57,10 @@ class FusedModule(nn.Module):
         return f"{base}, backend={self.backend!r}" if base else f"backend={self.backend!r}"
 
 
+#: A fused module's attend(self, x, *extra) (extra: Bridge's bridge maps).
+Attend = Callable[..., torch.Tensor]
+
+
 def pick_inference(site: str, x: torch.Tensor, params: tuple, runs: dict[str, Callable[..., torch.Tensor]],
                    static: str, *extra: torch.Tensor) -> Callable[..., torch.Tensor]:
     """For an inference-only forward (no autograd, no state update): the function among `runs`
@@ -67,11 +72,94 @@ def pick_inference(site: str, x: torch.Tensor, params: tuple, runs: dict[str, Ca
     return choose.pick(site, key, runs, static, (x, *extra))
 
 
+def chosen_in_training(attend: Attend) -> Attend:
+    """Decorates a fused module's `attend` (under `without_autocast`, so that both candidates
+    run with autocast off): in a training step (autograd recording), the fused attend or the
+    reference class's, whichever `attnkernels.choose` measures faster, forward plus backward,
+    for x's shape and the module's parameters (`pick_training`). Without autograd the fused
+    attend runs (its own inference choices apply).
+
+    A training step pays each fused op's autograd wrapper (Python) twice; on small maps those
+    can cost more than the kernels save, so there the reference composition is the faster
+    one. Either candidate computes the contract, so the choice moves only rounding."""
+
+    @functools.wraps(attend)
+    def attend_chosen_in_training(self: nn.Module, x: torch.Tensor, *extra: torch.Tensor) -> torch.Tensor:
+        if not autograd_may_record():
+            return attend(self, x, *extra)
+        eager = reference_class(type(self)).attend
+        if pick_training(self, x, extra, {"fused": attend, "eager": eager}) == "eager":
+            return eager(self, x, *extra)
+        return attend(self, x, *extra)
+
+    return attend_chosen_in_training
+
+
+#: `pick_training`'s key part for a module's parameters, kept in its caches (a walk over its
+#: parameters costs 5-20 us, several percent of a training step on a 7x7 map).
+_PARAMETER_SHAPES = "parameter_shapes"
+
+
+def pick_training(module: nn.Module, x: torch.Tensor, extra: tuple[torch.Tensor, ...],
+                  attends: dict[str, Attend]) -> str:
+    """The name among `attends` (name -> attend(module, x, *extra); "fused" the static rule)
+    whose forward plus backward `attnkernels.choose` measures fastest at site
+    "<Class> training" for the key: x's device, dtype, shape and layout, the extra maps'
+    shapes, the module's mode, pinned backend and parameter shapes.
+
+    Measured on a deep copy of the module, each run on copies of x (requiring grad) and
+    `extra`, with the copy's parameter gradients dropped after each run: the module's own
+    BatchNorm running statistics, gradients and gradient hooks (DDP's) never see the
+    measurement. Not measured (the static rule, nothing remembered) where the module holds a
+    SyncBatchNorm (its collectives would run a time-dependent number of times per process),
+    nor where `choose` does not measure (tracing, fake tensors); a torch.jit.trace records
+    the fused attend."""
+    if torch.jit.is_tracing():
+        # A trace records the static rule, as it did before this choice existed: the check
+        # run of torch.jit.trace must record the same graph, and reading the parameters'
+        # shapes in one run but not the other would reorder its attribute reads.
+        return "fused"
+    key = (x.device.type, x.dtype, tuple(x.shape), memory_format_of(x), *(tuple(t.shape) for t in extra),
+           module.training, module.backend, _parameter_shapes(module))
+    site = f"{type(module).__name__} training"
+    copies: list[nn.Module] = []
+    prepared: dict[str, Callable[[], Any]] = {}
+
+    def measure(name: str) -> float:
+        if not copies:
+            copies.append(copy.deepcopy(module))
+        twin = copies[0]
+        args = (x if x.requires_grad else x.detach().requires_grad_(), *extra)
+        seconds = choose.measure_candidate(name, functools.partial(attends[name], twin), args, prepared)
+        for p in twin.parameters():
+            p.grad = None
+        return seconds
+
+    def can_measure() -> bool:
+        syncs = any(isinstance(m, nn.SyncBatchNorm) for m in module.modules())
+        return not syncs and choose.measurable(x, *extra)
+
+    return choose.pick_name(site, key, tuple(attends), "fused", measure, can_measure)
+
+
+def _parameter_shapes(module: nn.Module) -> tuple[tuple[int, ...], ...]:
+    """The shapes of `module`'s parameters, in order; kept after the first eager call (a
+    module's parameters keep their shapes), computed afresh under torch.compile."""
+    if torch.compiler.is_compiling():
+        return tuple(tuple(p.shape) for p in module.parameters())
+    caches = module.__dict__.setdefault(CACHE_ATTRIBUTE, {})
+    shapes = caches.get(_PARAMETER_SHAPES)
+    if shapes is None:
+        shapes = caches[_PARAMETER_SHAPES] = tuple(tuple(p.shape) for p in module.parameters())
+    return shapes
+
+
 T = TypeVar("T")
 
 
-#: The attribute of a fused module's inference caches (name -> entry), in its __dict__ directly
-#: (nn.Module's __setattr__ would register their tensors as state); `unfuse` drops it.
+#: The attribute of a fused module's caches (name -> entry: folded weights for inference, the
+#: parameter shapes of `pick_training`'s key), in its __dict__ directly (nn.Module's
+#: __setattr__ would register their tensors as state); `unfuse` drops it.
 CACHE_ATTRIBUTE = "_fused_caches"
 
 
@@ -139,10 +227,6 @@ def rebind(module: nn.Module, cls: type[nn.Module]) -> nn.Module:
     new = cls.__new__(cls)
     new.__dict__.update(module.__dict__)
     return new
-
-
-#: A fused module's attend(self, x, *extra) (extra: Bridge's bridge maps).
-Attend = Callable[..., torch.Tensor]
 
 
 def without_autocast(attend: Attend) -> Attend:

@@ -11,7 +11,10 @@ from ..ops._common import fold_batch_norm
 from ..ops.bam import bam_ops
 from ..reference import bam as reference
 from ..reference.formulas import accumulate_dtype
-from ._fused import FusedModule, autograd_may_record, cached_while_unchanged, module_tensors, pick_inference, without_autocast
+from ._fused import (
+    FusedModule, autograd_may_record, cached_while_unchanged, chosen_in_training, module_tensors, pick_inference,
+    without_autocast,
+)
 
 
 class BAM(FusedModule, reference.BAM):
@@ -35,6 +38,7 @@ class BAM(FusedModule, reference.BAM):
     hot_paths = ("channel_gate", "bam")
 
     @without_autocast
+    @chosen_in_training
     def attend(self, x: torch.Tensor) -> torch.Tensor:
         if self.folds_batch_norm() and not autograd_may_record():
             runs = {"folded": self.attend_folded, "eager": super().attend}

@@ -11,7 +11,10 @@ from ..ops._common import fold_batch_norm
 from ..ops.channel_gate import channel_gate_ops
 from ..reference import bridge as reference
 from ..reference.formulas import accumulate_dtype
-from ._fused import FusedModule, autograd_may_record, cached_while_unchanged, module_tensors, pick_inference, without_autocast
+from ._fused import (
+    FusedModule, autograd_may_record, cached_while_unchanged, chosen_in_training, module_tensors, pick_inference,
+    without_autocast,
+)
 
 
 class Bridge(FusedModule, reference.Bridge):
@@ -34,6 +37,7 @@ class Bridge(FusedModule, reference.Bridge):
     hot_paths = ("channel_gate",)
 
     @without_autocast
+    @chosen_in_training
     def attend(self, x: torch.Tensor, *bridges: torch.Tensor) -> torch.Tensor:
         if self.folds_batch_norm() and not autograd_may_record():
             # Inference: the folded per-sample op or the reference's eager forward, measured.

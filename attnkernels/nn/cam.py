@@ -5,7 +5,7 @@ import torch
 
 from .. import functional as AF
 from ..reference import cam as reference
-from ._fused import FusedModule, autograd_may_record, pick_inference, without_autocast
+from ._fused import FusedModule, autograd_may_record, chosen_in_training, pick_inference, without_autocast
 
 
 class CAM(FusedModule, reference.CAM):
@@ -24,6 +24,7 @@ class CAM(FusedModule, reference.CAM):
     hot_paths = ("cam",)
 
     @without_autocast
+    @chosen_in_training
     def attend(self, x: torch.Tensor) -> torch.Tensor:
         if not autograd_may_record():
             runs = {"fused": self.attend_fused, "eager": super().attend}

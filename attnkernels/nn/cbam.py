@@ -8,7 +8,7 @@ from torch import nn
 from .. import functional as AF
 from ..reference import cbam as reference
 from ..reference.formulas import accumulate_dtype
-from ._fused import FusedModule, without_autocast
+from ._fused import FusedModule, chosen_in_training, without_autocast
 
 
 class CBAM(FusedModule, reference.CBAM):
@@ -31,6 +31,7 @@ class CBAM(FusedModule, reference.CBAM):
     hot_paths = ("channel_gate", "cbam_spatial")
 
     @without_autocast
+    @chosen_in_training
     def attend(self, x: torch.Tensor) -> torch.Tensor:
         avg, max_ = AF.channel_pool(x)
         a = self.channel_gate(avg, max_)

@@ -6,7 +6,7 @@ import torch
 
 from .. import functional as AF
 from ..reference import criss_cross as reference
-from ._fused import FusedModule, autograd_may_record, pick_inference, without_autocast
+from ._fused import FusedModule, autograd_may_record, chosen_in_training, pick_inference, without_autocast
 from .pam import qkv_projections
 
 
@@ -27,6 +27,7 @@ class CrissCross(FusedModule, reference.CrissCross):
     hot_paths = ("criss_cross",)
 
     @without_autocast
+    @chosen_in_training
     def attend(self, x: torch.Tensor) -> torch.Tensor:
         if not autograd_may_record():
             runs = {"fused": self.attend_fused, "eager": super().attend}

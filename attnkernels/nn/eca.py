@@ -5,7 +5,7 @@ import torch
 
 from .. import functional as AF
 from ..reference import eca as reference
-from ._fused import FusedModule, without_autocast
+from ._fused import FusedModule, chosen_in_training, without_autocast
 
 
 class ECA(FusedModule, reference.ECA):
@@ -18,5 +18,6 @@ class ECA(FusedModule, reference.ECA):
     hot_paths = ("channel_gate",)
 
     @without_autocast
+    @chosen_in_training
     def attend(self, x: torch.Tensor) -> torch.Tensor:
         return AF.channel_attention(x, self.conv.weight, mode="avg")

@@ -9,7 +9,7 @@ from .. import functional as AF
 from ..ops._common import fold_batch_norm
 from ..reference import gam as reference
 from ..reference.formulas import accumulate_dtype
-from ._fused import FusedModule, autograd_may_record, pick_inference, without_autocast
+from ._fused import FusedModule, autograd_may_record, chosen_in_training, pick_inference, without_autocast
 
 
 class GAM(FusedModule, reference.GAM):
@@ -40,6 +40,7 @@ class GAM(FusedModule, reference.GAM):
     conv_algorithm: str = "auto"
 
     @without_autocast
+    @chosen_in_training
     def attend(self, x: torch.Tensor) -> torch.Tensor:
         if syncs_batch_stats(self.bn1) or syncs_batch_stats(self.bn2):
             return super().attend(x)

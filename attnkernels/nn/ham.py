@@ -9,7 +9,10 @@ from ..ops import ham_spatial
 from ..ops._common import fold_batch_norm
 from ..reference import ham as reference
 from ..reference.formulas import accumulate_dtype
-from ._fused import FusedModule, autograd_may_record, cached_while_unchanged, module_tensors, pick_inference, without_autocast
+from ._fused import (
+    FusedModule, autograd_may_record, cached_while_unchanged, chosen_in_training, module_tensors, pick_inference,
+    without_autocast,
+)
 
 
 class HAM(FusedModule, reference.HAM):
@@ -29,6 +32,7 @@ class HAM(FusedModule, reference.HAM):
     """
 
     @without_autocast
+    @chosen_in_training
     def attend(self, x: torch.Tensor) -> torch.Tensor:
         if self.runs_per_sample(x):
             runs = {"per_sample": self.attend_per_sample, "passes": self.attend_passes, "eager": super().attend}

@@ -7,7 +7,7 @@ from torch import nn
 
 from .. import functional as AF
 from ..reference import pam as reference
-from ._fused import FusedModule, autograd_may_record, pick_inference, without_autocast
+from ._fused import FusedModule, autograd_may_record, chosen_in_training, pick_inference, without_autocast
 
 
 class PAM(FusedModule, reference.PAM):
@@ -30,6 +30,7 @@ class PAM(FusedModule, reference.PAM):
     hot_paths = ("nonlocal_attn",)
 
     @without_autocast
+    @chosen_in_training
     def attend(self, x: torch.Tensor) -> torch.Tensor:
         if not autograd_may_record():
             runs = {"fused": self.attend_fused, "eager": super().attend}

@@ -5,7 +5,7 @@ import torch
 
 from .. import functional as AF
 from ..reference import se as reference
-from ._fused import FusedModule, without_autocast
+from ._fused import FusedModule, chosen_in_training, without_autocast
 
 
 class SE(FusedModule, reference.SE):
@@ -19,5 +19,6 @@ class SE(FusedModule, reference.SE):
     hot_paths = ("channel_gate",)
 
     @without_autocast
+    @chosen_in_training
     def attend(self, x: torch.Tensor) -> torch.Tensor:
         return AF.channel_mlp_attention(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)

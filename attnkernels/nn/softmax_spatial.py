@@ -5,7 +5,7 @@ import torch
 
 from .. import functional as AF
 from ..reference import softmax_spatial as reference
-from ._fused import FusedModule, autograd_may_record, pick_inference, without_autocast
+from ._fused import FusedModule, autograd_may_record, chosen_in_training, pick_inference, without_autocast
 
 
 class SoftmaxSpatial(FusedModule, reference.SoftmaxSpatial):
@@ -21,6 +21,7 @@ class SoftmaxSpatial(FusedModule, reference.SoftmaxSpatial):
     hot_paths = ("softmax_spatial",)
 
     @without_autocast
+    @chosen_in_training
     def attend(self, x: torch.Tensor) -> torch.Tensor:
         if not autograd_may_record():
             # Inference: the fused op or the reference's eager forward, measured.

@@ -6,7 +6,7 @@ import torch
 from .. import functional as AF
 from ..reference import triplet as reference
 from ..reference.formulas import accumulate_dtype
-from ._fused import FusedModule, without_autocast
+from ._fused import FusedModule, chosen_in_training, without_autocast
 
 
 class Triplet(FusedModule, reference.Triplet):
@@ -25,6 +25,7 @@ class Triplet(FusedModule, reference.Triplet):
     hot_paths = ("ham_spatial", "triplet")
 
     @without_autocast
+    @chosen_in_training
     def attend(self, x: torch.Tensor) -> torch.Tensor:
         acc = accumulate_dtype(x.dtype)
         maps = AF.triplet_pool(x)
