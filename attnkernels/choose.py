@@ -291,7 +291,7 @@ def forward_backward(fn: Callable[..., Any], args: Sequence[Any]) -> Callable[[]
     backward = autograd_records(args)
 
     def run() -> Any:
-        with torch.enable_grad() if backward else torch.no_grad():
+        with torch.enable_grad() if backward else torch.no_grad(), _own_saved_tensors():
             out = fn(*copies)
             if backward:
                 outs = [o for o in (out if isinstance(out, (tuple, list)) else (out,))
@@ -303,6 +303,24 @@ def forward_backward(fn: Callable[..., Any], args: Sequence[Any]) -> Callable[[]
         return out
 
     return run
+
+
+@contextlib.contextmanager
+def _own_saved_tensors() -> Iterator[None]:
+    """A measurement's run keeps the tensors its autograd saves as they are, out of any
+    saved-tensor hooks in force around the call: a non-reentrant activation checkpoint
+    (torch.utils.checkpoint's default) would otherwise take them for its own region's, and
+    its recomputation, which knows the choice and measures nothing, would not match them."""
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(torch.autograd.graph.saved_tensors_hooks(_keep, _keep))
+        except RuntimeError:  # hooks disabled here (disable_saved_tensors_hooks): none in force
+            pass
+        yield
+
+
+def _keep(t: torch.Tensor) -> torch.Tensor:
+    return t
 
 
 def autograd_records(args: Sequence[Any]) -> bool:

@@ -413,3 +413,32 @@ def test_a_module_holding_a_sync_batch_norm_is_not_measured(compiled_ops):
     assert pick_training(module, x, (), attends) == "fused"
     assert "none made yet" in choose.explain()
 
+
+@pytest.mark.parametrize("name", ["SE", "GAM", "Bridge"])
+def test_measuring_inside_a_non_reentrant_checkpoint(name, compiled_ops):
+    """A first training call inside torch.utils.checkpoint (use_reentrant=False, its default):
+    the measurements' saved tensors stay out of the checkpoint's hooks, so its recomputation
+    matches the forward, and the gradients are the reference module's. SE's choice is its op's,
+    GAM's nests its convs' under its own, Bridge's is the module's alone."""
+    from torch.utils.checkpoint import checkpoint
+
+    from helpers import fused_pair, module_kwargs
+
+    from attnkernels import nn as fused
+    from attnkernels import reference as R
+
+    torch.manual_seed(0)
+    kwargs = module_kwargs(name.lower(), 8)
+    f, ref = fused_pair(getattr(fused, name), getattr(R, name), 8, dtype=torch.float64, device="cpu", **kwargs)
+    x = torch.randn(2, 8, 6, 5, dtype=torch.float64)
+    g = torch.randn_like(x)
+    grads = []
+    for module, ckpt in ((f, True), (ref, False)):
+        leaf = x.clone().requires_grad_()
+        with backend.use_backend("cpu" if module is f else None):
+            y = checkpoint(module, leaf, use_reentrant=False) if ckpt else module(leaf)
+            y.backward(g)
+        grads.append([leaf.grad] + [p.grad for p in module.parameters()])
+    assert "measured" in choose.explain()
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
