@@ -37,17 +37,13 @@ from torch import nn
 
 from . import backend as _backend
 from .nn import FUSED, FusedModule, fused_class, reference_class
-from .nn._fused import CACHE_ATTRIBUTE, rebind
+from .nn._fused import CACHE_ATTRIBUTE, TIMM_ORIGIN, rebind
 from .nn.block_tail import TAIL_FUSED, timm_tail_class, why_tail_not_fused, why_timm_tail_not_fused
 from .reference import AttentionModule
 
 __all__ = ["FuseReport", "ReportEntry", "fuse", "unfuse"]
 
 logger = logging.getLogger("attnkernels")
-
-# Where a timm-derived fused module keeps the timm module it replaced, for `unfuse`. Written
-# into __dict__ directly: as a registered submodule it would add state_dict keys.
-_ORIGIN = "_attnkernels_timm_origin"
 
 
 class ReportEntry(NamedTuple):
@@ -416,7 +412,7 @@ def _from_timm(module: nn.Module, adapter: _TimmAdapter, cls: type[nn.Module], p
     for attr in adapter.shared:
         setattr(fused, attr, getattr(module, attr))
     fused.training = module.training
-    fused.__dict__[_ORIGIN] = module
+    fused.__dict__[TIMM_ORIGIN] = module
     if pinned is not None:
         fused.backend = pinned
     return fused
@@ -556,7 +552,7 @@ def _unfuse_plan(module: nn.Module) -> _Plan | None:
     cls = type(module)
     if cls not in FUSED.values():  # its own forward would be lost
         return _Plan(None, "not a class of attnkernels.nn.FUSED (a subclass?): left fused", False)
-    origin = module.__dict__.get(_ORIGIN)
+    origin = module.__dict__.get(TIMM_ORIGIN)
     if origin is not None:
         return _Plan(lambda: _back_to_timm(module, origin), _qualname(type(origin)), descend=False)
     ref = reference_class(cls)

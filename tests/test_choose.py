@@ -282,6 +282,8 @@ def test_compile_fullgraph_uses_the_eager_choice(train, compiled_ops):
     ("SoftmaxSpatial", "softmax_spatial", ("inference",), ("fused", "eager")),
     ("PAM", "pam", ("inference",), ("fused", "eager")),
     ("CSM", "pam", ("inference",), ("fused", "eager")),  # its spatial child is the fused PAM
+    ("CBAM", "cbam", ("inference",), ("fused", "eager")),
+    ("Triplet", "triplet", ("inference",), ("fused", "eager")),
 ])
 def test_modules_measure_their_choice_for_real(name, site, modes, candidates, compiled_ops):
     """A fused module whose op is chosen by measurement on the C++ backend: the candidates are
@@ -442,3 +444,38 @@ def test_measuring_inside_a_non_reentrant_checkpoint(name, compiled_ops):
     assert "measured" in choose.explain()
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["training", "inference"])
+@pytest.mark.parametrize("timm_name", ["SEModule", "EcaModule", "CbamModule"])
+def test_a_module_fused_from_timm_is_measured_against_timms_forward(timm_name, train, monkeypatch, compiled_ops):
+    """A fused module that `fuse` made from a timm module holds timm's submodules, whose
+    forwards differ from the reference's (timm's CBAM channel gate returns x times the gate):
+    its eager candidate is the timm module's own forward, so whichever wins, the output is
+    timm's."""
+    import copy
+
+    import timm.layers
+    from timm.layers.cbam import CbamModule
+
+    import attnkernels
+
+    def eager_wins(name, fn, args, prepared):
+        choose.forward_backward(fn, args)()
+        return 1e-3 if name == "eager" else 1.0
+
+    monkeypatch.setattr(choose, "measure_candidate", eager_wins)
+    torch.manual_seed(0)
+    theirs = {"SEModule": timm.layers.SEModule, "EcaModule": timm.layers.EcaModule, "CbamModule": CbamModule}[timm_name]
+    theirs = theirs(16).double().train(train)
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.uniform_(-0.6, 0.6)
+    ours = attnkernels.fuse(copy.deepcopy(theirs))
+    assert type(ours).__module__.startswith("attnkernels.nn")
+    x = torch.randn(2, 16, 6, 5, dtype=torch.float64)
+    with backend.use_backend("cpu"), torch.set_grad_enabled(train):
+        got = ours(x.clone().requires_grad_(train))
+    want = theirs(x.clone().requires_grad_(train))
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    assert ": eager (measured" in choose.explain() or not train and timm_name != "CbamModule"

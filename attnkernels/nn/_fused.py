@@ -75,7 +75,7 @@ def pick_inference(site: str, x: torch.Tensor, params: tuple, runs: dict[str, Ca
 def chosen_in_training(attend: Attend) -> Attend:
     """Decorates a fused module's `attend` (under `without_autocast`, so that both candidates
     run with autocast off): in a training step (autograd recording), the fused attend or the
-    reference class's, whichever `attnkernels.choose` measures faster, forward plus backward,
+    eager one (`eager_attend`: the reference class's, or timm's), whichever `attnkernels.choose` measures faster, forward plus backward,
     for x's shape and the module's parameters (`pick_training`). Without autograd the fused
     attend runs (its own inference choices apply).
 
@@ -87,12 +87,32 @@ def chosen_in_training(attend: Attend) -> Attend:
     def attend_chosen_in_training(self: nn.Module, x: torch.Tensor, *extra: torch.Tensor) -> torch.Tensor:
         if not autograd_may_record():
             return attend(self, x, *extra)
-        eager = reference_class(type(self)).attend
+        eager = eager_attend(self)
         if pick_training(self, x, extra, {"fused": attend, "eager": eager}) == "eager":
             return eager(self, x, *extra)
         return attend(self, x, *extra)
 
     return attend_chosen_in_training
+
+
+#: Where a fused module that `attnkernels.fuse` made from a timm module keeps that module, in its
+#: __dict__ directly (as a registered submodule it would add state_dict keys).
+TIMM_ORIGIN = "_attnkernels_timm_origin"
+
+
+def eager_attend(module: nn.Module) -> Attend:
+    """The eager forward a fused module is measured against, as attend(module, x, *extra):
+    the reference class's attend, or for a module made from a timm module that module's own
+    forward (timm's submodules, which the fused module holds, compute their part of the
+    gate differently from the reference's: timm's CBAM channel gate returns x times it)."""
+    if TIMM_ORIGIN in module.__dict__:
+        return _timm_forward
+    return reference_class(type(module)).attend
+
+
+def _timm_forward(module: nn.Module, x: torch.Tensor, *extra: torch.Tensor) -> torch.Tensor:
+    # forward, not __call__: the timm module shares the fused module's hook dicts.
+    return module.__dict__[TIMM_ORIGIN].forward(x, *extra)
 
 
 #: `pick_training`'s key part for a module's parameters, kept in its caches (a walk over its

@@ -1,6 +1,8 @@
 """Fused CBAM: channel_gate's pooling for the channel half, cbam_spatial ops for the spatial half."""
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -8,7 +10,10 @@ from torch import nn
 from .. import functional as AF
 from ..reference import cbam as reference
 from ..reference.formulas import accumulate_dtype
-from ._fused import FusedModule, chosen_in_training, without_autocast
+from ._fused import (
+    FusedModule, autograd_may_record, chosen_in_training, eager_attend, pick_inference, without_autocast,
+)
+from .gam import uses_batch_stats
 
 
 class CBAM(FusedModule, reference.CBAM):
@@ -33,6 +38,16 @@ class CBAM(FusedModule, reference.CBAM):
     @without_autocast
     @chosen_in_training
     def attend(self, x: torch.Tensor) -> torch.Tensor:
+        bn = self.spatial_conv_bn()[1]
+        if not (autograd_may_record() or uses_batch_stats(bn)):
+            # Inference (BN on running stats: no state to update): the fused passes or the
+            # reference's eager forward, measured.
+            runs = {"fused": self.attend_fused, "eager": functools.partial(eager_attend(self), self)}
+            return pick_inference("cbam", x, (self.channel.fc1.weight.shape[0],), runs, "fused")(x)
+        return self.attend_fused(x)
+
+    def attend_fused(self, x: torch.Tensor) -> torch.Tensor:
+        """The forward on the fused ops (the class docstring's passes)."""
         avg, max_ = AF.channel_pool(x)
         a = self.channel_gate(avg, max_)
         d = AF.cbam_spatial_pool(x, a)

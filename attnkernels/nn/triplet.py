@@ -6,7 +6,8 @@ import torch
 from .. import functional as AF
 from ..reference import triplet as reference
 from ..reference.formulas import accumulate_dtype
-from ._fused import FusedModule, chosen_in_training, without_autocast
+from ._fused import FusedModule, autograd_may_record, chosen_in_training, pick_inference, without_autocast
+from .gam import uses_batch_stats
 
 
 class Triplet(FusedModule, reference.Triplet):
@@ -27,6 +28,16 @@ class Triplet(FusedModule, reference.Triplet):
     @without_autocast
     @chosen_in_training
     def attend(self, x: torch.Tensor) -> torch.Tensor:
+        branches = (self.hw, self.cw, self.hc)
+        if not (autograd_may_record() or any(uses_batch_stats(branch.bn) for branch in branches)):
+            # Inference (every BN on running stats: no state to update): the fused passes or
+            # the reference's eager forward, measured.
+            runs = {"fused": self.attend_fused, "eager": super().attend}
+            return pick_inference("triplet", x, (), runs, "fused")(x)
+        return self.attend_fused(x)
+
+    def attend_fused(self, x: torch.Tensor) -> torch.Tensor:
+        """The forward on the fused ops (the class docstring's passes)."""
         acc = accumulate_dtype(x.dtype)
         maps = AF.triplet_pool(x)
         gates = [self.gate(branch, d).to(acc) for branch, d in zip((self.hw, self.cw, self.hc), maps)]
