@@ -544,6 +544,7 @@ def _unfuse_plan(module: nn.Module) -> _Plan | None:
         def build() -> nn.Module:
             new = rebind(module, block)
             new.__dict__.pop("backend", None)
+            new.__dict__.pop(CACHE_ATTRIBUTE, None)  # the tail choice's key part
             return new
 
         return _Plan(build, _qualname(block), descend=True)

@@ -398,3 +398,51 @@ def test_spatial_tail_compiles_right(backend_name, device, layout, dtype, batch,
     compiled = torch.compile(tail, fullgraph=True, backend="aot_eager")
     for got, want in zip(step(compiled), step(tail), strict=True):
         torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("winner", ["fused", "eager"])
+@pytest.mark.parametrize("attention", ATTENTIONS, ids=str)
+def test_tail_choice_whichever_wins_is_the_blocks_step(attention, winner, train, monkeypatch) -> None:
+    """The tail measured against the unfused one (`pick_tail`, measure mode), each made the
+    winner by a clock that runs the candidates as the real one does (on copies of bn and attn,
+    forward and backward): the step's output, gradients and buffers are the unfused block's
+    after exactly one step, so the measurement left no trace; explain() names the choice."""
+    from attnkernels import choose
+
+    def running_clock(name, fn, args, prepared):
+        choose.forward_backward(fn, args)()
+        return 1e-3 if name == winner else 1.0
+
+    monkeypatch.setenv(choose.ENV_MODE, "measure")
+    monkeypatch.setattr(choose, "measure_candidate", running_clock)
+    choose.clear()
+    try:
+        fused, ref = block_pair("bottleneck-projection", attention, torch.float64)
+        fused.train(train), ref.train(train)
+        x = torch.randn(3, 16, 9, 7, dtype=torch.float64)
+        g = torch.randn(3, 32, 5, 4, dtype=torch.float64)
+        got = training_step(fused, x, g, "cpu")
+        assert_steps_match(got, training_step(ref, x, g), torch.float64, ["x"] + [n for n, _ in ref.named_parameters()])
+        assert f"Bottleneck tail [cpu float64 (3, 32, 5, 4)" in choose.explain()
+        assert f": {winner} (measured" in choose.explain()
+    finally:
+        choose.clear()
+
+
+def test_tail_choice_measured_for_real(monkeypatch) -> None:
+    """On the real clock both tails are timed once, and the step is the unfused block's."""
+    from attnkernels import choose
+
+    monkeypatch.setenv(choose.ENV_MODE, "measure")
+    choose.clear()
+    try:
+        fused, ref = block_pair("basic-identity", "se", torch.float64)
+        x = torch.randn(2, 16, 6, 5, dtype=torch.float64)
+        g = torch.randn(2, 16, 6, 5, dtype=torch.float64)
+        got = training_step(fused, x, g, "cpu")
+        assert_steps_match(got, training_step(ref, x, g), torch.float64, ["x"] + [n for n, _ in ref.named_parameters()])
+        lines = [line for line in choose.explain().splitlines() if "BasicBlock tail [" in line]
+        assert len(lines) == 1 and "measured: fused " in lines[0] and ", eager " in lines[0], choose.explain()
+    finally:
+        choose.clear()

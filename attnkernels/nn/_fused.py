@@ -123,46 +123,56 @@ _PARAMETER_SHAPES = "parameter_shapes"
 def pick_training(module: nn.Module, x: torch.Tensor, extra: tuple[torch.Tensor, ...],
                   attends: dict[str, Attend]) -> str:
     """The name among `attends` (name -> attend(module, x, *extra); "fused" the static rule)
-    whose forward plus backward `attnkernels.choose` measures fastest at site
-    "<Class> training" for the key: x's device, dtype, shape and layout, the extra maps'
-    shapes, the module's mode, pinned backend and parameter shapes.
-
-    Measured on a deep copy of the module, each run on copies of x (requiring grad) and
-    `extra`, with the copy's parameter gradients dropped after each run: the module's own
-    BatchNorm running statistics, gradients and gradient hooks (DDP's) never see the
-    measurement. Not measured (the static rule, nothing remembered) where the module holds a
-    SyncBatchNorm (its collectives would run a time-dependent number of times per process),
-    nor where `choose` does not measure (tracing, fake tensors); a torch.jit.trace records
-    the fused attend."""
+    whose forward plus backward `pick_on_copy` measures fastest at site "<Class> training" for
+    the key: x's device, dtype, shape and layout, the extra maps' shapes, the module's mode,
+    pinned backend and parameter shapes. x is timed requiring grad, as in a network. A
+    torch.jit.trace records the fused attend."""
     if torch.jit.is_tracing():
         # A trace records the static rule, as it did before this choice existed: the check
         # run of torch.jit.trace must record the same graph, and reading the parameters'
         # shapes in one run but not the other would reorder its attribute reads.
         return "fused"
     key = (x.device.type, x.dtype, tuple(x.shape), memory_format_of(x), *(tuple(t.shape) for t in extra),
-           module.training, module.backend, _parameter_shapes(module))
-    site = f"{type(module).__name__} training"
-    copies: list[nn.Module] = []
+           module.training, module.backend, parameter_shapes(module))
+    return pick_on_copy(f"{type(module).__name__} training", key, attends, "fused", module,
+                        lambda: (x if x.requires_grad else x.detach().requires_grad_(), *extra))
+
+
+def pick_on_copy(site: str, key: tuple, runs: dict[str, Callable[..., Any]], static: str, state: Any,
+                 args: Callable[[], tuple]) -> str:
+    """The name among `runs` (name -> fn(state, *args())) that `attnkernels.choose` picks at
+    `site` for `key`, each candidate timed (forward, and backward when autograd records) on a
+    deep copy of `state` (a module, or a tuple of modules and None) and on copies of args():
+    the state's own BatchNorm running statistics, gradients and gradient hooks (DDP's) never
+    see the measurement, and the copy's gradients are dropped after each run. Not measured
+    (the static rule, nothing remembered) where the state holds a SyncBatchNorm (its
+    collectives would run a time-dependent number of times per process), nor where `choose`
+    does not measure (tracing, fake tensors)."""
+    copies: list[Any] = []
     prepared: dict[str, Callable[[], Any]] = {}
 
     def measure(name: str) -> float:
         if not copies:
-            copies.append(copy.deepcopy(module))
+            copies.append(copy.deepcopy(state))
         twin = copies[0]
-        args = (x if x.requires_grad else x.detach().requires_grad_(), *extra)
-        seconds = choose.measure_candidate(name, functools.partial(attends[name], twin), args, prepared)
-        for p in twin.parameters():
-            p.grad = None
+        seconds = choose.measure_candidate(name, functools.partial(runs[name], twin), args(), prepared)
+        for m in _modules_of(twin):
+            for p in m.parameters():
+                p.grad = None
         return seconds
 
     def can_measure() -> bool:
-        syncs = any(isinstance(m, nn.SyncBatchNorm) for m in module.modules())
-        return not syncs and choose.measurable(x, *extra)
+        syncs = any(isinstance(m, nn.SyncBatchNorm) for top in _modules_of(state) for m in top.modules())
+        return not syncs and choose.measurable(*(a for a in args() if isinstance(a, torch.Tensor)))
 
-    return choose.pick_name(site, key, tuple(attends), "fused", measure, can_measure)
+    return choose.pick_name(site, key, tuple(runs), static, measure, can_measure)
 
 
-def _parameter_shapes(module: nn.Module) -> tuple[tuple[int, ...], ...]:
+def _modules_of(state: Any) -> list[nn.Module]:
+    return [m for m in (state if isinstance(state, tuple) else (state,)) if isinstance(m, nn.Module)]
+
+
+def parameter_shapes(module: nn.Module) -> tuple[tuple[int, ...], ...]:
     """The shapes of `module`'s parameters, in order; kept after the first eager call (a
     module's parameters keep their shapes), computed afresh under torch.compile."""
     if torch.compiler.is_compiling():

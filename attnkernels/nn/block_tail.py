@@ -32,13 +32,16 @@ from ..reference import cbam as reference_cbam
 from ..reference import eca as reference_eca
 from ..reference import ham as reference_ham
 from ..reference import se as reference_se
+from ..reference._base import memory_format_of
+from ._fused import CACHE_ATTRIBUTE, autograd_may_record, pick_on_copy
 from .cbam import CBAM
 from .eca import ECA
 from .ham import HAM
 from .se import SE
 
-__all__ = ["BasicBlock", "Bottleneck", "TAIL_FUSED", "attention_tail", "batch_norm_tail", "spatial_tail_gates",
-           "tail_gate", "timm_tail_class", "why_tail_not_fused", "why_timm_tail_not_fused"]
+__all__ = ["BasicBlock", "Bottleneck", "TAIL_FUSED", "attention_tail", "batch_norm_tail", "fused_tail",
+           "spatial_tail_gates", "tail_gate", "timm_tail_class", "unfused_tail", "why_tail_not_fused",
+           "why_timm_tail_not_fused"]
 
 # Exactly these classes (a subclass may change the forward): the reference modules and their
 # fused versions, whose gates read the same parameters.
@@ -140,6 +143,35 @@ def batch_norm_tail(z: torch.Tensor, shortcut: torch.Tensor, bn: nn.BatchNorm2d,
     return block_tail(z, shortcut, *_batch_norm_arguments(bn), gate)
 
 
+def attention_signature(block: nn.Module, attn: nn.Module | None) -> tuple[str, tuple[tuple[int, ...], ...]]:
+    """The attention's class name and parameter shapes, kept in the block's caches after the
+    first eager call (the walk costs several us a call), computed afresh under torch.compile."""
+    if torch.compiler.is_compiling():
+        return type(attn).__name__, () if attn is None else tuple(tuple(p.shape) for p in attn.parameters())
+    caches = block.__dict__.setdefault(CACHE_ATTRIBUTE, {})
+    signature = caches.get("attention_signature")
+    if signature is None or signature[0] is not attn:
+        shapes = () if attn is None else tuple(tuple(p.shape) for p in attn.parameters())
+        signature = caches["attention_signature"] = (attn, (type(attn).__name__, shapes))
+    return signature[1]
+
+
+def fused_tail(state: tuple[nn.BatchNorm2d, nn.Module | None], z: torch.Tensor, shortcut: torch.Tensor,
+               backend: str | None = None) -> torch.Tensor:
+    """`attention_tail` with (bn, attn) = state, on the pinned `backend` (None: automatic)."""
+    bn, attn = state
+    if backend is None:
+        return attention_tail(z, shortcut, bn, attn)
+    with _backend.use_backend(backend):
+        return attention_tail(z, shortcut, bn, attn)
+
+
+def unfused_tail(state: tuple[nn.BatchNorm2d, nn.Module | None], z: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
+    """`relu(attn(bn(z)) + shortcut)` with (bn, attn) = state, module by module, as eager."""
+    bn, attn = state
+    return torch.relu((bn(z) if attn is None else attn(bn(z))) + shortcut)
+
+
 def attention_tail(z: torch.Tensor, shortcut: torch.Tensor, bn: nn.BatchNorm2d, attn: nn.Module | None) -> torch.Tensor:
     """`relu(attn(bn(z)) + shortcut)` fused: the block_tail ops for no attention, SE or ECA,
     the spatial_tail ops for CBAM or HAM; `bn`'s bookkeeping as nn.BatchNorm2d does it."""
@@ -162,15 +194,27 @@ class _TailFused(nn.Module):
     hot_paths: ClassVar[tuple[str, ...]] = ("block_tail", "spatial_tail")
 
     def tail(self, z: torch.Tensor, bn: nn.BatchNorm2d, attn: nn.Module | None, shortcut: torch.Tensor) -> torch.Tensor:
-        """`relu(attn(bn(z)) + shortcut)`, fused where the shapes and dtypes allow."""
+        """`relu(attn(bn(z)) + shortcut)`, fused where the shapes and dtypes allow and the
+        fused tail measures faster than the unfused one (`pick_tail`)."""
         if type(bn) is not nn.BatchNorm2d or shortcut.dtype != z.dtype or shortcut.shape != z.shape:
             # The unfused tail, as eager: a norm swapped in after fuse (SyncBatchNorm, whose
             # statistics span processes) or a shortcut in another dtype (under autocast).
-            return torch.relu((bn(z) if attn is None else attn(bn(z))) + shortcut)
-        if self.backend is None:
-            return attention_tail(z, shortcut, bn, attn)
-        with _backend.use_backend(self.backend):
-            return attention_tail(z, shortcut, bn, attn)
+            return unfused_tail((bn, attn), z, shortcut)
+        tails = {"fused": functools.partial(fused_tail, backend=self.backend), "eager": unfused_tail}
+        return tails[self.pick_tail(z, bn, attn, shortcut, tails)]((bn, attn), z, shortcut)
+
+    def pick_tail(self, z: torch.Tensor, bn: nn.BatchNorm2d, attn: nn.Module | None, shortcut: torch.Tensor,
+                  tails: dict[str, Callable[..., torch.Tensor]]) -> str:
+        """"fused" or "eager" (the unfused tail, what the block runs without this class), as
+        `pick_on_copy` measures them at site "<Block> tail" for z's device, dtype, shape and
+        layout, whether autograd records, BN's mode, the pin, and the attention's class and
+        parameter shapes; timed on copies of bn and attn (their running statistics and
+        gradients never see it). A torch.jit.trace records the fused tail."""
+        if torch.jit.is_tracing():
+            return "fused"
+        key = (z.device.type, z.dtype, tuple(z.shape), memory_format_of(z), autograd_may_record(), bn.training,
+               self.backend, *attention_signature(self, attn))
+        return pick_on_copy(f"{type(self).__name__} tail", key, tails, "fused", (bn, attn), lambda: (z, shortcut))
 
     def extra_repr(self) -> str:
         return "" if self.backend is None else f"backend={self.backend!r}"
