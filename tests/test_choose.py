@@ -372,7 +372,8 @@ def test_training_step_is_the_references_whichever_the_module_chooses(name, winn
     monkeypatch.setattr(choose, "measure_candidate", running_clock)
     torch.manual_seed(0)
     cls = R.REGISTRY[name]
-    f, ref = fused_pair(getattr(fused, cls.__name__), cls, 8, dtype=torch.float64, device="cpu", **module_kwargs(name, 8))
+    f, ref = fused_pair(getattr(fused, cls.__name__), cls, 8, dtype=torch.float64, device="cpu",
+                        **module_kwargs(name, 8))
     x = torch.randn(2, 8, 6, 5, dtype=torch.float64)
     g = torch.randn_like(x)
     got = training_step(f, x, g, "cpu")

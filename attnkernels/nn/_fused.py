@@ -75,9 +75,9 @@ def pick_inference(site: str, x: torch.Tensor, params: tuple, runs: dict[str, Ca
 def chosen_in_training(attend: Attend) -> Attend:
     """Decorates a fused module's `attend` (under `without_autocast`, so that both candidates
     run with autocast off): in a training step (autograd recording), the fused attend or the
-    eager one (`eager_attend`: the reference class's, or timm's), whichever `attnkernels.choose` measures faster, forward plus backward,
-    for x's shape and the module's parameters (`pick_training`). Without autograd the fused
-    attend runs (its own inference choices apply).
+    eager one (`eager_attend`: the reference class's, or timm's), whichever `attnkernels.choose`
+    measures faster, forward plus backward, for x's shape and the module's parameters
+    (`pick_training`). Without autograd the fused attend runs (its own inference choices apply).
 
     A training step pays each fused op's autograd wrapper (Python) twice; on small maps those
     can cost more than the kernels save, so there the reference composition is the faster
@@ -133,7 +133,7 @@ def pick_training(module: nn.Module, x: torch.Tensor, extra: tuple[torch.Tensor,
         # shapes in one run but not the other would reorder its attribute reads.
         return "fused"
     key = (x.device.type, x.dtype, tuple(x.shape), memory_format_of(x), *(tuple(t.shape) for t in extra),
-           module.training, module.backend, parameter_shapes(module))
+           module.training, module.backend, _parameter_shapes(module))
     return pick_on_copy(f"{type(module).__name__} training", key, attends, "fused", module,
                         lambda: (x if x.requires_grad else x.detach().requires_grad_(), *extra))
 
@@ -172,7 +172,7 @@ def _modules_of(state: Any) -> list[nn.Module]:
     return [m for m in (state if isinstance(state, tuple) else (state,)) if isinstance(m, nn.Module)]
 
 
-def parameter_shapes(module: nn.Module) -> tuple[tuple[int, ...], ...]:
+def _parameter_shapes(module: nn.Module) -> tuple[tuple[int, ...], ...]:
     """The shapes of `module`'s parameters, in order; kept after the first eager call (a
     module's parameters keep their shapes), computed afresh under torch.compile."""
     if torch.compiler.is_compiling():

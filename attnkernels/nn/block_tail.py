@@ -166,7 +166,8 @@ def fused_tail(state: tuple[nn.BatchNorm2d, nn.Module | None], z: torch.Tensor, 
         return attention_tail(z, shortcut, bn, attn)
 
 
-def unfused_tail(state: tuple[nn.BatchNorm2d, nn.Module | None], z: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
+def unfused_tail(state: tuple[nn.BatchNorm2d, nn.Module | None], z: torch.Tensor,
+                 shortcut: torch.Tensor) -> torch.Tensor:
     """`relu(attn(bn(z)) + shortcut)` with (bn, attn) = state, module by module, as eager."""
     bn, attn = state
     return torch.relu((bn(z) if attn is None else attn(bn(z))) + shortcut)
