@@ -115,8 +115,8 @@ def _timm_forward(module: nn.Module, x: torch.Tensor, *extra: torch.Tensor) -> t
     return module.__dict__[TIMM_ORIGIN].forward(x, *extra)
 
 
-#: `pick_training`'s key part for a module's parameters, kept in its caches (a walk over its
-#: parameters costs 5-20 us, several percent of a training step on a 7x7 map).
+#: The cache entry of `parameter_shapes`: (the module they are for, or None for the holder's
+#: own; the shapes).
 _PARAMETER_SHAPES = "parameter_shapes"
 
 
@@ -133,7 +133,7 @@ def pick_training(module: nn.Module, x: torch.Tensor, extra: tuple[torch.Tensor,
         # shapes in one run but not the other would reorder its attribute reads.
         return "fused"
     key = (x.device.type, x.dtype, tuple(x.shape), memory_format_of(x), *(tuple(t.shape) for t in extra),
-           module.training, module.backend, _parameter_shapes(module))
+           module.training, module.backend, parameter_shapes(module))
     return pick_on_copy(f"{type(module).__name__} training", key, attends, "fused", module,
                         lambda: (x if x.requires_grad else x.detach().requires_grad_(), *extra))
 
@@ -172,16 +172,23 @@ def _modules_of(state: Any) -> list[nn.Module]:
     return [m for m in (state if isinstance(state, tuple) else (state,)) if isinstance(m, nn.Module)]
 
 
-def _parameter_shapes(module: nn.Module) -> tuple[tuple[int, ...], ...]:
-    """The shapes of `module`'s parameters, in order; kept after the first eager call (a
-    module's parameters keep their shapes), computed afresh under torch.compile."""
+def parameter_shapes(module: nn.Module | None, holder: nn.Module | None = None) -> tuple[tuple[int, ...], ...]:
+    """The shapes of `module`'s parameters, in order (() for None): a key part of the choices
+    made on copies. Kept in the caches of `holder` (default: `module`) while it holds the same
+    module, since the walk over the parameters costs 5-20 us a call, several percent of a
+    training step on a 7x7 map; computed afresh under torch.compile."""
+    if module is None:
+        return ()
     if torch.compiler.is_compiling():
         return tuple(tuple(p.shape) for p in module.parameters())
-    caches = module.__dict__.setdefault(CACHE_ATTRIBUTE, {})
-    shapes = caches.get(_PARAMETER_SHAPES)
-    if shapes is None:
-        shapes = caches[_PARAMETER_SHAPES] = tuple(tuple(p.shape) for p in module.parameters())
-    return shapes
+    # Another holder's entry names the module it is for (the holder's attention may be swapped);
+    # a module's own names None, not itself: no reference cycle keeps it alive.
+    owner = None if holder is None else module
+    caches = (module if holder is None else holder).__dict__.setdefault(CACHE_ATTRIBUTE, {})
+    entry = caches.get(_PARAMETER_SHAPES)
+    if entry is None or entry[0] is not owner:
+        entry = caches[_PARAMETER_SHAPES] = (owner, tuple(tuple(p.shape) for p in module.parameters()))
+    return entry[1]
 
 
 T = TypeVar("T")

@@ -33,7 +33,7 @@ from ..reference import eca as reference_eca
 from ..reference import ham as reference_ham
 from ..reference import se as reference_se
 from ..reference._base import memory_format_of
-from ._fused import CACHE_ATTRIBUTE, autograd_may_record, pick_on_copy
+from ._fused import autograd_may_record, parameter_shapes, pick_on_copy
 from .cbam import CBAM
 from .eca import ECA
 from .ham import HAM
@@ -143,19 +143,6 @@ def batch_norm_tail(z: torch.Tensor, shortcut: torch.Tensor, bn: nn.BatchNorm2d,
     return block_tail(z, shortcut, *_batch_norm_arguments(bn), gate)
 
 
-def attention_signature(block: nn.Module, attn: nn.Module | None) -> tuple[str, tuple[tuple[int, ...], ...]]:
-    """The attention's class name and parameter shapes, kept in the block's caches after the
-    first eager call (the walk costs several us a call), computed afresh under torch.compile."""
-    if torch.compiler.is_compiling():
-        return type(attn).__name__, () if attn is None else tuple(tuple(p.shape) for p in attn.parameters())
-    caches = block.__dict__.setdefault(CACHE_ATTRIBUTE, {})
-    signature = caches.get("attention_signature")
-    if signature is None or signature[0] is not attn:
-        shapes = () if attn is None else tuple(tuple(p.shape) for p in attn.parameters())
-        signature = caches["attention_signature"] = (attn, (type(attn).__name__, shapes))
-    return signature[1]
-
-
 def fused_tail(state: tuple[nn.BatchNorm2d, nn.Module | None], z: torch.Tensor, shortcut: torch.Tensor,
                backend: str | None = None) -> torch.Tensor:
     """`attention_tail` with (bn, attn) = state, on the pinned `backend` (None: automatic)."""
@@ -214,7 +201,7 @@ class _TailFused(nn.Module):
         if torch.jit.is_tracing():
             return "fused"
         key = (z.device.type, z.dtype, tuple(z.shape), memory_format_of(z), autograd_may_record(), bn.training,
-               self.backend, *attention_signature(self, attn))
+               self.backend, type(attn).__name__, parameter_shapes(attn, holder=self))
         return pick_on_copy(f"{type(self).__name__} tail", key, tails, "fused", (bn, attn), lambda: (z, shortcut))
 
     def extra_repr(self) -> str:
