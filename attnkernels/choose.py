@@ -127,6 +127,13 @@ def pick(site: str, key: tuple, runs: dict[str, Callable[..., Any]], static: str
     """The function to call as `fn(*args)` at `site` for `key`, out of `runs` (candidate name ->
     function, in tie-break order, the eager torch composition among them): `pick_name` with each
     candidate timed on copies of `args` (forward, and backward when autograd records)."""
+    # Every call after the first: `pick_name`'s answer from `_answered`, before anything else is
+    # built (a cold host path costs several times its hot time, and this runs on every call).
+    # Not while compiling: the graph takes `decide`'s answer, with no guard on `_answered`.
+    if not torch.compiler.is_compiling():
+        known = _answered.get((site, key))
+        if known in runs and static in runs and current_mode() != "static":
+            return runs[known]
     prepared: dict[str, Callable[[], Any]] = {}  # each candidate's copies, made once
 
     def measure(name: str) -> float:

@@ -18,6 +18,9 @@ Two phases, each timed with the variants *interleaved*: after warm-up, round r t
 eager, compile, ... once each, in an order shuffled anew each round (seeded), then round r+1
 does the same, and each variant's median over the rounds is reported (slow drifts in clock
 speed or memory state hit all variants alike, and no variant always follows the same one).
+After ``--repeats`` rounds (default 21 on CPU) a phase goes on while it has run for less than
+``--min-time`` seconds (default 1 on CPU), up to ten times the rounds: a cheap case gets the
+rounds its noise needs, a costly one keeps its time.
 
 * forward  - module in ``eval()`` mode (the inference case: BatchNorm uses running stats),
   called under ``torch.inference_mode()``;
@@ -107,9 +110,11 @@ from attnkernels.reference import names  # noqa: E402
 import model_rows  # noqa: E402
 from harness.cache import last_level_cache  # noqa: E402
 from harness.config import (  # noqa: E402
+    DEFAULT_MIN_TIME_S,
     DEFAULT_REPEATS,
     DEFAULT_SHAPES,
     DTYPES,
+    MAX_ROUNDS_FACTOR,
     Config,
     parse_shape,
     split_list,
@@ -162,6 +167,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="timed rounds per phase; medians are reported "
         f"(default: cpu {DEFAULT_REPEATS['cpu']}, cuda {DEFAULT_REPEATS['cuda']})",
+    )
+    parser.add_argument(
+        "--min-time",
+        type=float,
+        default=None,
+        help="after the rounds of --repeats, a phase goes on round by round while it has run for "
+        f"less than this many seconds, up to {MAX_ROUNDS_FACTOR}x the rounds (default: cpu "
+        f"{DEFAULT_MIN_TIME_S['cpu']:g}, cuda {DEFAULT_MIN_TIME_S['cuda']:g}; 0 with an explicit --repeats)",
     )
     parser.add_argument(
         "--warmup",
@@ -247,8 +260,12 @@ def resolve_config(args: argparse.Namespace) -> Config:
     if args.no_compile:
         variants = [v for v in variants if v != "compile"]
     repeats = DEFAULT_REPEATS[device.type] if args.repeats is None else args.repeats
-    if repeats < 1 or args.warmup < 0:
-        raise ValueError("--repeats must be >= 1 and --warmup >= 0")
+    if args.min_time is not None:
+        min_time_s = args.min_time
+    else:
+        min_time_s = DEFAULT_MIN_TIME_S[device.type] if args.repeats is None else 0.0
+    if repeats < 1 or args.warmup < 0 or min_time_s < 0:
+        raise ValueError("--repeats must be >= 1, --warmup and --min-time >= 0")
     models = resolve_models(args, names(), device, variants, explicit=not auto)
     if not modules and models is None:
         raise ValueError("--modules none needs --models: there would be nothing to measure")
@@ -264,6 +281,7 @@ def resolve_config(args: argparse.Namespace) -> Config:
         json_stdout=args.json,
         models=models,
         cache=last_level_cache(device),
+        min_time_s=min_time_s,
     )
 
 

@@ -238,6 +238,42 @@ def test_bad_arguments_exit_with_a_message(throughput, capsys):
     assert "unknown module" in capsys.readouterr().err
 
 
+def test_rounds_go_on_past_repeats_while_a_phase_is_under_min_time(harness):
+    """run_phase: `repeats` rounds, then more while the phase is under min_time_s, capped at
+    max_repeats; a slow step stops at `repeats`; without min_time_s exactly `repeats`."""
+    import harness.timing as T
+
+    cpu = torch.device("cpu")
+    timer = T.make_timer(cpu)
+    fast = {"a": lambda: None, "b": lambda: None}
+    runs = T.run_phase(fast, timer, repeats=3, warmup=0, device=cpu, min_time_s=60.0, max_repeats=30)
+    assert [len(r.times_ms) for r in runs.values()] == [30, 30]
+    runs = T.run_phase(fast, timer, repeats=3, warmup=0, device=cpu)
+    assert [len(r.times_ms) for r in runs.values()] == [3, 3]
+    slow = {"a": lambda: __import__("time").sleep(0.02)}
+    runs = T.run_phase(slow, timer, repeats=3, warmup=0, device=cpu, min_time_s=0.03, max_repeats=30)
+    assert len(runs["a"].times_ms) == 3
+
+
+def test_min_time_defaults_on_and_an_explicit_repeats_turns_it_off(throughput):
+    """The default CPU run extends cheap phases (and says so in the header); an explicit
+    --repeats runs exactly that many rounds unless --min-time is given too; bad values are named."""
+    from harness.rows import rounds_text
+
+    def config(*args):
+        return throughput.resolve_config(throughput.build_parser().parse_args(["--device", "cpu", "--out", "", *args]))
+
+    default = config()
+    assert (default.repeats, default.min_time_s, default.max_repeats) == (21, 1.0, 210)
+    assert config("--repeats", "5").min_time_s == 0.0
+    assert config("--repeats", "5", "--min-time", "0.5").min_time_s == 0.5
+    with pytest.raises(ValueError, match="--min-time"):
+        config("--min-time", "-1")
+    assert rounds_text({"repeats": 21, "min_time_s": 1.0, "max_repeats": 210}) == \
+        "21 to 210 (more while a phase is under 1 s)"
+    assert rounds_text({"repeats": 5, "min_time_s": 0.0, "max_repeats": 50}) == "5"
+
+
 def test_throughput_writes_png_chart(throughput, tmp_path):
     pytest.importorskip("matplotlib")
     rc, _, rows, _ = _run(

@@ -31,6 +31,13 @@ DEFAULT_SHAPES: Dict[str, str] = {
 # (benchmarks/NOTES.md, session 20), more than the differences the table is read for; the
 # three times as many rounds add about 40 s to the default CPU table.
 DEFAULT_REPEATS: Dict[str, int] = {"cpu": 21, "cuda": 50}
+# After those rounds, a phase goes on round by round while it has run for less than this many
+# seconds, up to MAX_ROUNDS_FACTOR times the rounds asked for: a cheap case (a 1 ms forward)
+# then gets about 200 rounds where 21 left identical variants 5-10 % apart on the 2-vCPU VM,
+# and a row at parity could read 0.91 (benchmarks/NOTES.md, session 31); a costly one is
+# not slowed. An explicit --repeats without --min-time runs exactly that many rounds.
+DEFAULT_MIN_TIME_S: Dict[str, float] = {"cpu": 1.0, "cuda": 0.5}
+MAX_ROUNDS_FACTOR = 10
 DTYPES: Dict[str, torch.dtype] = {
     "float32": torch.float32,
     "float16": torch.float16,
@@ -55,6 +62,12 @@ class Config:
     json_stdout: bool
     models: Optional[ModelSettings] = None  # the whole-model rows; None: none
     cache: Optional[CacheInfo] = None  # the last-level cache inputs are rotated past; None: no rotation
+    min_time_s: float = 0.0  # a phase's rounds go on past `repeats` while it has run less (DEFAULT_MIN_TIME_S)
+
+    @property
+    def max_repeats(self) -> int:
+        """The most rounds a phase runs when `min_time_s` extends it."""
+        return self.repeats * MAX_ROUNDS_FACTOR
 
 
 def parse_shape(text: str) -> Shape:

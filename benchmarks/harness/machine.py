@@ -71,6 +71,8 @@ def run_metadata(cfg: Config) -> Dict[str, Any]:
         "python": platform.python_version(),
         "threads": torch.get_num_threads(),
         "repeats": cfg.repeats,
+        "min_time_s": cfg.min_time_s,
+        "max_repeats": cfg.max_repeats,
         "warmup": cfg.warmup,
         "variants": cfg.variants,
         "modules": cfg.modules,

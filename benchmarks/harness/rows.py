@@ -152,9 +152,17 @@ def title_line(meta: Dict[str, Any]) -> str:
     return f"attnkernels throughput | device {meta['device']} | torch {meta['torch']} | threads {meta['threads']}"
 
 
+def rounds_text(meta: Dict[str, Any]) -> str:
+    """How many rounds each phase ran: "21", or "21 to 210 (more while a phase is under 1 s)"."""
+    repeats, min_time = meta["repeats"], meta.get("min_time_s") or 0
+    if not min_time or meta.get("max_repeats", 0) <= repeats:
+        return str(repeats)
+    return f"{repeats} to {meta['max_repeats']} (more while a phase is under {min_time:g} s)"
+
+
 def table_header(meta: Dict[str, Any]) -> str:
     """Title lines and column headers of the printed module table."""
-    title = f"{title_line(meta)} | dtype {meta['dtype']} | median of {meta['repeats']} interleaved rounds"
+    title = f"{title_line(meta)} | dtype {meta['dtype']} | median of {rounds_text(meta)} interleaved rounds"
     cache = meta.get("last_level_cache")
     if cache:
         title += (

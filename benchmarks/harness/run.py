@@ -115,7 +115,8 @@ def run_case(
         except Exception as err:
             build_errors[variant] = error_text(err)
     params = [p for p in module.parameters() if p.requires_grad]
-    phase = dict(repeats=cfg.repeats, warmup=cfg.warmup, device=cfg.device)
+    phase = dict(repeats=cfg.repeats, warmup=cfg.warmup, device=cfg.device, min_time_s=cfg.min_time_s,
+                 max_repeats=cfg.max_repeats)
     module.eval()
     fwd = run_phase({v: forward_step(f, inputs) for v, f in fns.items()}, timer, **phase)
     module.train()

@@ -94,11 +94,13 @@ class PhaseResult:
 
 
 def run_phase(
-    steps: Dict[str, Step], timer: Timer, *, repeats: int, warmup: int, device: torch.device
+    steps: Dict[str, Step], timer: Timer, *, repeats: int, warmup: int, device: torch.device,
+    min_time_s: float = 0.0, max_repeats: int = 0,
 ) -> Dict[str, PhaseResult]:
-    """Warm up, time all steps round by round (each round in a new seeded order), then
-    measure peak memory once. A step that raises is dropped from the rest of the phase with
-    its error recorded."""
+    """Warm up, time all steps round by round (each round in a new seeded order): `repeats`
+    rounds, then more while the timed rounds have taken under `min_time_s` seconds, up to
+    `max_repeats` rounds in all; then measure peak memory once. A step that raises is dropped
+    from the rest of the phase with its error recorded."""
     results = {name: PhaseResult() for name in steps}
     live = dict(steps)
 
@@ -118,7 +120,9 @@ def run_phase(
         synchronize(device)
         results[name].first_call_s = time.perf_counter() - start
     order = random.Random(0)
-    for _ in range(repeats):
+    start, rounds = time.perf_counter(), 0
+    while live and (rounds < repeats or (rounds < max_repeats and time.perf_counter() - start < min_time_s)):
+        rounds += 1
         names = list(live)
         order.shuffle(names)
         for name in names:
