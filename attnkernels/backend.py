@@ -134,7 +134,8 @@ def select(hot_path: str, device: torch.device) -> str:
     """
     if exporting_to_onnx():
         return "reference"
-    return _select(hot_path, torch.device(device).type, requested())
+    device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
+    return _select(hot_path, device_type, requested())
 
 
 def exporting_to_onnx() -> bool:

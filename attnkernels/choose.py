@@ -33,7 +33,7 @@ import platform
 import statistics
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -127,13 +127,9 @@ def pick(site: str, key: tuple, runs: dict[str, Callable[..., Any]], static: str
     """The function to call as `fn(*args)` at `site` for `key`, out of `runs` (candidate name ->
     function, in tie-break order, the eager torch composition among them): `pick_name` with each
     candidate timed on copies of `args` (forward, and backward when autograd records)."""
-    # Every call after the first: `pick_name`'s answer from `_answered`, before anything else is
-    # built (a cold host path costs several times its hot time, and this runs on every call).
-    # Not while compiling: the graph takes `decide`'s answer, with no guard on `_answered`.
-    if not torch.compiler.is_compiling():
-        known = _answered.get((site, key))
-        if known in runs and static in runs and current_mode() != "static":
-            return runs[known]
+    known = known_winner(site, key, runs, static)
+    if known is not None:
+        return runs[known]
     prepared: dict[str, Callable[[], Any]] = {}  # each candidate's copies, made once
 
     def measure(name: str) -> float:
@@ -168,6 +164,21 @@ def pick_name(site: str, key: tuple, names: tuple[str, ...], static: str, measur
     return winner
 
 
+def known_winner(site: str, key: tuple, names: Collection[str], static: str) -> str | None:
+    """`pick_name`'s answer where it is a lookup (a winner chosen before, measure mode, not
+    compiling), else None: the fast path for the calls after a key's first, taken before any
+    candidate closure is built. A fused module's host path runs cold in a network (the maps
+    between two of its calls push it out of the caches), where every layer of it costs several
+    times its hot time. Not while compiling: the graph takes `decide`'s answer, and dynamo
+    puts no guard on `_answered`."""
+    if torch.compiler.is_compiling():
+        return None
+    known = _answered.get((site, key))
+    if known in names and static in names and current_mode() != "static":
+        return known
+    return None
+
+
 def answered(site: str, key: tuple) -> str | None:
     """The winner `pick_name` returned before for `key` at `site` in this process, if any: the
     fast path for callers whose candidates cost more to list than this lookup."""
@@ -182,6 +193,9 @@ def pick_setting(site: str, key: tuple, settings: Sequence[int], static: int, ru
     writes fresh outputs, so no copies are needed); `static` is the rule's value. Ties go to the
     earlier value: list the rule's first."""
     names = tuple(str(value) for value in dict.fromkeys(settings))
+    known = known_winner(site, key, names, str(static))
+    if known is not None:
+        return int(known)
     device = next(t.device for t in tensors)
 
     def measure(name: str) -> float:

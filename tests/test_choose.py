@@ -116,6 +116,35 @@ def test_pick_answers_a_known_key_without_measuring(monkeypatch):
     assert len(calls) == 2 * measured
 
 
+def test_known_winner_is_a_lookup_only_where_pick_name_would_answer_by_one(monkeypatch):
+    """The fast path every choice site takes before building its candidates: a winner chosen
+    before for the key, and nothing else (static mode, an unknown key, another site, a static
+    rule or winner not among the names, all fall through to `pick_name`)."""
+    names = ("a", "b")
+    assert choose.known_winner("site", (1,), names, "a") is None
+    assert choose.pick_name("site", (1,), names, "a", timer({"a": 2e-3, "b": 1e-3}), lambda: True) == "b"
+    assert choose.known_winner("site", (1,), names, "a") == "b"
+    assert choose.known_winner("site", (2,), names, "a") is None
+    assert choose.known_winner("other", (1,), names, "a") is None
+    assert choose.known_winner("site", (1,), ("a",), "a") is None
+    assert choose.known_winner("site", (1,), names, "c") is None
+    with choose.mode("static"):
+        assert choose.known_winner("site", (1,), names, "a") is None
+    # pick_setting takes the same fast path: no second measurement, the value as an int.
+    calls: list[int] = []
+
+    def fake_clock(site, value, run, device):
+        calls.append(value)
+        return {8: 2e-3, 4: 1e-3}[value]
+
+    monkeypatch.setattr(choose, "measure_setting", fake_clock)
+    x = torch.randn(2)
+    assert choose.pick_setting("tiles", (3,), [8, 4], 8, lambda v: None, (x,)) == 4
+    measured = len(calls)
+    assert choose.pick_setting("tiles", (3,), [8, 4], 8, lambda v: None, (x,)) == 4
+    assert len(calls) == measured
+
+
 def test_bad_mode_and_bad_static_are_named(monkeypatch):
     monkeypatch.setenv(choose.ENV_MODE, "fast")
     with pytest.raises(ValueError, match="ATTNKERNELS_CHOOSE must be one of measure, static; got 'fast'"):

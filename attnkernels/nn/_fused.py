@@ -148,6 +148,9 @@ def pick_on_copy(site: str, key: tuple, runs: dict[str, Callable[..., Any]], sta
     (the static rule, nothing remembered) where the state holds a SyncBatchNorm (its
     collectives would run a time-dependent number of times per process), nor where `choose`
     does not measure (tracing, fake tensors)."""
+    known = choose.known_winner(site, key, runs, static)
+    if known is not None:
+        return known
     copies: list[Any] = []
     prepared: dict[str, Callable[[], Any]] = {}
 

@@ -25,7 +25,7 @@ from ..backend import select
 from ..reference._base import memory_format_of
 from ..reference.formulas import accumulate_dtype
 from . import _checks as check
-from ._common import Composite, Registration, backend_ops, empty_like_layout
+from ._common import Composite, Registration, backend_ops, empty_like_layout, namespace
 
 HOT_PATH = "channel_gate"
 
@@ -162,10 +162,10 @@ def _attention(op: str, sequence, args: tuple, key: tuple):
     backend's op ("fused", the static choice), on CPU also its three passes in turn
     (`sequence`: the C++ op is one per-sample kernel there) and the eager torch composition."""
     x = args[0]
-    ops = channel_gate_ops(x.device)
-    if ops is Reference:
-        return lambda *a: getattr(Reference, op)(*a)[0]
     backend = select(HOT_PATH, x.device)
+    if backend == "reference":
+        return lambda *a: getattr(Reference, op)(*a)[0]
+    ops = namespace(backend)
     runs = {"fused": lambda *a: getattr(ops, op)(*a)[0]}
     if backend == "cpu":
         runs["passes"] = lambda *a: sequence(ops, *a)[0]
