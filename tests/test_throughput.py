@@ -16,6 +16,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -250,7 +251,7 @@ def test_rounds_go_on_past_repeats_while_a_phase_is_under_min_time(harness):
     assert [len(r.times_ms) for r in runs.values()] == [30, 30]
     runs = T.run_phase(fast, timer, repeats=3, warmup=0, device=cpu)
     assert [len(r.times_ms) for r in runs.values()] == [3, 3]
-    slow = {"a": lambda: __import__("time").sleep(0.02)}
+    slow = {"a": lambda: time.sleep(0.02)}
     runs = T.run_phase(slow, timer, repeats=3, warmup=0, device=cpu, min_time_s=0.03, max_repeats=30)
     assert len(runs["a"].times_ms) == 3
 
