@@ -30,6 +30,7 @@ from collections.abc import Iterator
 
 import torch
 
+from ._env import setting
 from .ops import HOT_PATHS
 
 BACKENDS = ("cpu", "cuda", "triton", "reference")
@@ -58,7 +59,7 @@ def requested() -> str | None:
     forced = _forced.get()
     if forced is not None:
         return None if forced == "auto" else forced
-    return _check_name(os.environ.get(ENV_VAR), ENV_VAR)
+    return _check_name(setting(ENV_VAR), ENV_VAR)
 
 
 def _check_name(name: str | None, where: str) -> str | None:

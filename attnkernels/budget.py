@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import os
 from collections.abc import Iterator
+
+from ._env import setting
 
 ENV_VAR = "ATTNKERNELS_EXTRA_MEMORY"
 UNLIMITED = "unlimited"
@@ -40,7 +41,7 @@ def extra_memory_limit() -> int | None:
     """The limit in force, in bytes, or None for unlimited."""
     value = _limit.get()
     if value is _UNSET:
-        return _parse(os.environ.get(ENV_VAR), ENV_VAR)
+        return _parse(setting(ENV_VAR), ENV_VAR)
     return value  # type: ignore[return-value]
 
 

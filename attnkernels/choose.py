@@ -40,6 +40,8 @@ from typing import Any
 
 import torch
 
+from ._env import setting
+
 ENV_MODE = "ATTNKERNELS_CHOOSE"
 ENV_FILE = "ATTNKERNELS_CHOICES_FILE"
 MODES = ("measure", "static")
@@ -89,7 +91,7 @@ def mode(name: str | None) -> Iterator[None]:
 
 def current_mode() -> str:
     """The mode in force: the innermost `mode(...)` block, else ATTNKERNELS_CHOOSE, else measure."""
-    return _mode.get() or _check_mode(os.environ.get(ENV_MODE) or "measure", ENV_MODE)
+    return _mode.get() or _check_mode(setting(ENV_MODE) or "measure", ENV_MODE)
 
 
 def _check_mode(name: str, where: str) -> str:

@@ -157,7 +157,7 @@ void attention_row(acc_t* e, int64_t C) {
   // exp(s - shift) and the row's sum.
   V sum_v(0);
   for (int64_t j = 0; j < body; j += W) {
-    const V p = (V::loadu(e + j) - V(shift)).exp();
+    const V p = softmax_exp(V::loadu(e + j) - V(shift));
     p.store(e + j);
     sum_v = sum_v + p;
   }

@@ -213,7 +213,7 @@ acc_t exp_sum(acc_t* s, int64_t n, acc_t shift) {
   V sum(0);
   int64_t j = 0;
   for (; j + V::size() <= n; j += V::size()) {
-    const V p = (V::loadu(s + j) - V(shift)).exp();
+    const V p = softmax_exp(V::loadu(s + j) - V(shift));
     p.store(s + j);
     sum = sum + p;
   }
@@ -254,7 +254,7 @@ void softmax_backward_row(acc_t* s, acc_t* ds, int64_t n, acc_t lse, acc_t R, ac
   int64_t j = 0;
   const V vlse(lse), vR(R), vg(gamma);
   for (; j + V::size() <= n; j += V::size()) {
-    const V p = (V::loadu(s + j) - vlse).exp() * vg;
+    const V p = softmax_exp(V::loadu(s + j) - vlse) * vg;
     (p * (V::loadu(ds + j) - vR)).store(ds + j);
     p.store(s + j);
   }

@@ -78,7 +78,7 @@ acc_t exp_shifted(acc_t* s, int64_t cols, acc_t shift) {
   V sum(0);
   int64_t j = 0;
   for (; j + V::size() <= cols; j += V::size()) {
-    V p = (V::loadu(s + j) - V(shift)).exp();
+    V p = softmax_exp(V::loadu(s + j) - V(shift));
     p.store(s + j);
     sum = sum + p;
   }

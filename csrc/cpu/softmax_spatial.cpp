@@ -72,7 +72,7 @@ void softmax_row(acc_t* v, acc_t b, int64_t P) {
   }
   V vsum(0);
   for (int64_t i = 0; i < vec_end; i += V::size()) {
-    const V e = (V::loadu(v + i) - V(m)).exp();
+    const V e = softmax_exp(V::loadu(v + i) - V(m));
     e.store(v + i);
     vsum = vsum + e;
   }
