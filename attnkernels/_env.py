@@ -11,8 +11,9 @@ from __future__ import annotations
 import os
 
 # CPython keeps os.environ's contents in `_data` (encoded keys and values) and converts with
-# `encodekey` / `decodevalue`; every change made through os.environ (or os.putenv's Python
-# callers, monkeypatch.setenv) lands there. Elsewhere, the public lookup.
+# `encodekey` / `decodevalue`; every change made through os.environ (assignment, del, update,
+# pytest's monkeypatch.setenv) lands there, and os.putenv alone reaches neither lookup.
+# Where these are missing, the public lookup.
 _DATA = getattr(os.environ, "_data", None)
 _ENCODE = getattr(os.environ, "encodekey", None)
 _DECODE = getattr(os.environ, "decodevalue", None)
