@@ -140,8 +140,9 @@ struct Step {
 // exp(v) of a softmax's shifted energies (v <= 0, -inf, or NaN), as torch's own CPU softmax
 // computes it: at::vec's exp_u20 (for float a degree-5 polynomial, within about 20 ulp, which
 // torch.softmax's float results show too; exact exp for double): 0.44-0.50 ns a float on one
-// Zen 4 core against the Sleef exp's 0.84 (AVX2 build). exp_u20 clamps its input, so a NaN comes out +inf (a row's sum then makes it NaN
-// again, but only as inf / inf): NaN lanes are kept instead, as exp keeps them.
+// Zen 4 core against the Sleef exp's 0.84 (AVX2 build). exp_u20 clamps its input, so a NaN
+// comes out +inf (a row's sum then makes it NaN again, but only as inf / inf): NaN lanes are
+// kept instead, as exp keeps them.
 template <typename V>
 inline V softmax_exp(const V& v) {
   return V::blendv(v.exp_u20(), v, v.isnan());
