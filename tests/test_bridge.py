@@ -354,6 +354,18 @@ def test_compile_fullgraph_on_cpu(train, layout) -> None:
             torch.testing.assert_close(compiled(x, *bridges), eager_f(x, *bridges), **tolerance(torch.float32))
 
 
+def test_eval_trace_replays_at_other_map_sizes() -> None:
+    """A torch.jit.trace of the eval forward, replayed with bridges of other sizes, computes
+    their means anew (the fold's bridges' terms hold no 1/(H*W) of the traced size)."""
+    shape, bridge_shapes = SMALL
+    f, r = pair(shape, bridge_shapes, torch.float64, "cpu", train=False)
+    x, bridges = inputs(shape, bridge_shapes, "nchw", torch.float64, "cpu")
+    with backend.use_backend("cpu"), torch.no_grad():
+        traced = torch.jit.trace(f, (x, *bridges), check_trace=False)
+        other = [torch.randn(t.shape[0], t.shape[1], t.shape[2] + 2, t.shape[3] + 1, dtype=torch.float64) for t in bridges]
+        torch.testing.assert_close(traced(x, *other), r(x, *other), **tolerance(torch.float64))
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_gpu)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])

@@ -69,24 +69,30 @@ class Bridge(FusedModule, reference.Bridge):
 
     def folded_gate_args(self, x: torch.Tensor, bridges: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         """(w1, b1) of the folded gate, in acc(x): w1 (rd, C); b1 (N, rd) with bridges, the
-        shared (rd,) bias without. The bridges' means are taken in acc(x) (torch's mean: one read)."""
+        shared (rd,) bias without: each bridge adds `mean_hw(t) @ w_t` in acc(x)."""
         acc = accumulate_dtype(x.dtype)
         sources = module_tensors([*self.proj, *self.bn])
         key = (acc, *(bn.eps for bn in self.bn))  # eps is a plain attribute: no version counter
-        w1, w_bridges, b = cached_while_unchanged(self, "_folded_weights", key, sources, lambda: self.folded_weights(acc))
-        if not bridges:
-            return w1, b
-        means = torch.cat([t.mean((2, 3), dtype=acc) for t in bridges], dim=1)
-        return w1, torch.addmm(b, means, w_bridges.t())
+        w1, w_bridges, b1 = cached_while_unchanged(self, "_folded_weights", key, sources, lambda: self.folded_weights(acc))
+        # Run op by op, the sum with alpha = 1/hw saves torch's mean its division op (whose host
+        # time, cold as in a network, is a third of the sum's on Bridge's maps). A graph pays no
+        # host time per op and must not hold 1/hw as a constant (a trace replayed at another size;
+        # ONNX's addmm takes no symbolic alpha): it keeps the mean.
+        in_graph = torch.compiler.is_compiling() or torch.jit.is_tracing()
+        for t, w_t in zip(bridges, w_bridges):
+            if in_graph:
+                b1 = torch.addmm(b1, t.mean((2, 3), dtype=acc), w_t)
+            else:
+                b1 = torch.addmm(b1, t.sum((2, 3), dtype=acc), w_t, alpha=1 / (t.shape[2] * t.shape[3]))
+        return w1, b1
 
-    def folded_weights(self, acc: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """(w1, w_bridges, b) in `acc`: x's projection scaled by its BatchNorm's scale, the
-        bridges' scaled projections side by side (rd, sum C_i) (None without bridges), and the
-        sum of every BatchNorm's shift (rd,)."""
+    def folded_weights(self, acc: torch.dtype) -> tuple[torch.Tensor, tuple[torch.Tensor, ...], torch.Tensor]:
+        """(w1, w_bridges, b) in `acc`: x's projection scaled by its BatchNorm's scale (rd, C),
+        each bridge's scaled projection transposed (C_i, rd), and the sum of every BatchNorm's
+        shift (rd,)."""
         weights, b = [], 0
         for proj, bn in zip(self.proj, self.bn):
             scale, shift, _ = fold_batch_norm(bn.running_mean.to(acc), bn.running_var.to(acc), bn.weight, bn.bias, bn.eps)
             weights.append(scale[:, None] * proj.weight.to(acc))
             b = b + shift
-        w_bridges = torch.cat(weights[:-1], dim=1) if len(weights) > 1 else None
-        return weights[-1], w_bridges, b
+        return weights[-1], tuple(w.t() for w in weights[:-1]), b
