@@ -12,8 +12,8 @@ from ..ops.channel_gate import channel_gate_ops
 from ..reference import bridge as reference
 from ..reference.formulas import accumulate_dtype
 from ._fused import (
-    FusedModule, autograd_may_record, cached_while_unchanged, chosen_in_training, module_tensors, pick_inference,
-    without_autocast,
+    FusedModule, autograd_may_record, cached_while_unchanged, child_parameter, children, chosen_in_training,
+    module_tensors, pick_inference, without_autocast,
 )
 
 
@@ -42,7 +42,8 @@ class Bridge(FusedModule, reference.Bridge):
         if self.folds_batch_norm() and not autograd_may_record():
             # Inference: the folded per-sample op or the reference's eager forward, measured.
             runs = {"folded": self.attend_folded, "eager": super().attend}
-            return pick_inference("bridge", x, (self.fc.weight.shape[1],), runs, "folded", *bridges)(x, *bridges)
+            rd = child_parameter(self, "fc", "weight").shape[1]
+            return pick_inference("bridge", x, (rd,), runs, "folded", *bridges)(x, *bridges)
         if self.folds_batch_norm():
             return AF.channel_mlp_attention(x, *self.folded_gate_args(x, bridges), self.fc.weight, None)
         u = 0
@@ -54,7 +55,7 @@ class Bridge(FusedModule, reference.Bridge):
     def folds_batch_norm(self) -> bool:
         """Eval with running stats in every BatchNorm1d: each is then an affine map that folds
         into its projection, so the gate can run per sample."""
-        return not self.training and all(bn.running_mean is not None for bn in self.bn)
+        return not self.training and all(bn._buffers.get("running_mean") is not None for bn in children(self, "bn"))
 
     def pooled(self, t: torch.Tensor) -> torch.Tensor:
         """mean_hw(t) (one read, channel_pool) in the parameters' dtype: x's outside autocast,
@@ -65,14 +66,16 @@ class Bridge(FusedModule, reference.Bridge):
         """The inference forward: the folded gate on the backend's channel_mlp_attention op,
         called directly (the module-level choice already measured it against eager)."""
         ops = channel_gate_ops(x.device)
-        return ops.channel_mlp_attention(x, *self.folded_gate_args(x, bridges), self.fc.weight, None)[0]
+        w2 = child_parameter(self, "fc", "weight")
+        return ops.channel_mlp_attention(x, *self.folded_gate_args(x, bridges), w2, None)[0]
 
     def folded_gate_args(self, x: torch.Tensor, bridges: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         """(w1, b1) of the folded gate, in acc(x): w1 (rd, C); b1 (N, rd) with bridges, the
         shared (rd,) bias without: each bridge adds `mean_hw(t) @ w_t` in acc(x)."""
         acc = accumulate_dtype(x.dtype)
-        sources = module_tensors([*self.proj, *self.bn])
-        key = (acc, *(bn.eps for bn in self.bn))  # eps is a plain attribute: no version counter
+        bns = children(self, "bn")
+        sources = module_tensors([*children(self, "proj"), *bns])
+        key = (acc, *(bn.eps for bn in bns))  # eps is a plain attribute: no version counter
         w1, w_bridges, b1 = cached_while_unchanged(self, "_folded_weights", key, sources, lambda: self.folded_weights(acc))
         # Run op by op, the sum with alpha = 1/hw saves torch's mean its division op (whose host
         # time, cold as in a network, is a third of the sum's on Bridge's maps). A graph pays no
